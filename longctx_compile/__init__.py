@@ -1,0 +1,8 @@
+"""longctx_compile (``lcc``): capture a decoder with torch.export, rewrite its attention into long-context forms."""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402,F401  (registers torch.ops.longctx before any .pt2 is loaded)
+from .api import compile, diff, load, targets, verify  # noqa: E402
+
+__all__ = ["compile", "diff", "load", "targets", "verify", "__version__"]

@@ -1,0 +1,117 @@
+"""The public Python API: ``compile``, ``load``, ``verify``, ``diff``, ``targets``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import artifact
+from .capture import CaptureConfig, load_model
+from .compiler import Compiled, compile_model
+from .errors import LccError
+from .forms import get_form
+from .inspect.diff import GraphDiff, diff_snapshots
+from .options import build
+from .runtime.model import LoadedModel, call_program
+from .runtime.model import load as _load
+from .targets import TARGETS, Target
+from .verify import ATOL, LENGTHS, RTOL, Report
+from .verify import verify as _verify
+
+
+def compile(model: Any, to: str = "dense", target: str = "cpu", **options: Any) -> Compiled:
+    """Capture ``model`` (nn.Module, preset, HF folder or ``file.py:factory``) and convert it to form ``to``.
+
+    ``options`` are the same keys as ``lcc convert --opt`` (capture, canonicalize and form settings).
+    Save with ``lcc.save(compiled, path)`` or ``compiled.save(path)``.
+    """
+    return compile_model(model, to=to, target=target, options=options)
+
+
+def save(compiled: Compiled, out: str | Path, force: bool = False, report: Report | None = None) -> Path:
+    """Write ``compiled`` as an artifact folder (atomically; an existing folder only with ``force``)."""
+    return artifact.write(compiled, Path(out), force, report.to_json() if report else None)
+
+
+Compiled.save = save
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Load an artifact folder; the result is callable like a causal LM and returns logits."""
+    return _load(path)
+
+
+def targets() -> dict[str, Target]:
+    """The known targets by name."""
+    return dict(TARGETS)
+
+
+def is_artifact(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and (Path(path) / artifact.MANIFEST).is_file()
+
+
+def source_model(manifest: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the model an artifact was converted from (preset, HF folder or factory file)."""
+    source = manifest["source"]
+    if source["kind"] == "module":
+        raise LccError("this artifact came from a Python object; verify it in Python with lcc.verify(model, artifact)")
+    capture = build(CaptureConfig, manifest.get("capture", {}))
+    return load_model(source["spec"], capture)[0]
+
+
+def _as_runnable(converted: Any) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+    if isinstance(converted, (str, Path)):
+        converted = load(converted)
+    if isinstance(converted, Compiled):
+        module = converted.program.ep.module()
+        signature = converted.program.signature
+        return (lambda **kw: call_program(module, signature, **kw)), signature
+    if isinstance(converted, LoadedModel):
+        return (lambda **kw: converted(**kw)), converted.signature
+    raise LccError(f"cannot run {type(converted).__name__}: expected a compiled program, a loaded artifact or a path")
+
+
+def verify(
+    model: Any,
+    converted: Any = None,
+    to: str = "dense",
+    target: str = "cpu",
+    lengths=LENGTHS,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    **options: Any,
+) -> Report:
+    """Compare a converted model with its original on seeded batches.
+
+    ``verify(artifact_path)`` rebuilds the original from the manifest; ``verify(model, to=...)`` compiles
+    first; ``verify(model, converted)`` compares the two you give.
+    """
+    if converted is None and is_artifact(model):
+        converted = load(model)
+        original = source_model(converted.manifest)
+        exact = get_form(converted.manifest["form"]).exact
+    elif converted is None:
+        converted = compile(model, to=to, target=target, **options)
+        original = converted.original
+        exact = get_form(to).exact
+    else:
+        original = load_model(model)[0] if not isinstance(model, torch.nn.Module) else model
+        exact = True
+    runnable, signature = _as_runnable(converted)
+    return _verify(original, runnable, signature, lengths, rtol, atol, exact)
+
+
+def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = None, layer: int | None = None) -> GraphDiff:
+    """What the passes between two stages changed: nodes added, removed and rewired, grouped by layer."""
+    if isinstance(converted, Compiled):
+        snapshots, history = converted.program.snapshots, [vars(r) for r in converted.program.history]
+    elif isinstance(converted, (str, Path, LoadedModel)):
+        path = converted.path if isinstance(converted, LoadedModel) else Path(converted)
+        manifest = artifact.read_manifest(Path(path))
+        snapshots, history = artifact.read_graphs(Path(path)), manifest["history"]
+    else:
+        raise LccError(f"cannot diff {type(converted).__name__}: expected a compiled program or an artifact path")
+    return diff_snapshots(snapshots, history, from_stage, to_stage, layer)

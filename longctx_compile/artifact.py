@@ -1,0 +1,151 @@
+"""Artifact folders: ``model.pt2`` + ``graphs.json`` (stage snapshots) + ``lcc.json`` manifest, written atomically.
+
+The folder is built under a temporary name beside the destination and renamed into place, so a
+failure never leaves a half-written artifact, and an existing folder is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import LccError
+
+FORMAT_VERSION = 1
+MANIFEST = "lcc.json"
+PROGRAM = "model.pt2"
+GRAPHS = "graphs.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_destination(out: Path, force: bool, inputs: list[Path] = ()) -> None:
+    """Refuse an existing destination without ``force``, and any destination that holds an input."""
+    out = Path(out).resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if out == item or out in item.parents:
+            raise LccError(f"output '{out}' would overwrite the input '{item}'; choose another -o")
+    if out.exists() and not force:
+        raise LccError(f"'{out}' already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise LccError(f"'{out}' exists and is not a folder")
+
+
+def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a compiled program (files are added by :func:`write`)."""
+    program = compiled.program
+    return {
+        "format_version": FORMAT_VERSION,
+        "lcc_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "source": program.source,
+        "form": program.form,
+        "form_config": dataclasses.asdict(compiled.form_config),
+        "capture": dataclasses.asdict(compiled.capture_config),
+        "target": program.target,
+        "signature": program.signature,
+        "parameters": parameter_stats(program.ep),
+        "sites": program.sites(),
+        "history": [dataclasses.asdict(r) for r in program.history],
+        "stages": list(program.snapshots),
+        "programs": {"model": PROGRAM},
+        "equivalence": report,
+    }
+
+
+def parameter_stats(ep: torch.export.ExportedProgram) -> dict[str, int]:
+    tensors = list(ep.state_dict.values())
+    return {"count": sum(t.numel() for t in tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+
+def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | None = None) -> Path:
+    """Write the artifact of ``compiled`` to ``out`` atomically; returns the folder."""
+    out = Path(out)
+    inputs = [Path(compiled.program.source["spec"])] if compiled.program.source["kind"] == "hf_folder" else []
+    check_destination(out, force, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        torch.export.save(compiled.program.ep, tmp / PROGRAM)
+        (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
+        manifest = manifest_of(compiled, report)
+        manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an artifact folder, validated, or a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise LccError(f"no such artifact: '{path}'")
+    if not path.is_dir() or not (path / MANIFEST).is_file():
+        raise LccError(f"'{path}' is not an lcc artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LccError(f"corrupt artifact '{path}': {MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest or "signature" not in manifest:
+        raise LccError(f"corrupt artifact '{path}': {MANIFEST} lacks format_version or signature")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise LccError(f"artifact '{path}' has format version {manifest['format_version']}; this lcc reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    for name, digest in manifest.get("files", {}).items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise LccError(f"corrupt artifact '{path}': {name} is missing")
+        if sha256(file) != digest:
+            raise LccError(f"corrupt artifact '{path}': {name} does not match its checksum")
+
+
+def read_program(path: Path, manifest: dict[str, Any], name: str = "model") -> torch.export.ExportedProgram:
+    from . import ops  # noqa: F401  (the longctx ops must be registered before deserializing)
+
+    verify_files(path, manifest)
+    file = Path(path) / manifest["programs"][name]
+    try:
+        return torch.export.load(file)
+    except Exception as e:
+        raise LccError(f"corrupt artifact '{path}': cannot load {file.name}: {str(e).splitlines()[0][:200]}") from None
+
+
+def read_graphs(path: Path) -> dict[str, Any]:
+    file = Path(path) / GRAPHS
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LccError(f"corrupt artifact '{path}': cannot read {GRAPHS} ({e})") from None

@@ -1,0 +1,239 @@
+"""``lcc``: convert, inspect, diff, verify, passes, targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import LccError
+
+app = typer.Typer(
+    help="longctx_compile: capture a decoder with torch.export and rewrite its attention into long-context forms.\n\n"
+    "Examples:\n\n"
+    "  lcc convert tiny-llama --to dense -o tiny-llama.lcc\n\n"
+    "  lcc inspect tiny-llama.lcc\n\n"
+    "  lcc diff tiny-llama.lcc --from capture --to canonicalize --layer 0\n\n"
+    "  lcc verify tiny-llama.lcc",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+Opt = Annotated[Optional[list[str]], typer.Option("--opt", help="form/capture option key=value (repeatable), e.g. --opt attn=eager")]
+
+
+def _options(opt: list[str] | None) -> dict[str, str]:
+    from ..options import parse_pairs
+
+    return parse_pairs(opt)
+
+
+def _progress():
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="preset (tiny-llama …), Hugging Face folder, or file.py:factory")],
+    to: Annotated[str, typer.Option("--to", help="form: dense")] = "dense",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="artifact folder (default: <model>.<form>.lcc)")] = None,
+    target: Annotated[str, typer.Option("--target", help="target GPU or cpu (see lcc targets)")] = "cpu",
+    opt: Opt = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="check equivalence and record the report in lcc.json")] = False,
+) -> None:
+    """Convert MODEL into a form and write a runnable artifact.
+
+    Example: lcc convert tiny-llama --to dense -o tiny-llama.lcc --opt attn=eager
+    """
+    from .. import api, artifact
+
+    options = _options(opt)
+    output = output or Path(f"{Path(model).name.split(':')[0].removesuffix('.py')}.{to}.lcc")
+    artifact.check_destination(output, force, [Path(model)] if Path(model).is_dir() else [])
+    with _progress() as progress:
+        task = progress.add_task("starting", total=None)
+        compiled = api.compile_model(model, to=to, target=target, options=options, progress=lambda m: progress.update(task, description=m))
+        report = None
+        if verify:
+            progress.update(task, description="verifying equivalence")
+            report = api.verify(compiled.original, compiled)
+        progress.update(task, description="writing artifact")
+        api.save(compiled, output, force, report)
+    sites = compiled.program.sites()
+    kinds = sorted({s["mask"] for s in sites})
+    out.print(f"wrote [bold]{output}[/bold]: {len(sites)} attention sites ({', '.join(kinds)}), form {to}, target {target}")
+    if report is not None:
+        _print_report(report)
+        if report.exact and not report.passed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="artifact folder, or a model to compile in memory")],
+    to: Annotated[str, typer.Option("--to", help="form, when PATH is a model")] = "dense",
+    opt: Opt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Summarise an artifact or a model: source, form, sites (layer, Hq, Hkv, D, mask, kernel), ops, history.
+
+    Example: lcc inspect tiny-llama.lcc
+    """
+    from .. import api, artifact
+    from ..inspect import summary
+
+    if api.is_artifact(path):
+        manifest = artifact.read_manifest(Path(path))
+        snapshots = artifact.read_graphs(Path(path))
+    else:
+        compiled = api.compile_model(path, to=to, options=_options(opt))
+        manifest, snapshots = artifact.manifest_of(compiled), compiled.program.snapshots
+    info = summary.summary(manifest, snapshots)
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+    else:
+        summary.render(info, out)
+
+
+@app.command()
+def diff(
+    path: Annotated[str, typer.Argument(help="artifact folder, or a model to compile in memory")],
+    from_stage: Annotated[str, typer.Option("--from", help="stage: capture, canonicalize, form, lower")] = "capture",
+    to_stage: Annotated[Optional[str], typer.Option("--to", help="stage (default: the last)")] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", help="only this layer")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, json, dot or html")] = "text",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write to a file instead of stdout")] = None,
+    form: Annotated[str, typer.Option("--form", help="form, when PATH is a model")] = "dense",
+    opt: Opt = None,
+) -> None:
+    """Show what each pass changed between two stages: nodes added, removed and rewired, by layer.
+
+    Example: lcc diff tiny-llama.lcc --from capture --to lower --layer 0 --format html -o diff.html
+    """
+    from .. import api
+    from ..inspect import render
+
+    if fmt not in ("text", "json", "dot", "html"):
+        raise LccError(f"unknown --format '{fmt}'; choose text, json, dot or html")
+    source = path if api.is_artifact(path) else api.compile_model(path, to=form, options=_options(opt))
+    d = api.diff(source, from_stage, to_stage, layer)
+    if fmt == "text" and output is None:
+        render.render_text(d, out)
+        return
+    if fmt == "text":
+        console = Console(record=True, width=160, file=open(os.devnull, "w"))
+        render.render_text(d, console)
+        text = console.export_text()
+    else:
+        text = {"json": render.render_json, "dot": render.render_dot, "html": render.render_html}[fmt](d)
+    if output is None:
+        sys.stdout.write(text + "\n")
+    else:
+        output.write_text(text)
+        out.print(f"wrote {output}")
+
+
+@app.command()
+def verify(
+    path: Annotated[str, typer.Argument(help="artifact folder, or a model (then --to)")],
+    to: Annotated[str, typer.Option("--to", help="form, when PATH is a model")] = "dense",
+    target: Annotated[str, typer.Option("--target", help="target")] = "cpu",
+    opt: Opt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Run original and converted on seeded batches; exit 0 only within tolerance (exact modes).
+
+    Example: lcc verify tiny-mistral --to dense --opt attn=eager
+    """
+    from .. import api
+
+    with _progress() as progress:
+        progress.add_task("verifying", total=None)
+        report = api.verify(path, to=to, target=target, **_options(opt))
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        _print_report(report)
+    if report.exact and not report.passed:
+        raise typer.Exit(1)
+
+
+def _print_report(report) -> None:
+    table = Table("batch", "length", "padded", "max abs", "max rel", "top-1", "KL", "ok", title="equivalence", title_justify="left")
+    for c in report.cases:
+        table.add_row(
+            str(c.batch), str(c.length), "yes" if c.padded else "", f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.top1:.3f}", f"{c.kl:.3g}", "✓" if c.ok else "✗"
+        )
+    out.print(table)
+    verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
+    out.print(
+        f"{verdict} max abs {report.max_abs:.3g}, max rel {report.max_rel:.3g}, top-1 {report.top1:.3f}, KL {report.kl:.3g} (rtol {report.rtol}, atol {report.atol})"
+    )
+
+
+@app.command()
+def passes() -> None:
+    """List the registered passes with their stage, options and one-line docs.
+
+    Example: lcc passes
+    """
+    import dataclasses
+
+    from .. import compiler  # noqa: F401  (registers the passes)
+    from ..pipeline import PASSES
+
+    table = Table("pass", "stage", "options", "what it does")
+    for spec in PASSES.values():
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(spec.config_cls))
+        table.add_row(spec.name, spec.stage.value, fields, spec.doc)
+    out.print(table)
+
+
+@app.command()
+def targets() -> None:
+    """List the targets a program can be lowered for.
+
+    Example: lcc targets
+    """
+    from ..targets import TARGETS
+
+    table = Table("target", "kernels", "description")
+    for t in TARGETS.values():
+        table.add_row(t.name, t.kernels, t.description)
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except LccError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and internal faults: still one line
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("LCC_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {first[:300]} (set LCC_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,65 @@
+"""The compile driver: load → capture → canonicalize → form passes → lower, with history and snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from . import ops, passes  # noqa: F401  (registers the ops and the passes)
+from .capture import CaptureConfig, export, load_model
+from .forms import get_form
+from .options import build, split_known
+from .passes.canonicalize import CanonicalizeConfig
+from .passes.lower import LowerConfig
+from .pipeline import Program, Stage, run_stage
+from .targets import get_target
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A compiled program plus the module it came from (kept for verification, never serialized)."""
+
+    program: Program
+    original: torch.nn.Module
+    form_config: Any
+    capture_config: CaptureConfig
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        from .runtime.model import call_program
+
+        return call_program(self.program.ep.module(), self.program.signature, input_ids, attention_mask, position_ids)
+
+
+def option_classes(form: str) -> list[type]:
+    return [CaptureConfig, CanonicalizeConfig, get_form(form).config_cls]
+
+
+def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: dict[str, Any] | None = None, progress=None) -> Compiled:
+    """Compile ``model`` (spec or nn.Module) into form ``to`` for ``target``; ``options`` are ``--opt`` keys."""
+    options = dict(options or {})
+    form = get_form(to)
+    get_target(target)
+    split_known(options, option_classes(to))
+    capture_cfg = build(CaptureConfig, options)
+    canon_cfg = build(CanonicalizeConfig, options)
+    form_cfg = build(form.config_cls, options)
+
+    def step(message: str) -> None:
+        if progress is not None:
+            progress(message)
+
+    step("loading model")
+    module, source = load_model(model, capture_cfg)
+    step("capturing with torch.export")
+    ep, signature = export(module, capture_cfg)
+    program = Program(ep, signature, source.to_json(), getattr(module, "config", None), form=to, target=target)
+    run_stage(program, Stage.CAPTURE, [])
+    step("canonicalizing attention")
+    run_stage(program, Stage.CANONICALIZE, [("canonicalize", canon_cfg)])
+    step(f"rewriting into {to}")
+    run_stage(program, Stage.FORM, [(name, form_cfg) for name in form.passes])
+    step(f"lowering for {target}")
+    run_stage(program, Stage.LOWER, [("lower", LowerConfig(target))])
+    return Compiled(program, module, form_cfg, capture_cfg)

@@ -1,0 +1,32 @@
+"""Forms: a config dataclass plus the passes that rewrite canonical attention into that form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import LccError
+
+
+@dataclass
+class DenseConfig:
+    """The dense form has no options: canonical attention, lowered as is."""
+
+
+@dataclass
+class FormSpec:
+    name: str
+    config_cls: type
+    passes: list[str] = field(default_factory=list)
+    doc: str = ""
+    exact: bool = True  # whether the form (as configured) must equal the dense model
+
+
+FORMS: dict[str, FormSpec] = {
+    "dense": FormSpec("dense", DenseConfig, [], "canonicalize and lower only: the proof that capture is lossless"),
+}
+
+
+def get_form(name: str) -> FormSpec:
+    if name not in FORMS:
+        raise LccError(f"unknown form '{name}'; known forms: {', '.join(FORMS)}")
+    return FORMS[name]

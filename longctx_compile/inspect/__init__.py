@@ -1,0 +1,1 @@
+"""Looking at programs: snapshots of graphs, stage diffs and their renderings."""

@@ -1,0 +1,3 @@
+"""Graph passes; importing this registers them all with the pipeline."""
+
+from . import canonicalize, lower  # noqa: F401

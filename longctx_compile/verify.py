@@ -1,0 +1,113 @@
+"""Equivalence checks: original and converted model on the same seeded batches, compared at real tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .capture import CausalLM, example_inputs
+from .runtime.model import default_positions
+
+# torch.testing.assert_close's fp32 defaults
+RTOL, ATOL = 1.3e-6, 1e-5
+LENGTHS = (1, 2, 7, 16, 33)
+
+
+@dataclass
+class Case:
+    batch: int
+    length: int
+    padded: bool
+    max_abs: float
+    max_rel: float
+    top1: float
+    kl: float
+    ok: bool
+
+
+@dataclass
+class Report:
+    """Per-case and overall errors; ``passed`` is the exact-mode verdict under (rtol, atol)."""
+
+    cases: list[Case] = field(default_factory=list)
+    rtol: float = RTOL
+    atol: float = ATOL
+    exact: bool = True
+
+    @property
+    def max_abs(self) -> float:
+        return max(c.max_abs for c in self.cases)
+
+    @property
+    def max_rel(self) -> float:
+        return max(c.max_rel for c in self.cases)
+
+    @property
+    def top1(self) -> float:
+        return min(c.top1 for c in self.cases)
+
+    @property
+    def kl(self) -> float:
+        return max(c.kl for c in self.cases)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.cases)
+
+    def to_json(self) -> dict[str, Any]:
+        summary = {"max_abs": self.max_abs, "max_rel": self.max_rel, "top1": self.top1, "kl": self.kl, "passed": self.passed}
+        return {**summary, "rtol": self.rtol, "atol": self.atol, "exact": self.exact, "cases": [asdict(c) for c in self.cases]}
+
+
+def batches(signature: dict[str, Any], lengths=LENGTHS, batch: int = 3, seed: int = 0):
+    """Seeded (inputs, real-token mask) pairs: each length unpadded, and padded when the program takes a mask."""
+    names = tuple(signature["inputs"])
+    for length in lengths:
+        if length > signature["max_len"]:
+            continue
+        for padded in (False, True) if "attention_mask" in names and length >= 4 else (False,):
+            inputs = example_inputs(names, signature["vocab_size"], batch, length)
+            g = torch.Generator().manual_seed(seed * 1000 + length)
+            inputs["input_ids"] = torch.randint(0, signature["vocab_size"], (batch, length), generator=g)
+            real = torch.ones(batch, length, dtype=torch.long)
+            if padded:
+                real[1, : length // 3] = 0  # left padding
+                real[-1, length - length // 4 :] = 0  # right padding
+                inputs["attention_mask"] = real
+                if "position_ids" in names:
+                    inputs["position_ids"] = default_positions(real, batch, length, "cpu")
+            yield inputs, real.bool(), padded
+
+
+def compare(ref: torch.Tensor, out: torch.Tensor, real: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, float, float, bool]:
+    r, o = ref[real].double(), out[real].double()
+    diff = (r - o).abs()
+    max_abs = float(diff.max())
+    max_rel = float(max_abs / r.abs().max().clamp_min(1e-30))
+    top1 = float((r.argmax(-1) == o.argmax(-1)).double().mean())
+    kl = float(torch.nn.functional.kl_div(o.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="none").sum(-1).max())
+    ok = bool(torch.isfinite(o).all()) and bool((diff <= atol + rtol * r.abs()).all())
+    return max_abs, max_rel, top1, kl, ok
+
+
+def verify(
+    original: torch.nn.Module,
+    converted: Callable[..., torch.Tensor],
+    signature: dict[str, Any],
+    lengths=LENGTHS,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    exact: bool = True,
+) -> Report:
+    """Run both models on seeded batches and report errors at real tokens (padded queries are never read)."""
+    reference = CausalLM(original, tuple(signature["inputs"])).eval()
+    report = Report(rtol=rtol, atol=atol, exact=exact)
+    with torch.no_grad():
+        for inputs, real, padded in batches(signature, lengths):
+            ref = reference(**inputs)
+            out = converted(**inputs)
+            report.cases.append(Case(real.shape[0], real.shape[1], padded, *compare(ref, out, real, rtol, atol)))
+    return report
