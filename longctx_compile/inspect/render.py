@@ -16,6 +16,11 @@ COLORS = {"added": "#c8f7c5", "removed": "#f7c5c5", "rewired": "#fbeea6", None: 
 RICH = {"added": "green", "removed": "red", "rewired": "yellow"}
 
 
+def _shown(ids: list[str]) -> str:
+    """Inputs worth reading: symbolic-size plumbing is left out."""
+    return ", ".join(i for i in ids if not i.startswith("sym_size"))
+
+
 def render_text(d: GraphDiff, console: Console) -> None:
     console.print(f"[bold]{d.from_stage} → {d.to_stage}[/bold]" + (f"  (layer {d.layer})" if d.layer is not None else ""))
     passes = Table("pass", "stage", "matches", "added", "removed", "seconds", title="passes")
@@ -26,9 +31,9 @@ def render_text(d: GraphDiff, console: Console) -> None:
     for group, changes in d.by_layer().items():
         table = Table("", "node", "op", "inputs", "note", title=group, title_justify="left")
         for c in changes:
-            inputs = ", ".join(c.inputs_after if c.kind != "removed" else c.inputs_before)
+            inputs = _shown(c.inputs_after if c.kind != "removed" else c.inputs_before)
             if c.kind == "rewired":
-                inputs = f"{', '.join(c.inputs_before)} → {inputs}"
+                inputs = f"{_shown(c.inputs_before)} → {inputs}"
             note = f"replaces {', '.join(c.replaces)}" if c.replaces else ""
             table.add_row(f"[{RICH[c.kind]}]{c.kind}[/]", c.id, c.target, inputs, note)
         console.print(table)

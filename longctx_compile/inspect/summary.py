@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -35,8 +36,8 @@ def render(info: dict[str, Any], console: Console) -> None:
     sig = info["signature"]
     params = info["parameters"]
     console.print(f"[bold]{info['source']}[/bold] ({info['source_kind']}, {info['family'] or 'custom'})")
-    console.print(f"form [cyan]{info['form']}[/cyan] {info['form_config'] or ''}  target [cyan]{info['target']}[/cyan]")
-    console.print(f"inputs {', '.join(sig['inputs'])} [batch, seq ≤ {sig['max_len']}] → logits [batch, seq, {sig['vocab_size']}]")
+    console.print(f"form [cyan]{info['form']}[/cyan] {escape(str(info['form_config'] or ''))}  target [cyan]{info['target']}[/cyan]")
+    console.print(escape(f"inputs {', '.join(sig['inputs'])} [batch, seq ≤ {sig['max_len']}] → logits [batch, seq, {sig['vocab_size']}]"))
     if params:
         console.print(f"parameters {params['count']:,} ({params['bytes'] / 2**20:.1f} MiB)")
     sites = Table("layer", "module", "Hq", "Hkv", "D", "scale", "mask", "form", "kernel", title="attention sites", title_justify="left")

@@ -138,10 +138,10 @@ def _agrees(actual: torch.Tensor, expected: torch.Tensor, probe: Probe) -> bool:
 def _window_candidates(nodes: set[torch.fx.Node], model_config: Any) -> list[int]:
     """Integers the mask subgraph or the model config could use as a sliding window."""
     found: set[int] = set()
+    flat: list[Any] = []
     for node in nodes:
-        flat: list[Any] = []
-        torch.fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a))
-        found.update(int(a) for a in flat if isinstance(a, int) and not isinstance(a, bool) and 2 <= a <= MAX_PROBE)
+        torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
+    found.update(int(a) for a in flat if isinstance(a, int) and not isinstance(a, bool) and 2 <= a <= MAX_PROBE)
     for name in ("sliding_window", "attention_window", "window_size"):
         value = getattr(model_config, name, None)
         if isinstance(value, int) and value > 0:
@@ -168,7 +168,7 @@ def classify(
 
     def allowed(probe: Probe) -> torch.Tensor | None:
         out = None
-        for value, (_, how) in zip(evaluator.run(roots, probe.inputs), masks):
+        for value, (_, how) in zip(evaluator.run(roots, probe.inputs), masks, strict=True):
             if not isinstance(value, torch.Tensor):
                 return None
             ok = _allowed(value, how)
