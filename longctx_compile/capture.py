@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
+import io
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -215,23 +218,53 @@ def export(model: torch.nn.Module, cfg: CaptureConfig | None = None) -> tuple[to
     example = example_inputs(names, vocab, 2, example_len, "cpu" if device.type == "meta" else device)
     if device.type == "meta":
         example = {k: v.to("meta") for k, v in example.items()}
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=1, max=max_len)
-    dynamic = {name: {0: batch, 1: seq} for name in names}
     wrapper = CausalLM(model, names)
-    with torch.no_grad(), _module_stack(model) as stack:
-        try:
-            ep = torch.export.export(wrapper, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
-        except Exception as e:
-            where = f" in module '{stack[-1]}'" if stack else ""
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise RefusedError(f"cannot capture {type(model).__name__} with torch.export{where}: {first[:300]}") from e
+    notes: list[str] = []
+    try:
+        ep = _export(model, wrapper, example, names, max_len)
+    except _ConstraintViolation:
+        # a buffer of exactly max_len positions sliced to [:T] specialises T == max_len away
+        ep = _export(model, wrapper, example, names, max_len - 1)
+        notes.append(f"max_len lowered from {max_len} to {max_len - 1}: the model does not trace at length {max_len}")
+        max_len -= 1
     out = ep.graph_module.graph.output_node().args[0][0].meta.get("val")
     if out is None or out.dim() != 3:
         shape = None if out is None else list(out.shape)
         raise LccError(f"{type(model).__name__} is not a decoder language model: output shape {shape}, expected [batch, seq, vocab]")
-    signature = {"inputs": list(names), "outputs": ["logits"], "max_len": max_len, "vocab_size": vocab}
+    signature = {"inputs": list(names), "outputs": ["logits"], "max_len": max_len, "vocab_size": vocab, "notes": notes}
     return ep, signature
+
+
+class _ConstraintViolation(Exception):
+    """torch.export could not keep the whole requested sequence range dynamic."""
+
+
+def _export(model, wrapper, example, names, max_len) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=max_len)
+    dynamic = {name: {0: batch, 1: seq} for name in names}
+    with torch.no_grad(), _module_stack(model) as stack, _quiet_torch_logs():
+        try:
+            return torch.export.export(wrapper, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            if "Constraints violated (seq)" in first and "seq <= " in str(e) and f"!= {max_len}" in str(e):
+                raise _ConstraintViolation(first) from e
+            where = f" in module '{stack[-1]}'" if stack else ""
+            raise RefusedError(f"cannot capture {type(model).__name__} with torch.export{where}: {first[:300]}") from e
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs guards and graph dumps on failure; lcc reports one line of its own instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class _module_stack:
@@ -244,13 +277,13 @@ class _module_stack:
 
     def __enter__(self) -> list[str]:
         for name, module in self.model.named_modules():
-            self.handles.append(module.register_forward_pre_hook(self._push(name or type(module).__name__)))
+            self.handles.append(module.register_forward_pre_hook(self._push(name)))
             self.handles.append(module.register_forward_hook(self._pop))
         return self.stack
 
     def _push(self, name: str):
         def hook(module, args):
-            self.stack.append(f"{name} ({type(module).__name__})")
+            self.stack.append(f"{name} ({type(module).__name__})" if name else f"{type(module).__name__} (the model itself)")
 
         return hook
 

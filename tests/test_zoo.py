@@ -12,11 +12,7 @@ EXPECTED_MASK = {"tiny-mistral": "causal+window(8)+padding", "tiny-mixtral": "ca
 def square_nodes(program):
     """Nodes (outside the canonical attention) whose value has two sequence-length dimensions."""
     seq = str(program.gm.graph.find_nodes(op="placeholder", target="input_ids")[0].meta["val"].shape[1])
-    return [
-        n.name
-        for n in program.gm.graph.nodes
-        if isinstance(n.meta.get("val"), torch.Tensor) and sum(str(s) == seq for s in n.meta["val"].shape) >= 2
-    ]
+    return [n.name for n in program.gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor) and sum(str(s) == seq for s in n.meta["val"].shape) >= 2]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

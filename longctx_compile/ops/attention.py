@@ -19,14 +19,25 @@ def attention(
     causal: bool,
     window: int,
 ) -> torch.Tensor:
-    """Softmax attention with structured masking; semantics in ``ops.reference.attention_ref``."""
+    """Softmax attention with structured masking; semantics in ``ops.reference.attention_ref``.
+
+    The output is [B, Hq, T, Dv] laid out as [B, T, Hq, Dv] in memory, like SDPA's, so the
+    ``transpose(1, 2).view(B, T, -1)`` that models apply after SDPA stays valid.
+    """
     out, _ = attention_ref(q, k, v, key_padding, doc_ids, mask, scale, causal, window)
-    return out
+    result = _empty_out(q, v)
+    result.copy_(out)
+    return result
+
+
+def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    B, H, T, _ = q.shape
+    return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
 
 
 @attention.register_fake
 def _(q, k, v, key_padding, doc_ids, mask, scale, causal, window):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return _empty_out(q, v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -127,6 +127,23 @@ def _scores_matmul(node, depth: int = 0) -> torch.fx.Node | None:
     return None
 
 
+def _looks_like_attention(softmax: torch.fx.Node) -> bool:
+    """A 4-D softmax with a matmul a few ops above it and one below: attention, matched or refused."""
+    above, frontier = False, [softmax.args[0]]
+    for _ in range(8):
+        if any(is_call(n, aten.matmul.default) for n in frontier):
+            above = True
+            break
+        frontier = [a for n in frontier for a in n.all_input_nodes if val(a) is not None and getattr(val(a), "dim", lambda: 0)() == 4]
+    below, frontier = False, [softmax]
+    for _ in range(4):
+        if any(is_call(n, aten.matmul.default) for n in frontier if n is not softmax):
+            below = True
+            break
+        frontier = [u for n in frontier for u in n.users]
+    return above and below
+
+
 def _live_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not is_call(u, *ASSERTS)]
 
@@ -136,7 +153,7 @@ def match_eager(softmax: torch.fx.Node) -> Site | None:
     x = softmax.args[0]
     if val(x) is None or val(x).dim() != 4 or softmax.args[1] not in (-1, 3):
         return None
-    if _scores_matmul(x) is None:
+    if not _looks_like_attention(softmax):
         return None
     scale, masks = 1.0, []
     while not is_call(x, aten.matmul.default):

@@ -1,0 +1,121 @@
+"""Artifacts: save_pretrained round trip in a fresh process, atomic writes, corrupt inputs, diffs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longctx_compile as lcc
+from longctx_compile.errors import LccError
+from longctx_compile.presets import build_preset
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
+    build_preset("tiny-qwen2").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifact(hf_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "qwen.lcc"
+    lcc.compile(str(hf_folder)).save(out)
+    return out
+
+
+def test_save_pretrained_round_trip_in_fresh_process(hf_folder, artifact, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 256, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, longctx_compile as lcc\n"
+        f"x = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        f"m = lcc.load({str(artifact)!r})\n"
+        f"torch.save(m(x['ids'], x['mask']), {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    got = torch.load(tmp_path / "out.pt")
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, attn_implementation="sdpa").eval()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real])
+    manifest = json.loads((artifact / "lcc.json").read_text())
+    assert manifest["source"]["kind"] == "hf_folder" and manifest["form"] == "dense"
+    assert [h["name"] for h in manifest["history"]] == ["canonicalize", "lower"]
+    assert manifest["stages"] == ["capture", "canonicalize", "form", "lower"]
+    assert all(s["kernel"] == "longctx.attention/reference" for s in manifest["sites"])
+
+
+def test_verify_artifact_rebuilds_source(artifact):
+    report = lcc.verify(str(artifact))
+    assert report.passed and report.top1 == 1.0
+    assert any(c.length == 1 for c in report.cases) and any(c.padded for c in report.cases)
+
+
+def test_refuses_overwrite_and_input(hf_folder, artifact):
+    compiled = lcc.compile("tiny-llama")
+    before = (artifact / "lcc.json").read_text()
+    with pytest.raises(LccError, match="already exists"):
+        compiled.save(artifact)
+    assert (artifact / "lcc.json").read_text() == before
+    with pytest.raises(LccError, match="would overwrite the input"):
+        lcc.compile(str(hf_folder)).save(hf_folder, force=True)
+    assert (hf_folder / "config.json").is_file()
+
+
+def test_force_replaces_atomically(tmp_path):
+    out = tmp_path / "a.lcc"
+    compiled = lcc.compile("tiny-gpt2")
+    compiled.save(out)
+    compiled.save(out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.lcc"]
+    assert lcc.load(out)(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)
+
+
+def test_corrupt_artifacts(tmp_path):
+    out = tmp_path / "c.lcc"
+    lcc.compile("tiny-gpt2").save(out)
+    program = out / "model.pt2"
+    data = bytearray(program.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    program.write_bytes(bytes(data))
+    with pytest.raises(LccError, match="does not match its checksum"):
+        lcc.load(out)
+    (out / "lcc.json").write_text("{not json")
+    with pytest.raises(LccError, match="not valid JSON"):
+        lcc.load(out)
+    with pytest.raises(LccError, match="no such artifact"):
+        lcc.load(tmp_path / "missing")
+
+
+def test_loaded_model_input_errors(artifact):
+    model = lcc.load(artifact)
+    with pytest.raises(LccError, match="token ids must be in"):
+        model(torch.tensor([[1, 999]]))
+    with pytest.raises(LccError, match="outside the program's range"):
+        model(torch.zeros(1, 600, dtype=torch.long))
+
+
+def test_diff_associates_nodes_by_layer(artifact, tmp_path):
+    d = lcc.diff(str(artifact), "capture", "canonicalize", layer=1)
+    added = [c for c in d.changes if c.kind == "added"]
+    assert len(added) == 1 and added[0].target == "longctx.attention" and added[0].layer == 1
+    assert any(c.kind == "removed" and c.target == "aten.scaled_dot_product_attention" for c in d.changes)
+    assert any(c.kind == "rewired" for c in d.changes)
+    assert set(added[0].replaces) <= {c.id for c in d.changes if c.kind == "removed"}
+    whole = lcc.diff(str(artifact))
+    assert whole.count("added") == 2 and [p["name"] for p in whole.passes] == ["canonicalize", "lower"]
+    from longctx_compile.inspect.render import render_dot, render_html, render_json
+
+    page = render_html(d)
+    assert page.count("<svg") == 2 and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert json.loads(render_json(d))["summary"]["added"] == 1
+    assert render_dot(d).startswith("digraph")

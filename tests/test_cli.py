@@ -1,0 +1,77 @@
+"""The lcc command line: the main job works, and bad input is one line, a non-zero exit, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def lcc(*args, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True, cwd=cwd)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_convert_inspect_diff_verify(tmp_path):
+    out = tmp_path / "m.lcc"
+    rc, stdout, _ = lcc("convert", "tiny-mistral", "--to", "dense", "-o", str(out), "--opt", "attn=eager", "--verify")
+    assert rc == 0 and "PASS" in stdout and "window(8)" in stdout
+    assert json.loads((out / "lcc.json").read_text())["equivalence"]["passed"] is True
+    rc, stdout, _ = lcc("inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert rc == 0 and len(info["sites"]) == 2 and info["ops"]["longctx.attention"] == 2
+    rc, stdout, _ = lcc("diff", str(out), "--format", "json", "--layer", "0")
+    assert rc == 0 and json.loads(stdout)["summary"]["added"] == 1
+    rc, _, _ = lcc("diff", str(out), "--format", "html", "-o", str(tmp_path / "d.html"))
+    assert rc == 0 and (tmp_path / "d.html").read_text().startswith("<!doctype html>")
+    rc, stdout, _ = lcc("verify", str(out))
+    assert rc == 0 and "PASS" in stdout
+    rc, stdout, _ = lcc("--help")
+    for command in ("convert", "inspect", "diff", "verify", "passes", "targets"):
+        assert command in stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["convert", "no/such/path"], "no such model"),
+        (["convert", "EMPTY"], "has no config.json"),
+        (["convert", "tiny-nope"], "unknown preset"),
+        (["convert", "tiny-llama", "--to", "sparse9"], "unknown form"),
+        (["convert", "tiny-llama", "--target", "h900"], "unknown target"),
+        (["convert", "tiny-llama", "--opt", "bogus=1"], "unknown --opt 'bogus'"),
+        (["convert", "tiny-llama", "--opt", "max_len=abc"], "expected an integer"),
+        (["convert", "tiny-llama", "--opt", "novalue"], "expected key=value"),
+        (["convert", "tiny-llama", "-o", "EXISTS"], "already exists"),
+        (["convert", "BRANCHY"], "cannot capture Branchy"),
+        (["inspect", "CORRUPT"], "not valid JSON"),
+        (["verify", "CORRUPT"], "not valid JSON"),
+        (["diff", "CORRUPT"], "not valid JSON"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "EXISTS").mkdir()
+    (tmp_path / "EXISTS" / "keep.txt").write_text("x")
+    (tmp_path / "CORRUPT").mkdir()
+    (tmp_path / "CORRUPT" / "lcc.json").write_text("{")
+    (tmp_path / "branchy.py").write_text(
+        "import torch\n"
+        "class Branchy(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.e = torch.nn.Embedding(10, 4); self.h = torch.nn.Linear(4, 10)\n"
+        "    def forward(self, input_ids):\n"
+        "        x = self.e(input_ids)\n"
+        "        return self.h(x * 2 if x.sum() > 0 else x)\n"
+        "def make():\n"
+        "    return Branchy()\n"
+    )
+    args = [str(tmp_path / "branchy.py") + ":make" if a == "BRANCHY" else a for a in args]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, stdout, stderr = lcc(*args, cwd=tmp_path)
+    assert rc != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "EXISTS" / "keep.txt").read_text() == "x"
