@@ -72,10 +72,15 @@ class SubgraphEvaluator:
             elif node.op == "get_attr":
                 env[node] = getattr(self.ep.graph_module, node.target)
             else:
-                args = torch.fx.node.map_arg(node.args, env.__getitem__)
-                kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+                # probes run on the CPU whatever device the model was traced on (meta included)
+                args = torch.fx.node.map_aggregate(torch.fx.node.map_arg(node.args, env.__getitem__), _on_cpu)
+                kwargs = torch.fx.node.map_aggregate(torch.fx.node.map_arg(node.kwargs, env.__getitem__), _on_cpu)
                 env[node] = node.target(*args, **kwargs)
         return [env[r] for r in roots]
+
+
+def _on_cpu(value: Any) -> Any:
+    return torch.device("cpu") if isinstance(value, torch.device) else value
 
 
 def _allowed(value: torch.Tensor, how: str) -> torch.Tensor | None:
