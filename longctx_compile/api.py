@@ -15,7 +15,7 @@ from .errors import LccError
 from .forms import get_form
 from .inspect.diff import GraphDiff, diff_snapshots
 from .options import build
-from .runtime.model import LoadedModel, call_program
+from .runtime.model import LoadedModel
 from .runtime.model import load as _load
 from .targets import TARGETS, Target
 from .verify import ATOL, LENGTHS, RTOL, Report
@@ -26,17 +26,9 @@ def compile(model: Any, to: str = "dense", target: str = "cpu", **options: Any) 
     """Capture ``model`` (nn.Module, preset, HF folder or ``file.py:factory``) and convert it to form ``to``.
 
     ``options`` are the same keys as ``lcc convert --opt`` (capture, canonicalize and form settings).
-    Save with ``lcc.save(compiled, path)`` or ``compiled.save(path)``.
+    Save with ``compiled.save(path)``.
     """
     return compile_model(model, to=to, target=target, options=options)
-
-
-def save(compiled: Compiled, out: str | Path, force: bool = False, report: Report | None = None) -> Path:
-    """Write ``compiled`` as an artifact folder (atomically; an existing folder only with ``force``)."""
-    return artifact.write(compiled, Path(out), force, report.to_json() if report else None)
-
-
-Compiled.save = save
 
 
 def load(path: str | Path) -> LoadedModel:
@@ -66,9 +58,7 @@ def _as_runnable(converted: Any) -> tuple[Callable[..., torch.Tensor], dict[str,
     if isinstance(converted, (str, Path)):
         converted = load(converted)
     if isinstance(converted, Compiled):
-        module = converted.program.ep.module()
-        signature = converted.program.signature
-        return (lambda **kw: call_program(module, signature, **kw)), signature
+        return (lambda **kw: converted(**kw)), converted.program.signature
     if isinstance(converted, LoadedModel):
         return (lambda **kw: converted(**kw)), converted.signature
     raise LccError(f"cannot run {type(converted).__name__}: expected a compiled program, a loaded artifact or a path")

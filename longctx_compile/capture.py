@@ -19,8 +19,6 @@ import torch
 from . import presets
 from .errors import LccError, RefusedError
 
-INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
-
 
 @dataclass
 class CaptureConfig:
@@ -176,9 +174,7 @@ def max_len_of(model: torch.nn.Module, cfg: CaptureConfig) -> int:
         if cfg.max_len < 2:
             raise LccError(f"max_len must be at least 2, got {cfg.max_len}")
         return cfg.max_len
-    config = getattr(model, "config", None)
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "block_size", None)
-    n = n or getattr(model, "block_size", None) or getattr(getattr(model, "config", None), "n_positions", None)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None) or getattr(model, "block_size", None)
     return int(min(n or 8192, 8192))
 
 
@@ -215,9 +211,7 @@ def export(model: torch.nn.Module, cfg: CaptureConfig | None = None) -> tuple[to
     vocab = vocab_size_of(model)
     example_len = min(16, max_len)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = example_inputs(names, vocab, 2, example_len, "cpu" if device.type == "meta" else device)
-    if device.type == "meta":
-        example = {k: v.to("meta") for k, v in example.items()}
+    example = example_inputs(names, vocab, 2, example_len, device)
     wrapper = CausalLM(model, names)
     notes: list[str] = []
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from . import ops, passes  # noqa: F401  (registers the ops and the passes)
 from .capture import CaptureConfig, export, load_model
 from .forms import get_form
-from .options import build, split_known
+from .options import build, check_known
 from .passes.canonicalize import CanonicalizeConfig
 from .passes.lower import LowerConfig
 from .pipeline import Program, Stage, run_stage
@@ -26,10 +28,21 @@ class Compiled:
     form_config: Any
     capture_config: CaptureConfig
 
+    @functools.cached_property
+    def module(self) -> torch.nn.Module:
+        """The runnable module of the program, built once."""
+        return self.program.ep.module()
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         from .runtime.model import call_program
 
-        return call_program(self.program.ep.module(), self.program.signature, input_ids, attention_mask, position_ids)
+        return call_program(self.module, self.program.signature, input_ids, attention_mask, position_ids)
+
+    def save(self, out: str | Path, force: bool = False, report: Any = None) -> Path:
+        """Write the artifact folder (atomically; an existing folder only with ``force``)."""
+        from . import artifact
+
+        return artifact.write(self, Path(out), force, report.to_json() if report else None)
 
 
 def option_classes(form: str) -> list[type]:
@@ -41,7 +54,7 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
     options = dict(options or {})
     form = get_form(to)
     get_target(target)
-    split_known(options, option_classes(to))
+    check_known(options, option_classes(to))
     capture_cfg = build(CaptureConfig, options)
     canon_cfg = build(CanonicalizeConfig, options)
     form_cfg = build(form.config_cls, options)
@@ -54,7 +67,7 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
     module, source = load_model(model, capture_cfg)
     step("capturing with torch.export")
     ep, signature = export(module, capture_cfg)
-    program = Program(ep, signature, source.to_json(), getattr(module, "config", None), form=to, target=target)
+    program = Program(ep, signature, source.to_json(), getattr(module, "config", None), form=to)
     run_stage(program, Stage.CAPTURE, [])
     step("canonicalizing attention")
     run_stage(program, Stage.CANONICALIZE, [("canonicalize", canon_cfg)])

@@ -67,7 +67,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     return instance
 
 
-def split_known(values: dict[str, Any], classes: list[type]) -> None:
+def check_known(values: dict[str, Any], classes: list[type]) -> None:
     """Refuse keys that no config class declares, listing the keys that exist."""
     known = sorted({name for cls in classes for name in fields_of(cls)})
     for key in values:

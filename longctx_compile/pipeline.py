@@ -26,9 +26,6 @@ class Stage(str, enum.Enum):
     LOWER = "lower"
 
 
-STAGE_ORDER = [s.value for s in Stage]
-
-
 @dataclass
 class NoConfig:
     """A pass without options."""

@@ -54,8 +54,8 @@ def test_documents_from_position_resets():
             torch.testing.assert_close(packed[:, start:stop], alone)
 
 
-class PrefixLM(nn.Module):
-    """Attention with a non-causal prefix of 3 tokens: no structured kind fits, the mask stays a tensor."""
+class TinyAttentionLM(nn.Module):
+    """One attention layer of 2 heads of dim 8 between an embedding and a head; subclasses say how to attend."""
 
     def __init__(self):
         super().__init__()
@@ -65,10 +65,16 @@ class PrefixLM(nn.Module):
         x = self.emb(input_ids)
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
-        i = torch.arange(T)
+        return self.head(self.attend(q, k, v).transpose(1, 2).reshape(B, T, 16))
+
+
+class PrefixLM(TinyAttentionLM):
+    """Attention with a non-causal prefix of 3 tokens: no structured kind fits, the mask stays a tensor."""
+
+    def attend(self, q, k, v):
+        i = torch.arange(q.shape[2])
         keep = (i[None, :] <= i[:, None]) | (i[None, :] < 3)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        return self.head(y.transpose(1, 2).reshape(B, T, 16))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
 def test_arbitrary_mask_is_kept_and_exact():
@@ -81,17 +87,10 @@ def test_arbitrary_mask_is_kept_and_exact():
         lcc.compile(PrefixLM().eval(), max_len=32, allow_arbitrary_masks=False)
 
 
-class SoftcapAttention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.qkv, self.head = nn.Embedding(50, 16), nn.Linear(16, 48), nn.Linear(16, 50)
-
-    def forward(self, input_ids):
-        x = self.emb(input_ids)
-        B, T, _ = x.shape
-        q, k, v = (t.view(B, T, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
+class SoftcapAttention(TinyAttentionLM):
+    def attend(self, q, k, v):
         s = torch.tanh((q @ k.transpose(-1, -2)) / math.sqrt(8) / 30.0) * 30.0
-        return self.head((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 16))
+        return s.softmax(-1) @ v
 
 
 class NoAttention(nn.Module):

@@ -69,7 +69,7 @@ def convert(
             progress.update(task, description="verifying equivalence")
             report = api.verify(compiled.original, compiled)
         progress.update(task, description="writing artifact")
-        api.save(compiled, output, force, report)
+        compiled.save(output, force, report)
     sites = compiled.program.sites()
     kinds = sorted({s["mask"] for s in sites})
     out.print(f"wrote [bold]{output}[/bold]: {len(sites)} attention sites ({', '.join(kinds)}), form {to}, target {target}")

@@ -221,7 +221,7 @@ def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
     return sites
 
 
-def _heads(site: Site, k: torch.fx.Node, v: torch.fx.Node, groups: int) -> tuple[int, int, int]:
+def _heads(site: Site, k: torch.fx.Node, v: torch.fx.Node) -> tuple[int, int, int]:
     qv, kv, vv = val(site.q), val(k), val(v)
     if any(t is None or t.dim() != 4 for t in (qv, kv, vv)):
         raise _refuse(site.anchor, "q, k and v must be [batch, heads, seq, dim]")
@@ -253,7 +253,7 @@ def canonicalize(program: Program, cfg: CanonicalizeConfig) -> PassResult:
         v, gv = unrepeat_kv(site.v)
         if gk != gv:
             k, v = site.k, site.v
-        hq, hkv, d = _heads(site, k, v, gk)
+        hq, hkv, d = _heads(site, k, v)
         spec: MaskSpec = classify(program.ep, site.masks, site.is_causal, names, program.signature["max_len"], program.model_config, evaluator)
         if spec.arbitrary and not cfg.allow_arbitrary_masks:
             raise _refuse(site.anchor, f"its mask is not a structured kind ({'; '.join(spec.notes)})")

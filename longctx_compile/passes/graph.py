@@ -49,11 +49,6 @@ def strip(node: torch.fx.Node, targets: set) -> torch.fx.Node:
     return node
 
 
-def is_float_cast(node: Any) -> bool:
-    """A cast that only changes dtype/device (not a reinterpretation)."""
-    return is_call(node, *CASTS)
-
-
 def fake_call(op, *args) -> Any:
     """Run ``op`` on the fake values of ``args`` to produce the ``val`` metadata of a new node."""
     vals = [val(a) for a in args]

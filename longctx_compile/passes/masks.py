@@ -197,10 +197,10 @@ def classify(
     lengths = [n for n in BASE_LENGTHS if n <= max_len]
     try:
         base_len = lengths[-1]
-        base = allowed(_probe(base_len, input_names, pad=False, resets=False))
+        plain = _probe(base_len, input_names, pad=False, resets=False)
+        base = allowed(plain)
         if base is None:
             return MaskSpec(arbitrary=True, notes=["mask is not a pure 0/-inf or boolean mask"])
-        plain = _probe(base_len, input_names, pad=False, resets=False)
         for causal, window in [(True, 0), (False, 0)] + [(True, w) for w in range(1, base_len)]:
             if _agrees(base, allowed_mask(base_len, base_len, causal=causal, window=window), plain):
                 spec.causal, spec.window = causal, window
