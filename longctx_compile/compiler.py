@@ -11,6 +11,7 @@ import torch
 
 from . import ops, passes  # noqa: F401  (registers the ops and the passes)
 from .capture import CaptureConfig, export, load_model
+from .errors import LccError
 from .forms import get_form
 from .options import build, check_known
 from .passes.canonicalize import CanonicalizeConfig
@@ -46,18 +47,21 @@ class Compiled:
 
 
 def option_classes(form: str) -> list[type]:
-    return [CaptureConfig, CanonicalizeConfig, get_form(form).config_cls]
+    return [CaptureConfig, CanonicalizeConfig, get_form(form).config_cls, LowerConfig]
 
 
 def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: dict[str, Any] | None = None, progress=None) -> Compiled:
     """Compile ``model`` (spec or nn.Module) into form ``to`` for ``target``; ``options`` are ``--opt`` keys."""
     options = dict(options or {})
     form = get_form(to)
-    get_target(target)
+    target = get_target(target).name
+    if "target" in options:
+        raise LccError("the target is chosen with --target (target= in Python), not --opt target=")
     check_known(options, option_classes(to))
     capture_cfg = build(CaptureConfig, options)
     canon_cfg = build(CanonicalizeConfig, options)
     form_cfg = build(form.config_cls, options)
+    lower_cfg = dataclasses.replace(build(LowerConfig, options), target=target)
 
     def step(message: str) -> None:
         if progress is not None:
@@ -74,5 +78,5 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
     step(f"rewriting into {to}")
     run_stage(program, Stage.FORM, [(name, form_cfg) for name in form.passes])
     step(f"lowering for {target}")
-    run_stage(program, Stage.LOWER, [("lower", LowerConfig(target))])
+    run_stage(program, Stage.LOWER, [("lower", lower_cfg)])
     return Compiled(program, module, form_cfg, capture_cfg)

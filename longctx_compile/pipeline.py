@@ -92,7 +92,9 @@ class Program:
         return self.ep.graph_module
 
     def attention_nodes(self) -> list[torch.fx.Node]:
-        return [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.longctx.attention.default]
+        """The attention sites in graph order: canonical ``longctx::attention`` or a lowered variant."""
+        ops = (torch.ops.longctx.attention.default, torch.ops.longctx.flash_attention.default)
+        return [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target in ops]
 
     def sites(self) -> list[dict[str, Any]]:
         """The per-site facts of every canonical attention, in graph order."""

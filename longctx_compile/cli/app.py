@@ -29,7 +29,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-Opt = Annotated[Optional[list[str]], typer.Option("--opt", help="form/capture option key=value (repeatable), e.g. --opt attn=eager")]
+Opt = Annotated[
+    Optional[list[str]], typer.Option("--opt", help="capture/form/lowering option key=value (repeatable), e.g. --opt attn=eager, --opt fwd_block_m=64")
+]
 
 
 def _options(opt: list[str] | None) -> dict[str, str]:
@@ -148,7 +150,7 @@ def diff(
 def verify(
     path: Annotated[str, typer.Argument(help="artifact folder, or a model (then --to)")],
     to: Annotated[str, typer.Option("--to", help="form, when PATH is a model")] = "dense",
-    target: Annotated[str, typer.Option("--target", help="target")] = "cpu",
+    target: Annotated[str, typer.Option("--target", help="target GPU, interpret or cpu (see lcc targets)")] = "cpu",
     opt: Opt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
@@ -201,16 +203,38 @@ def passes() -> None:
 
 
 @app.command()
-def targets() -> None:
-    """List the targets a program can be lowered for.
+def targets(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List the targets a program can be lowered for, with the figures their configs are derived from.
 
     Example: lcc targets
     """
+    import dataclasses
+
     from ..targets import TARGETS
 
-    table = Table("target", "kernels", "description")
+    if as_json:
+        out.print_json(json.dumps({name: dataclasses.asdict(t) for name, t in TARGETS.items()}))
+        return
+    table = Table(caption="smem per block; dense tensor TFLOPS; cpu: reference ops, interpret: Triton interpreter", caption_justify="left")
+    for name in ("target", "arch", "SMs", "smem KB", "L2 MB", "mem GB", "TB/s", "bf16 TF", "fp8 TF", "features"):
+        table.add_column(name, no_wrap=name in ("target", "arch"))
     for t in TARGETS.values():
-        table.add_row(t.name, t.kernels, t.description)
+        if t.capability is None:
+            table.add_row(t.name, "", "", f"{t.smem_per_block // 1024}" if t.smem_per_block else "", "", "", "", "", "", "")
+            continue
+        basic = {"cp.async", "bf16", "tf32"}
+        table.add_row(
+            t.name,
+            t.arch,
+            str(t.sms),
+            str(t.smem_per_block // 1024),
+            f"{t.l2_mb:g}",
+            f"{t.memory_gb:g}",
+            f"{t.bandwidth_gbs / 1000:g}",
+            f"{t.tflops['bf16']:.0f}",
+            f"{t.tflops['fp8']:.0f}" if "fp8" in t.tflops else "-",
+            ",".join(f for f in t.features if f not in basic),
+        )
     out.print(table)
 
 

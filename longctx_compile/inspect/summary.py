@@ -14,6 +14,21 @@ def op_counts(snapshot: dict[str, Any]) -> Counter:
     return Counter(n["target"] for n in snapshot["nodes"] if n["op"] == "call_function")
 
 
+def kernel_name(site: dict[str, Any]) -> str:
+    """``triton`` / ``reference`` (and why, when a Triton target kept the reference)."""
+    kernel = site.get("kernel", "")
+    name = kernel.rsplit("/", 1)[-1]
+    return f"{name} (fallback)" if site.get("fallback") else name
+
+
+def tiles(site: dict[str, Any]) -> str:
+    config = site.get("config")
+    if not config:
+        return ""
+    fmt = "{}x{} w{} s{}"
+    return f"{fmt.format(*config['fwd'])} · {fmt.format(*config['bwd'])} ({config['source']})"
+
+
 def summary(manifest: dict[str, Any], snapshots: dict[str, Any]) -> dict[str, Any]:
     last = snapshots[list(snapshots)[-1]] if snapshots else {"nodes": []}
     return {
@@ -40,11 +55,9 @@ def render(info: dict[str, Any], console: Console) -> None:
     console.print(escape(f"inputs {', '.join(sig['inputs'])} [batch, seq ≤ {sig['max_len']}] → logits [batch, seq, {sig['vocab_size']}]"))
     if params:
         console.print(f"parameters {params['count']:,} ({params['bytes'] / 2**20:.1f} MiB)")
-    sites = Table("layer", "module", "Hq", "Hkv", "D", "scale", "mask", "form", "kernel", title="attention sites", title_justify="left")
+    sites = Table("layer", "module", "heads", "D", "mask", "form", "kernel", "tiles (fwd · bwd)", title="attention sites", title_justify="left")
     for s in info["sites"]:
-        sites.add_row(
-            str(s["layer"]), s["module"], str(s["hq"]), str(s["hkv"]), str(s["head_dim"]), f"{s['scale']:.4g}", s["mask"], s["form"], s.get("kernel", "")
-        )
+        sites.add_row(str(s["layer"]), s["module"], f"{s['hq']}/{s['hkv']}", str(s["head_dim"]), s["mask"], s["form"], kernel_name(s), tiles(s))
     console.print(sites)
     ops = Table("op", "count", title="ops", title_justify="left")
     for name, count in info["ops"].items():

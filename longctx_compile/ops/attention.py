@@ -25,19 +25,20 @@ def attention(
     ``transpose(1, 2).view(B, T, -1)`` that models apply after SDPA stays valid.
     """
     out, _ = attention_ref(q, k, v, key_padding, doc_ids, mask, scale, causal, window)
-    result = _empty_out(q, v)
+    result = empty_sdpa_layout(q, v)
     result.copy_(out)
     return result
 
 
-def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def empty_sdpa_layout(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [B, Hq, T, Dv] output laid out as [B, T, Hq, Dv] in memory, like SDPA's."""
     B, H, T, _ = q.shape
     return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
 
 
 @attention.register_fake
 def _(q, k, v, key_padding, doc_ids, mask, scale, causal, window):
-    return _empty_out(q, v)
+    return empty_sdpa_layout(q, v)
 
 
 def _setup_context(ctx, inputs, output):
