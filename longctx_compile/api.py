@@ -31,9 +31,9 @@ def compile(model: Any, to: str = "dense", target: str = "cpu", **options: Any) 
     return compile_model(model, to=to, target=target, options=options)
 
 
-def load(path: str | Path) -> LoadedModel:
-    """Load an artifact folder; the result is callable like a causal LM and returns logits."""
-    return _load(path)
+def load(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+    """Load an artifact folder (onto ``device``, e.g. ``"cuda"``); the result is callable like a causal LM and returns logits."""
+    return _load(path, device)
 
 
 def targets() -> dict[str, Target]:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,11 @@ def test_convert_inspect_diff_verify(tmp_path):
         (["convert", "tiny-nope"], "unknown preset"),
         (["convert", "tiny-llama", "--to", "sparse9"], "unknown form"),
         (["convert", "tiny-llama", "--target", "h900"], "unknown target"),
+        (["verify", "tiny-llama", "--target", "h900"], "unknown target"),
+        (["convert", "tiny-llama", "--target", "rtx4090", "--opt", "fwd_block_n=128", "--opt", "fwd_stages=4"], "bytes of shared memory"),
+        (["convert", "tiny-llama", "--target", "h100", "--opt", "bwd_block_m=48"], "powers of two"),
+        (["convert", "tiny-llama", "--opt", "fallback=maybe"], "expected one of none, reference"),
+        (["convert", "WIDE", "--target", "h100"], "head dim 320 is larger than"),
         (["convert", "tiny-llama", "--opt", "bogus=1"], "unknown --opt 'bogus'"),
         (["convert", "tiny-llama", "--opt", "max_len=abc"], "expected an integer"),
         (["convert", "tiny-llama", "--opt", "novalue"], "expected key=value"),
@@ -66,7 +72,11 @@ def test_bad_input_is_one_line(tmp_path, args, message):
         "def make():\n"
         "    return Branchy()\n"
     )
-    args = [str(tmp_path / "branchy.py") + ":make" if a == "BRANCHY" else a for a in args]
+    (tmp_path / "wide.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom test_targets import WideHeads\ndef make():\n    return WideHeads()\n"
+    )
+    placeholders = {"BRANCHY": str(tmp_path / "branchy.py") + ":make", "WIDE": str(tmp_path / "wide.py") + ":make"}
+    args = [placeholders.get(a, a) for a in args]
     before = sorted(p.name for p in tmp_path.iterdir())
     rc, stdout, stderr = lcc(*args, cwd=tmp_path)
     assert rc != 0
@@ -75,3 +85,20 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "EXISTS" / "keep.txt").read_text() == "x"
+
+
+def test_targets_and_triton_lowering(tmp_path):
+    rc, stdout, _ = lcc("targets")
+    assert rc == 0
+    for name in ("cpu", "interpret", "a100-40gb", "a100-80gb", "a800", "h100", "h200", "l40s", "rtx4090", "b200"):
+        assert name in stdout
+    rc, stdout, _ = lcc("targets", "--json")
+    assert rc == 0 and json.loads(stdout)["h100"]["smem_per_block"] == 232448
+    out = tmp_path / "m.lcc"
+    rc, stdout, _ = lcc("convert", "tiny-llama", "--target", "a100-80gb", "--opt", "fwd_block_m=64", "-o", str(out))
+    assert rc == 0 and "target a100-80gb" in stdout
+    rc, stdout, _ = lcc("inspect", str(out), "--json")
+    site = json.loads(stdout)["sites"][0]
+    assert site["kernel"] == "longctx.flash_attention/triton" and site["config"]["fwd"][0] == 64 and site["config"]["source"] == "override"
+    rc, stdout, _ = lcc("inspect", str(out))
+    assert rc == 0 and "triton" in stdout and "64x" in stdout

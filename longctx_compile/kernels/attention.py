@@ -251,6 +251,7 @@ def _bwd_dkdv_kernel(
             q = tl.load(Q + b * sq_b + h * sq_h + tq[:, None] * sq_t + offs_d[None, :], mask=in_q[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
             do = tl.load(dOut + b * sg_b + h * sg_h + tq[:, None] * sg_t + offs_dv[None, :], mask=in_q[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
             lse2 = tl.load(Lse + (b * Hq + h) * T + tq, mask=in_q, other=0.0) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # a query that sees nothing: every p is 0
             delta = tl.load(Delta + (b * Hq + h) * T + tq, mask=in_q, other=0.0)
             sT = _dot(k, tl.trans(q), PRECISION, DOT_DTYPE) * qk_scale
             qdoc = 0
@@ -304,6 +305,7 @@ def _bwd_dq_kernel(
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_q[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(dOut + b * sg_b + h * sg_h + offs_m[:, None] * sg_t + offs_dv[None, :], mask=in_q[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
     lse2 = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=in_q, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # a query that sees nothing: every p is 0
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=in_q, other=0.0)
     qdoc = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_DOCS:

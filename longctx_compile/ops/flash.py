@@ -54,14 +54,38 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, key_padding, doc_ids, mask, out, lse = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    none = (None,) * 8
-    if needs[5] and mask is not None and mask.is_floating_point():
-        return *_reference_backward(ctx, grad_out, grad_lse), *none[:5]
+    if ctx.needs_input_grad[5] and mask is not None and mask.is_floating_point():
+        return *_reference_backward(ctx, grad_out, grad_lse), *(None,) * 5
+    dq, dk, dv = flash_attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding, doc_ids, mask, *ctx.statics, ctx.bwd_config)
+    return dq, dk, dv, *(None,) * 8
+
+
+@torch.library.custom_op("longctx::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+    bwd_config: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``flash_attention`` from the Triton backward kernels; an op so traced backwards stay opaque."""
     from ..kernels import attention as kernels
 
-    dq, dk, dv = kernels.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, key_padding, doc_ids, mask, *ctx.statics, _tiles(ctx.bwd_config))
-    return dq, dk, dv, *none
+    return kernels.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, key_padding, doc_ids, mask, scale, causal, window, _tiles(bwd_config))
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding, doc_ids, mask, scale, causal, window, bwd_config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _reference_backward(ctx, grad_out, grad_lse):

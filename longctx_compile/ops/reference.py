@@ -80,9 +80,12 @@ def attention_ref(
                 ok = ok & block
             else:
                 scores = scores + block.float()
+                ok = ok & (block != float("-inf"))
         scores = scores.masked_fill(~ok, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+        # a query that sees no key: lse -inf, probabilities 0, and gradients 0 rather than NaN
+        dead = ~ok.any(dim=-1)
+        lse = torch.logsumexp(scores.masked_fill(dead[..., None], 0.0), dim=-1).masked_fill(dead, float("-inf"))
+        probs = torch.exp(scores - lse.masked_fill(dead, 0.0)[..., None])
         outs.append(torch.matmul(probs, vf))
         lses.append(lse)
     out = torch.cat(outs, dim=3).reshape(B, Hq, T, v.shape[-1])

@@ -55,20 +55,25 @@ class LoadedModel:
         self.manifest = manifest
         self.program = ep
         self.signature = manifest["signature"]
-        self._module = ep.module()
+        self.module = ep.module()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return call_program(self._module, self.signature, input_ids, attention_mask, position_ids)
+        return call_program(self.module, self.signature, input_ids, attention_mask, position_ids)
 
     def __repr__(self) -> str:
         return f"LoadedModel({str(self.path)!r}, form={self.manifest['form']!r}, target={self.manifest['target']!r})"
 
 
-def load(path) -> LoadedModel:
-    """Load an artifact folder written by ``lcc convert``."""
+def load(path, device: str | torch.device | None = None) -> LoadedModel:
+    """Load an artifact folder written by ``lcc convert``; ``device`` moves its weights and the devices its graph names."""
     from pathlib import Path
+
+    from torch.export.passes import move_to_device_pass
 
     from .. import artifact
 
     manifest = artifact.read_manifest(Path(path))
-    return LoadedModel(Path(path), manifest, artifact.read_program(Path(path), manifest))
+    ep = artifact.read_program(Path(path), manifest)
+    if device is not None:
+        ep = move_to_device_pass(ep, torch.device(device))
+    return LoadedModel(Path(path), manifest, ep)

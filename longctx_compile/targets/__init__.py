@@ -63,3 +63,23 @@ def get_target(name: str) -> Target:
     if key not in TARGETS:
         raise LccError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}")
     return TARGETS[key]
+
+
+# substrings of torch.cuda.get_device_name() that identify a target, most specific first
+_DEVICE_NAMES = (("H200", "h200"), ("H100", "h100"), ("A800", "a800"), ("L40S", "l40s"), ("4090", "rtx4090"), ("B200", "b200"))
+
+
+def detect(device: int | None = None) -> Target | None:
+    """The target describing the CUDA GPU at hand (by name, A100 by memory size), or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for needle, target in _DEVICE_NAMES:
+        if needle in name:
+            return TARGETS[target]
+    if "A100" in name:
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return TARGETS["a100-80gb" if memory > 48 else "a100-40gb"]
+    return None

@@ -3,7 +3,7 @@
 Every candidate must fit the target's shared memory per block by the kernels' own formula
 (``kernels.tiles.smem_bytes``) and a per-thread register estimate. Among those, the ranking prefers
 software pipelining (at least two stages where the GPU has room), then the largest tile, balanced
-tiles, a grid of at least one full wave on the target's SMs, and the warp count the tile needs.
+tiles, a grid of at least one full wave on the target's SMs (for tiles above 64 rows), and the warp count the tile needs.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def candidates(kind: str, target: Target, shape: Shape) -> list[TileConfig]:
         programs = heads * -(-shape.length // cfg.block_m)
         return (
             cfg.num_stages < min(2, deepest),
-            programs < target.sms,
+            programs < target.sms and cfg.block_m > 64,  # few heads: halve the tile once for a full wave
             -cfg.block_m * cfg.block_n,
             -min(cfg.block_m, cfg.block_n),
             -cfg.block_m,

@@ -1,0 +1,26 @@
+"""The kernel benchmark runs everywhere: without a GPU it says so and exits 0; --smoke checks its harness."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parent.parent / "bench" / "kernels.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_kernel_bench_without_gpu_exits_zero():
+    result = subprocess.run([sys.executable, str(BENCH)], capture_output=True, text=True)
+    assert result.returncode == 0 and "needs a CUDA GPU" in result.stdout
+
+
+def test_kernel_bench_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(BENCH), "--smoke", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mask"] for r in rows] == ["causal", "window 32"]
+    assert all(r["max_abs_error"] < 5e-2 and all(t > 0 for t in r["ms"].values()) for r in rows)
