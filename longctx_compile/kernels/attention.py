@@ -11,6 +11,7 @@ applies element masks only on the tiles that need them.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -101,6 +102,8 @@ def _fwd_kernel(
 ):
     """One program: BLOCK_M queries of one (batch, query head) against every key tile they can see."""
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query tiles see the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -291,6 +294,8 @@ def _bwd_dq_kernel(
 ):
     """One program: dQ of BLOCK_M queries of one query head, over every key tile they can see."""
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query tiles see the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -365,6 +370,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def _max_shared_memory(device: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, cfg: TileConfig) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise LccError("attention kernels take q [B, Hq, T, D] and k, v [B, Hkv, S, D]")
@@ -380,7 +390,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, cfg: Ti
     if q.device.type == "cpu" and not interpreting():
         raise LccError("the Triton attention kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     if q.device.type == "cuda":
-        limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)["max_shared_mem"]
+        limit = _max_shared_memory(q.device.index or 0)
         need = smem_bytes(kind, cfg, q.shape[-1], v.shape[-1], q.dtype)
         if need > limit:
             raise LccError(f"{kind} tile config {cfg} needs {need} bytes of shared memory for head dim {q.shape[-1]} {q.dtype}; this GPU has {limit}")
