@@ -114,6 +114,10 @@ def test_lower_binds_flash_attention_with_configs_per_site():
     node = compiled.program.attention_nodes()[0]
     assert node.args[9] == expected.fwd.as_list() and node.args[10] == expected.bwd.as_list()
     assert compiled.program.history[-1].config["target"] == "h100"
+    diff = lcc.diff(compiled, "canonicalize", "lower", layer=0)
+    added = {c.target: c for c in diff.changes if c.kind == "added"}
+    (removed,) = [c for c in diff.changes if c.kind == "removed"]
+    assert removed.target == "longctx.attention" and added["longctx.flash_attention"].replaces == [removed.id]
 
 
 def test_lower_on_cpu_keeps_the_reference():

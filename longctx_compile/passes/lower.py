@@ -21,7 +21,7 @@ from .graph import fake_call, val
 
 REFERENCE = "longctx.attention/reference"
 TRITON = "longctx.flash_attention/triton"
-COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn", "lcc_from")
+COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
 @dataclass
@@ -112,5 +112,6 @@ def _bind(graph: torch.fx.Graph, node: torch.fx.Node, configs: AttentionConfigs)
         if key in node.meta:
             flash.meta[key] = out.meta[key] = node.meta[key]
     flash.meta["lcc"] = node.meta["lcc"]
+    flash.meta["lcc_from"] = out.meta["lcc_from"] = [node.name]
     node.replace_all_uses_with(out)
     graph.erase_node(node)
