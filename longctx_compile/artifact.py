@@ -23,6 +23,8 @@ from .errors import LccError
 FORMAT_VERSION = 1
 MANIFEST = "lcc.json"
 PROGRAM = "model.pt2"
+PREFILL = "prefill.pt2"
+DECODE = "decode.pt2"
 GRAPHS = "graphs.json"
 
 
@@ -86,7 +88,16 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
         torch.export.save(compiled.program.ep, tmp / PROGRAM)
         (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
         manifest = manifest_of(compiled, report)
-        manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS)}
+        try:
+            prefill, decode, layout = compiled.steps
+            torch.export.save(prefill, tmp / PREFILL)
+            torch.export.save(decode, tmp / DECODE)
+            manifest["programs"].update(prefill=PREFILL, decode=DECODE)
+            manifest["cache"] = layout.to_json()
+        except LccError as e:
+            manifest["cache"] = None
+            manifest["cache_note"] = str(e)
+        manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *manifest["programs"].values()) if (tmp / name).exists()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _replace(tmp, out)
     except BaseException:
@@ -123,8 +134,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+def verify_files(path: Path, manifest: dict[str, Any], only: str | None = None) -> None:
+    """Check the artifact's files (or just ``only``) against the manifest's checksums."""
     for name, digest in manifest.get("files", {}).items():
+        if only is not None and name != only:
+            continue
         file = Path(path) / name
         if not file.is_file():
             raise LccError(f"corrupt artifact '{path}': {name} is missing")
@@ -132,15 +146,19 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
             raise LccError(f"corrupt artifact '{path}': {name} does not match its checksum")
 
 
-def read_program(path: Path, manifest: dict[str, Any], name: str = "model") -> torch.export.ExportedProgram:
+def read_program(path: Path, manifest: dict[str, Any], name: str = "model", device: Any = None) -> torch.export.ExportedProgram:
+    """One program of the artifact, checksums checked first; ``device`` moves weights and graph device literals."""
+    from torch.export.passes import move_to_device_pass
+
     from . import ops  # noqa: F401  (the longctx ops must be registered before deserializing)
 
-    verify_files(path, manifest)
+    verify_files(path, manifest, only=manifest["programs"][name])
     file = Path(path) / manifest["programs"][name]
     try:
-        return torch.export.load(file)
+        ep = torch.export.load(file)
     except Exception as e:
         raise LccError(f"corrupt artifact '{path}': cannot load {file.name}: {str(e).splitlines()[0][:200]}") from None
+    return move_to_device_pass(ep, torch.device(device)) if device is not None else ep
 
 
 def read_graphs(path: Path) -> dict[str, Any]:

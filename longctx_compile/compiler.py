@@ -39,6 +39,21 @@ class Compiled:
 
         return call_program(self.module, self.program.signature, input_ids, attention_mask, position_ids)
 
+    @functools.cached_property
+    def steps(self) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, Any]:
+        """The prefill and decode programs with explicit KV caches, and their cache layout (built once)."""
+        from .passes.kv_cache import export_steps
+
+        return export_steps(self.program)
+
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, **sampling: Any) -> list[list[int]]:
+        """New tokens for each prompt (lists of ids); sampling keys as :class:`runtime.generate.Sampling`."""
+        from .runtime.generate import Generator, Sampling
+
+        prefill, decode, _ = self.steps
+        generator = Generator(prefill.module(), decode.module(), self.program.signature, self.program.signature["vocab_size"])
+        return generator.generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream)
+
     def save(self, out: str | Path, force: bool = False, report: Any = None) -> Path:
         """Write the artifact folder (atomically; an existing folder only with ``force``)."""
         from . import artifact

@@ -50,8 +50,10 @@ def default_positions(attention_mask: torch.Tensor | None, B: int, T: int, devic
 class LoadedModel:
     """A loaded artifact: call it like a causal LM (input_ids[, attention_mask][, position_ids]) -> logits."""
 
-    def __init__(self, path, manifest: dict[str, Any], ep: torch.export.ExportedProgram):
+    def __init__(self, path, manifest: dict[str, Any], ep: torch.export.ExportedProgram, device: str | torch.device | None = None):
         self.path = path
+        self.device = device
+        self._steps: tuple | None = None
         self.manifest = manifest
         self.program = ep
         self.signature = manifest["signature"]
@@ -59,6 +61,19 @@ class LoadedModel:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return call_program(self.module, self.signature, input_ids, attention_mask, position_ids)
+
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, **sampling: Any) -> list[list[int]]:
+        """New tokens for each prompt (lists of ids); sampling keys as :class:`runtime.generate.Sampling`."""
+        from .generate import Generator, Sampling
+
+        if self._steps is None:
+            from .. import artifact
+
+            if "decode" not in self.manifest["programs"]:
+                raise LccError(f"artifact '{self.path}' has no decode program: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
+            self._steps = tuple(artifact.read_program(self.path, self.manifest, name, self.device).module() for name in ("prefill", "decode"))
+        generator = Generator(*self._steps, self.signature, self.signature["vocab_size"])
+        return generator.generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream)
 
     def __repr__(self) -> str:
         return f"LoadedModel({str(self.path)!r}, form={self.manifest['form']!r}, target={self.manifest['target']!r})"
@@ -68,12 +83,7 @@ def load(path, device: str | torch.device | None = None) -> LoadedModel:
     """Load an artifact folder written by ``lcc convert``; ``device`` moves its weights and the devices its graph names."""
     from pathlib import Path
 
-    from torch.export.passes import move_to_device_pass
-
     from .. import artifact
 
     manifest = artifact.read_manifest(Path(path))
-    ep = artifact.read_program(Path(path), manifest)
-    if device is not None:
-        ep = move_to_device_pass(ep, torch.device(device))
-    return LoadedModel(Path(path), manifest, ep)
+    return LoadedModel(Path(path), manifest, artifact.read_program(Path(path), manifest, "model", device), device)

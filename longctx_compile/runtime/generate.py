@@ -1,0 +1,119 @@
+"""Token generation over an artifact's prefill and decode programs (cache layout in ``passes.kv_cache``).
+
+Prompts of different lengths are left-padded; positions count real tokens, as Hugging Face's
+``generate`` does. Greedy by default; temperature, top-k and top-p sampling with a seed; stop ids end
+a row (its later steps yield nothing); ``stream`` receives each step's tokens as they come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LccError
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked from the last logits."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: Sequence[int] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise LccError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, V]."""
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Runs prefill once, then decode one token at a time, keeping the caches between steps."""
+
+    def __init__(self, prefill: Callable, decode: Callable, signature: dict, vocab_size: int):
+        self.prefill, self.decode = prefill, decode
+        self.names = signature["inputs"]
+        self.max_len = int(signature["max_len"])
+        self.vocab_size = vocab_size
+
+    def _batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LccError("empty prompt: give at least one token per prompt")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_len:
+            raise LccError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the program's maximum length {self.max_len}")
+        for p in prompts:
+            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise LccError(f"token id {bad[0]} is outside the vocabulary 0..{self.vocab_size - 1}")
+        if len({len(p) for p in prompts}) > 1 and "attention_mask" not in self.names:
+            raise LccError("prompts of different lengths need padding, and this program was captured without an attention_mask")
+        ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, longest - len(p) :] = 1
+        return ids, mask
+
+    def _inputs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        given = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        return {name: given[name] for name in self.names}
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, pad_id: int = 0) -> Iterator[list[int | None]]:
+        """Yield each step's new token per prompt (None once a prompt has stopped)."""
+        sampling = sampling or Sampling()
+        ids, mask = self._batch(prompts, max_new_tokens, pad_id)
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
+        with torch.inference_mode():
+            logits, *caches = self.prefill(self._inputs(ids, mask, positions))
+            for step in range(max_new_tokens):
+                token = pick(logits[:, -1], sampling, generator)
+                yield [None if d else int(t) for t, d in zip(token, done, strict=True)]
+                done |= torch.isin(token, stops)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    return
+                past, positions = mask, positions[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step_inputs = self._inputs(token[:, None], torch.ones_like(token[:, None]), positions)
+                logits, *caches = self.decode(step_inputs, past if "attention_mask" in self.names else None, caches)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        sampling: Sampling | None = None,
+        pad_id: int = 0,
+        stream: Callable[[list[int | None]], None] | None = None,
+    ) -> list[list[int]]:
+        """The new tokens of each prompt (a stop id, when hit, is the last)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for tokens in self.stream(prompts, max_new_tokens, sampling, pad_id):
+            if stream is not None:
+                stream(tokens)
+            for row, t in enumerate(tokens):
+                if t is not None:
+                    out[row].append(t)
+        return out

@@ -1,0 +1,112 @@
+"""KV-cache programs and generation: equal to Hugging Face ``generate`` and to full recomputation."""
+
+import pytest
+import torch
+
+import longctx_compile as lcc
+from longctx_compile.errors import LccError
+
+PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 9, 11, 13], [12, 8], [200, 201, 3, 4, 5]]
+
+
+def left_padded(prompts):
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p) :] = torch.tensor(p)
+        mask[row, longest - len(p) :] = 1
+    return ids, mask
+
+
+def hf_greedy(model, prompts, new):
+    ids, mask = left_padded(prompts)
+    model.generation_config.eos_token_id = None  # generate exactly `new` tokens, as lcc does without stop ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-gemma", "tiny-phi"])
+def test_greedy_tokens_equal_hf_generate(preset):
+    compiled = lcc.compile(preset)
+    assert compiled.generate(PROMPTS, max_new_tokens=32) == hf_greedy(compiled.original, PROMPTS, 32)
+
+
+def test_artifact_generates_after_loading(tmp_path):
+    compiled = lcc.compile("tiny-mistral")
+    path = compiled.save(tmp_path / "m.lcc")
+    loaded = lcc.load(path)
+    assert set(loaded.manifest["programs"]) == {"model", "prefill", "decode"}
+    assert loaded.manifest["cache"]["kv_heads"] == [2, 2] and loaded.manifest["cache"]["head_dims"] == [16, 16]
+    assert loaded.generate(PROMPTS, max_new_tokens=12) == hf_greedy(compiled.original, PROMPTS, 12)
+
+
+def test_decode_logits_equal_full_recompute():
+    compiled = lcc.compile("tiny-llama")
+    prefill, decode, _ = (s.module() if hasattr(s, "module") else s for s in compiled.steps)
+    ids, mask = left_padded(PROMPTS)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits, *caches = prefill({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+        for _ in range(6):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            ids, past = torch.cat([ids, token], 1), mask
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+            step = {"input_ids": token, "attention_mask": torch.ones_like(token), "position_ids": positions[:, -1:]}
+            logits, *caches = decode(step, past, caches)
+            full = compiled(ids, attention_mask=mask, position_ids=positions)
+            torch.testing.assert_close(logits[:, -1], full[:, -1])
+            assert caches[0].shape[2] == ids.shape[1]
+
+
+def test_sampling_is_seeded_and_stop_ids_end_rows():
+    compiled = lcc.compile("tiny-llama")
+    first = compiled.generate(PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    assert first == compiled.generate(PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    assert first != compiled.generate(PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=4)
+    greedy = compiled.generate(PROMPTS, max_new_tokens=10)
+    stop = greedy[0][3]
+    stopped = compiled.generate(PROMPTS, max_new_tokens=10, stop_ids=[stop])
+    for row, full in zip(stopped, greedy, strict=True):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:cut]
+    steps = []
+    compiled.generate(PROMPTS, max_new_tokens=4, stream=steps.append)
+    assert [[s[row] for s in steps] for row in range(3)] == [g[:4] for g in greedy]
+
+
+def test_top_k_one_is_greedy():
+    compiled = lcc.compile("tiny-qwen2")
+    assert compiled.generate(PROMPTS, max_new_tokens=6, do_sample=True, top_k=1, seed=0) == compiled.generate(PROMPTS, max_new_tokens=6)
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,message",
+    [
+        ([[1, 2], []], {}, "empty prompt"),
+        ([[1, 2, 300]], {}, "token id 300 is outside the vocabulary 0..255"),
+        ([list(range(200)) * 3], {}, "exceeds the program's maximum length 512"),
+        ([[1, 2]], {"temperature": 0.0, "do_sample": True}, "temperature > 0"),
+    ],
+)
+def test_bad_generation_input(prompts, kwargs, message):
+    compiled = lcc.compile("tiny-llama")
+    with pytest.raises(LccError, match=message):
+        compiled.generate(prompts, max_new_tokens=4, **kwargs)
+
+
+def test_non_causal_programs_refuse_a_cache():
+    class Bidirectional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 32)
+
+        def forward(self, input_ids):
+            x = self.embed(input_ids)[:, None]
+            return self.head(torch.nn.functional.scaled_dot_product_attention(x, x, x)[:, 0])
+
+    compiled = lcc.compile(Bidirectional(), max_len=16)
+    with pytest.raises(LccError, match="its attention is not causal"):
+        compiled.generate([[1, 2]], max_new_tokens=2)
