@@ -110,3 +110,55 @@ def test_non_causal_programs_refuse_a_cache():
     compiled = lcc.compile(Bidirectional(), max_len=16)
     with pytest.raises(LccError, match="its attention is not causal"):
         compiled.generate([[1, 2]], max_new_tokens=2)
+
+
+def lcc_cli(*args):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_cli_generate_with_the_saved_tokenizer(tmp_path):
+    """save_pretrained model + a tokenizer beside it → lcc convert → lcc generate --prompt, end to end."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from longctx_compile.presets import build_preset
+
+    words = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2, 256)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "hf"
+    build_preset("tiny-llama").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    out = tmp_path / "m.lcc"
+    assert lcc_cli("convert", str(folder), "-o", str(out))[0] == 0
+    rc, stdout, stderr = lcc_cli("generate", str(out), "--prompt", "w5 w7 w9", "-n", "8", "--json")
+    assert rc == 0, stderr
+    (row,) = json.loads(stdout)
+    expected = lcc.compile(str(folder)).generate([[5, 7, 9]], max_new_tokens=8)[0]
+    assert row["prompt_ids"] == [5, 7, 9] and row["new_ids"] == expected
+    assert row["text"].split() == [words[i] for i in expected]
+    rc, stdout, _ = lcc_cli("generate", str(out), "--prompt-ids", "5,7,9", "-n", "8")
+    assert rc == 0 and stdout.split() == [words[i] for i in expected]
+    for args, message in [
+        (["--prompt-ids", "1,2,999"], "outside the vocabulary"),
+        (["--prompt-ids", ""], "empty prompt"),
+        (["--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--prompt-ids", ",".join(["3"] * 510), "-n", "8"], "exceeds the program's maximum length"),
+    ]:
+        rc, _, stderr = lcc_cli("generate", str(out), *args)
+        assert rc == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+
+
+def test_cli_prompt_text_needs_a_tokenizer(tmp_path):
+    out = tmp_path / "m.lcc"
+    lcc.compile("tiny-llama").save(out)
+    rc, _, stderr = lcc_cli("generate", str(out), "--prompt", "hello")
+    assert rc == 2 and "no tokenizer" in stderr and len(stderr.strip().splitlines()) == 1
+    rc, stdout, _ = lcc_cli("generate", str(out), "--prompt-ids", "1,2,3", "-n", "5")
+    assert rc == 0 and stdout.strip() == ",".join(map(str, lcc.load(out).generate([[1, 2, 3]], max_new_tokens=5)[0]))

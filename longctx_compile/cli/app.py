@@ -21,7 +21,8 @@ app = typer.Typer(
     "  lcc convert tiny-llama --to dense -o tiny-llama.lcc\n\n"
     "  lcc inspect tiny-llama.lcc\n\n"
     "  lcc diff tiny-llama.lcc --from capture --to canonicalize --layer 0\n\n"
-    "  lcc verify tiny-llama.lcc",
+    "  lcc verify tiny-llama.lcc\n\n"
+    "  lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -169,6 +170,61 @@ def verify(
         _print_report(report)
     if report.exact and not report.passed:
         raise typer.Exit(1)
+
+
+def _ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise LccError(f"invalid {what} '{text}': expected comma-separated integers") from None
+
+
+@app.command()
+def generate(
+    path: Annotated[str, typer.Argument(help="artifact folder")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="prompt text (repeatable; needs the source's tokenizer)")] = None,
+    prompt_ids: Annotated[Optional[list[str]], typer.Option("--prompt-ids", help="prompt token ids, e.g. 1,2,3 (repeatable)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="tokens to generate per prompt")] = 32,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy")] = False,
+    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="0: off")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="1: off")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    stop_ids: Annotated[Optional[str], typer.Option("--stop-ids", help="ids that end a prompt's generation, e.g. 2,0")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Generate tokens from an artifact with its KV-cache programs (greedy unless --sample).
+
+    Example: lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16
+    """
+    from .. import api
+    from ..runtime.tokenizer import tokenizer_for
+
+    if bool(prompt) == bool(prompt_ids):
+        raise LccError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    model = api.load(path)
+    tokenizer = tokenizer_for(model.manifest)
+    if prompt and tokenizer is None:
+        raise LccError(f"no tokenizer for '{path}': its source has none saved; use --prompt-ids")
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompt] if prompt else [_ids(p, "--prompt-ids") for p in prompt_ids]
+    sampling = dict(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=_ids(stop_ids or "", "--stop-ids"))
+    live = len(prompts) == 1 and not as_json and out.is_terminal
+
+    def show(step: list) -> None:
+        if live and step[0] is not None:
+            out.print(tokenizer.decode([step[0]]) if tokenizer else f"{step[0]} ", end="", highlight=False)
+
+    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, **sampling)
+    if as_json:
+        out.print_json(
+            json.dumps([{"prompt_ids": p, "new_ids": t, "text": tokenizer.decode(t) if tokenizer else None} for p, t in zip(prompts, tokens, strict=True)])
+        )
+        return
+    if live:
+        out.print()
+        return
+    for t in tokens:
+        out.print(tokenizer.decode(t) if tokenizer else ",".join(map(str, t)), highlight=False)
 
 
 def _print_report(report) -> None:

@@ -108,7 +108,9 @@ def check_generatable(program: Program) -> None:
         if not node.args[7]:
             raise LccError(f"cannot build a KV cache for layer {site['layer']} ({site['module']}): its attention is not causal ({site['mask']})")
         if node.args[4] is not None:
-            raise LccError(f"cannot build a KV cache for layer {site['layer']} ({site['module']}): packed-document masks need each key's document; capture with attention_mask")
+            raise LccError(
+                f"cannot build a KV cache for layer {site['layer']} ({site['module']}): packed-document masks need each key's document; capture with attention_mask"
+            )
         if node.args[5] is not None:
             raise LccError(f"cannot build a KV cache for layer {site['layer']} ({site['module']}): an arbitrary mask tensor cannot be extended to cached keys")
 
@@ -148,7 +150,11 @@ def export_steps(program: Program) -> tuple[torch.export.ExportedProgram, torch.
     past_mask = torch.ones(2, example_past, dtype=torch.long) if cache.has_mask else None
     # decode feeds one token per step (its length is static: export would otherwise guard on T != 1)
     step = {name: t[:, :1] for name, t in inputs.items()}
-    dims = {"inputs": {name: {0: batch} for name in names}, "past_mask": {0: batch, 1: past} if cache.has_mask else None, "caches": [{0: batch, 2: past}] * len(caches)}
+    dims = {
+        "inputs": {name: {0: batch} for name in names},
+        "past_mask": {0: batch, 1: past} if cache.has_mask else None,
+        "caches": [{0: batch, 2: past}] * len(caches),
+    }
     decode = _export(CacheStep(program.ep, decode=True), (step, past_mask, caches), dims)
     return prefill, decode, cache
 

@@ -79,7 +79,9 @@ class Generator:
         given = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         return {name: given[name] for name in self.names}
 
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, pad_id: int = 0) -> Iterator[list[int | None]]:
+    def stream(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, pad_id: int = 0
+    ) -> Iterator[list[int | None]]:
         """Yield each step's new token per prompt (None once a prompt has stopped)."""
         sampling = sampling or Sampling()
         ids, mask = self._batch(prompts, max_new_tokens, pad_id)
