@@ -55,6 +55,22 @@ def _dot(a, b, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _key_range(KvRange, b, pid_m, first_q, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """[lo, hi) of the keys the query tile starting at key position first_q can see; lo on a tile boundary."""
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + S
+    if CAUSAL:
+        hi = tl.minimum(hi, first_q + BLOCK_M)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, first_q - window + 1)
+    if HAS_DOCS:
+        lo = tl.maximum(lo, tl.load(KvRange + (b * tl.num_programs(0) + pid_m) * 2))
+        hi = tl.minimum(hi, tl.load(KvRange + (b * tl.num_programs(0) + pid_m) * 2 + 1))
+    return lo // BLOCK_N * BLOCK_N, hi
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, qpos, qdoc, k_base, v_base, kpad_base, kdoc_base, m_base, start, stop, S, window, qk_scale,
     sk_s, sv_s, sm_s, offs_n, offs_d, offs_dv, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -123,16 +139,7 @@ def _fwd_kernel(
     # the key range these queries can see, then the interior that needs no element mask
     first_q = pid_m * BLOCK_M + shift
     last_q = first_q + BLOCK_M - 1
-    lo = 0
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, last_q + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(0, first_q - window + 1)
-    if HAS_DOCS:
-        lo = tl.maximum(lo, tl.load(KvRange + (b * tl.num_programs(0) + pid_m) * 2))
-        hi = tl.minimum(hi, tl.load(KvRange + (b * tl.num_programs(0) + pid_m) * 2 + 1))
-    lo = lo // BLOCK_N * BLOCK_N
+    lo, hi = _key_range(KvRange, b, pid_m, first_q, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS)
     if HAS_PAD or HAS_DOCS or MASK_KIND != 0:
         full_lo = hi
         full_hi = hi
@@ -317,16 +324,7 @@ def _bwd_dq_kernel(
         qdoc = tl.load(Docs + b * sd_b + qpos, mask=in_q, other=-2)
 
     first_q = pid_m * BLOCK_M + shift
-    lo = 0
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, first_q + BLOCK_M)
-    if HAS_WINDOW:
-        lo = tl.maximum(0, first_q - window + 1)
-    if HAS_DOCS:
-        lo = tl.maximum(lo, tl.load(KvRange + (b * tl.num_programs(0) + pid_m) * 2))
-        hi = tl.minimum(hi, tl.load(KvRange + (b * tl.num_programs(0) + pid_m) * 2 + 1))
-    lo = lo // BLOCK_N * BLOCK_N
+    lo, hi = _key_range(KvRange, b, pid_m, first_q, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
