@@ -48,11 +48,10 @@ class Compiled:
 
     def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); sampling keys as :class:`runtime.generate.Sampling`."""
-        from .runtime.generate import Generator, Sampling
+        from .runtime.generate import generate
 
         prefill, decode, _ = self.steps
-        generator = Generator(prefill.module(), decode.module(), self.program.signature, self.program.signature["vocab_size"])
-        return generator.generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream)
+        return generate(prefill.module(), decode.module(), self.program.signature, prompts, max_new_tokens, pad_id, stream, **sampling)
 
     def save(self, out: str | Path, force: bool = False, report: Any = None) -> Path:
         """Write the artifact folder (atomically; an existing folder only with ``force``)."""

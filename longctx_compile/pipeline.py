@@ -17,6 +17,7 @@ import torch
 
 from .errors import LccError
 from .inspect.snapshot import snapshot
+from .ops import ATTENTION_OPS
 
 
 class Stage(str, enum.Enum):
@@ -93,8 +94,7 @@ class Program:
 
     def attention_nodes(self) -> list[torch.fx.Node]:
         """The attention sites in graph order: canonical ``longctx::attention`` or a lowered variant."""
-        ops = (torch.ops.longctx.attention.default, torch.ops.longctx.flash_attention.default)
-        return [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target in ops]
+        return [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
 
     def sites(self) -> list[dict[str, Any]]:
         """The per-site facts of every canonical attention, in graph order."""

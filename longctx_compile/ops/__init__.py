@@ -1,6 +1,11 @@
 """The IR vocabulary: importing this registers every ``torch.ops.longctx`` op (needed before loading a .pt2)."""
 
+import torch
+
 from . import attention, flash  # noqa: F401  (registers longctx::attention, longctx::doc_ids, longctx::flash_attention)
 from .reference import attention_ref, doc_ids_from_positions
 
-__all__ = ["attention_ref", "doc_ids_from_positions"]
+# every op that is an attention site: the canonical one and what ``lower`` binds it to
+ATTENTION_OPS = (torch.ops.longctx.attention.default, torch.ops.longctx.flash_attention.default)
+
+__all__ = ["ATTENTION_OPS", "attention_ref", "doc_ids_from_positions"]

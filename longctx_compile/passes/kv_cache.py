@@ -22,9 +22,8 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import LccError
+from ..ops import ATTENTION_OPS
 from ..pipeline import Program
-
-ATTENTION_OPS = ("longctx::attention", "longctx::flash_attention")
 
 
 @dataclass
@@ -42,10 +41,6 @@ class CacheLayout:
         return asdict(self)
 
 
-def _is_attention(target: Any) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and target._schema.name in ATTENTION_OPS
-
-
 class _CacheInterpreter(torch.fx.Interpreter):
     """Runs the canonical graph, feeding each attention the cache and collecting its K and V."""
 
@@ -55,7 +50,7 @@ class _CacheInterpreter(torch.fx.Interpreter):
         self.collected: list[torch.Tensor] = []
 
     def call_function(self, target, args, kwargs):
-        if not _is_attention(target):
+        if target not in ATTENTION_OPS:
             return super().call_function(target, args, kwargs)
         q, k, v, key_padding = args[:4]
         if self.caches is not None:
@@ -78,7 +73,6 @@ class CacheStep(torch.nn.Module):
         self.specs = ep.graph_signature.input_specs
         self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
         self.tensors = torch.nn.ParameterDict()
-        self._buffers_by_target: dict[str, str] = {}
         for i, spec in enumerate(self.specs):
             if spec.kind == InputKind.PARAMETER:
                 self.tensors[f"p{i}"] = ep.state_dict[spec.target]
@@ -103,16 +97,15 @@ class CacheStep(torch.nn.Module):
 
 def check_generatable(program: Program) -> None:
     """Refuse programs whose attention cannot be continued token by token, saying why."""
-    for site in program.sites():
-        node = next(n for n in program.attention_nodes() if n.meta["lcc"] is not None and n.meta["lcc"]["site"] == site["site"])
+    for node in program.attention_nodes():
+        facts = node.meta["lcc"]
+        where = f"cannot build a KV cache for layer {facts['layer']} ({facts['module']})"
         if not node.args[7]:
-            raise LccError(f"cannot build a KV cache for layer {site['layer']} ({site['module']}): its attention is not causal ({site['mask']})")
+            raise LccError(f"{where}: its attention is not causal ({facts['mask']})")
         if node.args[4] is not None:
-            raise LccError(
-                f"cannot build a KV cache for layer {site['layer']} ({site['module']}): packed-document masks need each key's document; capture with attention_mask"
-            )
+            raise LccError(f"{where}: packed-document masks need each key's document; capture with attention_mask")
         if node.args[5] is not None:
-            raise LccError(f"cannot build a KV cache for layer {site['layer']} ({site['module']}): an arbitrary mask tensor cannot be extended to cached keys")
+            raise LccError(f"{where}: an arbitrary mask tensor cannot be extended to cached keys")
 
 
 def layout(program: Program) -> CacheLayout:

@@ -50,11 +50,11 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
 class Generator:
     """Runs prefill once, then decode one token at a time, keeping the caches between steps."""
 
-    def __init__(self, prefill: Callable, decode: Callable, signature: dict, vocab_size: int):
+    def __init__(self, prefill: Callable, decode: Callable, signature: dict):
         self.prefill, self.decode = prefill, decode
         self.names = signature["inputs"]
         self.max_len = int(signature["max_len"])
-        self.vocab_size = vocab_size
+        self.vocab_size = int(signature["vocab_size"])
 
     def _batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -119,3 +119,8 @@ class Generator:
                 if t is not None:
                     out[row].append(t)
         return out
+
+
+def generate(prefill: Callable, decode: Callable, signature: dict, prompts, max_new_tokens: int, pad_id: int, stream, **sampling) -> list[list[int]]:
+    """One generation call over a prefill/decode pair; ``sampling`` keys as :class:`Sampling`."""
+    return Generator(prefill, decode, signature).generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream)

@@ -64,7 +64,7 @@ class LoadedModel:
 
     def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); sampling keys as :class:`runtime.generate.Sampling`."""
-        from .generate import Generator, Sampling
+        from .generate import generate
 
         if self._steps is None:
             from .. import artifact
@@ -72,8 +72,7 @@ class LoadedModel:
             if "decode" not in self.manifest["programs"]:
                 raise LccError(f"artifact '{self.path}' has no decode program: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
             self._steps = tuple(artifact.read_program(self.path, self.manifest, name, self.device).module() for name in ("prefill", "decode"))
-        generator = Generator(*self._steps, self.signature, self.signature["vocab_size"])
-        return generator.generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream)
+        return generate(*self._steps, self.signature, prompts, max_new_tokens, pad_id, stream, **sampling)
 
     def __repr__(self) -> str:
         return f"LoadedModel({str(self.path)!r}, form={self.manifest['form']!r}, target={self.manifest['target']!r})"

@@ -75,8 +75,10 @@ def tune(target: Target, shape: Shape, key: str, bench: Bench, path: Path | None
     for kind in KINDS:
         fwd = best.get("fwd", fallback.fwd)
         times = {cfg: bench(kind, fwd, cfg) for cfg in candidates(kind, target, shape)[:TOP_CANDIDATES]}
-        best[kind] = min(times, key=times.get)
-        timings[kind] = times[best[kind]]
+        winner = min(times, key=times.get)
+        # if every candidate failed to launch, keep the heuristic rather than cache a failing config
+        best[kind] = winner if times[winner] != float("inf") else getattr(fallback, kind)
+        timings[kind] = times[winner]
     data = _read(path)
     data[key] = {"fwd": best["fwd"].as_list(), "bwd": best["bwd"].as_list(), "ms": timings}
     _write(path, data)
