@@ -23,8 +23,8 @@ from .errors import LccError
 FORMAT_VERSION = 1
 MANIFEST = "lcc.json"
 PROGRAM = "model.pt2"
-PREFILL = "prefill.pt2"
-DECODE = "decode.pt2"
+# the KV-cache step programs (``passes.kv_cache``); they take the weights of model.pt2 as an input
+STEP_FILES = {"prefill": "prefill.pt2", "decode": "decode.pt2", "static": "decode_static.pt2"}
 GRAPHS = "graphs.json"
 
 
@@ -89,11 +89,11 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
         (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
         manifest = manifest_of(compiled, report)
         try:
-            prefill, decode, layout = compiled.steps
-            torch.export.save(prefill, tmp / PREFILL)
-            torch.export.save(decode, tmp / DECODE)
-            manifest["programs"].update(prefill=PREFILL, decode=DECODE)
-            manifest["cache"] = layout.to_json()
+            steps = compiled.steps
+            for name in steps.PROGRAMS:
+                torch.export.save(getattr(steps, name), tmp / STEP_FILES[name])
+                manifest["programs"][name] = STEP_FILES[name]
+            manifest["cache"] = steps.layout.to_json()
         except LccError as e:
             manifest["cache"] = None
             manifest["cache_note"] = str(e)

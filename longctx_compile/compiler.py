@@ -40,18 +40,24 @@ class Compiled:
         return call_program(self.module, self.program.signature, input_ids, attention_mask, position_ids)
 
     @functools.cached_property
-    def steps(self) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, Any]:
+    def steps(self) -> Any:
         """The prefill and decode programs with explicit KV caches, and their cache layout (built once)."""
         from .passes.kv_cache import export_steps
 
         return export_steps(self.program)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, **sampling: Any) -> list[list[int]]:
-        """New tokens for each prompt (lists of ids); sampling keys as :class:`runtime.generate.Sampling`."""
+    @functools.cached_property
+    def _step_programs(self) -> dict[str, Any]:
+        from .passes.kv_cache import step_state
+        from .runtime.generate import bind
+
+        return bind({name: getattr(self.steps, name) for name in self.steps.PROGRAMS}, step_state(self.program.ep))
+
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "growing", **sampling: Any) -> list[list[int]]:
+        """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
         from .runtime.generate import generate
 
-        prefill, decode, _ = self.steps
-        return generate(prefill.module(), decode.module(), self.program.signature, prompts, max_new_tokens, pad_id, stream, **sampling)
+        return generate(self._step_programs, self.program.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)
 
     def save(self, out: str | Path, force: bool = False, report: Any = None) -> Path:
         """Write the artifact folder (atomically; an existing folder only with ``force``)."""

@@ -30,35 +30,55 @@ def hf_greedy(model, prompts, new):
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-gemma", "tiny-phi"])
 def test_greedy_tokens_equal_hf_generate(preset):
     compiled = lcc.compile(preset)
-    assert compiled.generate(PROMPTS, max_new_tokens=32) == hf_greedy(compiled.original, PROMPTS, 32)
+    expected = hf_greedy(compiled.original, PROMPTS, 32)
+    assert compiled.generate(PROMPTS, max_new_tokens=32) == expected
+    assert compiled.generate(PROMPTS, max_new_tokens=32, cache="static") == expected
 
 
 def test_artifact_generates_after_loading(tmp_path):
     compiled = lcc.compile("tiny-mistral")
     path = compiled.save(tmp_path / "m.lcc")
     loaded = lcc.load(path)
-    assert set(loaded.manifest["programs"]) == {"model", "prefill", "decode"}
+    assert set(loaded.manifest["programs"]) == {"model", "prefill", "decode", "static"}
     assert loaded.manifest["cache"]["kv_heads"] == [2, 2] and loaded.manifest["cache"]["head_dims"] == [16, 16]
-    assert loaded.generate(PROMPTS, max_new_tokens=12) == hf_greedy(compiled.original, PROMPTS, 12)
+    expected = hf_greedy(compiled.original, PROMPTS, 12)
+    assert loaded.generate(PROMPTS, max_new_tokens=12) == expected
+    assert loaded.generate(PROMPTS, max_new_tokens=12, cache="static") == expected
+    # the step programs take model.pt2's weights as an input instead of carrying copies
+    weights = loaded.manifest["parameters"]["bytes"]
+    assert (path / "model.pt2").stat().st_size > weights
+    for name in ("prefill.pt2", "decode.pt2", "decode_static.pt2"):
+        assert (path / name).stat().st_size < weights / 2
 
 
 def test_decode_logits_equal_full_recompute():
+    """Both cache modes, stepped by hand: every step's logits equal recomputing the whole sequence."""
     compiled = lcc.compile("tiny-llama")
-    prefill, decode, _ = (s.module() if hasattr(s, "module") else s for s in compiled.steps)
+    programs = compiled._step_programs
     ids, mask = left_padded(PROMPTS)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps, prompt = 6, ids.shape[1]
     with torch.no_grad():
-        logits, *caches = prefill({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
-        for _ in range(6):
+        logits, *caches = programs["prefill"]({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+        # empty slots hold garbage (finite: a masked key's probability is 0, and 0 * NaN would be NaN)
+        static = [torch.nn.functional.pad(c, (0, 0, 0, steps)).uniform_(-1e3, 1e3) for c in caches]
+        for c, full in zip(static, caches, strict=True):
+            c[:, :, :prompt] = full
+        past_static = torch.nn.functional.pad(mask, (0, steps))
+        for i in range(steps):
             token = logits[:, -1].argmax(-1, keepdim=True)
             ids, past = torch.cat([ids, token], 1), mask
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             positions = torch.cat([positions, positions[:, -1:] + 1], 1)
             step = {"input_ids": token, "attention_mask": torch.ones_like(token), "position_ids": positions[:, -1:]}
-            logits, *caches = decode(step, past, caches)
+            logits, *caches = programs["growing"](step, past, caches)
+            slots = torch.full((3,), prompt + i)
+            static_logits, *static = programs["static"](step, past_static, static, slots)
+            past_static[:, prompt + i] = 1
             full = compiled(ids, attention_mask=mask, position_ids=positions)
             torch.testing.assert_close(logits[:, -1], full[:, -1])
-            assert caches[0].shape[2] == ids.shape[1]
+            torch.testing.assert_close(static_logits[:, -1], full[:, -1])
+            assert caches[0].shape[2] == ids.shape[1] and static[0].shape[2] == prompt + steps
 
 
 def test_sampling_is_seeded_and_stop_ids_end_rows():
@@ -89,12 +109,14 @@ def test_top_k_one_is_greedy():
         ([[1, 2, 300]], {}, "token id 300 is outside the vocabulary 0..255"),
         ([list(range(200)) * 3], {}, "exceeds the program's maximum length 512"),
         ([[1, 2]], {"temperature": 0.0, "do_sample": True}, "temperature > 0"),
+        ([[1, 2]], {"cache": "paged"}, "unknown cache mode 'paged'"),
+        ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
     ],
 )
 def test_bad_generation_input(prompts, kwargs, message):
     compiled = lcc.compile("tiny-llama")
     with pytest.raises(LccError, match=message):
-        compiled.generate(prompts, max_new_tokens=4, **kwargs)
+        compiled.generate(prompts, **{"max_new_tokens": 4, **kwargs})
 
 
 def test_non_causal_programs_refuse_a_cache():
@@ -143,8 +165,9 @@ def test_cli_generate_with_the_saved_tokenizer(tmp_path):
     expected = lcc.compile(str(folder)).generate([[5, 7, 9]], max_new_tokens=8)[0]
     assert row["prompt_ids"] == [5, 7, 9] and row["new_ids"] == expected
     assert row["text"].split() == [words[i] for i in expected]
-    rc, stdout, _ = lcc_cli("generate", str(out), "--prompt-ids", "5,7,9", "-n", "8")
-    assert rc == 0 and stdout.split() == [words[i] for i in expected]
+    for cache in ("growing", "static"):
+        rc, stdout, _ = lcc_cli("generate", str(out), "--prompt-ids", "5,7,9", "-n", "8", "--cache", cache)
+        assert rc == 0 and stdout.split() == [words[i] for i in expected]
     for args, message in [
         (["--prompt-ids", "1,2,999"], "outside the vocabulary"),
         (["--prompt-ids", ""], "empty prompt"),

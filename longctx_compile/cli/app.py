@@ -191,6 +191,7 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p", help="1: off")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop_ids: Annotated[Optional[str], typer.Option("--stop-ids", help="ids that end a prompt's generation, e.g. 2,0")] = None,
+    cache: Annotated[str, typer.Option("--cache", help="growing (append per token) or static (allocated once, same shapes every step)")] = "growing",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Generate tokens from an artifact with its KV-cache programs (greedy unless --sample).
@@ -214,7 +215,7 @@ def generate(
         if live and step[0] is not None:
             out.print(tokenizer.decode([step[0]]) if tokenizer else f"{step[0]} ", end="", highlight=False)
 
-    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, **sampling)
+    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, cache=cache, **sampling)
     if as_json:
         out.print_json(
             json.dumps([{"prompt_ids": p, "new_ids": t, "text": tokenizer.decode(t) if tokenizer else None} for p, t in zip(prompts, tokens, strict=True)])

@@ -1,22 +1,26 @@
-"""``kv_cache``: turn a canonical program into a *prefill* and a *decode* program with explicit caches.
+"""``kv_cache``: turn a canonical program into *prefill* and *decode* programs with explicit caches.
 
-Cache layout (owned here; forms that change the cache replace :class:`CacheStep`'s two hooks):
-one (K, V) pair per attention site in graph order, each ``[batch, kv_heads, keys, head_dim]``, K after
-RoPE, GQA heads not repeated, key ``j`` of the cache being the ``j``-th token fed (left padding
-included). ``past_mask`` ``[batch, keys]`` marks real tokens (1) and padding (0).
+Cache layout (owned here; a form that changes the cache supplies its own ``extend`` hook, which
+rewrites each attention's K, V and masks): one (K, V) pair per attention site in graph order, each
+``[batch, kv_heads, keys, head_dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
+being the ``j``-th token fed (left padding included). ``past_mask`` ``[batch, keys]`` marks real
+tokens (1) and padding or empty slots (0). ``state`` is the model program's weights by name.
 
-- prefill(input_ids, attention_mask, position_ids) -> (logits, k_0, v_0, k_1, v_1, ...)
-- decode(input_ids, attention_mask, position_ids, past_mask, k_0, v_0, ...) -> (logits, k_0', v_0', ...), one new token
+- prefill(state, inputs) -> (logits, k_0, v_0, k_1, v_1, ...)
+- decode(state, inputs, past_mask, caches) -> (logits, k_0', ...): growing cache, one new token
+  appended; the canonical op's "queries are the last T of S keys" gives the causal and window offsets.
+- static(state, inputs, past_mask, caches, slots) -> (logits, k_0', ...): fixed-length cache, the
+  new token written at key ``slots[b]``; every step has the same shapes (what CUDA graphs need).
 
-where ``attention_mask`` covers the new tokens only and each ``k_i'`` is the cache with the new
-tokens appended. Each attention attends over cache + new tokens; the canonical op's convention
-(queries are the last T of S keys) gives the causal and window offsets.
+``inputs`` holds ``input_ids`` and, when captured, ``attention_mask`` and ``position_ids`` of the new
+tokens only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
@@ -42,57 +46,97 @@ class CacheLayout:
 
 
 class _CacheInterpreter(torch.fx.Interpreter):
-    """Runs the canonical graph, feeding each attention the cache and collecting its K and V."""
+    """Runs the canonical graph, letting ``extend`` rewrite each attention's K, V and masks and collecting K and V."""
 
-    def __init__(self, gm: torch.fx.GraphModule, caches: list[torch.Tensor] | None, past_mask: torch.Tensor | None):
+    def __init__(self, gm: torch.fx.GraphModule, extend: Callable[[int, tuple], tuple] | None):
         super().__init__(gm)
-        self.caches, self.past_mask = caches, past_mask
+        self.extend = extend
         self.collected: list[torch.Tensor] = []
 
     def call_function(self, target, args, kwargs):
         if target not in ATTENTION_OPS:
             return super().call_function(target, args, kwargs)
+        if self.extend is not None:
+            args = self.extend(len(self.collected) // 2, args)
+        self.collected += [args[1], args[2]]
+        return super().call_function(target, args, kwargs)
+
+
+def _grow(caches: list[torch.Tensor], past_mask: torch.Tensor | None) -> Callable[[int, tuple], tuple]:
+    """Growing cache: append the new tokens' K and V (and padding) after the cached ones."""
+
+    def extend(site: int, args: tuple) -> tuple:
         q, k, v, key_padding = args[:4]
-        if self.caches is not None:
-            site = len(self.collected) // 2
-            k = torch.cat([self.caches[2 * site], k], dim=2)
-            v = torch.cat([self.caches[2 * site + 1], v], dim=2)
-            if key_padding is not None:
-                key_padding = torch.cat([self.past_mask.to(key_padding.dtype), key_padding], dim=1)
-        self.collected += [k, v]
-        return super().call_function(target, (q, k, v, key_padding, *args[4:]), kwargs)
+        k = torch.cat([caches[2 * site], k], dim=2)
+        v = torch.cat([caches[2 * site + 1], v], dim=2)
+        if key_padding is not None:
+            key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
+        return (q, k, v, key_padding, *args[4:])
+
+    return extend
+
+
+def _write_slot(caches: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor) -> Callable[[int, tuple], tuple]:
+    """Static cache: write the new token's K and V into slot ``slots[b]`` of a fixed-length cache.
+
+    Keys past the slot are empty (``past_mask`` 0), so causality is a padding mask; a window becomes
+    "slot - key < window". The attention then runs unmasked by position (causal False, window 0).
+    """
+    keys = torch.arange(past_mask.shape[1], device=past_mask.device)
+
+    def extend(site: int, args: tuple) -> tuple:
+        q, k, v, key_padding, doc_ids, mask, scale, causal, window = args[:9]
+        B, H, _, _ = k.shape
+        k = caches[2 * site].scatter(2, slots.view(B, 1, 1, 1).expand(B, H, 1, k.shape[-1]), k)
+        v = caches[2 * site + 1].scatter(2, slots.view(B, 1, 1, 1).expand(B, H, 1, v.shape[-1]), v)
+        new = key_padding.to(torch.bool) if key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
+        visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
+        if window > 0:
+            visible = visible & (keys[None, :] > slots[:, None] - window)
+        return (q, k, v, visible, doc_ids, mask, scale, False, 0, *args[9:])
+
+    return extend
 
 
 class CacheStep(torch.nn.Module):
-    """The canonical program as a prefill (``decode=False``) or decode step with explicit caches."""
+    """The canonical program as a prefill, a growing-cache decode or a static-cache decode step.
 
-    def __init__(self, ep: torch.export.ExportedProgram, decode: bool):
+    Weights are an input (``state``, keyed as in the model program's state dict and constants), so
+    the step programs carry no copy of them: an artifact stores the weights once, in ``model.pt2``.
+    """
+
+    def __init__(self, ep: torch.export.ExportedProgram, mode: str):
         super().__init__()
         self.graph_module = ep.graph_module
-        self.decode = decode
+        self.mode = mode
         self.specs = ep.graph_signature.input_specs
         self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
-        self.tensors = torch.nn.ParameterDict()
-        for i, spec in enumerate(self.specs):
-            if spec.kind == InputKind.PARAMETER:
-                self.tensors[f"p{i}"] = ep.state_dict[spec.target]
-            elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-                value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
-                self.register_buffer(f"b{i}", value, persistent=False)
 
-    def forward(self, inputs: dict[str, torch.Tensor], past_mask: torch.Tensor | None = None, caches: list[torch.Tensor] | None = None):
-        flat = []
-        for i, spec in enumerate(self.specs):
-            if spec.kind == InputKind.PARAMETER:
-                flat.append(self.tensors[f"p{i}"])
-            elif spec.kind == InputKind.USER_INPUT:
-                flat.append(inputs[spec.arg.name])
-            else:
-                flat.append(getattr(self, f"b{i}"))
-        runner = _CacheInterpreter(self.graph_module, caches if self.decode else None, past_mask)
+    def forward(
+        self,
+        state: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor],
+        past_mask: torch.Tensor | None = None,
+        caches: list[torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
+    ):
+        flat = [inputs[spec.arg.name] if spec.kind == InputKind.USER_INPUT else state[spec.target] for spec in self.specs]
+        extend = {"prefill": None, "decode": lambda: _grow(caches, past_mask), "static": lambda: _write_slot(caches, past_mask, slots)}[self.mode]
+        runner = _CacheInterpreter(self.graph_module, extend() if extend else None)
         outputs = runner.run(*flat)
-        logits = outputs[self.user_outputs[0]]
-        return (logits, *runner.collected)
+        return (outputs[self.user_outputs[0]], *runner.collected)
+
+
+def step_state(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """The tensors the step programs take as ``state``: the model program's parameters, buffers and constants."""
+    state = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+            if not isinstance(value, torch.Tensor):
+                raise LccError(f"cannot build a KV cache: the program's constant '{spec.target}' is not a tensor")
+            state[spec.target] = value
+    return state
 
 
 def check_generatable(program: Program) -> None:
@@ -120,38 +164,72 @@ def layout(program: Program) -> CacheLayout:
     )
 
 
-def export_steps(program: Program) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, CacheLayout]:
-    """Export the prefill and decode programs of ``program`` (dynamic batch, new tokens and cached keys)."""
+@dataclass
+class Steps:
+    """The exported step programs of one model and their cache layout (weights come as ``state``)."""
+
+    prefill: torch.export.ExportedProgram
+    decode: torch.export.ExportedProgram
+    static: torch.export.ExportedProgram
+    layout: CacheLayout
+
+    PROGRAMS: ClassVar[tuple[str, ...]] = ("prefill", "decode", "static")
+
+
+def export_steps(program: Program) -> Steps:
+    """Export prefill, growing decode and static decode of ``program`` (dynamic batch, new tokens and cache length)."""
     from torch.export import Dim
 
     check_generatable(program)
     cache = layout(program)
     names = program.signature["inputs"]
     max_len = cache.max_len
-    batch, new, past = Dim("batch", max=1024), Dim("new", min=1, max=max_len), Dim("past", min=1, max=max_len - 1)
+    batch, new = Dim("batch", max=1024), Dim("new", min=1, max=max_len)
+    past, slots = Dim("past", min=1, max=max_len - 1), Dim("slots", min=2, max=max_len)
     example_new, example_past = min(3, max_len), min(5, max_len)
+    state = step_state(program.ep)
+    static_state = {name: None for name in state}
     inputs = {name: torch.ones(2, example_new, dtype=torch.long) for name in names}
     inputs["input_ids"] = torch.zeros(2, example_new, dtype=torch.long)
     if "position_ids" in names:
         inputs["position_ids"] = torch.arange(example_new).expand(2, example_new).clone()
     input_dims = {name: {0: batch, 1: new} for name in names}
-    prefill = _export(CacheStep(program.ep, decode=False), (inputs,), {"inputs": input_dims})
-    dtype = program.attention_nodes()[0].args[0].meta["val"].dtype
-    caches = []
-    for hkv, d, dv in zip(cache.kv_heads, cache.head_dims, cache.v_dims, strict=True):
-        caches += [torch.zeros(2, hkv, example_past, d, dtype=dtype), torch.zeros(2, hkv, example_past, dv, dtype=dtype)]
-    past_mask = torch.ones(2, example_past, dtype=torch.long) if cache.has_mask else None
+    prefill = _export(CacheStep(program.ep, "prefill"), (state, inputs), {"state": static_state, "inputs": input_dims})
+
+    def cache_examples(length: int) -> list[torch.Tensor]:
+        dtype = program.attention_nodes()[0].args[0].meta["val"].dtype
+        caches = []
+        for hkv, d, dv in zip(cache.kv_heads, cache.head_dims, cache.v_dims, strict=True):
+            caches += [torch.zeros(2, hkv, length, d, dtype=dtype), torch.zeros(2, hkv, length, dv, dtype=dtype)]
+        return caches
+
     # decode feeds one token per step (its length is static: export would otherwise guard on T != 1)
     step = {name: t[:, :1] for name, t in inputs.items()}
+    step_dims = {name: {0: batch} for name in names}
+    caches = cache_examples(example_past)
+    past_mask = torch.ones(2, example_past, dtype=torch.long) if cache.has_mask else None
     dims = {
-        "inputs": {name: {0: batch} for name in names},
+        "state": static_state,
+        "inputs": step_dims,
         "past_mask": {0: batch, 1: past} if cache.has_mask else None,
         "caches": [{0: batch, 2: past}] * len(caches),
     }
-    decode = _export(CacheStep(program.ep, decode=True), (step, past_mask, caches), dims)
-    return prefill, decode, cache
+    decode = _export(CacheStep(program.ep, "decode"), (state, step, past_mask, caches), dims)
+    length = min(example_past + 2, max_len)
+    static_args = (state, step, torch.ones(2, length, dtype=torch.long), cache_examples(length), torch.full((2,), length - 1))
+    static_dims = {
+        "state": static_state,
+        "inputs": step_dims,
+        "past_mask": {0: batch, 1: slots},
+        "caches": [{0: batch, 2: slots}] * len(caches),
+        "slots": {0: batch},
+    }
+    static = _export(CacheStep(program.ep, "static"), static_args, static_dims)
+    return Steps(prefill, decode, static, cache)
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: dict) -> torch.export.ExportedProgram:
     with torch.no_grad():
-        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    ep.example_inputs = None  # they hold the weights (``state``), which a saved program must not copy
+    return ep

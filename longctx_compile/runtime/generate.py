@@ -7,6 +7,7 @@ a row (its later steps yield nothing); ``stream`` receives each step's tokens as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -47,11 +48,18 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-class Generator:
-    """Runs prefill once, then decode one token at a time, keeping the caches between steps."""
+CACHE_MODES = ("growing", "static")
 
-    def __init__(self, prefill: Callable, decode: Callable, signature: dict):
-        self.prefill, self.decode = prefill, decode
+
+class Generator:
+    """Runs prefill once, then decode one token at a time, keeping the caches between steps.
+
+    ``cache="growing"`` appends each token to the caches; ``"static"`` allocates them once at prompt +
+    new tokens and writes each token into its slot, so every decode step has the same shapes.
+    """
+
+    def __init__(self, programs: dict[str, Callable], signature: dict):
+        self.programs = programs
         self.names = signature["inputs"]
         self.max_len = int(signature["max_len"])
         self.vocab_size = int(signature["vocab_size"])
@@ -59,6 +67,8 @@ class Generator:
     def _batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LccError("empty prompt: give at least one token per prompt")
+        if max_new_tokens < 1:
+            raise LccError("max_new_tokens must be at least 1")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_len:
             raise LccError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the program's maximum length {self.max_len}")
@@ -80,9 +90,18 @@ class Generator:
         return {name: given[name] for name in self.names}
 
     def stream(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, pad_id: int = 0
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        sampling: Sampling | None = None,
+        pad_id: int = 0,
+        cache: str = "growing",
     ) -> Iterator[list[int | None]]:
         """Yield each step's new token per prompt (None once a prompt has stopped)."""
+        if cache not in CACHE_MODES:
+            raise LccError(f"unknown cache mode '{cache}'; choose one of {', '.join(CACHE_MODES)}")
+        if cache not in self.programs:
+            raise LccError(f"this artifact has no {cache}-cache decode program; re-convert it with this lcc")
         sampling = sampling or Sampling()
         ids, mask = self._batch(prompts, max_new_tokens, pad_id)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -90,17 +109,45 @@ class Generator:
         done = torch.zeros(len(prompts), dtype=torch.bool)
         stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
         with torch.inference_mode():
-            logits, *caches = self.prefill(self._inputs(ids, mask, positions))
+            logits, *caches = self.programs["prefill"](self._inputs(ids, mask, positions))
+            decode = self._grow(mask, caches) if cache == "growing" else self._static(mask, caches, max_new_tokens)
             for step in range(max_new_tokens):
                 token = pick(logits[:, -1], sampling, generator)
                 yield [None if d else int(t) for t, d in zip(token, done, strict=True)]
                 done |= torch.isin(token, stops)
                 if bool(done.all()) or step == max_new_tokens - 1:
                     return
-                past, positions = mask, positions[:, -1:] + 1
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                step_inputs = self._inputs(token[:, None], torch.ones_like(token[:, None]), positions)
-                logits, *caches = self.decode(step_inputs, past if "attention_mask" in self.names else None, caches)
+                positions = positions[:, -1:] + 1
+                logits = decode(self._inputs(token[:, None], torch.ones_like(token[:, None]), positions))
+
+    def _grow(self, mask: torch.Tensor, caches: list[torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+        """A decode step over caches that grow by one key per step."""
+
+        def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            nonlocal mask, caches
+            past = mask if "attention_mask" in self.names else None
+            logits, *caches = self.programs["growing"](inputs, past, caches)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            return logits
+
+        return step
+
+    def _static(self, mask: torch.Tensor, caches: list[torch.Tensor], max_new_tokens: int) -> Callable[[dict], torch.Tensor]:
+        """A decode step over caches allocated once for the whole generation, written slot by slot."""
+        B, prompt = mask.shape
+        extra = max_new_tokens - 1  # the last new token is never fed back
+        caches = [torch.nn.functional.pad(c, (0, 0, 0, extra)) for c in caches]
+        mask = torch.nn.functional.pad(mask, (0, extra))
+        slots = torch.full((B,), prompt, dtype=torch.long, device=mask.device)
+
+        def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            nonlocal caches
+            logits, *caches = self.programs["static"](inputs, mask, caches, slots)
+            mask.scatter_(1, slots[:, None], 1)
+            slots.add_(1)
+            return logits
+
+        return step
 
     def generate(
         self,
@@ -109,10 +156,11 @@ class Generator:
         sampling: Sampling | None = None,
         pad_id: int = 0,
         stream: Callable[[list[int | None]], None] | None = None,
+        cache: str = "growing",
     ) -> list[list[int]]:
         """The new tokens of each prompt (a stop id, when hit, is the last)."""
         out: list[list[int]] = [[] for _ in prompts]
-        for tokens in self.stream(prompts, max_new_tokens, sampling, pad_id):
+        for tokens in self.stream(prompts, max_new_tokens, sampling, pad_id, cache):
             if stream is not None:
                 stream(tokens)
             for row, t in enumerate(tokens):
@@ -121,6 +169,12 @@ class Generator:
         return out
 
 
-def generate(prefill: Callable, decode: Callable, signature: dict, prompts, max_new_tokens: int, pad_id: int, stream, **sampling) -> list[list[int]]:
-    """One generation call over a prefill/decode pair; ``sampling`` keys as :class:`Sampling`."""
-    return Generator(prefill, decode, signature).generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream)
+def bind(steps: dict[str, torch.export.ExportedProgram], state: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """Runnable step programs with the weights bound: prefill, growing and static decode."""
+    names = {"prefill": "prefill", "decode": "growing", "static": "static"}
+    return {names[name]: functools.partial(ep.module(), state) for name, ep in steps.items()}
+
+
+def generate(programs: dict[str, Callable], signature: dict, prompts, max_new_tokens: int, pad_id: int, stream, cache: str, **sampling) -> list[list[int]]:
+    """One generation call over bound step programs; ``sampling`` keys as :class:`Sampling`."""
+    return Generator(programs, signature).generate(prompts, max_new_tokens, Sampling(**sampling), pad_id, stream, cache)

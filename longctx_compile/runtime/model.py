@@ -53,7 +53,7 @@ class LoadedModel:
     def __init__(self, path, manifest: dict[str, Any], ep: torch.export.ExportedProgram, device: str | torch.device | None = None):
         self.path = path
         self.device = device
-        self._steps: tuple | None = None
+        self._steps: dict | None = None
         self.manifest = manifest
         self.program = ep
         self.signature = manifest["signature"]
@@ -62,17 +62,21 @@ class LoadedModel:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return call_program(self.module, self.signature, input_ids, attention_mask, position_ids)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, **sampling: Any) -> list[list[int]]:
-        """New tokens for each prompt (lists of ids); sampling keys as :class:`runtime.generate.Sampling`."""
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "growing", **sampling: Any) -> list[list[int]]:
+        """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
         from .generate import generate
 
         if self._steps is None:
             from .. import artifact
+            from ..passes.kv_cache import Steps, step_state
+            from .generate import bind
 
             if "decode" not in self.manifest["programs"]:
                 raise LccError(f"artifact '{self.path}' has no decode program: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
-            self._steps = tuple(artifact.read_program(self.path, self.manifest, name, self.device).module() for name in ("prefill", "decode"))
-        return generate(*self._steps, self.signature, prompts, max_new_tokens, pad_id, stream, **sampling)
+            names = [name for name in Steps.PROGRAMS if name in self.manifest["programs"]]
+            steps = {name: artifact.read_program(self.path, self.manifest, name, self.device) for name in names}
+            self._steps = bind(steps, step_state(self.program))
+        return generate(self._steps, self.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)
 
     def __repr__(self) -> str:
         return f"LoadedModel({str(self.path)!r}, form={self.manifest['form']!r}, target={self.manifest['target']!r})"
