@@ -49,7 +49,7 @@ class Compiled:
     @functools.cached_property
     def _step_programs(self) -> dict[str, Any]:
         from .passes.kv_cache import step_state
-        from .runtime.generate import bind
+        from .runtime.steps import bind
 
         return bind({name: getattr(self.steps, name) for name in self.steps.PROGRAMS}, step_state(self.program.ep))
 

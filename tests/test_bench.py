@@ -24,3 +24,13 @@ def test_kernel_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mask"] for r in rows] == ["causal", "window 32"]
     assert all(r["max_abs_error"] < 5e-2 and all(t > 0 for t in r["ms"].values()) for r in rows)
+
+
+def test_generate_bench_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    bench = BENCH.parent / "generate.py"
+    result = subprocess.run([sys.executable, str(bench), "--smoke", "--repeats", "1", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["hf generate", "lcc growing", "lcc static"]
+    assert all(r["same_tokens"] and r["tokens_per_s"] > 0 for r in rows)

@@ -60,6 +60,8 @@ def test_decode_logits_equal_full_recompute():
     steps, prompt = 6, ids.shape[1]
     with torch.no_grad():
         logits, *caches = programs["prefill"]({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+        assert logits.shape[1] == 1  # prefill returns the last position's logits only
+        torch.testing.assert_close(logits[:, -1], compiled(ids, attention_mask=mask, position_ids=positions)[:, -1])
         # empty slots hold garbage (finite: a masked key's probability is 0, and 0 * NaN would be NaN)
         static = [torch.nn.functional.pad(c, (0, 0, 0, steps)).uniform_(-1e3, 1e3) for c in caches]
         for c, full in zip(static, caches, strict=True):
@@ -73,7 +75,9 @@ def test_decode_logits_equal_full_recompute():
             step = {"input_ids": token, "attention_mask": torch.ones_like(token), "position_ids": positions[:, -1:]}
             logits, *caches = programs["growing"](step, past, caches)
             slots = torch.full((3,), prompt + i)
+            pointers = [c.data_ptr() for c in static]
             static_logits, *static = programs["static"](step, past_static, static, slots)
+            assert [c.data_ptr() for c in static] == pointers  # the runtime writes the static cache in place
             past_static[:, prompt + i] = 1
             full = compiled(ids, attention_mask=mask, position_ids=positions)
             torch.testing.assert_close(logits[:, -1], full[:, -1])
@@ -185,3 +189,13 @@ def test_cli_prompt_text_needs_a_tokenizer(tmp_path):
     assert rc == 2 and "no tokenizer" in stderr and len(stderr.strip().splitlines()) == 1
     rc, stdout, _ = lcc_cli("generate", str(out), "--prompt-ids", "1,2,3", "-n", "5")
     assert rc == 0 and stdout.strip() == ",".join(map(str, lcc.load(out).generate([[1, 2, 3]], max_new_tokens=5)[0]))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-phi"])
+def test_prefill_runs_the_lm_head_on_the_last_position_only(preset):
+    """The slice goes before the LM head's linear, so a long prompt never materialises [B, T, vocab]."""
+    from longctx_compile.passes.graph import is_call
+
+    graph = lcc.compile(preset).steps.prefill.graph_module.graph
+    head = [n for n in graph.nodes if is_call(n, torch.ops.aten.linear)][-1]
+    assert is_call(head.args[0], torch.ops.aten.slice) and head.args[0].args[1:3] == (1, -1)

@@ -99,3 +99,33 @@ def test_opcheck():
     q, k, v = torch.randn(2, 4, 7, 16, requires_grad=True), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     pad = torch.ones(2, 7, dtype=torch.long)
     torch.library.opcheck(op.default, (q, k, v, pad, None, None, 0.25, True, 3))
+
+
+@pytest.mark.parametrize("padding", ["none", "leading", "trailing", "empty row", "all ones"])
+@pytest.mark.parametrize("window", [0, 25, 6])
+def test_one_query_paths_match_reference(padding, window):
+    """Decode shapes (T = 1) take SDPA shortcuts: no mask, trimmed empty trailing slots, dead rows."""
+    S = 20
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, S, 8) * 5, torch.randn(3, 2, S, 8) * 5
+    pad = torch.ones(3, S, dtype=torch.long)
+    if padding == "leading":
+        pad[1, :7] = 0
+    elif padding == "trailing":  # a static cache: slots after the newest token are empty
+        pad[:, 14:] = 0
+        pad[2, :3] = 0
+    elif padding == "empty row":
+        pad[:, 14:] = 0
+        pad[0] = 0
+    use = None if padding == "none" else pad
+    out = op(q, k, v, use, None, None, 0.4, True, window)
+    torch.testing.assert_close(out, attention_ref(q, k, v, use, None, None, 0.4, True, window)[0])
+
+
+def test_op_query_blocks_match_one_block(monkeypatch):
+    from longctx_compile.ops import attention
+
+    q, k, v = torch.randn(2, 2, 13, 8), torch.randn(2, 1, 13, 8), torch.randn(2, 1, 13, 8)
+    pad = torch.ones(2, 13, dtype=torch.long)
+    pad[0, :5] = 0
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
+    torch.testing.assert_close(op(q, k, v, pad, None, None, 0.3, True, 5), attention_ref(q, k, v, pad, None, None, 0.3, True, 5)[0])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+import functools
 
-from .reference import attention_ref, doc_ids_from_positions
+import torch
+import torch.nn.functional as F
+
+from .reference import QUERY_BLOCK, _mask_block, allowed_mask, attention_ref, doc_ids_from_positions
 
 
 @torch.library.custom_op("longctx::attention", mutates_args=())
@@ -24,10 +27,57 @@ def attention(
     The output is [B, Hq, T, Dv] laid out as [B, T, Hq, Dv] in memory, like SDPA's, so the
     ``transpose(1, 2).view(B, T, -1)`` that models apply after SDPA stays valid.
     """
-    out, _ = attention_ref(q, k, v, key_padding, doc_ids, mask, scale, causal, window)
+    return sdpa_layout_forward(q, k, v, key_padding, doc_ids, mask, scale, causal, window)
+
+
+def sdpa_layout_forward(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool, window: int) -> torch.Tensor:
+    """:func:`sdpa_forward` in the op's output layout: the op's forward as a plain function."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(out)
+    result.copy_(sdpa_forward(q, k, v, key_padding, doc_ids, mask, scale, causal, window))
     return result
+
+
+def sdpa_forward(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool, window: int) -> torch.Tensor:
+    """The op's forward through PyTorch SDPA (GQA native), a block of queries at a time.
+
+    Faster than the reference's explicit softmax, which stays the definition and the backward.
+    Masks are built per block of ``QUERY_BLOCK`` queries, so memory stays O(block * S); a query that
+    may see no key gets 0, as the reference defines.
+    """
+    B, Hq, T, _ = q.shape
+    S = k.shape[2]
+    sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale, enable_gqa=Hq != k.shape[1])
+    if key_padding is not None and bool(key_padding.all()):
+        key_padding = None  # no padding at all: let SDPA skip the mask (and use its causal kernel)
+    if doc_ids is None and mask is None and key_padding is None and causal and T == S and not window:
+        return sdpa(q, k, v, is_causal=True)
+    if doc_ids is None and mask is None and T == 1 and (window <= 0 or window >= S):
+        # one query, the last key position: causality and the window exclude nothing, only padding can
+        if key_padding is None:
+            return sdpa(q, k, v)
+        seen = key_padding.any(0)
+        if not bool(seen[-1]):  # empty trailing slots (a static cache): attend over the filled prefix only
+            filled = int(seen.cumsum(0).argmax()) + 1
+            k, v, key_padding = k[:, :, :filled], v[:, :, :filled], key_padding[:, :filled]
+            if bool(key_padding.all()):
+                return sdpa(q, k, v)
+        keep = (key_padding != 0)[:, None, None, :]
+        return torch.where(keep.any(-1, keepdim=True), sdpa(q, k, v, attn_mask=keep), 0.0)
+    outs = []
+    for start in range(0, T, QUERY_BLOCK):
+        stop = min(T, start + QUERY_BLOCK)
+        ok = allowed_mask(T, S, causal=causal, window=window, key_padding=key_padding, doc_ids=doc_ids, q_start=start, q_stop=stop, device=q.device)
+        bias = None
+        if mask is not None:
+            block = _mask_block(mask, B, Hq, T, S, start, stop)
+            if block.dtype == torch.bool:
+                ok = ok & block
+            else:
+                bias, ok = block.to(q.dtype), ok & (block != float("-inf"))
+        attn_mask = ok if bias is None else bias.masked_fill(~ok, float("-inf"))
+        out = sdpa(q[:, :, start:stop], k, v, attn_mask=attn_mask)
+        outs.append(torch.where(ok.any(-1, keepdim=True), out, 0.0))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def empty_sdpa_layout(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -68,11 +68,13 @@ def attention_ref(
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qg = q.float().reshape(B, Hkv, G, T, D)
-    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    # the G query heads of a KV head share one [G * rows, S] product, so K and V are never broadcast
+    kt, vf = k.float().transpose(-1, -2), v.float()
     outs, lses = [], []
     for start in range(0, T, QUERY_BLOCK):
         stop = min(T, start + QUERY_BLOCK)
-        scores = torch.matmul(qg[:, :, :, start:stop], kf.transpose(-1, -2)) * scale
+        rows = qg[:, :, :, start:stop].reshape(B, Hkv, G * (stop - start), D)
+        scores = torch.matmul(rows, kt).view(B, Hkv, G, stop - start, S) * scale
         ok = allowed_mask(T, S, causal=causal, window=window, key_padding=key_padding, doc_ids=doc_ids, q_start=start, q_stop=stop, device=q.device)[:, :, None]
         if mask is not None:
             block = _mask_block(mask, B, Hq, T, S, start, stop).reshape(-1, Hkv, G, stop - start, S)
@@ -86,7 +88,7 @@ def attention_ref(
         dead = ~ok.any(dim=-1)
         lse = torch.logsumexp(scores.masked_fill(dead[..., None], 0.0), dim=-1).masked_fill(dead, float("-inf"))
         probs = torch.exp(scores - lse.masked_fill(dead, 0.0)[..., None])
-        outs.append(torch.matmul(probs, vf))
+        outs.append(torch.matmul(probs.view(B, Hkv, G * (stop - start), S), vf).view(B, Hkv, G, stop - start, -1))
         lses.append(lse)
     out = torch.cat(outs, dim=3).reshape(B, Hq, T, v.shape[-1])
     return out.to(q.dtype), torch.cat(lses, dim=3).reshape(B, Hq, T)

@@ -6,7 +6,7 @@ rewrites each attention's K, V and masks): one (K, V) pair per attention site in
 being the ``j``-th token fed (left padding included). ``past_mask`` ``[batch, keys]`` marks real
 tokens (1) and padding or empty slots (0). ``state`` is the model program's weights by name.
 
-- prefill(state, inputs) -> (logits, k_0, v_0, k_1, v_1, ...)
+- prefill(state, inputs) -> (logits, k_0, v_0, k_1, v_1, ...), logits of the last position only
 - decode(state, inputs, past_mask, caches) -> (logits, k_0', ...): growing cache, one new token
   appended; the canonical op's "queries are the last T of S keys" gives the causal and window offsets.
 - static(state, inputs, past_mask, caches, slots) -> (logits, k_0', ...): fixed-length cache, the
@@ -28,6 +28,9 @@ from torch.export.graph_signature import InputKind, OutputKind
 from ..errors import LccError
 from ..ops import ATTENTION_OPS
 from ..pipeline import Program
+from .graph import ASSERTS, CASTS, CLONES, aten, is_call, val
+
+_END = 2**63 - 1  # slice end meaning "to the last position"
 
 
 @dataclass
@@ -98,6 +101,33 @@ def _write_slot(caches: list[torch.Tensor], past_mask: torch.Tensor, slots: torc
     return extend
 
 
+# ops that map each position on its own and read no other tensor: a last-position slice can move past them
+_POSITIONWISE = (*CASTS, *CLONES, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.tanh.default)
+
+
+def last_position_logits(gm: torch.fx.GraphModule, index: int) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose output ``index`` (the logits) keeps only the last position (and no asserts).
+
+    When the logits come from a ``linear`` through position-wise ops only, the slice goes before the
+    linear, so the LM head runs on one position, not all T (at 100K tokens and a 128K vocabulary full
+    logits would be 51 GB in fp32); otherwise the logits are sliced after the fact.
+    """
+    graph = torch.fx.Graph()
+    outputs = graph.graph_copy(gm.graph, {})
+    out = graph.output(outputs)
+    for node in [n for n in graph.nodes if is_call(n, *ASSERTS)]:
+        graph.erase_node(node)  # dtype/device checks from capture: per-step overhead, nothing to guard here
+    node = outputs[index]
+    while is_call(node, *_POSITIONWISE) and len(node.users) == 1 and not any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
+        node = node.args[0]
+    head = is_call(node, aten.linear) and len(node.users) == 1 and getattr(val(node.args[0]), "ndim", 0) == 3
+    target = node.args[0] if head else outputs[index]
+    with graph.inserting_before(node if head else out):
+        last = graph.call_function(aten.slice.Tensor, (target, 1, -1, _END))
+    (node if head else out).replace_input_with(target, last)
+    return torch.fx.GraphModule(gm, graph)
+
+
 class CacheStep(torch.nn.Module):
     """The canonical program as a prefill, a growing-cache decode or a static-cache decode step.
 
@@ -107,10 +137,10 @@ class CacheStep(torch.nn.Module):
 
     def __init__(self, ep: torch.export.ExportedProgram, mode: str):
         super().__init__()
-        self.graph_module = ep.graph_module
+        self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
+        self.graph_module = last_position_logits(ep.graph_module, self.user_outputs[0])
         self.mode = mode
         self.specs = ep.graph_signature.input_specs
-        self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
 
     def forward(
         self,

@@ -7,7 +7,6 @@ a row (its later steps yield nothing); ``stream`` receives each step's tokens as
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -167,12 +166,6 @@ class Generator:
                 if t is not None:
                     out[row].append(t)
         return out
-
-
-def bind(steps: dict[str, torch.export.ExportedProgram], state: dict[str, torch.Tensor]) -> dict[str, Callable]:
-    """Runnable step programs with the weights bound: prefill, growing and static decode."""
-    names = {"prefill": "prefill", "decode": "growing", "static": "static"}
-    return {names[name]: functools.partial(ep.module(), state) for name, ep in steps.items()}
 
 
 def generate(programs: dict[str, Callable], signature: dict, prompts, max_new_tokens: int, pad_id: int, stream, cache: str, **sampling) -> list[list[int]]:

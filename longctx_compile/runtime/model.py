@@ -69,7 +69,7 @@ class LoadedModel:
         if self._steps is None:
             from .. import artifact
             from ..passes.kv_cache import Steps, step_state
-            from .generate import bind
+            from .steps import bind
 
             if "decode" not in self.manifest["programs"]:
                 raise LccError(f"artifact '{self.path}' has no decode program: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
