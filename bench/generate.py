@@ -97,7 +97,7 @@ def main() -> None:
 
     sizes = SMOKE if args.smoke else FULL
     max_len = args.prompt + args.new
-    console = Console()
+    console = Console(width=110)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("building and compiling", total=None)
         model = build(sizes, max_len)

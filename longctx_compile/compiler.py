@@ -53,7 +53,7 @@ class Compiled:
 
         return bind({name: getattr(self.steps, name) for name in self.steps.PROGRAMS}, step_state(self.program.ep))
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "growing", **sampling: Any) -> list[list[int]]:
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
         from .runtime.generate import generate
 

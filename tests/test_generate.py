@@ -32,7 +32,7 @@ def test_greedy_tokens_equal_hf_generate(preset):
     compiled = lcc.compile(preset)
     expected = hf_greedy(compiled.original, PROMPTS, 32)
     assert compiled.generate(PROMPTS, max_new_tokens=32) == expected
-    assert compiled.generate(PROMPTS, max_new_tokens=32, cache="static") == expected
+    assert compiled.generate(PROMPTS, max_new_tokens=32, cache="growing") == expected
 
 
 def test_artifact_generates_after_loading(tmp_path):
@@ -43,7 +43,7 @@ def test_artifact_generates_after_loading(tmp_path):
     assert loaded.manifest["cache"]["kv_heads"] == [2, 2] and loaded.manifest["cache"]["head_dims"] == [16, 16]
     expected = hf_greedy(compiled.original, PROMPTS, 12)
     assert loaded.generate(PROMPTS, max_new_tokens=12) == expected
-    assert loaded.generate(PROMPTS, max_new_tokens=12, cache="static") == expected
+    assert loaded.generate(PROMPTS, max_new_tokens=12, cache="growing") == expected
     # the step programs take model.pt2's weights as an input instead of carrying copies
     weights = loaded.manifest["parameters"]["bytes"]
     assert (path / "model.pt2").stat().st_size > weights

@@ -191,7 +191,7 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p", help="1: off")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop_ids: Annotated[Optional[str], typer.Option("--stop-ids", help="ids that end a prompt's generation, e.g. 2,0")] = None,
-    cache: Annotated[str, typer.Option("--cache", help="growing (append per token) or static (allocated once, same shapes every step)")] = "growing",
+    cache: Annotated[str, typer.Option("--cache", help="static (allocated once, written in place) or growing (appended per token)")] = "static",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Generate tokens from an artifact with its KV-cache programs (greedy unless --sample).

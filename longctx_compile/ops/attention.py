@@ -55,12 +55,6 @@ def sdpa_forward(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool
         # one query, the last key position: causality and the window exclude nothing, only padding can
         if key_padding is None:
             return sdpa(q, k, v)
-        seen = key_padding.any(0)
-        if not bool(seen[-1]):  # empty trailing slots (a static cache): attend over the filled prefix only
-            filled = int(seen.cumsum(0).argmax()) + 1
-            k, v, key_padding = k[:, :, :filled], v[:, :, :filled], key_padding[:, :filled]
-            if bool(key_padding.all()):
-                return sdpa(q, k, v)
         keep = (key_padding != 0)[:, None, None, :]
         return torch.where(keep.any(-1, keepdim=True), sdpa(q, k, v, attn_mask=keep), 0.0)
     outs = []

@@ -47,14 +47,14 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-CACHE_MODES = ("growing", "static")
+CACHE_MODES = ("static", "growing")
 
 
 class Generator:
     """Runs prefill once, then decode one token at a time, keeping the caches between steps.
 
-    ``cache="growing"`` appends each token to the caches; ``"static"`` allocates them once at prompt +
-    new tokens and writes each token into its slot, so every decode step has the same shapes.
+    ``cache="growing"`` appends each token to the caches (a copy per step); ``"static"`` allocates
+    them once at prompt + new tokens and writes each token into its slot.
     """
 
     def __init__(self, programs: dict[str, Callable], signature: dict):
@@ -94,7 +94,7 @@ class Generator:
         max_new_tokens: int = 32,
         sampling: Sampling | None = None,
         pad_id: int = 0,
-        cache: str = "growing",
+        cache: str = "static",
     ) -> Iterator[list[int | None]]:
         """Yield each step's new token per prompt (None once a prompt has stopped)."""
         if cache not in CACHE_MODES:
@@ -132,18 +132,23 @@ class Generator:
         return step
 
     def _static(self, mask: torch.Tensor, caches: list[torch.Tensor], max_new_tokens: int) -> Callable[[dict], torch.Tensor]:
-        """A decode step over caches allocated once for the whole generation, written slot by slot."""
+        """A decode step over caches allocated once for the whole generation and written slot by slot.
+
+        Each step passes views of the filled prefix (the new token's slot included), so attention
+        reads only written keys and, with the in-place rewrite of ``runtime.steps``, no step copies a cache.
+        """
         B, prompt = mask.shape
         extra = max_new_tokens - 1  # the last new token is never fed back
         caches = [torch.nn.functional.pad(c, (0, 0, 0, extra)) for c in caches]
         mask = torch.nn.functional.pad(mask, (0, extra))
-        slots = torch.full((B,), prompt, dtype=torch.long, device=mask.device)
+        slot = prompt
 
         def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            nonlocal caches
-            logits, *caches = self.programs["static"](inputs, mask, caches, slots)
-            mask.scatter_(1, slots[:, None], 1)
-            slots.add_(1)
+            nonlocal slot
+            slots = torch.full((B,), slot, dtype=torch.long, device=mask.device)
+            logits, *_ = self.programs["static"](inputs, mask[:, : slot + 1], [c[:, :, : slot + 1] for c in caches], slots)
+            mask[:, slot] = 1
+            slot += 1
             return logits
 
         return step
@@ -155,7 +160,7 @@ class Generator:
         sampling: Sampling | None = None,
         pad_id: int = 0,
         stream: Callable[[list[int | None]], None] | None = None,
-        cache: str = "growing",
+        cache: str = "static",
     ) -> list[list[int]]:
         """The new tokens of each prompt (a stop id, when hit, is the last)."""
         out: list[list[int]] = [[] for _ in prompts]

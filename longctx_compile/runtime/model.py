@@ -62,7 +62,7 @@ class LoadedModel:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return call_program(self.module, self.signature, input_ids, attention_mask, position_ids)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "growing", **sampling: Any) -> list[list[int]]:
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
         from .generate import generate
 
