@@ -63,6 +63,7 @@ def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any
         "target": program.target,
         "signature": program.signature,
         "parameters": parameter_stats(program.ep),
+        "tied": tied_parameters(program.ep),
         "sites": program.sites(),
         "history": [dataclasses.asdict(r) for r in program.history],
         "stages": list(program.snapshots),
@@ -71,8 +72,16 @@ def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any
     }
 
 
+def tied_parameters(ep: torch.export.ExportedProgram) -> list[list[str]]:
+    """Groups of state-dict names that are one tensor (tied embeddings): saving unties them, loading re-ties."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in ep.state_dict.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def parameter_stats(ep: torch.export.ExportedProgram) -> dict[str, int]:
-    tensors = list(ep.state_dict.values())
+    tensors = list({id(t): t for t in ep.state_dict.values()}.values())  # tied weights once
     return {"count": sum(t.numel() for t in tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors)}
 
 

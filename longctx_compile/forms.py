@@ -21,9 +21,16 @@ class FormSpec:
     exact: bool = True  # whether the form (as configured) must equal the dense model
 
 
-FORMS: dict[str, FormSpec] = {
-    "dense": FormSpec("dense", DenseConfig, [], "canonicalize and lower only: the proof that capture is lossless"),
-}
+def _forms() -> dict[str, FormSpec]:
+    from .passes.ulysses import UlyssesConfig
+
+    return {
+        "dense": FormSpec("dense", DenseConfig, [], "canonicalize and lower only: the proof that capture is lossless"),
+        "ulysses": FormSpec("ulysses", UlyssesConfig, ["ulysses"], "per-rank Ulysses sequence parallelism: all-to-all heads ↔ sequence around attention"),
+    }
+
+
+FORMS: dict[str, FormSpec] = _forms()
 
 
 def get_form(name: str) -> FormSpec:

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import attention, flash  # noqa: F401  (registers longctx::attention, longctx::doc_ids, longctx::flash_attention)
+from . import attention, collectives, flash  # noqa: F401  (registers every longctx op)
 from .reference import attention_ref, doc_ids_from_positions
 
 # every op that is an attention site: the canonical one and what ``lower`` binds it to

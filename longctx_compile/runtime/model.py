@@ -47,6 +47,15 @@ def default_positions(attention_mask: torch.Tensor | None, B: int, T: int, devic
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def retie(module: torch.nn.Module, groups: list[list[str]]) -> None:
+    """Make each group of tied parameters one Parameter again, so training updates them together."""
+    for first, *others in groups:
+        shared = module.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, shared)
+
+
 class LoadedModel:
     """A loaded artifact: call it like a causal LM (input_ids[, attention_mask][, position_ids]) -> logits."""
 
@@ -58,6 +67,7 @@ class LoadedModel:
         self.program = ep
         self.signature = manifest["signature"]
         self.module = ep.module()
+        retie(self.module, manifest.get("tied", []))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return call_program(self.module, self.signature, input_ids, attention_mask, position_ids)

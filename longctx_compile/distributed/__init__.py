@@ -1,0 +1,121 @@
+"""Sequence-parallel runtime: the process group the ``longctx`` collectives use, and sharding helpers.
+
+A sharded artifact's program is the per-rank program: it takes this rank's contiguous slice of the
+sequence. Its collectives run on the group set here (default: the whole world), so the same
+artifact runs inside any data-parallel layout the user builds around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..errors import LccError
+
+_GROUP: dist.ProcessGroup | None = None
+
+
+def set_group(group: dist.ProcessGroup | None) -> None:
+    """Use ``group`` for sequence parallelism (None: the default, whole-world group)."""
+    global _GROUP
+    _GROUP = group
+
+
+def group() -> dist.ProcessGroup:
+    """The sequence-parallel group; one clear error when torch.distributed is not initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise LccError("this program is sequence-parallel: start it on P ranks (torchrun, or lcc verify) and init torch.distributed first")
+    return _GROUP if _GROUP is not None else dist.group.WORLD
+
+
+def degree() -> int:
+    return dist.get_world_size(group())
+
+
+def rank() -> int:
+    return dist.get_rank(group())
+
+
+def check_degree(expected: int) -> None:
+    """Refuse a group whose size differs from the degree the program was converted for."""
+    size = degree()
+    if size != expected:
+        raise LccError(f"this program was converted for sequence-parallel degree {expected}, but the group has {size} ranks")
+
+
+def shard(x: torch.Tensor, degree: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s contiguous slice of ``x`` along ``dim`` (the length must divide by ``degree``)."""
+    length = x.shape[dim]
+    if length % degree:
+        raise LccError(f"sequence length {length} is not divisible by the sequence-parallel degree {degree}")
+    return x.narrow(dim, rank * (length // degree), length // degree)
+
+
+def gather(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's slice along ``dim`` (no gradient; for outputs and checks)."""
+    parts = [torch.empty_like(x) for _ in range(degree())]
+    dist.all_gather(parts, x.contiguous(), group=group())
+    return torch.cat(parts, dim=dim)
+
+
+IGNORE = -100  # label of a position without a target (Hugging Face's convention)
+
+
+def shard_batch(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    degree: int,
+    rank: int,
+) -> dict[str, torch.Tensor]:
+    """This rank's slice of a batch, with global position ids and labels shifted *before* slicing.
+
+    ``labels`` are the unshifted targets (usually ``input_ids``); shifting after slicing would lose the
+    target of each shard's last token, which lives on the next rank.
+    """
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = {"input_ids": input_ids, "position_ids": position_ids}
+    if attention_mask is not None:
+        out["attention_mask"] = attention_mask
+    if labels is not None:
+        shifted = torch.full_like(labels, IGNORE)
+        shifted[:, :-1] = labels[:, 1:]
+        if attention_mask is not None:
+            shifted[:, :-1] = shifted[:, :-1].masked_fill(attention_mask[:, 1:] == 0, IGNORE)
+        out["shift_labels"] = shifted
+    return {name: shard(t, degree, rank) for name, t in out.items()}
+
+
+def token_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the global mean cross-entropy: its summed loss over *all* ranks' valid tokens.
+
+    Summing this over ranks gives the token-weighted global mean, and each rank's backward gives its
+    share of the gradient, so :func:`reduce_gradients` sums. A rank with no valid token contributes 0
+    (not NaN), and the divisor is taken without a gradient.
+    """
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    count = (shift_labels != IGNORE).sum()
+    dist.all_reduce(count, group=group())
+    return total / count.clamp(min=1)
+
+
+def reduce_gradients(module: torch.nn.Module) -> None:
+    """Sum parameter gradients over the sequence-parallel group (each rank holds a share of the same tokens).
+
+    Data-parallel replicas, if any, are averaged by the user's usual DP reduction after this.
+    """
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group())
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the group (a copy; no gradient): for reporting the global loss."""
+    x = x.detach().clone()
+    dist.all_reduce(x, group=group())
+    return x

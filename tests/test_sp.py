@@ -1,0 +1,141 @@
+"""Ulysses sequence parallelism on local gloo ranks: logits, loss and gradients equal the single-process model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import longctx_compile as lcc
+from longctx_compile.distributed import IGNORE
+from longctx_compile.distributed.ranks import train_step
+from longctx_compile.errors import LccError
+
+A2A = torch.ops.longctx.seq_all_to_all.default
+GATHER = torch.ops.longctx.seq_all_gather.default
+
+
+def single_process(model, ids, attention_mask=None, position_ids=None, prefix=""):
+    """The reference: the original Hugging Face model (or a dense program), its loss over the same shifted labels, its gradients."""
+    model.zero_grad()
+    logits = model(ids, attention_mask=attention_mask, position_ids=position_ids)
+    logits = getattr(logits, "logits", logits)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = ids[:, 1:]
+    if attention_mask is not None:
+        labels[:, :-1] = labels[:, :-1].masked_fill(attention_mask[:, 1:] == 0, IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    loss.backward()
+    return logits.detach(), loss.detach(), {name.removeprefix(prefix): p.grad for name, p in model.named_parameters()}
+
+
+def check_equal(result, logits, loss, grads, valid=None):
+    got = result["logits"] if valid is None else result["logits"][valid]
+    torch.testing.assert_close(got, logits if valid is None else logits[valid])
+    torch.testing.assert_close(result["loss"], loss)
+    assert len(result["grads"]) == len(grads)
+    for name, grad in result["grads"].items():
+        torch.testing.assert_close(grad, grads[name.removeprefix("model.")], msg=name)
+
+
+@pytest.mark.parametrize(
+    "preset,degree",
+    [
+        ("tiny-llama", 2),  # GQA, Hkv == P: KV heads scattered
+        ("tiny-llama", 4),  # GQA, Hkv < P: each KV head replicated P / Hkv times
+        ("tiny-gpt2", 2),  # MHA
+    ],
+)
+def test_ulysses_equals_single_process(tmp_path, preset, degree):
+    compiled = lcc.compile(preset, to="ulysses", degree=degree)
+    path = compiled.save(tmp_path / "sp.lcc")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = train_step(path, degree, {"input_ids": ids})
+    check_equal(result, *single_process(compiled.original, ids))
+
+
+def test_ulysses_with_padding(tmp_path):
+    """Left padding: key padding is gathered, positions count real tokens, padded targets are ignored."""
+    compiled = lcc.compile("tiny-qwen2", to="ulysses", degree=2)
+    path = compiled.save(tmp_path / "sp.lcc")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    result = train_step(path, 2, {"input_ids": ids, "attention_mask": mask})
+    logits, loss, grads = single_process(compiled.original, ids, mask, positions)
+    check_equal(result, logits, loss, grads, valid=mask.bool())
+
+
+def test_ulysses_with_packed_documents(tmp_path):
+    """Position resets mark documents: positions are gathered so documents that cross shards stay whole.
+
+    The reference is the dense program (HF's eager SDPA without a mask lets documents see each
+    other; the traced semantics, checked against running each document alone in test_custom, do not).
+    """
+    compiled = lcc.compile("tiny-llama", to="ulysses", degree=2, attention_mask=False)
+    dense = lcc.compile(compiled.original, attention_mask=False)
+    assert compiled.program.sites()[0]["mask"] == "causal+documents"
+    path = compiled.save(tmp_path / "sp.lcc")
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    positions = torch.cat([torch.arange(5), torch.arange(11)])[None]  # the second document crosses the shard border
+    result = train_step(path, 2, {"input_ids": ids, "position_ids": positions})
+    check_equal(result, *single_process(Trainable(dense), ids, position_ids=positions, prefix="inner.model."))
+
+
+class Trainable(torch.nn.Module):
+    """A compiled dense program called like a Hugging Face model, with trainable parameters."""
+
+    def __init__(self, compiled):
+        super().__init__()
+        self.compiled, self.inner = compiled, compiled.module
+        for p in self.inner.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, ids, attention_mask=None, position_ids=None):
+        return self.compiled(ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_collectives_per_layer():
+    """Four all-to-alls per attention (q, k, v in, output back); the key padding is gathered once."""
+    program = lcc.compile("tiny-llama", to="ulysses", degree=2).program
+    sites = program.attention_nodes()
+    for node in sites:
+        assert all(a.target is A2A for a in node.args[:3]) and node.args[3].target is GATHER
+        (back,) = node.users
+        assert back.target is A2A and back.args[1:] == (2, 1, 2)
+        assert node.meta["lcc"]["collectives"] == {"all_to_all": 4, "all_gather": 1}
+    calls = [n.target for n in program.gm.graph.nodes if n.op == "call_function"]
+    assert calls.count(A2A) == 4 * len(sites) and calls.count(GATHER) == 1
+
+
+def test_replicated_kv_heads_in_graph():
+    program = lcc.compile("tiny-llama", to="ulysses", degree=4).program
+    node = program.attention_nodes()[0]
+    k_in = node.args[1].args[0]
+    assert k_in.target is torch.ops.aten.repeat_interleave.self_int and k_in.args[1:] == (2, 1)
+    assert node.meta["lcc"]["kv_replicated"] == 2 and tuple(node.args[1].meta["val"].shape[:2])[1] == 1
+
+
+def odd_heads_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=1, vocab_size=64
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def test_bad_degrees_and_lengths(tmp_path):
+    with pytest.raises(LccError, match="4 query heads are not divisible by the sequence-parallel degree 3"):
+        lcc.compile("tiny-llama", to="ulysses", degree=3)
+    with pytest.raises(LccError, match="3 KV heads and degree 2: neither divides the other"):
+        lcc.compile(odd_heads_model(), to="ulysses", degree=2)
+    compiled = lcc.compile("tiny-llama", to="ulysses", degree=2)
+    with pytest.raises(LccError, match="no KV cache"):
+        compiled.generate([[1, 2]], max_new_tokens=2)
+    from longctx_compile.distributed import shard
+
+    with pytest.raises(LccError, match="sequence length 15 is not divisible by the sequence-parallel degree 2"):
+        shard(torch.zeros(1, 15), 2, 0)
+    path = compiled.save(tmp_path / "sp.lcc")
+    with pytest.raises(Exception, match="converted for sequence-parallel degree 2, but the group has 1 ranks"):
+        train_step(path, 1, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
