@@ -91,7 +91,30 @@ def verify(
         original = load_model(model)[0] if not isinstance(model, torch.nn.Module) else model
         exact = True
     runnable, signature = _as_runnable(converted)
+    if signature.get("sequence_parallel"):
+        runnable, lengths = _on_ranks(converted, signature, lengths)
     return _verify(original, runnable, signature, lengths, rtol, atol, exact)
+
+
+def _on_ranks(converted: Any, signature: dict[str, Any], lengths) -> tuple[Callable[..., torch.Tensor], tuple[int, ...]]:
+    """A sequence-parallel program run on P local gloo ranks for every verify batch, in one launch.
+
+    Lengths become multiples of P (each rank holds a contiguous slice).
+    """
+    import tempfile
+
+    from .distributed import ranks
+    from .verify import batches
+
+    degree = signature["sequence_parallel"]["degree"]
+    lengths = tuple(sorted({max(1, n // degree) * degree for n in lengths if max(1, n // degree) * degree <= signature["max_len"]}))
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(converted, Compiled):
+            path = converted.save(Path(tmp) / "sp.lcc")
+        else:
+            path = converted.path if isinstance(converted, LoadedModel) else Path(converted)
+        outputs = iter(ranks.forward(path, degree, [inputs for inputs, _, _ in batches(signature, lengths)]))
+    return (lambda **_: next(outputs)), lengths
 
 
 def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = None, layer: int | None = None) -> GraphDiff:

@@ -139,3 +139,22 @@ def test_bad_degrees_and_lengths(tmp_path):
     path = compiled.save(tmp_path / "sp.lcc")
     with pytest.raises(Exception, match="converted for sequence-parallel degree 2, but the group has 1 ranks"):
         train_step(path, 1, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+
+
+def test_verify_and_inspect_a_ulysses_artifact(tmp_path):
+    """lcc verify starts the P ranks itself; lcc inspect reports the collectives and their bytes."""
+    import json
+    import subprocess
+    import sys
+
+    path = lcc.compile("tiny-qwen2", to="ulysses", degree=2).save(tmp_path / "sp.lcc")
+    result = subprocess.run([sys.executable, "-m", "longctx_compile", "verify", str(path), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and all(c["length"] % 2 == 0 for c in report["cases"]) and any(c["padded"] for c in report["cases"])
+    result = subprocess.run([sys.executable, "-m", "longctx_compile", "inspect", str(path), "--seq-len", "4096", "--json"], capture_output=True, text=True)
+    comm = json.loads(result.stdout)["communication"]
+    assert comm["tokens"] == 4096 and len(comm["sites"]) == 2
+    hq, hkv, d = 4, 2, 16  # tiny-qwen2: 4 query heads, 2 KV heads, head dim 16, fp32
+    share = (2 - 1) * (4096 // 2) * d * 4 // 2  # an all-to-all keeps 1/P of its input and sends the rest
+    assert comm["sites"][0]["bytes_forward"] == {"q": hq * share, "k": hkv * share, "v": hkv * share, "out": hq * share}

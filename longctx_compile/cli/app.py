@@ -87,9 +87,10 @@ def inspect(
     path: Annotated[str, typer.Argument(help="artifact folder, or a model to compile in memory")],
     to: Annotated[str, typer.Option("--to", help="form, when PATH is a model")] = "dense",
     opt: Opt = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="sequence length for communication bytes (default: the program's maximum)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Summarise an artifact or a model: source, form, sites (layer, Hq, Hkv, D, mask, kernel), ops, history.
+    """Summarise an artifact or a model: source, form, sites (layer, Hq, Hkv, D, mask, kernel), collectives, ops, history.
 
     Example: lcc inspect tiny-llama.lcc
     """
@@ -102,7 +103,7 @@ def inspect(
     else:
         compiled = api.compile_model(path, to=to, options=_options(opt))
         manifest, snapshots = artifact.manifest_of(compiled), compiled.program.snapshots
-    info = summary.summary(manifest, snapshots)
+    info = summary.summary(manifest, snapshots, seq_len)
     if as_json:
         out.print_json(json.dumps(info, default=str))
     else:

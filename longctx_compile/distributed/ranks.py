@@ -3,7 +3,8 @@
 :func:`train_step` spawns the ranks, runs one forward and backward of the per-rank program on each
 rank's slice of a batch (labels shifted before slicing, token-weighted loss, gradients summed over
 the group), and returns what a single process would have computed: full logits, the loss and
-parameter gradients. ``lcc verify`` and the tests compare that with the dense model.
+parameter gradients. :func:`forward` returns the full logits of several batches from one launch.
+``lcc verify`` and the tests compare these with the single-process model.
 """
 
 from __future__ import annotations
@@ -22,43 +23,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, degree: int, port: int, path: str, batch: dict, out: str) -> None:
+def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload, out: str) -> None:
     import torch.distributed as dist
 
-    from .. import distributed
     from ..runtime.model import load
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=degree)
     try:
-        model = load(path)
-        module = model.module
-        for p in module.parameters():
-            p.requires_grad_(True)
-        labels = batch["input_ids"] if batch.get("labels") is None else batch["labels"]
-        local = distributed.shard_batch(batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"), degree=degree, rank=rank)
-        shift_labels = local.pop("shift_labels")
-        logits = model(**local)
-        loss = distributed.token_loss(logits, shift_labels)
-        loss.backward()
-        distributed.reduce_gradients(module)
-        result = {
-            "logits": distributed.gather(logits.detach(), dim=1),
-            "loss": distributed.all_reduce_sum(loss),
-            "grads": {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None},
-        }
+        result = TASKS[task](load(path), payload, degree, rank)
         if rank == 0:
             torch.save(result, out)
     finally:
         dist.destroy_process_group()
 
 
-def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
-    """Logits [B, T, V], loss and summed parameter gradients of one step on ``degree`` local ranks."""
+def _train_step(model, batch: dict, degree: int, rank: int) -> dict:
+    from .. import distributed
+
+    module = model.module
+    for p in module.parameters():
+        p.requires_grad_(True)
+    labels = batch["input_ids"] if batch.get("labels") is None else batch["labels"]
+    local = distributed.shard_batch(batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"), degree=degree, rank=rank)
+    shift_labels = local.pop("shift_labels")
+    logits = model(**local)
+    loss = distributed.token_loss(logits, shift_labels)
+    loss.backward()
+    distributed.reduce_gradients(module)
+    return {
+        "logits": distributed.gather(logits.detach(), dim=1),
+        "loss": distributed.all_reduce_sum(loss),
+        "grads": {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None},
+    }
+
+
+def _forward(model, batches: list[dict], degree: int, rank: int) -> list[torch.Tensor]:
+    from .. import distributed
+
+    outputs = []
+    with torch.no_grad():
+        for inputs in batches:
+            local = {name: distributed.shard(t, degree, rank) for name, t in inputs.items()}
+            outputs.append(distributed.gather(model(**local), dim=1))
+    return outputs
+
+
+TASKS = {"train_step": _train_step, "forward": _forward}
+
+
+def _spawn(task: str, path: str | Path, degree: int, payload):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_rank_main, args=(degree, _free_port(), str(path), batch, out), nprocs=degree, join=True)
+        mp.spawn(_rank_main, args=(degree, _free_port(), task, str(path), payload, out), nprocs=degree, join=True)
         return torch.load(out)
+
+
+def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
+    """Logits [B, T, V], loss and summed parameter gradients of one step on ``degree`` local ranks."""
+    return _spawn("train_step", path, degree, batch)
+
+
+def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Full logits of each batch (full-length inputs, sliced per rank) on ``degree`` local ranks."""
+    return _spawn("forward", path, degree, batches)

@@ -29,8 +29,31 @@ def tiles(site: dict[str, Any]) -> str:
     return f"{fmt.format(*config['fwd'])} · {fmt.format(*config['bwd'])} ({config['source']})"
 
 
-def summary(manifest: dict[str, Any], snapshots: dict[str, Any]) -> dict[str, Any]:
+def communication(sites: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
+    """Per sequence-parallel site: the collectives inserted and the bytes a rank sends for ``tokens`` tokens."""
+    from ..passes.ulysses import comm_bytes
+
+    rows = []
+    for s in sites:
+        if "degree" not in s:
+            continue
+        sent = comm_bytes(s, tokens)
+        rows.append(
+            {
+                "layer": s["layer"],
+                "module": s["module"],
+                "degree": s["degree"],
+                "kv_replicated": s["kv_replicated"],
+                "collectives": s["collectives"],
+                "bytes_forward": sent,
+            }
+        )
+    return rows
+
+
+def summary(manifest: dict[str, Any], snapshots: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
     last = snapshots[list(snapshots)[-1]] if snapshots else {"nodes": []}
+    tokens = tokens or manifest["signature"]["max_len"]
     return {
         "source": manifest["source"]["spec"],
         "source_kind": manifest["source"]["kind"],
@@ -44,6 +67,7 @@ def summary(manifest: dict[str, Any], snapshots: dict[str, Any]) -> dict[str, An
         "ops": dict(op_counts(last).most_common()),
         "history": manifest["history"],
         "equivalence": manifest.get("equivalence"),
+        "communication": {"tokens": tokens, "sites": communication(manifest["sites"], tokens)},
     }
 
 
@@ -59,6 +83,23 @@ def render(info: dict[str, Any], console: Console) -> None:
     for s in info["sites"]:
         sites.add_row(str(s["layer"]), s["module"], f"{s['hq']}/{s['hkv']}", str(s["head_dim"]), s["mask"], s["form"], kernel_name(s), tiles(s))
     console.print(sites)
+    comm = info["communication"]
+    if comm["sites"]:
+        title = f"collectives per layer (bytes one rank sends in the forward at {comm['tokens']:,} tokens, batch 1; the backward sends as much)"
+        table = Table("layer", "degree", "all-to-all", "all-gather", "KV ×", "q", "k", "v", "out", "total", title=title, title_justify="left")
+        for c in comm["sites"]:
+            sent = c["bytes_forward"]
+            mib = [f"{sent[t] / 2**20:.2f} MiB" for t in ("q", "k", "v", "out")]
+            table.add_row(
+                str(c["layer"]),
+                str(c["degree"]),
+                str(c["collectives"]["all_to_all"]),
+                str(c["collectives"]["all_gather"]),
+                str(c["kv_replicated"]),
+                *mib,
+                f"{sum(sent.values()) / 2**20:.2f} MiB",
+            )
+        console.print(table)
     ops = Table("op", "count", title="ops", title_justify="left")
     for name, count in info["ops"].items():
         ops.add_row(name, str(count))

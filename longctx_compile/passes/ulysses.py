@@ -44,13 +44,15 @@ def check_heads(hq: int, hkv: int, degree: int, where: str) -> int:
     return max(hkv, degree)
 
 
-def comm_elements(facts: dict[str, Any], degree: int, tokens: int, batch: int = 1) -> dict[str, int]:
-    """Elements each rank sends per layer in the forward, by tensor, for a global length ``tokens``.
+def comm_bytes(facts: dict[str, Any], tokens: int, batch: int = 1) -> dict[str, int]:
+    """Bytes each rank sends per layer in the forward, by tensor, for a global length ``tokens``.
 
     An all-to-all keeps 1/P of its input and sends the rest: (P-1)/P · (tokens/P) · heads · dim.
+    The backward sends the same again (the gradient of each all-to-all is the inverse one).
     """
+    degree = facts["degree"]
     local = batch * tokens // degree
-    share = lambda heads, dim: (degree - 1) * local * heads * dim // degree  # noqa: E731
+    share = lambda heads, dim: (degree - 1) * local * heads * dim * facts["dtype_bytes"] // degree  # noqa: E731
     kv_heads = max(facts["hkv"], degree)
     d, dv = facts["head_dim"], facts.get("v_dim", facts["head_dim"])
     return {"q": share(facts["hq"], d), "k": share(kv_heads, d), "v": share(kv_heads, dv), "out": share(facts["hq"], dv)}
@@ -87,6 +89,7 @@ def ulysses(program: Program, cfg: UlyssesConfig) -> PassResult:
         node.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
         facts.update(
             v_dim=int(val(v).shape[-1]),
+            dtype_bytes=val(q).element_size(),
             form="ulysses",
             degree=P,
             kv_replicated=P // facts["hkv"] if facts["hkv"] < P else 1,
