@@ -34,3 +34,15 @@ def test_generate_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == ["hf generate", "lcc growing", "lcc static"]
     assert all(r["same_tokens"] and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_sp_bench_smoke(tmp_path):
+    """Measured all-to-all bytes equal the formula on every rank (8 calls per layer: 4 forward, 4 backward)."""
+    out = tmp_path / "rows.json"
+    bench = BENCH.parent / "sp.py"
+    result = subprocess.run([sys.executable, str(bench), "--seq", "64", "--degrees", "1,2", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["degree"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert all(r["a2a_calls_per_layer"] == 8 for r in rows)
+    assert all(r["bytes_per_layer"] == r["formula_per_layer"] > 0 for r in rows if r["degree"] == 2)

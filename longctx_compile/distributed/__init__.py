@@ -13,6 +13,14 @@ import torch.distributed as dist
 from ..errors import LccError
 
 _GROUP: dist.ProcessGroup | None = None
+# what this process's collectives sent: calls and bytes per collective (for benchmarks and inspection)
+TRAFFIC: dict[str, list[int]] = {}
+
+
+def record(collective: str, sent_bytes: int) -> None:
+    calls = TRAFFIC.setdefault(collective, [0, 0])
+    calls[0] += 1
+    calls[1] += sent_bytes
 
 
 def set_group(group: dist.ProcessGroup | None) -> None:

@@ -70,7 +70,22 @@ def _forward(model, batches: list[dict], degree: int, rank: int) -> list[torch.T
     return outputs
 
 
-TASKS = {"train_step": _train_step, "forward": _forward}
+def _profile(model, batch: dict, degree: int, rank: int) -> dict:
+    """A training step's collective traffic and the peak resident memory it added on this rank."""
+    import resource
+
+    from .. import distributed
+
+    distributed.TRAFFIC.clear()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _train_step(model, batch, degree, rank)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    per_rank = [None] * degree
+    torch.distributed.all_gather_object(per_rank, {"traffic": dict(distributed.TRAFFIC), "peak_kib": peak, "base_kib": before}, group=distributed.group())
+    return {"ranks": per_rank}
+
+
+TASKS = {"train_step": _train_step, "forward": _forward, "profile": _profile}
 
 
 def _spawn(task: str, path: str | Path, degree: int, payload):
@@ -85,6 +100,11 @@ def _spawn(task: str, path: str | Path, degree: int, payload):
 def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
     """Logits [B, T, V], loss and summed parameter gradients of one step on ``degree`` local ranks."""
     return _spawn("train_step", path, degree, batch)
+
+
+def profile(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
+    """Per rank: collective calls and bytes sent in one training step, and peak resident memory (KiB)."""
+    return _spawn("profile", path, degree, batch)
 
 
 def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:

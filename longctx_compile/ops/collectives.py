@@ -36,6 +36,7 @@ def seq_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, degree: i
     send = torch.stack(x.chunk(degree, dim=scatter_dim))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=distributed.group())
+    distributed.record("all_to_all", send[0].numel() * send.element_size() * (degree - 1))  # chunk i stays when i is this rank
     out = _sdpa_layout(_chunked_shape(x, scatter_dim, gather_dim, degree), x)
     out.copy_(torch.cat(received.unbind(0), dim=gather_dim))
     return out
@@ -61,6 +62,7 @@ seq_all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 def seq_all_gather(x: torch.Tensor, dim: int, degree: int) -> torch.Tensor:
     """Every rank's ``x`` concatenated along ``dim`` in rank order."""
     distributed.check_degree(degree)
+    distributed.record("all_gather", x.numel() * x.element_size() * (degree - 1))
     return distributed.gather(x, dim)
 
 
