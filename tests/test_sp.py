@@ -102,7 +102,8 @@ def test_collectives_per_layer():
         assert all(a.target is A2A for a in node.args[:3]) and node.args[3].target is GATHER
         (back,) = node.users
         assert back.target is A2A and back.args[1:] == (2, 1, 2)
-        assert node.meta["lcc"]["collectives"] == {"all_to_all": 4, "all_gather": 1}
+        assert node.meta["lcc"]["collectives"]["all_to_all"] == 4
+    assert [n.meta["lcc"]["collectives"]["all_gather"] for n in sites] == [1] + [0] * (len(sites) - 1)
     calls = [n.target for n in program.gm.graph.nodes if n.op == "call_function"]
     assert calls.count(A2A) == 4 * len(sites) and calls.count(GATHER) == 1
 

@@ -33,15 +33,14 @@ class UlyssesConfig:
     degree: int = 2
 
 
-def check_heads(hq: int, hkv: int, degree: int, where: str) -> int:
-    """KV heads each rank receives after any replication; one clear line when P does not fit the heads."""
+def check_heads(hq: int, hkv: int, degree: int, where: str) -> None:
+    """Refuse, in one line naming the numbers, a degree that does not fit the heads."""
     if degree < 1:
         raise LccError(f"sequence-parallel degree must be at least 1, got {degree}")
     if hq % degree:
         raise LccError(f"{where}: {hq} query heads are not divisible by the sequence-parallel degree {degree}")
     if hkv % degree and degree % hkv:
         raise LccError(f"{where}: {hkv} KV heads and degree {degree}: neither divides the other")
-    return max(hkv, degree)
 
 
 def comm_bytes(facts: dict[str, Any], tokens: int, batch: int = 1) -> dict[str, int]:
@@ -73,6 +72,7 @@ def ulysses(program: Program, cfg: UlyssesConfig) -> PassResult:
     for node in nodes:
         facts = node.meta["lcc"]
         q, k, v, key_padding, doc_ids = node.args[:5]
+        before = len(gathered)
         with graph.inserting_before(node):
             if facts["hkv"] < P:
                 k, v = (_call(graph, torch.ops.aten.repeat_interleave.self_int, x, P // facts["hkv"], HEADS) for x in (k, v))
@@ -93,7 +93,8 @@ def ulysses(program: Program, cfg: UlyssesConfig) -> PassResult:
             form="ulysses",
             degree=P,
             kv_replicated=P // facts["hkv"] if facts["hkv"] < P else 1,
-            collectives={"all_to_all": 4, "all_gather": int(node.args[3] is not None) + int(node.args[4] is not None)},
+            # gathers are shared by every site that reads the same padding or documents: counted where inserted
+            collectives={"all_to_all": 4, "all_gather": len(gathered) - before},
         )
     program.signature["sequence_parallel"] = {"form": "ulysses", "degree": P}
     return PassResult(matches=len(nodes), notes=[f"{len(nodes)} sites: 4 all-to-alls each at degree {P}"])
