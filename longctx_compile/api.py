@@ -107,7 +107,8 @@ def _on_ranks(converted: Any, signature: dict[str, Any], lengths) -> tuple[Calla
     from .verify import batches
 
     degree = signature["sequence_parallel"]["degree"]
-    lengths = tuple(sorted({max(1, n // degree) * degree for n in lengths if max(1, n // degree) * degree <= signature["max_len"]}))
+    rounded = {max(1, n // degree) * degree for n in lengths}
+    lengths = tuple(sorted(n for n in rounded if n <= signature["max_len"]))
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(converted, Compiled):
             path = converted.save(Path(tmp) / "sp.lcc")

@@ -84,9 +84,9 @@ def shard_batch(
     target of each shard's last token, which lives on the next rank.
     """
     if position_ids is None:
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        from ..runtime.model import default_positions
+
+        position_ids = default_positions(attention_mask, *input_ids.shape, input_ids.device)
     out = {"input_ids": input_ids, "position_ids": position_ids}
     if attention_mask is not None:
         out["attention_mask"] = attention_mask

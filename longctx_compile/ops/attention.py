@@ -77,7 +77,13 @@ def sdpa_forward(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool
 def empty_sdpa_layout(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """An uninitialised [B, Hq, T, Dv] output laid out as [B, T, Hq, Dv] in memory, like SDPA's."""
     B, H, T, _ = q.shape
-    return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
+    return new_sdpa_layout(q, (B, H, T, v.shape[-1]))
+
+
+def new_sdpa_layout(like: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` [B, H, T, D] (``like``'s dtype and device) laid out as [B, T, H, D]."""
+    B, H, T, D = shape
+    return like.new_empty((B, T, H, D)).transpose(1, 2)
 
 
 @attention.register_fake

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
+from .attention import new_sdpa_layout
 
 
 def _chunked_shape(x: torch.Tensor, scatter_dim: int, gather_dim: int, degree: int) -> list[int]:
@@ -22,11 +23,6 @@ def _chunked_shape(x: torch.Tensor, scatter_dim: int, gather_dim: int, degree: i
     shape[scatter_dim] //= degree
     shape[gather_dim] *= degree
     return shape
-
-
-def _sdpa_layout(shape: list[int], like: torch.Tensor) -> torch.Tensor:
-    B, H, T, D = shape
-    return like.new_empty((B, T, H, D)).transpose(1, 2)
 
 
 @torch.library.custom_op("longctx::seq_all_to_all", mutates_args=())
@@ -37,14 +33,14 @@ def seq_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, degree: i
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=distributed.group())
     distributed.record("all_to_all", send[0].numel() * send.element_size() * (degree - 1))  # chunk i stays when i is this rank
-    out = _sdpa_layout(_chunked_shape(x, scatter_dim, gather_dim, degree), x)
+    out = new_sdpa_layout(x, _chunked_shape(x, scatter_dim, gather_dim, degree))
     out.copy_(torch.cat(received.unbind(0), dim=gather_dim))
     return out
 
 
 @seq_all_to_all.register_fake
 def _(x, scatter_dim, gather_dim, degree):
-    return _sdpa_layout(_chunked_shape(x, scatter_dim, gather_dim, degree), x)
+    return new_sdpa_layout(x, _chunked_shape(x, scatter_dim, gather_dim, degree))
 
 
 def _a2a_backward(ctx, grad):

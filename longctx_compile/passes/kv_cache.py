@@ -28,7 +28,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from ..errors import LccError
 from ..ops import ATTENTION_OPS
 from ..pipeline import Program
-from .graph import ASSERTS, CASTS, CLONES, aten, is_call, val
+from .graph import CASTS, CLONES, aten, is_call, val
 
 _END = 2**63 - 1  # slice end meaning "to the last position"
 
@@ -106,7 +106,7 @@ _POSITIONWISE = (*CASTS, *CLONES, aten.mul.Tensor, aten.div.Tensor, aten.add.Ten
 
 
 def last_position_logits(gm: torch.fx.GraphModule, index: int) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose output ``index`` (the logits) keeps only the last position (and no asserts).
+    """A copy of ``gm`` whose output ``index`` (the logits) keeps only the last position.
 
     When the logits come from a ``linear`` through position-wise ops only, the slice goes before the
     linear, so the LM head runs on one position, not all T (at 100K tokens and a 128K vocabulary full
@@ -115,8 +115,6 @@ def last_position_logits(gm: torch.fx.GraphModule, index: int) -> torch.fx.Graph
     graph = torch.fx.Graph()
     outputs = graph.graph_copy(gm.graph, {})
     out = graph.output(outputs)
-    for node in [n for n in graph.nodes if is_call(n, *ASSERTS)]:
-        graph.erase_node(node)  # dtype/device checks from capture: per-step overhead, nothing to guard here
     node = outputs[index]
     while is_call(node, *_POSITIONWISE) and len(node.users) == 1 and not any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
         node = node.args[0]
@@ -151,8 +149,12 @@ class CacheStep(torch.nn.Module):
         slots: torch.Tensor | None = None,
     ):
         flat = [inputs[spec.arg.name] if spec.kind == InputKind.USER_INPUT else state[spec.target] for spec in self.specs]
-        extend = {"prefill": None, "decode": lambda: _grow(caches, past_mask), "static": lambda: _write_slot(caches, past_mask, slots)}[self.mode]
-        runner = _CacheInterpreter(self.graph_module, extend() if extend else None)
+        extend = None
+        if self.mode == "decode":
+            extend = _grow(caches, past_mask)
+        elif self.mode == "static":
+            extend = _write_slot(caches, past_mask, slots)
+        runner = _CacheInterpreter(self.graph_module, extend)
         outputs = runner.run(*flat)
         return (outputs[self.user_outputs[0]], *runner.collected)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LccError
+from .model import default_positions
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Generator:
         sampling = sampling or Sampling()
         ids, mask = self._batch(prompts, max_new_tokens, pad_id)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = default_positions(mask, *mask.shape, mask.device)
         done = torch.zeros(len(prompts), dtype=torch.bool)
         stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
         with torch.inference_mode():
