@@ -1,10 +1,10 @@
-"""Ulysses sequence parallelism on local gloo ranks: measured bytes against the formula, peak memory per rank.
+"""Sequence parallelism on local gloo ranks: measured bytes against the formula, peak memory per rank.
 
 A small Llama-shaped model (hidden 256, 8 heads / 4 KV heads, 2 layers, vocab 1024, fp32) is
-converted with ``--to ulysses --opt degree=P`` for P = 1, 2, 4; each P runs one training step
-(forward, token-weighted loss, backward, gradient sum) on one sequence of ``--seq`` tokens, one
-process per rank. The collectives count what they send; the formula is ``passes.ulysses.comm_bytes``
-(forward) doubled for the backward.
+converted with ``--to ulysses --opt degree=P`` for P = 1, 2, 4 and ``--to ring --opt degree=P``
+for P = 2, 4; each runs one training step (forward, token-weighted loss, backward, gradient sum)
+on one sequence of ``--seq`` tokens, one process per rank. The collectives count what they send;
+the formula is ``passes.sequence_parallel.step_bytes`` (forward and backward).
 
     python bench/sp.py                 # paste the table into bench/RESULTS.md
     python bench/sp.py --seq 256       # quick check of the harness
@@ -37,34 +37,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--degrees", default="1,2,4")
+    parser.add_argument("--forms", default="ulysses,ring")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import longctx_compile as lcc
     from longctx_compile.distributed import ranks
-    from longctx_compile.passes.ulysses import comm_bytes
+    from longctx_compile.distributed import Layout
+    from longctx_compile.passes.sequence_parallel import step_bytes
 
-    degrees = [int(p) for p in args.degrees.split(",")]
+    runs = [(form, P) for form in args.forms.split(",") for P in map(int, args.degrees.split(",")) if form != "ring" or P > 1]
     model = build(args.seq)
     ids = torch.randint(0, SIZES["vocab_size"], (1, args.seq), generator=torch.Generator().manual_seed(0))
     rows = []
     with Progress(transient=True) as progress, tempfile.TemporaryDirectory() as tmp:
-        task = progress.add_task("ulysses", total=len(degrees))
-        for P in degrees:
-            progress.update(task, description=f"P={P}: converting")
-            compiled = lcc.compile(model, to="ulysses", degree=P, max_len=args.seq)
-            path = compiled.save(Path(tmp) / f"p{P}.lcc")
+        task = progress.add_task("sp", total=len(runs))
+        for form, P in runs:
+            progress.update(task, description=f"{form} P={P}: converting")
+            compiled = lcc.compile(model, to=form, degree=P, max_len=args.seq)
+            path = compiled.save(Path(tmp) / f"{form}{P}.lcc")
             sites = compiled.program.sites()
-            progress.update(task, description=f"P={P}: training step on {P} ranks")
+            layout = Layout.of(compiled.program.signature)
+            progress.update(task, description=f"{form} P={P}: training step on {P} ranks")
             result = ranks.profile(path, P, {"input_ids": ids})
-            formula = 2 * sum(sum(comm_bytes(s, args.seq).values()) for s in sites)  # forward + backward
+            formula = sum(step_bytes(s, layout, args.seq) for s in sites)
             for r, info in enumerate(result["ranks"]):
-                calls, sent = info["traffic"].get("all_to_all", [0, 0])
+                traffic = info["traffic"]
+                calls = sum(traffic.get(c, [0, 0])[0] for c in ("all_to_all", "send_recv"))
+                sent = sum(traffic.get(c, [0, 0])[1] for c in ("all_to_all", "send_recv"))
                 rows.append(
                     dict(
+                        form=form,
                         degree=P,
                         rank=r,
-                        a2a_calls=calls,
-                        a2a_calls_per_layer=calls / len(sites),
+                        calls_per_layer=calls / len(sites),
                         bytes_per_layer=sent / len(sites),
                         formula_per_layer=formula / len(sites),
                         gather_bytes=info["traffic"].get("all_gather", [0, 0])[1],
@@ -73,16 +78,17 @@ def main() -> None:
                     )
                 )
             progress.advance(task)
-    title = f"Ulysses training step, {args.seq} tokens, 2 layers, 8/4 heads, fp32, gloo (CPU)"
+    title = f"SP training step, {args.seq} tokens, 2 layers, 8/4 heads, fp32, gloo (CPU)"
     table = Table(
-        "P", "rank", "a2a calls / layer", "sent / layer", "formula / layer", "measured / formula", "peak RSS", "step adds", title=title, title_justify="left"
+        "form", "P", "rank", "calls / layer", "sent / layer", "formula / layer", "measured / formula", "peak RSS", "step adds", title=title, title_justify="left"
     )
     for r in rows:
         ratio = r["bytes_per_layer"] / r["formula_per_layer"] if r["formula_per_layer"] else float("nan")
         table.add_row(
+            r["form"],
             str(r["degree"]),
             str(r["rank"]),
-            f"{r['a2a_calls_per_layer']:g}",
+            f"{r['calls_per_layer']:g}",
             f"{r['bytes_per_layer'] / 2**20:.2f} MiB",
             f"{r['formula_per_layer'] / 2**20:.2f} MiB",
             f"{ratio:.3f}" if r["formula_per_layer"] else "-",
@@ -90,7 +96,8 @@ def main() -> None:
             f"{r['step_mib']:.0f} MiB",
         )
     Console(width=120).print(table)
-    print("a2a calls per layer: 4 forward + 4 backward; the all-gather of key padding is counted apart (int64, tiny).")
+    print("calls per layer: ulysses 4 all-to-alls forward + 4 backward; ring P-1 K/V passes forward + P backward (dK/dV home).")
+    print("The all-gather of key padding is counted apart (int64, tiny).")
     print("tile_loss (tiled LM head + cross-entropy) is not built yet; its memory column will come with it.")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -97,18 +97,19 @@ def verify(
 
 
 def _on_ranks(converted: Any, signature: dict[str, Any], lengths) -> tuple[Callable[..., torch.Tensor], tuple[int, ...]]:
-    """A sequence-parallel program run on P local gloo ranks for every verify batch, in one launch.
+    """A sequence-parallel program run on its P local gloo ranks for every verify batch, in one launch.
 
-    Lengths become multiples of P (each rank holds a contiguous slice).
+    Lengths are rounded down to what the layout splits evenly (P, or 2·ring·Ulysses when zigzag).
     """
     import tempfile
 
-    from .distributed import ranks
+    from .distributed import Layout, ranks
     from .verify import batches
 
-    degree = signature["sequence_parallel"]["degree"]
-    rounded = {max(1, n // degree) * degree for n in lengths}
+    layout = Layout.of(signature)
+    rounded = {max(1, n // layout.multiple) * layout.multiple for n in lengths}
     lengths = tuple(sorted(n for n in rounded if n <= signature["max_len"]))
+    degree = layout.degree
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(converted, Compiled):
             path = converted.save(Path(tmp) / "sp.lcc")

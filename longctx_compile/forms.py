@@ -22,11 +22,13 @@ class FormSpec:
 
 
 def _forms() -> dict[str, FormSpec]:
-    from .passes.ulysses import UlyssesConfig
+    from .passes.sequence_parallel import RingConfig, SpConfig, UlyssesConfig
 
     return {
         "dense": FormSpec("dense", DenseConfig, [], "canonicalize and lower only: the proof that capture is lossless"),
         "ulysses": FormSpec("ulysses", UlyssesConfig, ["ulysses"], "per-rank Ulysses sequence parallelism: all-to-all heads ↔ sequence around attention"),
+        "ring": FormSpec("ring", RingConfig, ["ring"], "per-rank ring attention: K/V blocks circulate, partial outputs merge by log-sum-exp"),
+        "sp": FormSpec("sp", SpConfig, ["sp"], "sequence parallelism that picks ulysses, ring or Ulysses-inside-ring from the heads and bytes"),
     }
 
 

@@ -43,6 +43,6 @@ def test_sp_bench_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(bench), "--seq", "64", "--degrees", "1,2", "--json", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    assert [(r["degree"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
-    assert all(r["a2a_calls_per_layer"] == 8 for r in rows)
+    assert [(r["form"], r["degree"], r["rank"]) for r in rows] == [("ulysses", 1, 0), ("ulysses", 2, 0), ("ulysses", 2, 1), ("ring", 2, 0), ("ring", 2, 1)]
+    assert [r["calls_per_layer"] for r in rows] == [0, 8, 8, 3, 3]  # P=1: none; 4 all-to-alls each way; a ring of 2: 1 K/V pass forward, 2 backward
     assert all(r["bytes_per_layer"] == r["formula_per_layer"] > 0 for r in rows if r["degree"] == 2)

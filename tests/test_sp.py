@@ -101,7 +101,7 @@ def test_collectives_per_layer():
     for node in sites:
         assert all(a.target is A2A for a in node.args[:3]) and node.args[3].target is GATHER
         (back,) = node.users
-        assert back.target is A2A and back.args[1:] == (2, 1, 2)
+        assert back.target is A2A and back.args[1:] == (2, 1, [2, 1, 0])  # sequence → heads over a Ulysses group of 2
         assert node.meta["lcc"]["collectives"]["all_to_all"] == 4
     assert [n.meta["lcc"]["collectives"]["all_gather"] for n in sites] == [1] + [0] * (len(sites) - 1)
     calls = [n.target for n in program.gm.graph.nodes if n.op == "call_function"]
@@ -135,7 +135,7 @@ def test_bad_degrees_and_lengths(tmp_path):
         compiled.generate([[1, 2]], max_new_tokens=2)
     from longctx_compile.distributed import shard
 
-    with pytest.raises(LccError, match="sequence length 15 is not divisible by the sequence-parallel degree 2"):
+    with pytest.raises(LccError, match=r"sequence length 15 is not divisible by 2 \(the sequence-parallel degree 2\)"):
         shard(torch.zeros(1, 15), 2, 0)
     path = compiled.save(tmp_path / "sp.lcc")
     with pytest.raises(Exception, match="converted for sequence-parallel degree 2, but the group has 1 ranks"):
@@ -162,14 +162,14 @@ def test_verify_and_inspect_a_ulysses_artifact(tmp_path):
 
 
 def test_example_training_script_under_torchrun(tmp_path):
-    """examples/train_ulysses.py trains a converted tiny model with SP under torchrun; the loss falls."""
+    """examples/train_sp.py trains a converted tiny model with SP (a zigzag ring) under torchrun; the loss falls."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    path = lcc.compile("tiny-llama", to="ulysses", degree=2).save(tmp_path / "sp.lcc")
-    script = Path(__file__).parent.parent / "examples" / "train_ulysses.py"
+    path = lcc.compile("tiny-llama", to="ring", degree=2).save(tmp_path / "sp.lcc")
+    script = Path(__file__).parent.parent / "examples" / "train_sp.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(path), "--steps", "6"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

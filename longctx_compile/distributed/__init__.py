@@ -11,8 +11,11 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LccError
+from .layout import Layout
 
 _GROUP: dist.ProcessGroup | None = None
+# (ulysses, ring) subgroups of a hybrid layout: given with set_group, or made once per layout from the world
+_SUBGROUPS: dict[tuple[int, int], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 # what this process's collectives sent: calls and bytes per collective (for benchmarks and inspection)
 TRAFFIC: dict[str, list[int]] = {}
 
@@ -23,10 +26,34 @@ def record(collective: str, sent_bytes: int) -> None:
     calls[1] += sent_bytes
 
 
-def set_group(group: dist.ProcessGroup | None) -> None:
-    """Use ``group`` for sequence parallelism (None: the default, whole-world group)."""
+def set_group(group: dist.ProcessGroup | None, *, ulysses: dist.ProcessGroup | None = None, ring: dist.ProcessGroup | None = None) -> None:
+    """Use ``group`` for sequence parallelism (None: the whole world).
+
+    A hybrid (Ulysses × ring) program inside a custom group also needs this rank's Ulysses group
+    (the U ranks j·U..j·U+U-1 of ``group``) and ring group (ranks u, u+U, … of ``group``).
+    """
     global _GROUP
     _GROUP = group
+    _SUBGROUPS.clear()
+    if ulysses is not None and ring is not None:
+        _SUBGROUPS[dist.get_world_size(ulysses), dist.get_world_size(ring)] = (ulysses, ring)
+
+
+def subgroups(layout: Layout) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(Ulysses group, ring group) of this rank for ``layout``; pure forms use the whole group for their part."""
+    whole = group()
+    check_degree(layout.degree)
+    if layout.ring == 1 or layout.ulysses == 1:
+        return whole, whole
+    key = (layout.ulysses, layout.ring)
+    if key not in _SUBGROUPS:
+        if whole is not dist.group.WORLD:
+            raise LccError("a Ulysses × ring program in a custom group needs its subgroups: distributed.set_group(group, ulysses=..., ring=...)")
+        U, W = layout.ulysses, layout.degree
+        mine_u, _ = dist.new_subgroups_by_enumeration([list(range(j, j + U)) for j in range(0, W, U)])
+        mine_r, _ = dist.new_subgroups_by_enumeration([list(range(u, W, U)) for u in range(U)])
+        _SUBGROUPS[key] = (mine_u, mine_r)
+    return _SUBGROUPS[key]
 
 
 def group() -> dist.ProcessGroup:
@@ -51,19 +78,22 @@ def check_degree(expected: int) -> None:
         raise LccError(f"this program was converted for sequence-parallel degree {expected}, but the group has {size} ranks")
 
 
-def shard(x: torch.Tensor, degree: int, rank: int, dim: int = 1) -> torch.Tensor:
-    """Rank ``rank``'s contiguous slice of ``x`` along ``dim`` (the length must divide by ``degree``)."""
-    length = x.shape[dim]
-    if length % degree:
-        raise LccError(f"sequence length {length} is not divisible by the sequence-parallel degree {degree}")
-    return x.narrow(dim, rank * (length // degree), length // degree)
+def as_layout(layout: Layout | int) -> Layout:
+    """A degree alone means contiguous shards (Ulysses)."""
+    return layout if isinstance(layout, Layout) else Layout(ulysses=layout)
 
 
-def gather(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """The full tensor from every rank's slice along ``dim`` (no gradient; for outputs and checks)."""
+def shard(x: torch.Tensor, layout: Layout | int, rank: int, dim: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s shard of the full-length ``x`` along ``dim`` under ``layout`` (a degree: contiguous)."""
+    return as_layout(layout).shard(x, rank, dim)
+
+
+def gather(x: torch.Tensor, dim: int = 1, layout: Layout | int | None = None) -> torch.Tensor:
+    """The full tensor, in token order, from every rank's shard along ``dim`` (no gradient; for outputs and checks)."""
     parts = [torch.empty_like(x) for _ in range(degree())]
     dist.all_gather(parts, x.contiguous(), group=group())
-    return torch.cat(parts, dim=dim)
+    full = torch.cat(parts, dim=dim)
+    return full if layout is None else as_layout(layout).unshard(full, dim)
 
 
 IGNORE = -100  # label of a position without a target (Hugging Face's convention)
@@ -75,12 +105,13 @@ def shard_batch(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     *,
-    degree: int,
+    layout: Layout | int,
     rank: int,
 ) -> dict[str, torch.Tensor]:
-    """This rank's slice of a batch, with global position ids and labels shifted *before* slicing.
+    """This rank's shard of a batch, with global position ids and labels shifted *before* slicing.
 
-    ``labels`` are the unshifted targets (usually ``input_ids``); shifting after slicing would lose the
+    ``layout`` is the program's :class:`Layout` (``Layout.of(model.signature)``) or, for contiguous
+    shards, just the degree P. ``labels`` are the unshifted targets (usually ``input_ids``); shifting after slicing would lose the
     target of each shard's last token, which lives on the next rank.
     """
     if position_ids is None:
@@ -96,7 +127,7 @@ def shard_batch(
         if attention_mask is not None:
             shifted[:, :-1] = shifted[:, :-1].masked_fill(attention_mask[:, 1:] == 0, IGNORE)
         out["shift_labels"] = shifted
-    return {name: shard(t, degree, rank) for name, t in out.items()}
+    return {name: shard(t, layout, rank) for name, t in out.items()}
 
 
 def token_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:

@@ -45,15 +45,16 @@ def _train_step(model, batch: dict, degree: int, rank: int) -> dict:
     module = model.module
     for p in module.parameters():
         p.requires_grad_(True)
+    layout = distributed.Layout.of(model.signature)
     labels = batch["input_ids"] if batch.get("labels") is None else batch["labels"]
-    local = distributed.shard_batch(batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"), degree=degree, rank=rank)
+    local = distributed.shard_batch(batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"), layout=layout, rank=rank)
     shift_labels = local.pop("shift_labels")
     logits = model(**local)
     loss = distributed.token_loss(logits, shift_labels)
     loss.backward()
     distributed.reduce_gradients(module)
     return {
-        "logits": distributed.gather(logits.detach(), dim=1),
+        "logits": distributed.gather(logits.detach(), dim=1, layout=layout),
         "loss": distributed.all_reduce_sum(loss),
         "grads": {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None},
     }
@@ -62,11 +63,12 @@ def _train_step(model, batch: dict, degree: int, rank: int) -> dict:
 def _forward(model, batches: list[dict], degree: int, rank: int) -> list[torch.Tensor]:
     from .. import distributed
 
+    layout = distributed.Layout.of(model.signature)
     outputs = []
     with torch.no_grad():
         for inputs in batches:
-            local = {name: distributed.shard(t, degree, rank) for name, t in inputs.items()}
-            outputs.append(distributed.gather(model(**local), dim=1))
+            local = {name: distributed.shard(t, layout, rank) for name, t in inputs.items()}
+            outputs.append(distributed.gather(model(**local), dim=1, layout=layout))
     return outputs
 
 

@@ -15,9 +15,11 @@ def op_counts(snapshot: dict[str, Any]) -> Counter:
 
 
 def kernel_name(site: dict[str, Any]) -> str:
-    """``triton`` / ``reference`` (and why, when a Triton target kept the reference)."""
+    """``triton`` / ``reference`` / ``ring (reference)`` (and why, when a Triton target kept the reference)."""
     kernel = site.get("kernel", "")
     name = kernel.rsplit("/", 1)[-1]
+    if kernel.startswith("longctx.ring_attention"):
+        name = f"ring ({name})"
     return f"{name} (fallback)" if site.get("fallback") else name
 
 
@@ -31,21 +33,25 @@ def tiles(site: dict[str, Any]) -> str:
 
 def communication(sites: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
     """Per sequence-parallel site: the collectives inserted and the bytes a rank sends for ``tokens`` tokens."""
-    from ..passes.ulysses import comm_bytes
+    from ..distributed.layout import Layout
+    from ..passes.sequence_parallel import forward_bytes, step_bytes
 
     rows = []
     for s in sites:
-        if "degree" not in s:
+        if "layout" not in s:
             continue
-        sent = comm_bytes(s, tokens)
+        layout = Layout.from_list(s["layout"])
         rows.append(
             {
                 "layer": s["layer"],
                 "module": s["module"],
                 "degree": s["degree"],
+                "ulysses": layout.ulysses,
+                "ring": layout.ring,
                 "kv_replicated": s["kv_replicated"],
                 "collectives": s["collectives"],
-                "bytes_forward": sent,
+                "bytes_forward": forward_bytes(s, layout, tokens),
+                "bytes_step": step_bytes(s, layout, tokens),
             }
         )
     return rows
@@ -85,19 +91,41 @@ def render(info: dict[str, Any], console: Console) -> None:
     console.print(sites)
     comm = info["communication"]
     if comm["sites"]:
-        title = f"collectives per layer (bytes one rank sends in the forward at {comm['tokens']:,} tokens, batch 1; the backward sends as much)"
-        table = Table("layer", "degree", "all-to-all", "all-gather", "KV ×", "q", "k", "v", "out", "total", title=title, title_justify="left")
+        why = sig.get("sequence_parallel", {}).get("why")
+        if why:
+            console.print(f"sequence parallel: {escape(why)}")
+        title = f"collectives per layer (bytes one rank sends at {comm['tokens']:,} tokens, batch 1)"
+        table = Table(
+            "layer",
+            "U×R",
+            "all-to-all",
+            "all-gather",
+            "send/recv",
+            "KV ×",
+            "q",
+            "k",
+            "v",
+            "out",
+            "ring kv",
+            "forward",
+            "fwd+bwd",
+            title=title,
+            title_justify="left",
+        )
         for c in comm["sites"]:
             sent = c["bytes_forward"]
-            mib = [f"{sent[t] / 2**20:.2f} MiB" for t in ("q", "k", "v", "out")]
+            mib = [f"{sent[t] / 2**20:.2f} MiB" if t in sent else "-" for t in ("q", "k", "v", "out", "kv")]
+            calls = c["collectives"]
             table.add_row(
                 str(c["layer"]),
-                str(c["degree"]),
-                str(c["collectives"]["all_to_all"]),
-                str(c["collectives"]["all_gather"]),
+                f"{c['ulysses']}×{c['ring']}",
+                str(calls["all_to_all"]),
+                str(calls["all_gather"]),
+                str(calls.get("send_recv", 0)),
                 str(c["kv_replicated"]),
                 *mib,
                 f"{sum(sent.values()) / 2**20:.2f} MiB",
+                f"{c['bytes_step'] / 2**20:.2f} MiB",
             )
         console.print(table)
     ops = Table("op", "count", title="ops", title_justify="left")

@@ -29,9 +29,26 @@ def allowed_mask(
     """Boolean [B|1, 1, q_stop-q_start, S] of which keys each query in [q_start, q_stop) may see."""
     q_stop = T if q_stop is None else q_stop
     qpos = torch.arange(q_start, q_stop, device=device) + (S - T)
-    kpos = torch.arange(S, device=device)
+    q_docs = None if doc_ids is None else doc_ids[:, (S - T) + q_start : (S - T) + q_stop]
+    return visible(qpos, torch.arange(S, device=device), causal=causal, window=window, key_padding=key_padding, q_docs=q_docs, k_docs=doc_ids)
+
+
+def visible(
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    *,
+    causal: bool,
+    window: int,
+    key_padding: torch.Tensor | None = None,
+    q_docs: torch.Tensor | None = None,
+    k_docs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean [B|1, 1, len(qpos), len(kpos)]: which keys (at positions ``kpos``) each query (at ``qpos``) sees.
+
+    ``key_padding`` and ``k_docs`` are [B, len(kpos)], ``q_docs`` [B, len(qpos)].
+    """
     rel = qpos[:, None] - kpos[None, :]
-    ok = torch.ones(q_stop - q_start, S, dtype=torch.bool, device=device)
+    ok = torch.ones(len(qpos), len(kpos), dtype=torch.bool, device=qpos.device)
     if causal:
         ok = ok & (rel >= 0)
     if window > 0:
@@ -39,9 +56,8 @@ def allowed_mask(
     ok = ok[None, None]
     if key_padding is not None:
         ok = ok & (key_padding != 0)[:, None, None, :]
-    if doc_ids is not None:
-        qdoc = doc_ids[:, (S - T) + q_start : (S - T) + q_stop]
-        ok = ok & (qdoc[:, None, :, None] == doc_ids[:, None, None, :])
+    if k_docs is not None:
+        ok = ok & (q_docs[:, None, :, None] == k_docs[:, None, None, :])
     return ok
 
 

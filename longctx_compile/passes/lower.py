@@ -21,6 +21,7 @@ from .graph import fake_call, val
 
 REFERENCE = "longctx.attention/reference"
 TRITON = "longctx.flash_attention/triton"
+RING = "longctx.ring_attention/reference"
 COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
@@ -53,7 +54,12 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
     """Bind each longctx op to the target's kernel and tile configs (cpu: the reference op) and record them per site."""
     target = get_target(cfg.target)
     program.target = target.name
-    nodes = program.attention_nodes()
+    nodes = []
+    for node in program.attention_nodes():
+        if node.target is torch.ops.longctx.ring_attention.default:
+            node.meta["lcc"].update(target=target.name, kernel=RING)  # ring blocks run the reference on every target
+        else:
+            nodes.append(node)
     if target.kernels == "reference":
         for node in nodes:
             node.meta["lcc"].update(target=target.name, kernel=REFERENCE)

@@ -1,11 +1,11 @@
-"""Train a converted model for a few steps with Ulysses sequence parallelism (run under torchrun).
+"""Train a converted model for a few steps with sequence parallelism (run under torchrun).
 
-    lcc convert tiny-llama --to ulysses --opt degree=2 -o tiny-llama.sp.lcc
-    torchrun --nproc-per-node 2 examples/train_ulysses.py tiny-llama.sp.lcc --steps 20
+    lcc convert tiny-llama --to sp --opt degree=2 -o tiny-llama.sp.lcc     # or --to ulysses / ring
+    torchrun --nproc-per-node 2 examples/train_sp.py tiny-llama.sp.lcc --steps 20
 
-Every rank loads the same per-rank program, takes its contiguous slice of each sequence (labels
-shifted first), and sums its gradient share over the group before the optimizer step; rank 0
-prints the global token-weighted loss. Uses gloo on CPU and NCCL when CUDA is available.
+Every rank loads the same per-rank program, takes its shard of each sequence under the program's
+layout (labels shifted first), and sums its gradient share over the group before the optimizer
+step; rank 0 prints the global token-weighted loss. Uses gloo on CPU and NCCL when CUDA is available.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     model = lcc.load(args.artifact, device=device if cuda else None)
     params = list(model.module.parameters())
@@ -37,11 +37,12 @@ def main() -> None:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     vocab = model.signature["vocab_size"]
+    layout = sp.Layout.of(model.signature)  # how the program splits a sequence over the ranks
     # a learnable synthetic task: a fixed random sequence of 16 tokens, repeated
     pattern = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(0))
     ids = pattern.repeat(args.seq // 16 + 1)[: args.seq][None].to(device)
     for step in range(args.steps):
-        local = sp.shard_batch(ids, labels=ids, degree=world, rank=rank)
+        local = sp.shard_batch(ids, labels=ids, layout=layout, rank=rank)
         shift_labels = local.pop("shift_labels")
         loss = sp.token_loss(model(**local), shift_labels)
         optimizer.zero_grad()
