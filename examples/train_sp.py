@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--tile", type=int, default=0, help="rows per tile of the tiled LM head + loss (0: full logits)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -44,7 +45,10 @@ def main() -> None:
     for step in range(args.steps):
         local = sp.shard_batch(ids, labels=ids, layout=layout, rank=rank)
         shift_labels = local.pop("shift_labels")
-        loss = sp.token_loss(model(**local), shift_labels)
+        if args.tile:  # tile_loss: the head and cross-entropy a tile at a time, full logits never exist
+            loss = sp.global_mean(*model.loss(**local, shift_labels=shift_labels, tile=args.tile))
+        else:
+            loss = sp.token_loss(model(**local), shift_labels)
         optimizer.zero_grad()
         loss.backward()
         sp.reduce_gradients(model.module)

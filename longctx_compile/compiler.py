@@ -40,6 +40,16 @@ class Compiled:
         return call_program(self.module, self.program.signature, input_ids, attention_mask, position_ids)
 
     @functools.cached_property
+    def _tiled_loss(self) -> Any:
+        from .passes.tile_loss import TiledLoss
+
+        return TiledLoss(self.module, self.program.signature)
+
+    def loss(self, input_ids: torch.Tensor, shift_labels: torch.Tensor, attention_mask=None, position_ids=None, tile: int | None = None):
+        """(summed cross-entropy, valid-token count), the LM head and loss computed ``tile`` rows at a time (``tile_loss``)."""
+        return self._tiled_loss(input_ids, shift_labels, attention_mask, position_ids, tile)
+
+    @functools.cached_property
     def steps(self) -> Any:
         """The prefill and decode programs with explicit KV caches, and their cache layout (built once)."""
         from .passes.kv_cache import export_steps

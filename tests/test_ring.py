@@ -133,6 +133,9 @@ def test_sp_chooses_by_heads_and_bytes():
     assert layouts["tiny-gpt2", 2] == Layout(2, 1, False)
     assert layouts["tiny-llama", 2] == Layout(1, 2, True)
     assert layouts["tiny-llama", 4] == Layout(2, 2, True)
+    # counting the backward too (inverse all-to-alls; the ring's fp32 dK/dV), Ulysses wins at P=2
+    program = lcc.compile("tiny-llama", to="sp", degree=2, objective="step").program
+    assert Layout.of(program.signature) == Layout(2, 1, False) and "training-step bytes" in program.signature["sequence_parallel"]["why"]
     program = lcc.compile(odd_heads_model(), to="sp", degree=2).program  # 6/3 heads: Ulysses cannot split 3 KV heads over 2
     assert Layout.of(program.signature) == Layout(1, 2, True) and "ulysses" not in program.signature["sequence_parallel"]["why"]
     assert {n.target for n in program.attention_nodes()} == {RING}
@@ -171,3 +174,18 @@ def test_cli_verify_and_inspect_a_ring_artifact(tmp_path):
     site = json.loads(result.stdout)["communication"]["sites"][0]
     d = 16  # tiny-llama: head dim 16, 2 KV heads, fp32; one pass of the other rank's half: 2048 tokens · 2 heads · (d + d)
     assert site["bytes_forward"] == {"kv": 1 * 2048 * 2 * (d + d) * 4}
+
+
+def test_diff_shows_collectives_per_layer():
+    """lcc diff counts what the sp pass inserted: four all-to-alls and one ring attention per layer, one shared gather."""
+    compiled = lcc.compile("tiny-llama", to="sp", hybrid="2x2")
+    ring = "ring attention (K/V send/recv)"
+    per_layer = {"all-to-all": 4, ring: 1}
+    assert lcc.diff(compiled, "canonicalize", "form").collectives() == {"global": {"all-gather": 1}, "layer 0": per_layer, "layer 1": per_layer}
+    result = subprocess.run(
+        [sys.executable, "-m", "longctx_compile", "diff", "tiny-llama", "--form", "ring", "--opt", "degree=2", "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["collectives"]["layer 1"] == {ring: 1}

@@ -162,7 +162,7 @@ def test_verify_and_inspect_a_ulysses_artifact(tmp_path):
 
 
 def test_example_training_script_under_torchrun(tmp_path):
-    """examples/train_sp.py trains a converted tiny model with SP (a zigzag ring) under torchrun; the loss falls."""
+    """``lcc launch`` runs examples/train_sp.py under torchrun on a zigzag-ring artifact with the tiled loss; the loss falls."""
     import re
     import subprocess
     import sys
@@ -170,7 +170,7 @@ def test_example_training_script_under_torchrun(tmp_path):
 
     path = lcc.compile("tiny-llama", to="ring", degree=2).save(tmp_path / "sp.lcc")
     script = Path(__file__).parent.parent / "examples" / "train_sp.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(path), "--steps", "6"]
+    command = [sys.executable, "-m", "longctx_compile", "launch", "--nproc", "2", str(script), str(path), "--steps", "6", "--tile", "16"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]

@@ -1,4 +1,4 @@
-"""``lcc``: convert, inspect, diff, verify, passes, targets."""
+"""``lcc``: convert, inspect, diff, verify, generate, launch, passes, targets."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ app = typer.Typer(
     "  lcc inspect tiny-llama.lcc\n\n"
     "  lcc diff tiny-llama.lcc --from capture --to canonicalize --layer 0\n\n"
     "  lcc verify tiny-llama.lcc\n\n"
-    "  lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16",
+    "  lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16\n\n"
+    "  lcc launch --nproc 2 examples/train_sp.py tiny-llama.sp.lcc",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -227,6 +228,26 @@ def generate(
         return
     for t in tokens:
         out.print(tokenizer.decode(t) if tokenizer else ",".join(map(str, t)), highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    script: Annotated[Path, typer.Argument(help="Python script every rank runs; the arguments after it are passed on")],
+    nproc: Annotated[int, typer.Option("--nproc", help="processes (ranks) on this machine")] = 2,
+) -> None:
+    """Run SCRIPT on N local ranks under torchrun (standalone rendezvous); exits with its status.
+
+    Example: lcc launch --nproc 2 examples/train_sp.py tiny-llama.sp.lcc --steps 20
+    """
+    import subprocess
+
+    if not script.is_file():
+        raise LccError(f"no script at '{script}'")
+    if nproc < 1:
+        raise LccError(f"--nproc must be at least 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script), *ctx.args]
+    raise typer.Exit(subprocess.run(command).returncode)
 
 
 def _print_report(report) -> None:

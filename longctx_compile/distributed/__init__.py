@@ -138,9 +138,14 @@ def token_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor
     (not NaN), and the divisor is taken without a gradient.
     """
     total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    count = (shift_labels != IGNORE).sum()
+    return global_mean(total, (shift_labels != IGNORE).sum())
+
+
+def global_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """This rank's ``loss_sum`` over the valid tokens of the whole group (``model.loss(...)`` gives both)."""
+    count = count.detach().clone()
     dist.all_reduce(count, group=group())
-    return total / count.clamp(min=1)
+    return loss_sum / count.clamp(min=1)
 
 
 def reduce_gradients(module: torch.nn.Module) -> None:

@@ -40,6 +40,7 @@ def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload,
 
 
 def _train_step(model, batch: dict, degree: int, rank: int) -> dict:
+    """One step; with ``batch["tile"]`` the loss is ``model.loss`` (tiled head, no logits returned)."""
     from .. import distributed
 
     module = model.module
@@ -49,12 +50,16 @@ def _train_step(model, batch: dict, degree: int, rank: int) -> dict:
     labels = batch["input_ids"] if batch.get("labels") is None else batch["labels"]
     local = distributed.shard_batch(batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"), layout=layout, rank=rank)
     shift_labels = local.pop("shift_labels")
-    logits = model(**local)
-    loss = distributed.token_loss(logits, shift_labels)
+    logits = None
+    if batch.get("tile"):
+        loss = distributed.global_mean(*model.loss(**local, shift_labels=shift_labels, tile=batch["tile"]))
+    else:
+        logits = model(**local)
+        loss = distributed.token_loss(logits, shift_labels)
     loss.backward()
     distributed.reduce_gradients(module)
     return {
-        "logits": distributed.gather(logits.detach(), dim=1, layout=layout),
+        "logits": None if logits is None else distributed.gather(logits.detach(), dim=1, layout=layout),
         "loss": distributed.all_reduce_sum(loss),
         "grads": {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None},
     }

@@ -7,6 +7,13 @@ from typing import Any
 
 from ..errors import LccError
 
+# collective ops a pass may insert, by the name diffs show them under
+COLLECTIVES = {
+    "longctx.seq_all_to_all": "all-to-all",
+    "longctx.seq_all_gather": "all-gather",
+    "longctx.ring_attention": "ring attention (K/V send/recv)",
+}
+
 
 @dataclass
 class Change:
@@ -39,10 +46,28 @@ class GraphDiff:
             groups.setdefault("global" if change.layer is None else f"layer {change.layer}", []).append(change)
         return dict(sorted(groups.items(), key=lambda kv: (kv[0] != "global", int(kv[0].split()[-1]) if kv[0] != "global" else -1)))
 
+    def collectives(self) -> dict[str, dict[str, int]]:
+        """The collectives the passes inserted, counted per layer group."""
+        out: dict[str, dict[str, int]] = {}
+        for group, changes in self.by_layer().items():
+            for c in changes:
+                if c.kind == "added" and c.target in COLLECTIVES:
+                    kinds = out.setdefault(group, {})
+                    kinds[COLLECTIVES[c.target]] = kinds.get(COLLECTIVES[c.target], 0) + 1
+        return out
+
     def to_json(self) -> dict[str, Any]:
         summary = {k: self.count(k) for k in ("added", "removed", "rewired")}
         groups = {name: [asdict(c) for c in items] for name, items in self.by_layer().items()}
-        return {"from": self.from_stage, "to": self.to_stage, "layer": self.layer, "summary": summary, "passes": self.passes, "changes": groups}
+        return {
+            "from": self.from_stage,
+            "to": self.to_stage,
+            "layer": self.layer,
+            "summary": summary,
+            "passes": self.passes,
+            "collectives": self.collectives(),
+            "changes": groups,
+        }
 
 
 def _in_layer(node: dict[str, Any], layer: int | None) -> bool:

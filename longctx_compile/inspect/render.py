@@ -28,6 +28,13 @@ def render_text(d: GraphDiff, console: Console) -> None:
         passes.add_row(p["name"], p["stage"], str(p["matches"]), str(p["added"]), str(p["removed"]), f"{p['seconds']:.3f}")
     console.print(passes)
     console.print(f"added {d.count('added')}, removed {d.count('removed')}, rewired {d.count('rewired')}")
+    inserted = d.collectives()
+    if inserted:
+        table = Table("where", "collective", "count", title="collectives inserted", title_justify="left")
+        for group, kinds in inserted.items():
+            for kind, count in kinds.items():
+                table.add_row(group, kind, str(count))
+        console.print(table)
     for group, changes in d.by_layer().items():
         table = Table("", "node", "op", "inputs", "note", title=group, title_justify="left")
         for c in changes:

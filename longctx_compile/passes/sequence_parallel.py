@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -51,11 +51,16 @@ class RingConfig:
 
 @dataclass
 class SpConfig:
-    """``--opt degree=P`` (the form picks) or ``--opt hybrid=UxR`` (Ulysses degree U inside ring degree R)."""
+    """``--opt degree=P`` (the form picks) or ``--opt hybrid=UxR`` (Ulysses degree U inside ring degree R).
+
+    ``objective``: the bytes the pick minimises: ``forward`` (the (g+1)/P model) or a training ``step``
+    (adds the inverse all-to-alls and the ring's backward passes with fp32 dK/dV).
+    """
 
     degree: int | None = None
     hybrid: str | None = None
     zigzag: bool = True
+    objective: Literal["forward", "step"] = "forward"
 
 
 def check_heads(hq: int, hkv: int, degree: int, where: str) -> None:
@@ -139,8 +144,8 @@ def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassR
         with graph.inserting_before(node):
             if U > 1:
                 if facts["hkv"] < U:
-                    k, v = (_call(graph, torch.ops.aten.repeat_interleave.self_int, x, U // facts["hkv"], HEADS) for x in (k, v))
-                q, k, v = (_call(graph, A2A, x, HEADS, SEQ, spec) for x in (q, k, v))
+                    k, v = (_call(graph, torch.ops.aten.repeat_interleave.self_int, x, U // facts["hkv"], HEADS, like=node) for x in (k, v))
+                q, k, v = (_call(graph, A2A, x, HEADS, SEQ, spec, like=node) for x in (q, k, v))
             if key_padding is not None and key_padding not in gathered:
                 gathered[key_padding] = _call(graph, GATHER, key_padding, 1, spec)
             if doc_ids is not None and doc_ids not in gathered:
@@ -149,12 +154,9 @@ def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassR
         scale, causal, window = node.args[6:9]
         if R > 1:
             with graph.inserting_before(node):
-                site = _call(graph, RING, q, k, v, key_padding, doc_ids, scale, causal, window, spec)
+                site = _call(graph, RING, q, k, v, key_padding, doc_ids, scale, causal, window, spec, like=node)
                 out = graph.call_function(operator.getitem, (site, 0))
-            out.meta["val"] = site.meta["val"][0]
-            for key in COPIED_META:
-                if key in node.meta:
-                    site.meta[key] = out.meta[key] = node.meta[key]
+            out.meta.update(val=site.meta["val"][0], **{key: node.meta[key] for key in COPIED_META if key in node.meta})
             site.meta["lcc"] = facts
             site.meta["lcc_from"] = out.meta["lcc_from"] = [node.name]
         else:
@@ -164,7 +166,7 @@ def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassR
         result = out
         if U > 1:
             with graph.inserting_after(out):
-                result = _call(graph, A2A, out, SEQ, HEADS, spec)
+                result = _call(graph, A2A, out, SEQ, HEADS, spec, like=node)
         node.replace_all_uses_with(result, delete_user_cb=lambda user, result=result: user is not result)
         if R > 1:
             graph.erase_node(node)
@@ -238,11 +240,16 @@ def choose(nodes: list[torch.fx.Node], cfg: SpConfig) -> tuple[Layout, str]:
     for U in (u for u in range(P, 0, -1) if P % u == 0):
         if all(heads_fit(f["hq"], f["hkv"], U) for f in facts):
             layout = Layout(U, P // U, cfg.zigzag and P // U > 1)
-            options.append((sum(sum(forward_bytes(f, layout, tokens).values()) for f in facts), -U, layout))
+            options.append((sum(_cost(f, layout, tokens, cfg.objective) for f in facts), -U, layout))
     cost, _, best = min(options, key=lambda o: o[:2])
     listed = ", ".join(f"{_name(lay)} {c / (1 << 20):.1f} MiB" for c, _, lay in options)
-    why = f"{_name(best)}: Hq={hq}, Hkv={hkv} (g={hq // hkv}), P={P}; forward bytes per rank over all layers at {tokens:,} tokens: {listed}"
+    what = "forward" if cfg.objective == "forward" else "training-step"
+    why = f"{_name(best)}: Hq={hq}, Hkv={hkv} (g={hq // hkv}), P={P}; {what} bytes per rank over all layers at {tokens:,} tokens: {listed}"
     return best, why
+
+
+def _cost(facts: dict[str, Any], layout: Layout, tokens: int, objective: str) -> int:
+    return sum(forward_bytes(facts, layout, tokens).values()) if objective == "forward" else step_bytes(facts, layout, tokens)
 
 
 def _name(layout: Layout) -> str:
@@ -251,9 +258,12 @@ def _name(layout: Layout) -> str:
     return "ring" if layout.ulysses == 1 else f"hybrid {layout.ulysses}x{layout.ring}"
 
 
-def _call(graph: torch.fx.Graph, op, *args) -> torch.fx.Node:
+def _call(graph: torch.fx.Graph, op, *args, like: torch.fx.Node | None = None) -> torch.fx.Node:
+    """A new call node with its fake value; ``like``'s module metadata places it in that node's layer."""
     node = graph.call_function(op, args)
     node.meta["val"] = fake_call(op, *args)
+    if like is not None:
+        node.meta.update({key: like.meta[key] for key in COPIED_META if key in like.meta})
     return node
 
 

@@ -63,6 +63,7 @@ class LoadedModel:
         self.path = path
         self.device = device
         self._steps: dict | None = None
+        self._loss = None
         self.manifest = manifest
         self.program = ep
         self.signature = manifest["signature"]
@@ -71,6 +72,14 @@ class LoadedModel:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return call_program(self.module, self.signature, input_ids, attention_mask, position_ids)
+
+    def loss(self, input_ids: torch.Tensor, shift_labels: torch.Tensor, attention_mask=None, position_ids=None, tile: int | None = None):
+        """(summed cross-entropy, valid-token count), the LM head and loss computed ``tile`` rows at a time (``tile_loss``)."""
+        if self._loss is None:
+            from ..passes.tile_loss import TiledLoss
+
+            self._loss = TiledLoss(self.module, self.signature)
+        return self._loss(input_ids, shift_labels, attention_mask, position_ids, tile)
 
     def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
