@@ -91,6 +91,7 @@ def verify(
         original = load_model(model)[0] if not isinstance(model, torch.nn.Module) else model
         exact = True
     runnable, signature = _as_runnable(converted)
+    exact = signature.get("exact", exact)  # a form whose exactness depends on its options records it
     if signature.get("sequence_parallel"):
         runnable, lengths = _on_ranks(converted, signature, lengths)
     return _verify(original, runnable, signature, lengths, rtol, atol, exact)

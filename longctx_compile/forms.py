@@ -22,6 +22,7 @@ class FormSpec:
 
 
 def _forms() -> dict[str, FormSpec]:
+    from .passes.hsa import HsaConfig
     from .passes.sequence_parallel import RingConfig, SpConfig, UlyssesConfig
 
     return {
@@ -29,6 +30,7 @@ def _forms() -> dict[str, FormSpec]:
         "ulysses": FormSpec("ulysses", UlyssesConfig, ["ulysses"], "per-rank Ulysses sequence parallelism: all-to-all heads ↔ sequence around attention"),
         "ring": FormSpec("ring", RingConfig, ["ring"], "per-rank ring attention: K/V blocks circulate, partial outputs merge by log-sum-exp"),
         "sp": FormSpec("sp", SpConfig, ["sp"], "sequence parallelism that picks ulysses, ring or Ulysses-inside-ring from the heads and bytes"),
+        "hsa": FormSpec("hsa", HsaConfig, ["hsa"], "hierarchical sparse attention: local window + top-K chunks fused by score", exact=False),
     }
 
 

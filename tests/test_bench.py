@@ -50,3 +50,12 @@ def test_sp_bench_smoke(tmp_path):
     assert all(r["bytes_per_layer"] == r["formula_per_layer"] > 0 for r in rows if r["degree"] == 2)
     full, tiled = report["tile_loss"]
     assert (full["variant"], tiled["variant"]) == ("full", "tiled") and abs(full["loss"] - tiled["loss"]) < 1e-5
+
+
+def test_hsa_bench_smoke(tmp_path):
+    """bench/hsa.py times both HSA selections and dense SDPA, each in its own process."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(BENCH.parent / "hsa.py"), "--lengths", "1024", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [r["op"] for r in rows] == ["hsa-token", "hsa-block", "dense"] and all(r["seconds"] > 0 for r in rows)

@@ -18,9 +18,19 @@ def kernel_name(site: dict[str, Any]) -> str:
     """``triton`` / ``reference`` / ``ring (reference)`` (and why, when a Triton target kept the reference)."""
     kernel = site.get("kernel", "")
     name = kernel.rsplit("/", 1)[-1]
-    if kernel.startswith("longctx.ring_attention"):
-        name = f"ring ({name})"
+    for form in ("ring", "hsa"):
+        if kernel.startswith(f"longctx.{form}_attention"):
+            name = f"{form} ({name})"
     return f"{name} (fallback)" if site.get("fallback") else name
+
+
+def form_detail(site: dict[str, Any]) -> str:
+    """The site's form, with its chunk size S, top-K, window w and score mode for hsa."""
+    if site.get("form") != "hsa":
+        return site.get("form", "")
+    topk = "all" if site["topk"] < 0 else site["topk"]
+    per_block = " per block" if site.get("select") == "block" else ""
+    return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{per_block}"
 
 
 def tiles(site: dict[str, Any]) -> str:
@@ -87,7 +97,7 @@ def render(info: dict[str, Any], console: Console) -> None:
         console.print(f"parameters {params['count']:,} ({params['bytes'] / 2**20:.1f} MiB)")
     sites = Table("layer", "module", "heads", "D", "mask", "form", "kernel", "tiles (fwd · bwd)", title="attention sites", title_justify="left")
     for s in info["sites"]:
-        sites.add_row(str(s["layer"]), s["module"], f"{s['hq']}/{s['hkv']}", str(s["head_dim"]), s["mask"], s["form"], kernel_name(s), tiles(s))
+        sites.add_row(str(s["layer"]), s["module"], f"{s['hq']}/{s['hkv']}", str(s["head_dim"]), s["mask"], form_detail(s), kernel_name(s), tiles(s))
     console.print(sites)
     comm = info["communication"]
     if comm["sites"]:

@@ -2,10 +2,15 @@
 
 import torch
 
-from . import attention, collectives, flash, loss, ring  # noqa: F401  (registers every longctx op)
+from . import attention, collectives, flash, hsa, loss, ring  # noqa: F401  (registers every longctx op)
 from .reference import attention_ref, doc_ids_from_positions
 
-# every op that is an attention site: the canonical one, what ``lower`` binds it to, and the ring form's
-ATTENTION_OPS = (torch.ops.longctx.attention.default, torch.ops.longctx.flash_attention.default, torch.ops.longctx.ring_attention.default)
+# every op that is an attention site: the canonical one, what ``lower`` binds it to, and the forms' own
+ATTENTION_OPS = (
+    torch.ops.longctx.attention.default,
+    torch.ops.longctx.flash_attention.default,
+    torch.ops.longctx.ring_attention.default,
+    torch.ops.longctx.hsa_attention.default,
+)
 
 __all__ = ["ATTENTION_OPS", "attention_ref", "doc_ids_from_positions"]

@@ -21,7 +21,11 @@ from .graph import fake_call, val
 
 REFERENCE = "longctx.attention/reference"
 TRITON = "longctx.flash_attention/triton"
-RING = "longctx.ring_attention/reference"
+# the forms' own attention ops, which run their plain-torch definition on every target for now
+FORM_OPS = {
+    torch.ops.longctx.ring_attention.default: "longctx.ring_attention/reference",
+    torch.ops.longctx.hsa_attention.default: "longctx.hsa_attention/reference",
+}
 COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
@@ -56,8 +60,8 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
     program.target = target.name
     nodes = []
     for node in program.attention_nodes():
-        if node.target is torch.ops.longctx.ring_attention.default:
-            node.meta["lcc"].update(target=target.name, kernel=RING)  # ring blocks run the reference on every target
+        if node.target in FORM_OPS:
+            node.meta["lcc"].update(target=target.name, kernel=FORM_OPS[node.target])
         else:
             nodes.append(node)
     if target.kernels == "reference":

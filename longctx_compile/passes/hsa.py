@@ -1,0 +1,99 @@
+"""``hsa``: hierarchical sparse attention in chosen layers (semantics in ``ops/hsa.py``).
+
+Each chosen canonical attention becomes ``longctx::hsa_attention``: a local causal window of the
+current chunk plus ``window`` complete chunks, and the top-``topk`` older chunks by ``score``, fused
+by softmax weights over the parts' scores. ``score=exact`` with ``topk=all`` is dense attention
+exactly (the equivalence check of the form); ``landmark`` needs no new weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import LccError
+from ..pipeline import PassResult, Program, Stage, register
+from .graph import fake_call
+
+CANONICAL = torch.ops.longctx.attention.default
+HSA = torch.ops.longctx.hsa_attention.default
+
+
+@dataclass
+class HsaConfig:
+    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark select=token|block layers=all|0,2,5``."""
+
+    chunk: int = 64
+    topk: str = "16"
+    window: int = 4
+    score: Literal["exact", "landmark"] = "landmark"
+    select: Literal["token", "block"] = "token"
+    layers: str = "all"
+
+
+def parse_topk(text: str) -> int:
+    """``"all"`` -> -1 (every older chunk), else a count of at least 1."""
+    if str(text).lower() == "all":
+        return -1
+    if not str(text).isdigit() or int(text) < 1:
+        raise LccError(f"invalid --opt topk={text}: expected a number of chunks ≥ 1 or 'all'")
+    return int(text)
+
+
+def parse_layers(text: str, count: int) -> list[int]:
+    """``"all"`` or comma-separated layer indices, each checked against the ``count`` attention layers."""
+    if str(text).lower() == "all":
+        return list(range(count))
+    try:
+        layers = sorted({int(part) for part in str(text).split(",") if part.strip()})
+    except ValueError:
+        raise LccError(f"invalid --opt layers={text}: expected 'all' or layer indices like 0,2,5") from None
+    for layer in layers:
+        if not 0 <= layer < count:
+            raise LccError(f"--opt layers={text}: layer {layer} is out of range; the model has attention layers 0..{count - 1}")
+    return layers
+
+
+@register("hsa", Stage.FORM, HsaConfig)
+def hsa(program: Program, cfg: HsaConfig) -> PassResult:
+    """Replace the chosen layers' attention by hierarchical sparse attention."""
+    if cfg.chunk < 1:
+        raise LccError(f"invalid --opt chunk={cfg.chunk}: a chunk holds at least 1 key")
+    if cfg.window < 0:
+        raise LccError(f"invalid --opt window={cfg.window}: the local window counts complete chunks, 0 or more")
+    topk = parse_topk(cfg.topk)
+    nodes = program.attention_nodes()
+    chosen = set(parse_layers(cfg.layers, len(nodes)))
+    graph = program.gm.graph
+    for i, node in enumerate(nodes):
+        if i not in chosen:
+            continue
+        facts = node.meta["lcc"]
+        _check(node, f"layer {facts['layer']} ({facts['module']})")
+        q, k, v, key_padding = node.args[:4]
+        args = (q, k, v, key_padding, node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select)
+        node.target, node.args = HSA, args
+        node.meta["val"] = fake_call(HSA, *args)
+        facts.update(form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select)
+    graph.lint()
+    program.signature["exact"] = cfg.score == "exact" and topk < 0  # every chunk is selected, whatever ``select`` is
+    return PassResult(
+        matches=len(chosen), notes=[f"{len(chosen)} of {len(nodes)} layers: chunk {cfg.chunk}, top-{cfg.topk}, window {cfg.window}, {cfg.score} scores"]
+    )
+
+
+def _check(node: torch.fx.Node, where: str) -> None:
+    """HSA is defined for causal self-attention with at most key padding: refuse the rest in one line."""
+    _, _, _, _, doc_ids, mask, _, causal, window = node.args
+    if node.target is not CANONICAL:
+        raise LccError(f"{where}: hsa rewrites canonical attention; this site is already {node.target.name()}")
+    if mask is not None:
+        raise LccError(f"{where}: an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding")
+    if not causal:
+        raise LccError(f"{where}: hsa needs causal attention")
+    if doc_ids is not None:
+        raise LccError(f"{where}: packed-document masks are not supported by hsa yet; capture with attention_mask")
+    if window:
+        raise LccError(f"{where}: the model's own sliding window ({window}) would be widened by retrieval; hsa needs full causal attention")
