@@ -11,6 +11,7 @@ import torch
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
+from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops.hsa import hsa_attention
 
 
@@ -64,8 +65,14 @@ def inputs(T=13, seed=0):
     "mode,K,w,select",
     [("landmark", 2, 1, "token"), ("landmark", 1, 0, "token"), ("exact", 2, 0, "token"), ("exact", -1, 1, "token"), ("landmark", 2, 0, "block")],
 )
-def test_op_equals_brute_force(mode, K, w, select):
-    """Forward and gradients of the op equal the per-query brute force (GQA, padding, T not a multiple of S)."""
+@pytest.mark.parametrize("group", ["one chunk", "all chunks"])
+def test_op_equals_brute_force(mode, K, w, select, group, monkeypatch):
+    """Forward and gradients of the op equal the per-query brute force (GQA, padding, T not a multiple of S).
+
+    Run with one query chunk per group and with every chunk in one group, so both paths are checked.
+    """
+    if group == "one chunk":
+        monkeypatch.setattr(hsa_ops, "GROUP_ELEMENTS", 1)
     q, k, v, key_padding = inputs()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     refs = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -13,8 +13,10 @@ For query t in chunk c = t // S:
 Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key is never selected.
 
 The reference below is the definition and the backward (autograd through it; the selection gets no
-gradient, the scores do through the fusion weights). It runs one query chunk at a time, so its
-memory is O(S·(K+w+1)·S) per chunk — only ``exact`` scoring reads every older key.
+gradient, the scores do through the fusion weights). It runs a group of query chunks at a time
+(local windows are strided views of the keys, retrieved chunks gathered with ``index_select``), the
+group sized so no intermediate exceeds about 2^24 elements: memory O(T·(K+w+1)·S) overall, never
+[T, T]; only ``exact`` scoring reads every older key.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from .attention import empty_sdpa_layout
 
-MODES = ("exact", "landmark")
+GROUP_ELEMENTS = 1 << 24  # a group of query chunks is sized so no intermediate exceeds about this many elements
 
 
 def _softmax(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,63 +53,81 @@ def hsa_ref(
     """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``topk`` < 0 means all."""
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    G, S = Hq // Hkv, chunk
-    qg = q.float().view(B, Hkv, G, T, D)
-    kf, vf = k.float(), v.float()
+    G, S, w = Hq // Hkv, chunk, window
+    C, full = math.ceil(T / S), T // S  # chunks, complete chunks
+    pad = C * S - T
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
-    full = T // S  # complete chunks
-    kc = kf[:, :, : full * S].reshape(B, Hkv, full, S, D)
-    vc = vf[:, :, : full * S].reshape(B, Hkv, full, S, Dv)
+    qg = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D)  # scaled once: every score is q·k·scale
+    # each chunk's local keys, chunks c-w .. c, as windows over the keys padded by w chunks on the left
+    kwin, vwin = (torch.nn.functional.pad(t.float(), (0, 0, w * S, pad)).unfold(2, (w + 1) * S, S).transpose(-1, -2) for t in (k, v))
+    rwin = torch.nn.functional.pad(real, (w * S, pad)).unfold(1, (w + 1) * S, S)  # [B, C, (w+1)S]
+    # key l of the window sits w·S - i places before query i of the chunk: causal is the same for every chunk
+    causal = torch.arange((w + 1) * S, device=q.device)[None, :] <= torch.arange(S, device=q.device)[:, None] + w * S
+    kc = k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
+    vc = v.float()[:, :, : full * S].reshape(B, Hkv, full, S, Dv)
     rc = real[:, : full * S].reshape(B, 1, full, S)
     landmarks = _landmarks(kc, rc) if mode == "landmark" else None
+    K = full if topk < 0 else topk
+    per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
+    step = max(1, GROUP_ELEMENTS // per_chunk)  # query chunks per group
     outs = []
-    for c in range(math.ceil(T / S)):
-        start, stop = c * S, min(T, (c + 1) * S)
-        rows = qg[:, :, :, start:stop]  # [B, Hkv, G, n, D]
-        first = max(0, c - window) * S
-        # local part: chunks c-w .. c, causal
-        qpos = torch.arange(start, stop, device=q.device)
-        kpos = torch.arange(first, stop, device=q.device)
-        keep = (qpos[:, None] >= kpos[None, :])[None, None, None] & real[:, None, None, None, first:stop]
-        probs, local_lse = _softmax(torch.einsum("bhgnd,bhld->bhgnl", rows, kf[:, :, first:stop]) * scale, keep)
-        parts_out = [torch.einsum("bhgnl,bhld->bhgnd", probs, vf[:, :, first:stop])[..., None, :]]
+    for c0 in range(0, C, step):
+        c1 = min(C, c0 + step)
+        rows = qg[:, :, :, c0:c1]  # [B, Hkv, G, Cg, S, D]
+        keep = causal & rwin[:, None, None, c0:c1, None, :]
+        probs, local_lse = _softmax(torch.einsum("bhgcsd,bhcld->bhgcsl", rows, kwin[:, :, c0:c1]), keep)
+        parts_out = [torch.einsum("bhgcsl,bhcld->bhgcsd", probs, vwin[:, :, c0:c1])[..., None, :]]
         parts_score = [local_lse[..., None]]
-        older = max(0, c - window)  # candidate chunks 0 .. older-1, all complete
-        if older and topk != 0:
-            if landmarks is None:
-                score = _exact_scores(rows, kc[:, :, :older], rc[:, :, :older], scale)  # [B, Hkv, G, n, older]
-            else:
-                mean, log_count = (t[:, :, :older] for t in landmarks)
-                score = torch.einsum("bhgnd,bhcd->bhgnc", rows, mean) * scale + log_count[:, :, None, None]
-            group = score.sum(2)  # [B, Hkv, n, older]: one selection per KV group …
-            if select == "block":
-                group = group.sum(2, keepdim=True)  # … and per query chunk
-            idx = group.topk(min(older, topk) if topk > 0 else older, dim=-1).indices  # [B, Hkv, n|1, K]
-            chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, rows.shape[3], idx.shape[-1]))
-            # gather each query's chunks as rows of the flattened [B·Hkv·chunks, S, ·] tensors (index_select is fast)
-            flat = (torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1) * full + idx).flatten()
-            ks = kc.reshape(-1, S, D).index_select(0, flat).view(*idx.shape, S, D)
-            vs = vc.reshape(-1, S, Dv).index_select(0, flat).view(*idx.shape, S, Dv)
-            per = "" if select == "block" else "n"  # a chunk's shared selection has no query axis: one matmul for all its queries
-            if per == "":
-                ks, vs = ks[:, :, 0], vs[:, :, 0]
-            scores = torch.einsum(f"bhgnd,bh{per}ksd->bhgnks", rows, ks) * scale
-            if key_padding is None:  # every key of a chunk is real
-                probs = torch.softmax(scores, dim=-1)
-            else:
-                rs = rc.expand(B, Hkv, full, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)
-                probs, _ = _softmax(scores, rs[:, :, None])
-            parts_out.append(torch.einsum(f"bhgnks,bh{per}ksd->bhgnkd", probs, vs))
-            parts_score.append(chosen)
+        older = c1 - 1 - w  # candidates of the group's last chunk: chunks 0 .. older-1
+        if older > 0 and topk != 0:
+            selected = _retrieve(rows, kc[:, :, :older], vc[:, :, :older], rc[:, :, :older], landmarks, c0, c1, w, min(K, older), select, key_padding is None)
+            parts_out.append(selected[0])
+            parts_score.append(selected[1])
         outs.append(_fuse(parts_out, parts_score))
-    return torch.cat(outs, dim=3).reshape(B, Hq, T, Dv)
+    return torch.cat(outs, dim=3).reshape(B, Hkv, G, C * S, Dv)[:, :, :, :T].reshape(B, Hq, T, Dv)
 
 
-def _exact_scores(rows: torch.Tensor, kc: torch.Tensor, rc: torch.Tensor, scale: float) -> torch.Tensor:
-    """Each chunk's true LSE per query head [B, Hkv, G, n, chunks]; -inf for a chunk with no real key."""
-    empty = (rc.sum(-1) == 0)[:, :, None, None]
-    scores = torch.einsum("bhgnd,bhcsd->bhgncs", rows, kc) * scale
-    scores = scores.masked_fill(~rc[:, :, None, None], float("-inf")).masked_fill(empty[..., None], 0.0)
+def _retrieve(rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool):
+    """(outputs [B, Hkv, G, Cg, S, K, Dv], fusion scores [B, Hkv, G, Cg, S, K]) of each query's top-K older chunks.
+
+    ``rows`` are the group's queries already multiplied by the softmax scale.
+    """
+    B, Hkv, G, Cg, S, D = rows.shape
+    older = kc.shape[2]
+    if landmarks is None:
+        score = _exact_scores(rows, kc, rc)
+    else:
+        mean, log_count = (t[:, :, :older] for t in landmarks)
+        score = torch.einsum("bhgcsd,bhid->bhgcsi", rows, mean) + log_count[:, :, None, None, None]
+    chunks = torch.arange(c0, c1, device=rows.device)
+    visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
+    score = score.masked_fill(~visible[:, None], float("-inf"))
+    group = score.sum(2)  # [B, Hkv, Cg, S, older]: one selection per KV group …
+    if select == "block":
+        group = group.sum(3, keepdim=True)  # … and per query chunk
+    idx = group.topk(K, dim=-1).indices  # [B, Hkv, Cg, S|1, K]
+    chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, Cg, S, K))
+    # gather each query's chunks as rows of the flattened [B·Hkv·older, S, ·] tensors (index_select is fast)
+    flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten()
+    ks = kc.reshape(-1, S, D).index_select(0, flat).view(*idx.shape, S, D)
+    vs = vc.reshape(-1, S, vc.shape[-1]).index_select(0, flat).view(*idx.shape, S, vc.shape[-1])
+    per = "n"
+    if select == "block":  # a chunk's shared selection has no query axis: one matmul for all its queries
+        per, ks, vs = "", ks[:, :, :, 0], vs[:, :, :, 0]
+    scores = torch.einsum(f"bhgcnd,bhc{per}ksd->bhgcnks", rows, ks)
+    if unpadded:  # every key of a chunk is real
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        rs = rc.expand(B, Hkv, older, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)
+        probs, _ = _softmax(scores, rs[:, :, None])
+    return torch.einsum(f"bhgcnks,bhc{per}ksd->bhgcnkd", probs, vs), chosen
+
+
+def _exact_scores(rows: torch.Tensor, kc: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+    """Each chunk's true LSE per (scaled) query head [B, Hkv, G, Cg, S, chunks]; -inf for a chunk with no real key."""
+    empty = (rc.sum(-1) == 0)[:, :, None, None, None]
+    scores = torch.einsum("bhgcsd,bhijd->bhgcsij", rows, kc)
+    scores = scores.masked_fill(~rc[:, :, None, None, None], float("-inf")).masked_fill(empty[..., None], 0.0)
     return scores.logsumexp(-1).masked_fill(empty, float("-inf"))
 
 
