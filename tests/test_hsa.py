@@ -66,18 +66,22 @@ def inputs(T=13, seed=0):
     [("landmark", 2, 1, "token"), ("landmark", 1, 0, "token"), ("exact", 2, 0, "token"), ("exact", -1, 1, "token"), ("landmark", 2, 0, "block")],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])
-def test_op_equals_brute_force(mode, K, w, select, group, monkeypatch):
-    """Forward and gradients of the op equal the per-query brute force (GQA, padding, T not a multiple of S).
+@pytest.mark.parametrize("padded", [True, False])
+def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
+    """Forward and gradients of the op equal the per-query brute force (GQA, T not a multiple of S).
 
-    Run with one query chunk per group and with every chunk in one group, so both paths are checked.
+    With padding that empties a chunk (masked softmaxes) and without (batched SDPA per chunk); with
+    one query chunk per group and every chunk in one group, so each path is checked.
     """
     if group == "one chunk":
         monkeypatch.setattr(hsa_ops, "GROUP_ELEMENTS", 1)
     q, k, v, key_padding = inputs()
+    if not padded:
+        key_padding = None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     refs = [t.clone().requires_grad_() for t in (q, k, v)]
     got = hsa_attention(*leaves, key_padding, 8**-0.5, 3, K, w, mode, select)
-    want = brute_force(*refs, key_padding, 8**-0.5, 3, K, w, mode, select)
+    want = brute_force(*refs, torch.ones(2, 13) if key_padding is None else key_padding, 8**-0.5, 3, K, w, mode, select)
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):

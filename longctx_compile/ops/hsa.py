@@ -57,7 +57,8 @@ def hsa_ref(
     C, full = math.ceil(T / S), T // S  # chunks, complete chunks
     pad = C * S - T
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
-    qg = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D)  # scaled once: every score is q·k·scale
+    # queries scaled once (every score is q·k·scale) and laid out [B, Hkv, chunk, G, S, D]: a chunk's G·S rows are one matrix
+    qg = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3).contiguous()
     # each chunk's local keys, chunks c-w .. c, as windows over the keys padded by w chunks on the left
     kwin, vwin = (torch.nn.functional.pad(t.float(), (0, 0, w * S, pad)).unfold(2, (w + 1) * S, S).transpose(-1, -2) for t in (k, v))
     rwin = torch.nn.functional.pad(real, (w * S, pad)).unfold(1, (w + 1) * S, S)  # [B, C, (w+1)S]
@@ -73,60 +74,69 @@ def hsa_ref(
     outs = []
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
-        rows = qg[:, :, :, c0:c1]  # [B, Hkv, G, Cg, S, D]
-        keep = causal & rwin[:, None, None, c0:c1, None, :]
-        probs, local_lse = _softmax(torch.einsum("bhgcsd,bhcld->bhgcsl", rows, kwin[:, :, c0:c1]), keep)
-        parts_out = [torch.einsum("bhgcsl,bhcld->bhgcsd", probs, vwin[:, :, c0:c1])[..., None, :]]
-        parts_score = [local_lse[..., None]]
+        rows = qg[:, :, c0:c1]  # [B, Hkv, Cg, G, S, D]
+        keep = causal & rwin[:, None, c0:c1, None, None, :]
+        local, local_lse = _softmax(torch.einsum("bhcgsd,bhcld->bhcgsl", rows, kwin[:, :, c0:c1]), keep)
         older = c1 - 1 - w  # candidates of the group's last chunk: chunks 0 .. older-1
-        if older > 0 and topk != 0:
-            selected = _retrieve(rows, kc[:, :, :older], vc[:, :, :older], rc[:, :, :older], landmarks, c0, c1, w, min(K, older), select, key_padding is None)
-            parts_out.append(selected[0])
-            parts_score.append(selected[1])
-        outs.append(_fuse(parts_out, parts_score))
-    return torch.cat(outs, dim=3).reshape(B, Hkv, G, C * S, Dv)[:, :, :, :T].reshape(B, Hq, T, Dv)
+        if older <= 0 or topk == 0:
+            outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local, vwin[:, :, c0:c1]))  # a query with no key: probabilities 0
+            continue
+        probs, scores, vs = _retrieve(
+            rows, kc[:, :, :older], vc[:, :, :older], rc[:, :, :older], landmarks, c0, c1, w, min(K, older), select, key_padding is None
+        )
+        weights = _fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1))
+        # the fusion weights fold into each part's probabilities, so each part is one matmul over its keys
+        out = torch.einsum("bhcgsl,bhcld->bhcgsd", local * weights[..., :1], vwin[:, :, c0:c1])
+        selected = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, Cg, G, S, K·S]
+        if select == "block":
+            out = out + torch.einsum("bhcgsj,bhcjd->bhcgsd", selected, vs[:, :, :, 0].flatten(3, 4))
+        else:
+            out = out + torch.einsum("bhcgsj,bhcsjd->bhcgsd", selected, vs.flatten(4, 5))
+        outs.append(out)
+    out = torch.cat(outs, dim=2).transpose(2, 3).reshape(B, Hkv, G, C * S, Dv)
+    return out[:, :, :, :T].reshape(B, Hq, T, Dv)
 
 
 def _retrieve(rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool):
-    """(outputs [B, Hkv, G, Cg, S, K, Dv], fusion scores [B, Hkv, G, Cg, S, K]) of each query's top-K older chunks.
+    """Each query's top-K older chunks: (probabilities [B, Hkv, Cg, G, S, K, S] within each chunk, their
+    fusion scores [B, Hkv, Cg, G, S, K], their values [B, Hkv, Cg, S|1, K, S, Dv]).
 
     ``rows`` are the group's queries already multiplied by the softmax scale.
     """
-    B, Hkv, G, Cg, S, D = rows.shape
+    B, Hkv, Cg, G, S, D = rows.shape
     older = kc.shape[2]
     if landmarks is None:
         score = _exact_scores(rows, kc, rc)
     else:
         mean, log_count = (t[:, :, :older] for t in landmarks)
-        score = torch.einsum("bhgcsd,bhid->bhgcsi", rows, mean) + log_count[:, :, None, None, None]
+        score = torch.einsum("bhcgsd,bhid->bhcgsi", rows, mean) + log_count[:, :, None, None, None]
     chunks = torch.arange(c0, c1, device=rows.device)
     visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
-    score = score.masked_fill(~visible[:, None], float("-inf"))
-    group = score.sum(2)  # [B, Hkv, Cg, S, older]: one selection per KV group …
+    score = score.masked_fill(~visible[:, None, None], float("-inf"))
+    group = score.sum(3)  # [B, Hkv, Cg, S, older]: one selection per KV group …
     if select == "block":
         group = group.sum(3, keepdim=True)  # … and per query chunk
     idx = group.topk(K, dim=-1).indices  # [B, Hkv, Cg, S|1, K]
-    chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, Cg, S, K))
+    chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
     # gather each query's chunks as rows of the flattened [B·Hkv·older, S, ·] tensors (index_select is fast)
     flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten()
     ks = kc.reshape(-1, S, D).index_select(0, flat).view(*idx.shape, S, D)
     vs = vc.reshape(-1, S, vc.shape[-1]).index_select(0, flat).view(*idx.shape, S, vc.shape[-1])
-    per = "n"
-    if select == "block":  # a chunk's shared selection has no query axis: one matmul for all its queries
-        per, ks, vs = "", ks[:, :, :, 0], vs[:, :, :, 0]
-    scores = torch.einsum(f"bhgcnd,bhc{per}ksd->bhgcnks", rows, ks)
-    if unpadded:  # every key of a chunk is real
-        probs = torch.softmax(scores, dim=-1)
+    if select == "block":  # a chunk's shared selection: one matmul for all its G·S query rows
+        scores = torch.einsum("bhcgnd,bhcksd->bhcgnks", rows, ks[:, :, :, 0])
     else:
-        rs = rc.expand(B, Hkv, older, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)
-        probs, _ = _softmax(scores, rs[:, :, None])
-    return torch.einsum(f"bhgcnks,bhc{per}ksd->bhgcnkd", probs, vs), chosen
+        scores = torch.einsum("bhcgnd,bhcnksd->bhcgnks", rows, ks)
+    if unpadded:  # every key of a chunk is real
+        return torch.softmax(scores, dim=-1), chosen, vs
+    rs = rc.expand(B, Hkv, older, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)
+    probs, _ = _softmax(scores, rs[:, :, :, None])
+    return probs, chosen, vs
 
 
 def _exact_scores(rows: torch.Tensor, kc: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
-    """Each chunk's true LSE per (scaled) query head [B, Hkv, G, Cg, S, chunks]; -inf for a chunk with no real key."""
+    """Each chunk's true LSE per (scaled) query head [B, Hkv, Cg, G, S, chunks]; -inf for a chunk with no real key."""
     empty = (rc.sum(-1) == 0)[:, :, None, None, None]
-    scores = torch.einsum("bhgcsd,bhijd->bhgcsij", rows, kc)
+    scores = torch.einsum("bhcgsd,bhijd->bhcgsij", rows, kc)
     scores = scores.masked_fill(~rc[:, :, None, None, None], float("-inf")).masked_fill(empty[..., None], 0.0)
     return scores.logsumexp(-1).masked_fill(empty, float("-inf"))
 
@@ -138,12 +148,10 @@ def _landmarks(kc: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.
     return mean, torch.log(count.float())
 
 
-def _fuse(outs: list[torch.Tensor], scores: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_parts softmax(scores)·out; ``outs`` [..., parts_i, Dv], ``scores`` [..., parts_i]; no finite score: 0."""
-    out, score = torch.cat(outs, dim=-2), torch.cat(scores, dim=-1)
-    dead = ~torch.isfinite(score).any(-1, keepdim=True)
-    weights = torch.softmax(score.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    return (weights[..., None] * out).sum(-2)
+def _fusion_weights(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the parts' scores (last dim); a row with no finite score gets all-zero weights."""
+    dead = ~torch.isfinite(scores).any(-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 @torch.library.custom_op("longctx::hsa_attention", mutates_args=())
