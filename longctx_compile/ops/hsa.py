@@ -10,7 +10,7 @@ For query t in chunk c = t // S:
 - each selected chunk gets its own softmax and LSE, and the parts fuse linearly with weights
   softmax(local LSE, selected chunks' scores). In ``exact`` mode with K ≥ the candidates this is
   dense causal attention exactly.
-Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key is never selected.
+Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key scores -inf and adds nothing.
 
 The reference below is the definition and the backward (autograd through it; the selection gets no
 gradient, the scores do through the fusion weights). It runs a group of query chunks at a time
