@@ -135,6 +135,8 @@ def test_layers_and_refusals():
         lcc.compile("tiny-mistral", to="hsa")
     with pytest.raises(LccError, match="packed-document masks are not supported by hsa yet"):
         lcc.compile("tiny-llama", to="hsa", attention_mask=False)
+    with pytest.raises(LccError, match=r"cannot build a KV cache for layer 1 \(model.layers.1.self_attn\): its hsa attention has no cached decode step yet"):
+        compiled.generate([[1, 2]], max_new_tokens=2)
     with pytest.raises(LccError, match="expected one of exact, landmark"):
         lcc.compile("tiny-llama", to="hsa", score="nearest")
 

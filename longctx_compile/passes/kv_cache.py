@@ -178,6 +178,8 @@ def check_generatable(program: Program) -> None:
     for node in program.attention_nodes():
         facts = node.meta["lcc"]
         where = f"cannot build a KV cache for layer {facts['layer']} ({facts['module']})"
+        if node.target not in (torch.ops.longctx.attention.default, torch.ops.longctx.flash_attention.default):
+            raise LccError(f"{where}: its {facts['form']} attention has no cached decode step yet")
         if not node.args[7]:
             raise LccError(f"{where}: its attention is not causal ({facts['mask']})")
         if node.args[4] is not None:
