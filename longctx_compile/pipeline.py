@@ -100,6 +100,26 @@ class Program:
         """The per-site facts of every canonical attention, in graph order."""
         return [dict(n.meta["lcc"], node=n.name) for n in self.attention_nodes()]
 
+    def add_parameter(self, target: str, value: torch.Tensor) -> torch.fx.Node:
+        """A new trainable parameter ``target`` (a dotted module path) of the program, and its graph input.
+
+        Lifted parameters are the first inputs of an exported graph: the new one goes after the last
+        of them, in the graph and in the signature, and its value joins the state dict.
+        """
+        from torch._guards import detect_fake_mode
+        from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+        specs = self.ep.graph_signature.input_specs
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        last = max(i for i, spec in enumerate(specs) if spec.kind == InputKind.PARAMETER)
+        with self.gm.graph.inserting_after(placeholders[last]):
+            node = self.gm.graph.placeholder("p_" + target.replace(".", "_"))
+        fake_mode = detect_fake_mode([n.meta["val"] for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)])
+        node.meta["val"] = fake_mode.from_tensor(value)
+        specs.insert(last + 1, InputSpec(kind=InputKind.PARAMETER, arg=TensorArgument(name=node.name), target=target, persistent=None))
+        self.ep.state_dict[target] = torch.nn.Parameter(value)
+        return node
+
 
 def lint(program: Program) -> None:
     """Structural checks after each pass: a valid FX graph and facts on every canonical attention."""

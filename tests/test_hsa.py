@@ -15,7 +15,7 @@ from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops.hsa import hsa_attention
 
 
-def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token"):
+def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None):
     """HSA one query at a time with Python sets: the semantics of ops/hsa.py written out plainly."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -30,10 +30,13 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token"):
                 chunks = {i: [j for j in range(i * S, (i + 1) * S) if real[j]] for i in range(max(0, c - w))}
                 chunks = {i: keys for i, keys in chunks.items() if keys}
 
-                def score(qh, keys, kh=k[b, h]):
+                def score(qh, keys, kh=k[b, h], h=h):
                     if mode == "exact":
                         return torch.logsumexp(torch.stack([qh @ kh[j] * scale for j in keys]), 0)
-                    return qh @ torch.stack([kh[j] for j in keys]).mean(0) * scale + math.log(len(keys))
+                    mean = torch.stack([kh[j] for j in keys]).mean(0)
+                    if mode == "learned":
+                        qh, mean = qh @ wq[h], mean @ wk[h]
+                    return qh @ mean * scale + math.log(len(keys))
 
                 heads = [q[b, h * G + g, t] for g in range(G)]
                 voters = range(c * S, min(T, (c + 1) * S)) if select == "block" else [t]  # whose scores pick the chunks
@@ -78,10 +81,13 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     q, k, v, key_padding = inputs()
     if not padded:
         key_padding = None
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    refs = [t.clone().requires_grad_() for t in (q, k, v)]
-    got = hsa_attention(*leaves, key_padding, 8**-0.5, 3, K, w, mode, select)
-    want = brute_force(*refs, torch.ones(2, 13) if key_padding is None else key_padding, 8**-0.5, 3, K, w, mode, select)
+    g = torch.Generator().manual_seed(2)
+    projections = [torch.randn(2, 8, 8, generator=g) / 3 for _ in range(2)] if mode == "learned" else []
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
+    refs = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
+    wq, wk = leaves[3:] if projections else (None, None)
+    got = hsa_attention(*leaves[:3], key_padding, wq, wk, 8**-0.5, 3, K, w, mode, select)
+    want = brute_force(*refs[:3], torch.ones(2, 13) if key_padding is None else key_padding, 8**-0.5, 3, K, w, mode, select, *(refs[3:] or (None, None)))
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):
@@ -118,8 +124,34 @@ def test_landmark_mode_trains():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_learned_mode_starts_as_landmark_and_trains(tmp_path):
+    """New retrieval projections start as the identity (logits equal landmark's), receive gradients,
+    train the model down, and survive save and load."""
+    options = dict(to="hsa", chunk=4, topk="2", window=1)
+    landmark, learned = lcc.compile("tiny-llama", score="landmark", **options), lcc.compile("tiny-llama", score="learned", **options)
+    ids = torch.arange(16).repeat(3)[None] * 7 % 256
+    torch.testing.assert_close(learned(ids), landmark(ids))
+    new = {name: p for name, p in learned.module.named_parameters() if "hsa_retrieval" in name}
+    assert sorted(new) == [f"model.layers.{i}.self_attn.hsa_retrieval_{s}" for i in (0, 1) for s in "kq"]
+    params = list(learned.module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(learned(ids)[0, :-1], ids[0, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in new.values())
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.5
+    loaded = lcc.load(learned.save(tmp_path / "learned.lcc"))
+    torch.testing.assert_close(loaded(ids), learned(ids))
 
 
 def test_layers_and_refusals():
@@ -137,7 +169,7 @@ def test_layers_and_refusals():
         lcc.compile("tiny-llama", to="hsa", attention_mask=False)
     with pytest.raises(LccError, match=r"cannot build a KV cache for layer 1 \(model.layers.1.self_attn\): its hsa attention has no cached decode step yet"):
         compiled.generate([[1, 2]], max_new_tokens=2)
-    with pytest.raises(LccError, match="expected one of exact, landmark"):
+    with pytest.raises(LccError, match="expected one of exact, landmark, learned"):
         lcc.compile("tiny-llama", to="hsa", score="nearest")
 
 

@@ -4,6 +4,9 @@ For query t in chunk c = t // S:
 - the *local* part is the keys of chunks max(0, c-w) .. c up to t (causal), one softmax with its LSE;
 - the *candidates* are the older complete chunks 0 .. c-w-1, each scored per query head:
   ``exact`` — the chunk's true LSE; ``landmark`` — q·mean(k over the chunk)·scale + log S;
+  ``learned`` — (q·Wq)·(mean(k)·Wk)·scale + log S with per-KV-head [D, D] retrieval projections,
+  new parameters that start as the identity (so training starts from ``landmark``) and learn
+  through the fusion weights;
 - the query heads of a KV group share one selection: the top-K candidates by the group's summed score,
   per query (``select="token"``) or, summed over the chunk's queries too, per query chunk (``"block"``:
   the chunk's queries then read the same K chunks, which makes the work dense-like and fast);
@@ -49,8 +52,13 @@ def hsa_ref(
     window: int,
     mode: str,
     select: str = "token",
+    retrieval_q: torch.Tensor | None = None,
+    retrieval_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``topk`` < 0 means all."""
+    """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``topk`` < 0 means all.
+
+    ``retrieval_q`` / ``retrieval_k`` [Hkv, D, D]: the ``learned`` mode's projections.
+    """
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G, S, w = Hq // Hkv, chunk, window
@@ -67,7 +75,11 @@ def hsa_ref(
     kc = k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
     vc = v.float()[:, :, : full * S].reshape(B, Hkv, full, S, Dv)
     rc = real[:, : full * S].reshape(B, 1, full, S)
-    landmarks = _landmarks(kc, rc) if mode == "landmark" else None
+    landmarks = _landmarks(kc, rc) if mode != "exact" else None
+    score_q = qg  # what scores the chunks: the queries, or their learned retrieval projection
+    if mode == "learned":
+        score_q = torch.einsum("bhcgsd,hde->bhcgse", qg, retrieval_q.float())
+        landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
     K = full if topk < 0 else topk
     per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
     step = max(1, GROUP_ELEMENTS // per_chunk)  # query chunks per group
@@ -82,7 +94,7 @@ def hsa_ref(
             outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local, vwin[:, :, c0:c1]))  # a query with no key: probabilities 0
             continue
         probs, scores, vs = _retrieve(
-            rows, kc[:, :, :older], vc[:, :, :older], rc[:, :, :older], landmarks, c0, c1, w, min(K, older), select, key_padding is None
+            rows, score_q[:, :, c0:c1], kc[:, :, :older], vc[:, :, :older], rc[:, :, :older], landmarks, c0, c1, w, min(K, older), select, key_padding is None
         )
         weights = _fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1))
         # the fusion weights fold into each part's probabilities, so each part is one matmul over its keys
@@ -97,11 +109,12 @@ def hsa_ref(
     return out[:, :, :, :T].reshape(B, Hq, T, Dv)
 
 
-def _retrieve(rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool):
+def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool):
     """Each query's top-K older chunks: (probabilities [B, Hkv, Cg, G, S, K, S] within each chunk, their
     fusion scores [B, Hkv, Cg, G, S, K], their values [B, Hkv, Cg, S|1, K, S, Dv]).
 
-    ``rows`` are the group's queries already multiplied by the softmax scale.
+    ``rows`` are the group's queries already multiplied by the softmax scale; ``score_rows`` what
+    scores the chunks against the ``landmarks`` (the rows, or their learned projection).
     """
     B, Hkv, Cg, G, S, D = rows.shape
     older = kc.shape[2]
@@ -109,7 +122,7 @@ def _retrieve(rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, sel
         score = _exact_scores(rows, kc, rc)
     else:
         mean, log_count = (t[:, :, :older] for t in landmarks)
-        score = torch.einsum("bhcgsd,bhid->bhcgsi", rows, mean) + log_count[:, :, None, None, None]
+        score = torch.einsum("bhcgsd,bhid->bhcgsi", score_rows, mean) + log_count[:, :, None, None, None]
     chunks = torch.arange(c0, c1, device=rows.device)
     visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
     score = score.masked_fill(~visible[:, None, None], float("-inf"))
@@ -160,6 +173,8 @@ def hsa_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding: torch.Tensor | None,
+    retrieval_q: torch.Tensor | None,
+    retrieval_k: torch.Tensor | None,
     scale: float,
     chunk: int,
     topk: int,
@@ -169,27 +184,29 @@ def hsa_attention(
 ) -> torch.Tensor:
     """HSA as defined by :func:`hsa_ref`; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select))
+    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k))
     return result
 
 
 @hsa_attention.register_fake
-def _(q, k, v, key_padding, scale, chunk, topk, window, mode, select):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select):
     return empty_sdpa_layout(q, v)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.statics = inputs[4:]
+    ctx.save_for_backward(*inputs[:6])
+    ctx.statics = inputs[6:]
 
 
 def _backward(ctx, grad_out):
-    q, k, v, key_padding = ctx.saved_tensors
+    q, k, v, key_padding, retrieval_q, retrieval_k = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = hsa_ref(*leaves, key_padding, *ctx.statics)
-        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k)]
+        out = hsa_ref(*leaves[:3], key_padding, *ctx.statics, *leaves[3:])
+        wrt = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(out, wrt, grad_out))
+    dq, dk, dv, dwq, dwk = (None if t is None else next(grads) for t in leaves)
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 6
 
 
 hsa_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LccError
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import fake_call
+from .graph import fake_call, val
 
 CANONICAL = torch.ops.longctx.attention.default
 HSA = torch.ops.longctx.hsa_attention.default
@@ -23,12 +23,12 @@ HSA = torch.ops.longctx.hsa_attention.default
 
 @dataclass
 class HsaConfig:
-    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark select=token|block layers=all|0,2,5``."""
+    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|learned select=token|block layers=all|0,2,5``."""
 
     chunk: int = 64
     topk: str = "16"
     window: int = 4
-    score: Literal["exact", "landmark"] = "landmark"
+    score: Literal["exact", "landmark", "learned"] = "landmark"
     select: Literal["token", "block"] = "token"
     layers: str = "all"
 
@@ -73,7 +73,13 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
         facts = node.meta["lcc"]
         _check(node, f"layer {facts['layer']} ({facts['module']})")
         q, k, v, key_padding = node.args[:4]
-        args = (q, k, v, key_padding, node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select)
+        projections = (None, None)
+        if cfg.score == "learned":  # per KV head [D, D], the identity: training starts from landmark scores
+            hkv, d = facts["hkv"], facts["head_dim"]
+            projections = tuple(
+                program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
+            )
+        args = (q, k, v, key_padding, *projections, node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select)
         node.target, node.args = HSA, args
         node.meta["val"] = fake_call(HSA, *args)
         facts.update(form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select)
