@@ -43,7 +43,9 @@ def measure(op: str, T: int) -> dict:
         k, v = (torch.randn(1, SHAPE["kv_heads"], length, SHAPE["dim"], generator=g) for _ in range(2))
         start = time.perf_counter()
         if op.startswith("hsa"):
-            hsa_attention(q, k, v, None, None, None, SHAPE["dim"] ** -0.5, HSA["chunk"], HSA["topk"], HSA["window"], HSA["mode"], op.removeprefix("hsa-"))
+            hsa_attention(
+                q, k, v, None, None, None, SHAPE["dim"] ** -0.5, HSA["chunk"], HSA["topk"], HSA["window"], HSA["mode"], op.removeprefix("hsa-"), False
+            )
         else:
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return time.perf_counter() - start

@@ -15,7 +15,7 @@ from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops.hsa import hsa_attention
 
 
-def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None):
+def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False):
     """HSA one query at a time with Python sets: the semantics of ops/hsa.py written out plainly."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -48,7 +48,11 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                         if not keys:
                             continue
                         logits = torch.stack([qh @ k[b, h, j] * scale for j in keys])
-                        parts.append(torch.softmax(logits, 0) @ torch.stack([v[b, h, j] for j in keys]))
+                        if sink and s is not None:  # a retrieved chunk's softmax with +1 in the denominator
+                            logits = torch.cat([logits, torch.zeros(1)])
+                            keys = [*keys, None]
+                        values = torch.stack([v[b, h, j] if j is not None else torch.zeros(v.shape[-1]) for j in keys])
+                        parts.append(torch.softmax(logits, 0) @ values)
                         weights.append(torch.logsumexp(logits, 0) if s is None else s)
                     if parts:
                         out[b, h * G + g, t] = torch.softmax(torch.stack(weights), 0) @ torch.stack(parts)
@@ -66,14 +70,23 @@ def inputs(T=13, seed=0):
 
 @pytest.mark.parametrize(
     "mode,K,w,select",
-    [("landmark", 2, 1, "token"), ("landmark", 1, 0, "token"), ("exact", 2, 0, "token"), ("exact", -1, 1, "token"), ("landmark", 2, 0, "block")],
+    [
+        ("landmark", 2, 1, "token"),
+        ("landmark", 1, 0, "token"),
+        ("exact", 2, 0, "token"),
+        ("exact", -1, 1, "token"),
+        ("landmark", 2, 0, "block"),
+        ("learned", 2, 1, "token"),
+        ("learned", 1, 0, "block"),
+        ("landmark", 2, 1, "sink"),  # per token, softmax-off-by-one in the retrieved chunks
+    ],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     """Forward and gradients of the op equal the per-query brute force (GQA, T not a multiple of S).
 
-    With padding that empties a chunk (masked softmaxes) and without (batched SDPA per chunk); with
+    With padding that empties a chunk (masked softmaxes) and without (plain softmaxes); with
     one query chunk per group and every chunk in one group, so each path is checked.
     """
     if group == "one chunk":
@@ -86,8 +99,9 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
     refs = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
     wq, wk = leaves[3:] if projections else (None, None)
-    got = hsa_attention(*leaves[:3], key_padding, wq, wk, 8**-0.5, 3, K, w, mode, select)
-    want = brute_force(*refs[:3], torch.ones(2, 13) if key_padding is None else key_padding, 8**-0.5, 3, K, w, mode, select, *(refs[3:] or (None, None)))
+    sink, select = select == "sink", "token" if select == "sink" else select
+    got = hsa_attention(*leaves[:3], key_padding, wq, wk, 8**-0.5, 3, K, w, mode, select, sink)
+    want = brute_force(*refs[:3], torch.ones(2, 13) if key_padding is None else key_padding, 8**-0.5, 3, K, w, mode, select, *(refs[3:] or (None, None)), sink)
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):

@@ -29,8 +29,8 @@ def form_detail(site: dict[str, Any]) -> str:
     if site.get("form") != "hsa":
         return site.get("form", "")
     topk = "all" if site["topk"] < 0 else site["topk"]
-    per_block = " per block" if site.get("select") == "block" else ""
-    return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{per_block}"
+    extras = (" per block" if site.get("select") == "block" else "") + (" sink" if site.get("sink") else "")
+    return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{extras}"
 
 
 def tiles(site: dict[str, Any]) -> str:

@@ -10,8 +10,9 @@ For query t in chunk c = t // S:
 - the query heads of a KV group share one selection: the top-K candidates by the group's summed score,
   per query (``select="token"``) or, summed over the chunk's queries too, per query chunk (``"block"``:
   the chunk's queries then read the same K chunks, which makes the work dense-like and fast);
-- each selected chunk gets its own softmax and LSE, and the parts fuse linearly with weights
-  softmax(local LSE, selected chunks' scores). In ``exact`` mode with K ≥ the candidates this is
+- each selected chunk gets its own softmax and LSE — with ``sink``, softmax-off-by-one (a +1 in the
+  denominator, so a query can take almost nothing from a chunk) — and the parts fuse linearly with
+  weights softmax(local LSE, selected chunks' scores). In ``exact`` mode with K ≥ the candidates this is
   dense causal attention exactly.
 Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key scores -inf and adds nothing.
 
@@ -54,6 +55,7 @@ def hsa_ref(
     select: str = "token",
     retrieval_q: torch.Tensor | None = None,
     retrieval_k: torch.Tensor | None = None,
+    sink: bool = False,
 ) -> torch.Tensor:
     """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``topk`` < 0 means all.
 
@@ -94,7 +96,19 @@ def hsa_ref(
             outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local, vwin[:, :, c0:c1]))  # a query with no key: probabilities 0
             continue
         probs, scores, vs = _retrieve(
-            rows, score_q[:, :, c0:c1], kc[:, :, :older], vc[:, :, :older], rc[:, :, :older], landmarks, c0, c1, w, min(K, older), select, key_padding is None
+            rows,
+            score_q[:, :, c0:c1],
+            kc[:, :, :older],
+            vc[:, :, :older],
+            rc[:, :, :older],
+            landmarks,
+            c0,
+            c1,
+            w,
+            min(K, older),
+            select,
+            key_padding is None,
+            sink,
         )
         weights = _fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1))
         # the fusion weights fold into each part's probabilities, so each part is one matmul over its keys
@@ -109,7 +123,7 @@ def hsa_ref(
     return out[:, :, :, :T].reshape(B, Hq, T, Dv)
 
 
-def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool):
+def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool, sink: bool):
     """Each query's top-K older chunks: (probabilities [B, Hkv, Cg, G, S, K, S] within each chunk, their
     fusion scores [B, Hkv, Cg, G, S, K], their values [B, Hkv, Cg, S|1, K, S, Dv]).
 
@@ -139,10 +153,14 @@ def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int,
         scores = torch.einsum("bhcgnd,bhcksd->bhcgnks", rows, ks[:, :, :, 0])
     else:
         scores = torch.einsum("bhcgnd,bhcnksd->bhcgnks", rows, ks)
-    if unpadded:  # every key of a chunk is real
+    if unpadded and not sink:  # every key of a chunk is real
         return torch.softmax(scores, dim=-1), chosen, vs
-    rs = rc.expand(B, Hkv, older, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)
-    probs, _ = _softmax(scores, rs[:, :, :, None])
+    keep = torch.ones((), dtype=torch.bool, device=rows.device)
+    if not unpadded:
+        keep = rc.expand(B, Hkv, older, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)[:, :, :, None]
+    probs, lse = _softmax(scores, keep.expand_as(scores))
+    if sink:  # softmax-off-by-one: a chunk passes on Σexp / (Σexp + 1) of its mass
+        probs = probs * torch.sigmoid(lse)[..., None]
     return probs, chosen, vs
 
 
@@ -181,15 +199,16 @@ def hsa_attention(
     window: int,
     mode: str,
     select: str,
+    sink: bool,
 ) -> torch.Tensor:
     """HSA as defined by :func:`hsa_ref`; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k))
+    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink))
     return result
 
 
 @hsa_attention.register_fake
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink):
     return empty_sdpa_layout(q, v)
 
 
@@ -202,11 +221,12 @@ def _backward(ctx, grad_out):
     q, k, v, key_padding, retrieval_q, retrieval_k = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k)]
-        out = hsa_ref(*leaves[:3], key_padding, *ctx.statics, *leaves[3:])
+        scale, chunk, topk, window, mode, select, sink = ctx.statics
+        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:], sink)
         wrt = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(out, wrt, grad_out))
     dq, dk, dv, dwq, dwk = (None if t is None else next(grads) for t in leaves)
-    return dq, dk, dv, None, dwq, dwk, *(None,) * 6
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 7
 
 
 hsa_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -23,13 +23,14 @@ HSA = torch.ops.longctx.hsa_attention.default
 
 @dataclass
 class HsaConfig:
-    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|learned select=token|block layers=all|0,2,5``."""
+    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|learned select=token|block sink=false layers=all|0,2,5``."""
 
     chunk: int = 64
     topk: str = "16"
     window: int = 4
     score: Literal["exact", "landmark", "learned"] = "landmark"
     select: Literal["token", "block"] = "token"
+    sink: bool = False
     layers: str = "all"
 
 
@@ -79,12 +80,12 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             projections = tuple(
                 program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
             )
-        args = (q, k, v, key_padding, *projections, node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select)
+        args = (q, k, v, key_padding, *projections, node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select, cfg.sink)
         node.target, node.args = HSA, args
         node.meta["val"] = fake_call(HSA, *args)
-        facts.update(form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select)
+        facts.update(form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select, sink=cfg.sink)
     graph.lint()
-    program.signature["exact"] = cfg.score == "exact" and topk < 0  # every chunk is selected, whatever ``select`` is
+    program.signature["exact"] = cfg.score == "exact" and topk < 0 and not cfg.sink  # every chunk is selected, whatever ``select`` is
     return PassResult(
         matches=len(chosen), notes=[f"{len(chosen)} of {len(nodes)} layers: chunk {cfg.chunk}, top-{cfg.topk}, window {cfg.window}, {cfg.score} scores"]
     )
