@@ -93,9 +93,9 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
 
 def _check(node: torch.fx.Node, where: str) -> None:
     """HSA is defined for causal self-attention with at most key padding: refuse the rest in one line."""
-    _, _, _, _, doc_ids, mask, _, causal, window = node.args
     if node.target is not CANONICAL:
         raise LccError(f"{where}: hsa rewrites canonical attention; this site is already {node.target.name()}")
+    _, _, _, _, doc_ids, mask, _, causal, window = node.args
     if mask is not None:
         raise LccError(f"{where}: an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding")
     if not causal:
