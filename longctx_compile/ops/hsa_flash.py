@@ -1,0 +1,125 @@
+"""``longctx::hsa_flash``: ``longctx::hsa_attention`` bound to the Triton HSA kernels (``kernels/hsa.py``).
+
+``lower`` swaps the reference op for this one on Triton targets. Retrieval inputs are small and made
+here in torch: the score queries (q·scale, through the learned projection), each complete chunk's
+landmark (mean real key, projected) and its log real-key count. The kernels select, attend and fuse;
+the backward takes the kernels' gradients of the score queries and landmarks back through those
+torch steps to q, k and the projections. Returns (out, lse, score, indices): the last three are
+what the backward needs; their last dim is ``topk`` slots (or every chunk for ``topk=all``) plus
+the local part, so their shapes follow T symbolically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import empty_sdpa_layout
+from .hsa import _landmarks
+
+
+def _slots(T, chunk: int, topk: int):
+    """Selection slots per unit: ``topk``, or every chunk (ceil(T / chunk)) for ``topk=all``; unused slots hold -1."""
+    return topk if topk >= 0 else (T + chunk - 1) // chunk
+
+
+def retrieval_inputs(q, k, key_padding, scale: float, chunk: int, mode: str, retrieval_q, retrieval_k):
+    """(score queries [B, Hq, T, D], landmarks [B, Hkv, chunks, D], log real-key counts [B, chunks]) in fp32, differentiable."""
+    B, Hq, T, D = q.shape
+    Hkv, full = k.shape[1], T // chunk
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
+    kc = k.float()[:, :, : full * chunk].reshape(B, Hkv, full, chunk, D)
+    mean, log_count = _landmarks(kc, real[:, : full * chunk].reshape(B, 1, full, chunk))
+    sq = q.float() * scale
+    if mode == "learned":
+        sq = torch.einsum("bhgtd,hde->bhgte", sq.view(B, Hkv, Hq // Hkv, T, D), retrieval_q.float()).reshape(B, Hq, T, -1)
+        mean = torch.einsum("bhcd,hde->bhce", mean, retrieval_k.float())
+    return sq, mean, log_count[:, 0]
+
+
+def _select(q, k, sq, lk, lb, chunk: int, topk: int, window: int, select: str) -> torch.Tensor:
+    """Indices [B, Hkv, units, slots] (int32, -1 empty, most recent first): every older chunk for exact scores, else the kernel's top-K."""
+    from ..kernels import hsa as kernels
+
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
+    unit = 1 if select == "token" else chunk
+    n_units, slots = (T + unit - 1) // unit, _slots(T, chunk, topk)
+    if sq is None:  # topk=all: slot j of a unit in chunk c is chunk c - w - 1 - j
+        first = torch.arange(n_units, device=q.device) * unit // chunk - window - 1
+        idx = first[:, None] - torch.arange(slots, device=q.device)[None, :]
+        return idx.clamp(min=-1).to(torch.int32).expand(B, Hkv, n_units, slots)
+    if slots == 0:
+        return torch.empty(B, Hkv, n_units, 0, dtype=torch.int32, device=q.device)
+    G = Hq // Hkv
+    su = sq.view(B, Hkv, G, T, -1).sum(2)  # the group's heads share one selection …
+    if select == "block":  # … and so do a chunk's queries (zeros past T, as in the reference)
+        su = torch.nn.functional.pad(su, (0, 0, 0, n_units * chunk - T)).view(B, Hkv, n_units, chunk, -1).sum(3)
+    return kernels.select(su, lk, lb, unit, chunk, window, G * unit, slots)
+
+
+@torch.library.custom_op("longctx::hsa_flash", mutates_args=())
+def hsa_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    retrieval_q: torch.Tensor | None,
+    retrieval_k: torch.Tensor | None,
+    scale: float,
+    chunk: int,
+    topk: int,
+    window: int,
+    mode: str,
+    select: str,
+    sink: bool,
+    tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HSA with the semantics of ``longctx::hsa_attention``: (out [B, Hq, T, Dv], lse, score [B, Hq, T, 1 + slots], indices)."""
+    from ..kernels import hsa as kernels
+
+    exact = mode == "exact"
+    sq, lk, lb = (None, None, None) if exact else retrieval_inputs(q, k, key_padding, scale, chunk, mode, retrieval_q, retrieval_k)
+    idx = _select(q, k, sq, lk, lb, chunk, topk, window, select)
+    unit = 1 if select == "token" else chunk
+    out, lse, score = kernels.hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale, chunk, window, unit, tiles, sink)
+    return out, lse, score, idx.contiguous()
+
+
+@hsa_flash.register_fake
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, tiles):
+    B, Hq, T, _ = q.shape
+    slots = _slots(T, chunk, topk)
+    unit = 1 if select == "token" else chunk
+    parts = q.new_empty((B, Hq, T, slots + 1), dtype=torch.float32)
+    return empty_sdpa_layout(q, v), parts, torch.empty_like(parts), q.new_empty((B, k.shape[1], (T + unit - 1) // unit, slots), dtype=torch.int32)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], *output)
+    ctx.statics = inputs[6:]
+
+
+def _backward(ctx, grad_out, *_unused):
+    from ..kernels import hsa as kernels
+
+    q, k, v, key_padding, retrieval_q, retrieval_k, out, lse, score, idx = ctx.saved_tensors
+    scale, chunk, topk, window, mode, select, sink, tiles = ctx.statics
+    unit = 1 if select == "token" else chunk
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, retrieval_q, retrieval_k)]
+    sq = lk = None
+    if mode != "exact":
+        with torch.enable_grad():
+            sq, lk, _ = retrieval_inputs(leaves[0], leaves[1], key_padding, scale, chunk, mode, leaves[2], leaves[3])
+    dq, dk, dv, dsq, dlk = kernels.hsa_bwd(grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale, chunk, window, unit, tiles, sink)
+    dwq = dwk = None
+    if mode != "exact":  # the score queries and landmarks lead back to q, k and the learned projections
+        wrt = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad((sq, lk), wrt, (dsq, dlk)))
+        gq, gk = next(grads), next(grads)
+        dq, dk = dq + gq.to(dq.dtype), dk + gk.to(dk.dtype)
+        if retrieval_q is not None:
+            dwq, dwk = next(grads), next(grads)
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 8
+
+
+hsa_flash.register_autograd(_backward, setup_context=_setup_context)
