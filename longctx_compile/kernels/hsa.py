@@ -26,9 +26,7 @@ import triton.language as tl
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
 from .attention import _TL_DTYPES, _dot, interpreting
-from .tiles import padded_dim
-
-CHUNKS = (16, 32, 64, 128)  # chunk sizes the kernels take: one chunk is one key tile
+from .tiles import HSA_CHUNKS, hsa_rows, padded_dim
 
 
 # Kernel argument lists stay packed (pointers, strides, sizes, compile-time flags) rather than one per line.
@@ -129,7 +127,7 @@ def _fwd_kernel(
     # local part: chunks c-w .. c, causal, one online softmax
     c = q0 // CHUNK
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
+    l_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     for start in range(tl.maximum(c - window, 0) * CHUNK, tl.minimum(T, q0 + BLOCK_Q), CHUNK):
         kpos = start + offs_n
@@ -139,16 +137,16 @@ def _fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(kpos[:, None] < T) & (offs_dv[None, :] < V_DIM), other=0.0)
-        l = l * alpha + tl.sum(p, 1)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, DOT_DTYPE)
         m = m_new
-    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+    lse = tl.where(l_sum > 0, m + tl.log(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
     tl.store(row_lse, lse, mask=valid)
     tl.store(row_score, lse, mask=valid)
     # fusion state: running max f of the parts' scores, their exp-sum z and the weighted outputs
     f = lse
     z = tl.where(lse > float("-inf"), 1.0, 0.0)
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
 
     sq = tl.zeros([ROWS, BLOCK_R], tl.float32)
     if not EXACT:
@@ -376,17 +374,6 @@ def _dkdv_kernel(
 # launchers
 
 
-def rows(block_q: int, groups: int) -> int:
-    """Rows of a program: ``block_q`` queries × ``groups`` heads, padded to a power of two of at least 16."""
-    return max(16, 1 << (block_q * groups - 1).bit_length())
-
-
-def default_tiles(chunk: int, groups: int, select: str) -> list[int]:
-    """[block_q, block_l, num_warps]: queries per forward/dQ program (1 per token selection), per dK/dV step, warps."""
-    wide = max(1, min(chunk, 64 // groups))
-    return [1 if select == "token" else wide, wide, 4]
-
-
 def _new(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """An output buffer; NaN-filled under the interpreter, so a value a kernel forgets to write shows in the tests."""
     buf = torch.empty(shape, dtype=dtype, device=like.device)
@@ -398,8 +385,8 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk: int, pad, exact: bool, sink: bool) -> dict:
-    if chunk not in CHUNKS:
-        raise LccError(f"chunk {chunk} is not supported by the HSA kernels (one of {', '.join(map(str, CHUNKS))})")
+    if chunk not in HSA_CHUNKS:
+        raise LccError(f"chunk {chunk} is not supported by the HSA kernels (one of {', '.join(map(str, HSA_CHUNKS))})")
     if q.device.type == "cpu" and not interpreting():
         raise LccError("the Triton HSA kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     return dict(
@@ -527,7 +514,7 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
         scale,
         unit,
         BLOCK_Q=block_q,
-        ROWS=rows(block_q, G),
+        ROWS=hsa_rows(block_q, G),
         num_warps=warps,
         **flags,
     )
@@ -612,7 +599,7 @@ def hsa_bwd(grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale:
         unit,
         BLOCK_P=triton.next_power_of_2(slots + 1),
         BLOCK_Q=block_q,
-        ROWS=rows(block_q, G),
+        ROWS=hsa_rows(block_q, G),
         num_warps=warps,
         **flags,
     )
@@ -665,9 +652,9 @@ def hsa_bwd(grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale:
         scale,
         unit,
         BLOCK_QL=block_l,
-        ROWS_L=rows(block_l, G),
+        ROWS_L=hsa_rows(block_l, G),
         BLOCK_QR=block_r,
-        ROWS_R=rows(block_r, G),
+        ROWS_R=hsa_rows(block_r, G),
         num_warps=warps,
         **flags,
     )

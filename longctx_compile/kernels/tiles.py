@@ -80,3 +80,33 @@ def unsupported(head_dim: int, v_dim: int, dtype: torch.dtype) -> str | None:
     if max(head_dim, v_dim) > MAX_HEAD_DIM:
         return f"head dim {max(head_dim, v_dim)} is larger than the Triton attention kernels support ({MAX_HEAD_DIM})"
     return None
+
+
+HSA_CHUNKS = (16, 32, 64, 128)  # chunk sizes the HSA kernels take: one chunk is one key tile
+
+
+def hsa_rows(block_q: int, groups: int) -> int:
+    """Rows of an HSA program: ``block_q`` queries × ``groups`` heads, padded to a power of two of at least 16."""
+    return max(16, 1 << (block_q * groups - 1).bit_length())
+
+
+def hsa_tiles(chunk: int, groups: int, select: str) -> list[int]:
+    """[block_q, block_l, num_warps]: queries per forward/dQ program (1 under per-token selection), per dK/dV step, warps."""
+    wide = max(1, min(chunk, 64 // groups))
+    return [1 if select == "token" else wide, wide, 4]
+
+
+def hsa_smem_bytes(tiles: list[int], chunk: int, groups: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> int:
+    """Shared memory of the larger HSA program: one chunk's K and V, the rows' Q and dO, and two [rows, chunk] tiles."""
+    rows = max(hsa_rows(tiles[0], groups), hsa_rows(tiles[1], groups))
+    d, dv = padded_dim(head_dim), padded_dim(v_dim)
+    return element_bytes(dtype) * (chunk * (d + dv) + rows * (d + dv) + 2 * rows * chunk)
+
+
+def hsa_unsupported(chunk: int, topk: int, mode: str, head_dim: int, v_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the HSA kernels cannot run this site, or None when they can."""
+    if chunk not in HSA_CHUNKS:
+        return f"chunk {chunk} is not supported by the HSA kernels (one of {', '.join(map(str, HSA_CHUNKS))})"
+    if mode == "exact" and topk >= 0:
+        return "exact scores with a finite topk select by every chunk's true LSE, which the HSA kernels do not compute (they take exact with topk=all)"
+    return unsupported(head_dim, v_dim, dtype)

@@ -2,7 +2,8 @@
 
 On ``cpu`` the reference op stays. On Triton targets each ``longctx::attention`` becomes a
 ``longctx::flash_attention`` whose arguments carry the forward and backward tile configs chosen for
-that target and shape (heuristic, ``--opt`` overrides, or autotuned on a matching GPU).
+that target and shape (heuristic, ``--opt`` overrides, or autotuned on a matching GPU), and each
+``longctx::hsa_attention`` a ``longctx::hsa_flash`` with its tiles.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 
 from ..errors import LccError
+from ..kernels.tiles import hsa_smem_bytes, hsa_tiles, hsa_unsupported
 from ..pipeline import PassResult, Program, Stage, register
 from ..targets import Target, get_target
 from ..targets.configs import REPRESENTATIVE_LENGTH, AttentionConfigs, Shape, choose, override, unsupported
@@ -21,11 +23,10 @@ from .graph import fake_call, val
 
 REFERENCE = "longctx.attention/reference"
 TRITON = "longctx.flash_attention/triton"
-# the forms' own attention ops, which run their plain-torch definition on every target for now
-FORM_OPS = {
-    torch.ops.longctx.ring_attention.default: "longctx.ring_attention/reference",
-    torch.ops.longctx.hsa_attention.default: "longctx.hsa_attention/reference",
-}
+HSA = torch.ops.longctx.hsa_attention.default
+HSA_REFERENCE, HSA_TRITON = "longctx.hsa_attention/reference", "longctx.hsa_flash/triton"
+# the forms' own attention ops that run their plain-torch definition on every target for now
+FORM_OPS = {torch.ops.longctx.ring_attention.default: "longctx.ring_attention/reference"}
 COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
@@ -58,17 +59,20 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
     """Bind each longctx op to the target's kernel and tile configs (cpu: the reference op) and record them per site."""
     target = get_target(cfg.target)
     program.target = target.name
-    nodes = []
+    nodes, hsa_nodes = [], []
     for node in program.attention_nodes():
         if node.target in FORM_OPS:
             node.meta["lcc"].update(target=target.name, kernel=FORM_OPS[node.target])
         else:
-            nodes.append(node)
+            (hsa_nodes if node.target is HSA else nodes).append(node)
     if target.kernels == "reference":
         for node in nodes:
             node.meta["lcc"].update(target=target.name, kernel=REFERENCE)
-        return PassResult(matches=len(nodes), notes=[f"{len(nodes)} sites keep the reference op on {target.name}"])
-    notes: list[str] = []
+        for node in hsa_nodes:
+            node.meta["lcc"].update(target=target.name, kernel=HSA_REFERENCE)
+        return PassResult(matches=len(nodes), notes=[f"{len(nodes) + len(hsa_nodes)} sites keep the reference op on {target.name}"])
+    notes = [note for node in hsa_nodes if (note := _lower_hsa(program.gm.graph, node, target, cfg))]  # a note: kept the reference
+    hsa_lowered = len(hsa_nodes) - len(notes)
     chosen: dict[tuple, AttentionConfigs] = {}
     lowered = 0
     for node in nodes:
@@ -87,11 +91,33 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
         key = (shape, causal, window, facts["mask"])
         if key not in chosen:
             chosen[key] = _configs(target, shape, cfg, causal, window, facts["mask"], notes)
-        _bind(program.gm.graph, node, chosen[key])
+        configs = chosen[key]
+        _bind(program.gm.graph, node, torch.ops.longctx.flash_attention.default, (*node.args[:9], configs.fwd.as_list(), configs.bwd.as_list()))
         facts.update(target=target.name, kernel=TRITON, config=chosen[key].to_json(shape))
         lowered += 1
-    notes.insert(0, f"{lowered} of {len(nodes)} sites bound to Triton kernels for {target.name}")
-    return PassResult(matches=lowered, notes=notes)
+    notes.insert(0, f"{lowered + hsa_lowered} of {len(nodes) + len(hsa_nodes)} sites bound to Triton kernels for {target.name}")
+    return PassResult(matches=lowered + hsa_lowered, notes=notes)
+
+
+def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: LowerConfig) -> str | None:
+    """Bind one ``hsa_attention`` site to ``hsa_flash(..., tiles)[0]``, or keep the reference (fallback) and say why."""
+    facts = node.meta["lcc"]
+    q, v = val(node.args[0]), val(node.args[2])
+    chunk, topk, mode, select = node.args[7], node.args[8], node.args[10], node.args[11]
+    groups = facts["hq"] // facts["hkv"]
+    tiles = hsa_tiles(chunk, groups, select)
+    reason = hsa_unsupported(chunk, topk, mode, q.shape[-1], v.shape[-1], q.dtype)
+    smem = hsa_smem_bytes(tiles, chunk, groups, q.shape[-1], v.shape[-1], q.dtype)
+    if reason is None and smem > target.smem_per_block:
+        reason = f"the HSA kernels need {smem} bytes of shared memory at chunk {chunk}, head dim {q.shape[-1]}; {target.name} has {target.smem_per_block}"
+    if reason:
+        if cfg.fallback != "reference":
+            raise LccError(f"layer {facts['layer']} ({facts['module']}): {reason}; pass --opt fallback=reference to keep the reference op there")
+        facts.update(target=target.name, kernel=HSA_REFERENCE, fallback=reason)
+        return f"site {facts['site']} ({facts['module']}): reference op kept: {reason}"
+    _bind(graph, node, torch.ops.longctx.hsa_flash.default, (*node.args, tiles))
+    facts.update(target=target.name, kernel=HSA_TRITON, config={"hsa": {"block_q": tiles[0], "block_l": tiles[1], "num_warps": tiles[2], "smem": smem}})
+    return None
 
 
 def _configs(target: Target, shape: Shape, cfg: LowerConfig, causal: bool, window: int, mask: str, notes: list[str]) -> AttentionConfigs:
@@ -110,13 +136,12 @@ def _configs(target: Target, shape: Shape, cfg: LowerConfig, causal: bool, windo
     return override(configs, target, shape, cfg.overrides())
 
 
-def _bind(graph: torch.fx.Graph, node: torch.fx.Node, configs: AttentionConfigs) -> None:
-    """Replace ``node`` by ``flash_attention(..., fwd, bwd)[0]``, keeping its metadata and facts."""
-    args = (*node.args[:9], configs.fwd.as_list(), configs.bwd.as_list())
+def _bind(graph: torch.fx.Graph, node: torch.fx.Node, op, args: tuple) -> None:
+    """Replace ``node`` by ``op(*args)[0]`` (a kernel op returning its output first), keeping its metadata and facts."""
     with graph.inserting_before(node):
-        flash = graph.call_function(torch.ops.longctx.flash_attention.default, args)
+        flash = graph.call_function(op, args)
         out = graph.call_function(operator.getitem, (flash, 0))
-    flash.meta["val"] = fake_call(torch.ops.longctx.flash_attention.default, *args)
+    flash.meta["val"] = fake_call(op, *args)
     out.meta["val"] = flash.meta["val"][0]
     for key in COPIED_META:
         if key in node.meta:

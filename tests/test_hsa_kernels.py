@@ -1,0 +1,162 @@
+"""The Triton HSA kernels (``kernels/hsa.py`` through ``longctx::hsa_flash``) against the reference op.
+
+On a CPU-only machine they run under TRITON_INTERPRET=1; every output buffer is NaN-filled first
+there, so a value a kernel forgets to write fails the comparison. Shapes are small (the interpreter
+is slow) but cover GQA, several chunks with a real choice of K, a partial last chunk, padding that
+empties a chunk, and both selection units.
+"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longctx_compile as lcc
+from longctx_compile.errors import LccError
+from longctx_compile.kernels import hsa as kernels
+from longctx_compile.kernels.attention import interpreting
+from longctx_compile.kernels.tiles import hsa_tiles
+from longctx_compile.ops.hsa import hsa_attention
+from longctx_compile.ops.hsa_flash import hsa_flash
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+S = 16
+
+
+def inputs(T, padded=True, seed=0, D=16):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, h, T, D, generator=g).to(DEVICE) for h in (4, 2, 2))
+    key_padding = None
+    if padded:
+        key_padding = torch.ones(2, T, dtype=torch.long, device=DEVICE)
+        key_padding[1, : S + 3] = 0  # left padding: the first chunk of batch 1 is empty
+    return q, k, v, key_padding
+
+
+CASES = [  # mode, topk, window, select, sink, T, padded
+    ("landmark", 1, 0, "token", False, 45, True),
+    ("landmark", 1, 0, "token", False, 45, False),
+    ("landmark", 2, 1, "block", False, 90, True),
+    ("landmark", 2, 1, "block", False, 90, False),
+    ("learned", 2, 0, "token", False, 45, True),
+    ("learned", 1, 1, "block", False, 90, True),
+    ("exact", -1, 0, "token", False, 40, True),
+    ("exact", -1, 1, "block", False, 77, True),
+    ("exact", -1, 1, "block", False, 77, False),
+    ("landmark", 2, 0, "token", True, 45, True),
+    ("exact", -1, 0, "block", True, 64, True),
+]
+
+
+@pytest.mark.parametrize("mode,K,w,select,sink,T,padded", CASES)
+def test_kernels_equal_reference(mode, K, w, select, sink, T, padded):
+    """Forward and every gradient (q, k, v, the learned projections) equal the reference op's, fp32."""
+    q, k, v, key_padding = inputs(T, padded)
+    g = torch.Generator().manual_seed(3)
+    projections = [(torch.eye(16) + torch.randn(2, 16, 16, generator=g) / 4).to(DEVICE) for _ in range(2)] if mode == "learned" else []
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
+    refs = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
+    wq, wk = leaves[3:] if projections else (None, None)
+    rq, rk = refs[3:] if projections else (None, None)
+    statics = (16**-0.5, S, K, w, mode, select, sink)
+    got = hsa_flash(*leaves[:3], key_padding, wq, wk, *statics, hsa_tiles(S, 2, select))[0]
+    want = hsa_attention(*refs[:3], key_padding, rq, rk, *statics)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_selection_kernel_is_a_top_k():
+    """Per unit the kernel's chunks are a top-K of the visible ones (ties may pick either), most recent first, -1 when fewer exist."""
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, units, chunks, R, K, w = 2, 2, 70, 60, 16, 5, 1
+    su, lk = torch.randn(B, Hkv, units, R, generator=g), torch.randn(B, Hkv, chunks, R, generator=g)
+    lb = torch.log(torch.randint(0, 4, (B, chunks), generator=g).float())  # log real-key counts, -inf for empty chunks
+    unit = 16  # units are chunks of 16 queries with chunk 16: unit u sees chunks < u - w
+    idx = kernels.select(su.to(DEVICE), lk.to(DEVICE), lb.to(DEVICE), unit, 16, w, 3.0, K).cpu()
+    scores = torch.einsum("bhur,bhcr->bhuc", su, lk) + 3.0 * lb[:, None, None]
+    visible = torch.arange(chunks)[None, :] < (torch.arange(units) - w)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    for b in range(B):
+        for h in range(Hkv):
+            for u in range(units):
+                row, chosen = scores[b, h, u], idx[b, h, u]
+                real = chosen[chosen >= 0]
+                finite = int(torch.isfinite(row).sum())
+                assert len(real) == min(K, finite), (b, h, u)
+                assert torch.all(real[:-1] > real[1:])  # most recent first, no repeats
+                if len(real):
+                    kth = row.topk(len(real)).values[-1]
+                    assert torch.all(row[real.long()] >= kth - 1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset,options", [("tiny-llama", dict(score="exact", topk="all", window=1)), ("tiny-qwen2", dict(score="exact", topk="all", window=0, select="block"))]
+)
+def test_lowered_exact_model_equals_dense(preset, options):
+    """Lowered for ``interpret``, every HSA site runs the kernels, and exact + all chunks still equals the original model."""
+    compiled = lcc.compile(preset, to="hsa", chunk=16, target="interpret", **options)
+    assert {s["kernel"] for s in compiled.program.sites()} == {"longctx.hsa_flash/triton"}
+    ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    want = compiled.original(ids, attention_mask=mask, position_ids=positions).logits
+    got = compiled(ids, attention_mask=mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+
+
+def test_lowered_learned_model_trains_like_the_reference(tmp_path):
+    """A learned-score model lowered for ``interpret`` gives the cpu program's logits and parameter gradients, and saves and loads."""
+    options = dict(to="hsa", chunk=16, topk="1", window=0, score="learned")
+    kernel, reference = lcc.compile("tiny-llama", target="interpret", **options), lcc.compile("tiny-llama", **options)
+    ids = (torch.arange(40)[None] * 7 + 3) % 256
+    grads = []
+    for compiled in (kernel, reference):
+        params = dict(compiled.module.named_parameters())
+        for p in params.values():
+            p.requires_grad_(True)
+        logits = compiled(ids)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        grads.append((logits.detach(), dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert any("hsa_retrieval" in name for name in grads[0][1])
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grad, grads[1][1][name], msg=name)
+    loaded = lcc.load(kernel.save(tmp_path / "k.lcc"))
+    torch.testing.assert_close(loaded(ids), grads[0][0])
+
+
+def test_kernel_refusals():
+    with pytest.raises(LccError, match=r"chunk 8 is not supported by the HSA kernels \(one of 16, 32, 64, 128\); pass --opt fallback=reference"):
+        lcc.compile("tiny-llama", to="hsa", chunk=8, target="interpret")
+    with pytest.raises(LccError, match="exact scores with a finite topk"):
+        lcc.compile("tiny-llama", to="hsa", chunk=16, score="exact", topk="2", target="h100")
+    kept = lcc.compile("tiny-llama", to="hsa", chunk=8, target="interpret", fallback="reference")
+    assert {s["kernel"] for s in kept.program.sites()} == {"longctx.hsa_attention/reference"}
+    assert all("chunk 8 is not supported" in s["fallback"] for s in kept.program.sites())
+    result = subprocess.run(
+        [sys.executable, "-m", "longctx_compile", "convert", "tiny-llama", "--to", "hsa", "--opt", "chunk=24", "--target", "h100", "-o", "never.lcc"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "chunk 24 is not supported by the HSA kernels" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_tiles_fit_the_targets():
+    """The default HSA tiles fit every GPU target's shared memory at chunk 64, head dim 128, bf16 (as the lowering checks)."""
+    from longctx_compile.kernels.tiles import hsa_smem_bytes
+    from longctx_compile.targets import TARGETS
+
+    for name, target in TARGETS.items():
+        if target.kernels != "triton":
+            continue
+        for groups in (1, 4, 16):
+            for select in ("token", "block"):
+                need = hsa_smem_bytes(hsa_tiles(64, groups, select), 64, groups, 128, 128, torch.bfloat16)
+                assert need <= target.smem_per_block, (name, groups, select, need)
+                assert math.log2(hsa_tiles(64, groups, select)[0]).is_integer()
