@@ -15,8 +15,11 @@ from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops.hsa import hsa_attention
 
 
-def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False):
-    """HSA one query at a time with Python sets: the semantics of ops/hsa.py written out plainly."""
+def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False, fusion="softmax", sq=None, sk=None):
+    """HSA one query at a time with Python sets: the semantics of ops/hsa.py written out plainly.
+
+    ``sq`` / ``sk`` stand in for q / k in landmark and learned scores (NoPE retrieval)."""
+    sq, sk = (q if sq is None else sq), (k if sk is None else sk)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -30,21 +33,22 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                 chunks = {i: [j for j in range(i * S, (i + 1) * S) if real[j]] for i in range(max(0, c - w))}
                 chunks = {i: keys for i, keys in chunks.items() if keys}
 
-                def score(qh, keys, kh=k[b, h], h=h):
+                def score(qh, keys, kh=k[b, h], h=h, skh=sk[b, h]):
                     if mode == "exact":
                         return torch.logsumexp(torch.stack([qh @ kh[j] * scale for j in keys]), 0)
-                    mean = torch.stack([kh[j] for j in keys]).mean(0)
+                    mean = torch.stack([skh[j] for j in keys]).mean(0)
                     if mode == "learned":
                         qh, mean = qh @ wq[h], mean @ wk[h]
                     return qh @ mean * scale + math.log(len(keys))
 
                 heads = [q[b, h * G + g, t] for g in range(G)]
                 voters = range(c * S, min(T, (c + 1) * S)) if select == "block" else [t]  # whose scores pick the chunks
-                group = {i: sum(score(q[b, h * G + g, u], keys) for u in voters for g in range(G)) for i, keys in chunks.items()}
+                group = {i: sum(score(sq[b, h * G + g, u], keys) for u in voters for g in range(G)) for i, keys in chunks.items()}
                 picked = sorted(group, key=lambda i: -float(group[i].detach()))[: (len(group) if K < 0 else K)]
+                picked = sorted(picked, reverse=True)  # most recent first (the order stick-breaking uses)
                 for g, qh in enumerate(heads):
                     parts, weights = [], []
-                    for keys, s in [(local, None)] + [(chunks[i], score(qh, chunks[i])) for i in picked]:
+                    for keys, s in [(local, None)] + [(chunks[i], score(sq[b, h * G + g, t], chunks[i])) for i in picked]:
                         if not keys:
                             continue
                         logits = torch.stack([qh @ k[b, h, j] * scale for j in keys])
@@ -54,7 +58,12 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                         values = torch.stack([v[b, h, j] if j is not None else torch.zeros(v.shape[-1]) for j in keys])
                         parts.append(torch.softmax(logits, 0) @ values)
                         weights.append(torch.logsumexp(logits, 0) if s is None else s)
-                    if parts:
+                    if parts and fusion == "stick":  # σ(s_p) of what the more recent parts left
+                        left = 1.0
+                        for part, s in zip(parts, weights, strict=True):
+                            out[b, h * G + g, t] += left * torch.sigmoid(s) * part
+                            left = left * (1 - torch.sigmoid(s))
+                    elif parts:
                         out[b, h * G + g, t] = torch.softmax(torch.stack(weights), 0) @ torch.stack(parts)
     return out
 
@@ -79,6 +88,10 @@ def inputs(T=13, seed=0):
         ("learned", 2, 1, "token"),
         ("learned", 1, 0, "block"),
         ("landmark", 2, 1, "sink"),  # per token, softmax-off-by-one in the retrieved chunks
+        ("landmark", 2, 1, "stick"),  # per token, stick-breaking fusion
+        ("exact", -1, 0, "stick"),
+        ("learned", 2, 0, "nope"),  # per token, scores from separate (pre-RoPE) queries and keys
+        ("landmark", 1, 1, "nope"),
     ],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])
@@ -95,13 +108,15 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     if not padded:
         key_padding = None
     g = torch.Generator().manual_seed(2)
-    projections = [torch.randn(2, 8, 8, generator=g) / 3 for _ in range(2)] if mode == "learned" else []
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
-    refs = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
-    wq, wk = leaves[3:] if projections else (None, None)
-    sink, select = select == "sink", "token" if select == "sink" else select
-    got = hsa_attention(*leaves[:3], key_padding, wq, wk, 8**-0.5, 3, K, w, mode, select, sink)
-    want = brute_force(*refs[:3], torch.ones(2, 13) if key_padding is None else key_padding, 8**-0.5, 3, K, w, mode, select, *(refs[3:] or (None, None)), sink)
+    projections = [torch.randn(2, 8, 8, generator=g) / 3 for _ in range(2)] if mode == "learned" else [None, None]
+    nope = [torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)] if select == "nope" else [None, None]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
+    refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
+    sink, fusion, select = select == "sink", "stick" if select == "stick" else "softmax", select if select == "block" else "token"
+    got = hsa_attention(*leaves[:3], key_padding, *leaves[3:5], 8**-0.5, 3, K, w, mode, select, sink, fusion, *leaves[5:])
+    real = torch.ones(2, 13) if key_padding is None else key_padding
+    want = brute_force(*refs[:3], real, 8**-0.5, 3, K, w, mode, select, *refs[3:5], sink, fusion, *refs[5:])
+    leaves, refs = [t for t in leaves if t is not None], [t for t in refs if t is not None]
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):

@@ -35,7 +35,7 @@ def inputs(T, padded=True, seed=0, D=16):
     return q, k, v, key_padding
 
 
-CASES = [  # mode, topk, window, select, sink, T, padded
+CASES = [  # mode, topk, window, select, sink (or "stick" fusion, or "nope" scores), T, padded
     ("landmark", 1, 0, "token", False, 45, True),
     ("landmark", 1, 0, "token", False, 45, False),
     ("landmark", 2, 1, "block", False, 90, True),
@@ -47,6 +47,10 @@ CASES = [  # mode, topk, window, select, sink, T, padded
     ("exact", -1, 1, "block", False, 77, False),
     ("landmark", 2, 0, "token", True, 45, True),
     ("exact", -1, 0, "block", True, 64, True),
+    ("landmark", 2, 0, "token", "stick", 45, True),
+    ("exact", -1, 1, "block", "stick", 77, True),
+    ("learned", 2, 0, "block", "nope", 90, True),
+    ("landmark", 1, 0, "token", "nope", 45, False),
 ]
 
 
@@ -55,14 +59,15 @@ def test_kernels_equal_reference(mode, K, w, select, sink, T, padded):
     """Forward and every gradient (q, k, v, the learned projections) equal the reference op's, fp32."""
     q, k, v, key_padding = inputs(T, padded)
     g = torch.Generator().manual_seed(3)
-    projections = [(torch.eye(16) + torch.randn(2, 16, 16, generator=g) / 4).to(DEVICE) for _ in range(2)] if mode == "learned" else []
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
-    refs = [t.clone().requires_grad_() for t in (q, k, v, *projections)]
-    wq, wk = leaves[3:] if projections else (None, None)
-    rq, rk = refs[3:] if projections else (None, None)
-    statics = (16**-0.5, S, K, w, mode, select, sink)
-    got = hsa_flash(*leaves[:3], key_padding, wq, wk, *statics, hsa_tiles(S, 2, select))[0]
-    want = hsa_attention(*refs[:3], key_padding, rq, rk, *statics)
+    projections = [(torch.eye(16) + torch.randn(2, 16, 16, generator=g) / 4).to(DEVICE) for _ in range(2)] if mode == "learned" else [None, None]
+    nope = list(inputs(T, padded, seed=5)[:2]) if sink == "nope" else [None, None]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
+    refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
+    fusion, sink = "stick" if sink == "stick" else "softmax", sink is True
+    statics = (16**-0.5, S, K, w, mode, select, sink, fusion)
+    got = hsa_flash(*leaves[:3], key_padding, *leaves[3:5], *statics, *leaves[5:], hsa_tiles(S, 2, select))[0]
+    want = hsa_attention(*refs[:3], key_padding, *refs[3:5], *statics, *refs[5:])
+    leaves, refs = [t for t in leaves if t is not None], [t for t in refs if t is not None]
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):

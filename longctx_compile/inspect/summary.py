@@ -19,7 +19,7 @@ def kernel_name(site: dict[str, Any]) -> str:
     kernel = site.get("kernel", "")
     name = kernel.rsplit("/", 1)[-1]
     for form in ("ring", "hsa"):
-        if kernel.startswith(f"longctx.{form}_attention"):
+        if kernel.startswith((f"longctx.{form}_attention", f"longctx.{form}_flash")):
             name = f"{form} ({name})"
     return f"{name} (fallback)" if site.get("fallback") else name
 
@@ -37,6 +37,9 @@ def tiles(site: dict[str, Any]) -> str:
     config = site.get("config")
     if not config:
         return ""
+    if "hsa" in config:
+        hsa = config["hsa"]
+        return f"{hsa['block_q']}q · {hsa['block_l']}q w{hsa['num_warps']} ({hsa['smem']} B smem)"
     fmt = "{}x{} w{} s{}"
     return f"{fmt.format(*config['fwd'])} · {fmt.format(*config['bwd'])} ({config['source']})"
 

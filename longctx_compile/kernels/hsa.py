@@ -41,6 +41,12 @@ def _rows(q0, hk, T, G, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _log_sigmoid(x):
+    """log σ(x), stable, -inf at -inf."""
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
 def _select_kernel(
     SU, LK, LB, Idx, ssu_b, ssu_h, ssu_u, slk_b, slk_h, slk_c, slb_b, si_b, si_h, si_u, Hkv, n_units, C, window,
     UNIT, CHUNK, bias_mult, KSLOTS, R_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
@@ -105,7 +111,8 @@ def _fwd_kernel(
     so_t, ssq_b, ssq_h, ssq_t, slk_b, slk_h, slk_c, slb_b, si_b, si_h, si_u, sl_b, sl_h, sl_t, sp_b, Hkv, T, G, KSLOTS,
     window, scale, UNIT, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, R_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_PAD: tl.constexpr, EXACT: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_PAD: tl.constexpr, EXACT: tl.constexpr, SINK: tl.constexpr, STICK: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """One program: BLOCK_Q queries × G heads; the local part, then each selected chunk, fused online."""
     bh = tl.program_id(1)
@@ -143,10 +150,16 @@ def _fwd_kernel(
     lse = tl.where(l_sum > 0, m + tl.log(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
     tl.store(row_lse, lse, mask=valid)
     tl.store(row_score, lse, mask=valid)
-    # fusion state: running max f of the parts' scores, their exp-sum z and the weighted outputs
-    f = lse
-    z = tl.where(lse > float("-inf"), 1.0, 0.0)
+    # fusion state. softmax: running max f of the parts' scores, their exp-sum z, the weighted outputs;
+    # stick: f is log Π(1 - σ(s)) of the parts so far (what they left), z unused
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    if STICK:
+        out = out * tl.exp(_log_sigmoid(lse))[:, None]
+        f = _log_sigmoid(-lse)
+        z = tl.zeros([ROWS], tl.float32)
+    else:
+        f = lse
+        z = tl.where(lse > float("-inf"), 1.0, 0.0)
 
     sq = tl.zeros([ROWS, BLOCK_R], tl.float32)
     if not EXACT:
@@ -172,16 +185,21 @@ def _fwd_kernel(
             lk = tl.load(LK + b * slk_b + hk * slk_h + tl.maximum(idx, 0).to(tl.int64) * slk_c + offs_r, mask=offs_r < R_DIM, other=0.0)
             score = tl.sum(sq * lk[None, :], 1) + tl.load(LB + b * slb_b + tl.maximum(idx, 0))
         score = tl.where((idx >= 0) & (chunk_lse > float("-inf")), score, float("-inf"))
-        f_new = tl.maximum(f, score)
-        f_safe = tl.where(f_new == float("-inf"), 0.0, f_new)
-        a = tl.exp(f - f_safe)
-        e = tl.exp(score - f_safe)
-        z = z * a + e
-        out = out * a[:, None] + e[:, None] * o
-        f = f_new
+        if STICK:
+            out += tl.exp(_log_sigmoid(score) + f)[:, None] * o
+            f += _log_sigmoid(-score)
+        else:
+            f_new = tl.maximum(f, score)
+            f_safe = tl.where(f_new == float("-inf"), 0.0, f_new)
+            a = tl.exp(f - f_safe)
+            e = tl.exp(score - f_safe)
+            z = z * a + e
+            out = out * a[:, None] + e[:, None] * o
+            f = f_new
         tl.store(row_lse + 1 + slot, chunk_lse, mask=valid)
         tl.store(row_score + 1 + slot, score, mask=valid)
-    out = out / tl.where(z > 0, z, 1.0)[:, None]
+    if not STICK:
+        out = out / tl.where(z > 0, z, 1.0)[:, None]
     tl.store(Out + b * so_b + h[:, None] * so_h + t[:, None] * so_t + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < V_DIM))
 
 
@@ -198,13 +216,34 @@ def _part_grads(s, lse, w, do, v, dsum, SINK: tl.constexpr, PRECISION: tl.conste
 
 
 @triton.jit
+def _weight(score, flse, left, STICK: tl.constexpr):
+    """A part's fusion weight: exp(s - logsumexp of all scores) (softmax), or σ(s) times what the earlier parts left (stick)."""
+    if STICK:
+        return tl.exp(_log_sigmoid(score) + left)
+    return tl.where(score > float("-inf"), tl.exp(score - flse), 0.0)
+
+
+@triton.jit
+def _score_grad(score, w, dw, out_dot, left, done, STICK: tl.constexpr):
+    """(dL/d score of a part with weight w and weight gradient dw, the updated stick state (left, done)).
+
+    softmax: w·(dw - Σ_p w_p dw_p), the sum being ⟨out, dO⟩. stick: w·dw·σ(-s) - σ(s)·Σ_{later p} w_p dw_p,
+    the later parts' sum being ⟨out, dO⟩ minus the parts so far (this one included).
+    """
+    if STICK:
+        done += w * dw
+        return w * dw * tl.sigmoid(-score) - tl.sigmoid(score) * (out_dot - done), left + _log_sigmoid(-score), done
+    return w * (dw - out_dot), left, done
+
+
+@triton.jit
 def _dq_kernel(
     Q, K, V, KeyPad, SQ, LK, Idx, Out, DOut, Lse, Score, DQ, DSQ, Wt, Dd, DS, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h,
     sv_s, so_b, so_h, so_t, ssq_b, ssq_h, ssq_t, slk_b, slk_h, slk_c, si_b, si_h, si_u, sl_b, sl_h, sl_t, sp_b, Hkv, T,
     G, KSLOTS, window, scale, UNIT, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, R_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_PAD: tl.constexpr, EXACT: tl.constexpr, SINK: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    STICK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dQ (and the score queries' gradient) of BLOCK_Q queries × G heads; per part it stores the weight w, D = w·⟨O_p, dO⟩ and dscore."""
     bh = tl.program_id(1)
@@ -238,7 +277,9 @@ def _dq_kernel(
     lo = tl.maximum(c - window, 0) * CHUNK
     hi = tl.minimum(T, q0 + BLOCK_Q)
     lse = tl.load(Lse + row, mask=valid, other=float("-inf"))
-    w = tl.where(lse > float("-inf"), tl.exp(lse - flse), 0.0)
+    left = tl.zeros([ROWS], tl.float32)  # stick: log of what the parts before this one left
+    done = tl.zeros([ROWS], tl.float32)  # stick: Σ D over the parts so far
+    w = _weight(lse, flse, left, STICK)
     dw = tl.zeros([ROWS], tl.float32)
     for start in range(lo, hi, CHUNK):
         kpos = start + offs_n
@@ -246,7 +287,7 @@ def _dq_kernel(
         v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(kpos[:, None] < T) & (offs_dv[None, :] < V_DIM), other=0.0)
         pa, p, dp, dw = _part_grads(s, lse, w, do, v, dw, False, PRECISION, DOT_DTYPE)
     big_d = w * dw
-    ds = w * (dw - out_dot)  # the local part's score is its LSE
+    ds, left, done = _score_grad(lse, w, dw, out_dot, left, done, STICK)  # the local part's score is its LSE
     tl.store(Wt + row, w, mask=valid)
     tl.store(Dd + row, big_d, mask=valid)
     tl.store(DS + row, ds, mask=valid)
@@ -267,10 +308,10 @@ def _dq_kernel(
         v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(offs_dv[None, :] < V_DIM), other=0.0)
         lse = tl.load(Lse + row + 1 + slot, mask=valid, other=float("-inf"))
         score = tl.load(Score + row + 1 + slot, mask=valid, other=float("-inf"))
-        w = tl.where(score > float("-inf"), tl.exp(score - flse), 0.0)
+        w = _weight(score, flse, left, STICK)
         pa, p, dp, dw = _part_grads(s, lse, w, do, v, tl.zeros([ROWS], tl.float32), SINK, PRECISION, DOT_DTYPE)
         big_d = w * dw
-        ds = w * (dw - out_dot)
+        ds, left, done = _score_grad(score, w, dw, out_dot, left, done, STICK)
         dx = pa * (w[:, None] * dp - big_d[:, None])
         if EXACT:  # the score is the chunk's true LSE
             dx += ds[:, None] * p
@@ -449,7 +490,7 @@ def select(su: torch.Tensor, lk: torch.Tensor, lb: torch.Tensor, unit: int, chun
     return idx.sort(dim=-1, descending=True).values  # recency order; -1 (empty) last
 
 
-def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool):
+def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool, stick: bool):
     """(out [B, Hq, T, Dv] in SDPA layout, lse and score [B, Hq, T, 1 + slots] fp32); sq/lk/lb None means exact scores."""
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, Hq, T, _ = q.shape
@@ -515,6 +556,7 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
         unit,
         BLOCK_Q=block_q,
         ROWS=hsa_rows(block_q, G),
+        STICK=stick,
         num_warps=warps,
         **flags,
     )
@@ -532,7 +574,9 @@ def inverted_index(idx: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.
     return offsets, entries
 
 
-def hsa_bwd(grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool):
+def hsa_bwd(
+    grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool, stick: bool
+):
     """(dq, dk, dv, dsq, dlk): gradients of the attention inputs, the score queries and the landmarks (the last two None for exact scores)."""
     q, k, v = (t.contiguous() for t in (q, k, v))  # dq, dk, dv are written with these strides
     B, Hq, T, _ = q.shape
@@ -600,6 +644,7 @@ def hsa_bwd(grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale:
         BLOCK_P=triton.next_power_of_2(slots + 1),
         BLOCK_Q=block_q,
         ROWS=hsa_rows(block_q, G),
+        STICK=stick,
         num_warps=warps,
         **flags,
     )

@@ -12,8 +12,12 @@ For query t in chunk c = t // S:
   the chunk's queries then read the same K chunks, which makes the work dense-like and fast);
 - each selected chunk gets its own softmax and LSE — with ``sink``, softmax-off-by-one (a +1 in the
   denominator, so a query can take almost nothing from a chunk) — and the parts fuse linearly with
-  weights softmax(local LSE, selected chunks' scores). In ``exact`` mode with K ≥ the candidates this is
-  dense causal attention exactly.
+  weights over their scores (the local part scored by its LSE): ``fusion="softmax"``, or
+  ``"stick"``-breaking over the parts most recent first (local, then the selected chunks by
+  descending index): w_p = σ(s_p)·Π_{j<p}(1 − σ(s_j)), so Σw ≤ 1 and the rest means "attend nothing".
+  In ``exact`` mode with K ≥ the candidates and softmax fusion this is dense causal attention exactly;
+- ``score_q`` / ``score_k`` (optional, same shapes as q / k) replace q and k in the landmark and
+  learned scores: the pre-RoPE projections give the paper's NoPE retrieval path.
 Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key scores -inf and adds nothing.
 
 The reference below is the definition and the backward (autograd through it; the selection gets no
@@ -56,6 +60,9 @@ def hsa_ref(
     retrieval_q: torch.Tensor | None = None,
     retrieval_k: torch.Tensor | None = None,
     sink: bool = False,
+    fusion: str = "softmax",
+    score_q: torch.Tensor | None = None,
+    score_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``topk`` < 0 means all.
 
@@ -77,10 +84,14 @@ def hsa_ref(
     kc = k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
     vc = v.float()[:, :, : full * S].reshape(B, Hkv, full, S, Dv)
     rc = real[:, : full * S].reshape(B, 1, full, S)
-    landmarks = _landmarks(kc, rc) if mode != "exact" else None
-    score_q = qg  # what scores the chunks: the queries, or their learned retrieval projection
+    landmarks, rows_q = None, qg  # what scores the chunks: the queries (or the NoPE ones), maybe projected
+    if mode != "exact":
+        keys = kc if score_k is None else score_k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
+        landmarks = _landmarks(keys, rc)
+        if score_q is not None:
+            rows_q = torch.nn.functional.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
     if mode == "learned":
-        score_q = torch.einsum("bhcgsd,hde->bhcgse", qg, retrieval_q.float())
+        rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
         landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
     K = full if topk < 0 else topk
     per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
@@ -93,11 +104,12 @@ def hsa_ref(
         local, local_lse = _softmax(torch.einsum("bhcgsd,bhcld->bhcgsl", rows, kwin[:, :, c0:c1]), keep)
         older = c1 - 1 - w  # candidates of the group's last chunk: chunks 0 .. older-1
         if older <= 0 or topk == 0:
-            outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local, vwin[:, :, c0:c1]))  # a query with no key: probabilities 0
+            only = _fusion_weights(local_lse[..., None], fusion)  # the local part alone: 1 (softmax) or σ(LSE) (stick)
+            outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local * only, vwin[:, :, c0:c1]))
             continue
         probs, scores, vs = _retrieve(
             rows,
-            score_q[:, :, c0:c1],
+            rows_q[:, :, c0:c1],
             kc[:, :, :older],
             vc[:, :, :older],
             rc[:, :, :older],
@@ -110,7 +122,7 @@ def hsa_ref(
             key_padding is None,
             sink,
         )
-        weights = _fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1))
+        weights = _fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1), fusion)
         # the fusion weights fold into each part's probabilities, so each part is one matmul over its keys
         out = torch.einsum("bhcgsl,bhcld->bhcgsd", local * weights[..., :1], vwin[:, :, c0:c1])
         selected = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, Cg, G, S, K·S]
@@ -143,7 +155,7 @@ def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int,
     group = score.sum(3)  # [B, Hkv, Cg, S, older]: one selection per KV group …
     if select == "block":
         group = group.sum(3, keepdim=True)  # … and per query chunk
-    idx = group.topk(K, dim=-1).indices  # [B, Hkv, Cg, S|1, K]
+    idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, Cg, S|1, K], most recent first
     chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
     # gather each query's chunks as rows of the flattened [B·Hkv·older, S, ·] tensors (index_select is fast)
     flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten()
@@ -179,8 +191,14 @@ def _landmarks(kc: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.
     return mean, torch.log(count.float())
 
 
-def _fusion_weights(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the parts' scores (last dim); a row with no finite score gets all-zero weights."""
+def _fusion_weights(scores: torch.Tensor, fusion: str) -> torch.Tensor:
+    """Weights of the parts from their scores (last dim, most recent first); a row with no finite score gets zeros.
+
+    ``softmax``: normalised. ``stick``: σ(s_p)·Π_{j<p}(1 − σ(s_j)), in log space (log σ(-s) = log(1 − σ(s))).
+    """
+    if fusion == "stick":
+        keep = torch.nn.functional.logsigmoid(-scores)
+        return torch.exp(torch.nn.functional.logsigmoid(scores) + keep.cumsum(-1) - keep)
     dead = ~torch.isfinite(scores).any(-1, keepdim=True)
     return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
@@ -200,33 +218,36 @@ def hsa_attention(
     mode: str,
     select: str,
     sink: bool,
+    fusion: str = "softmax",
+    score_q: torch.Tensor | None = None,
+    score_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HSA as defined by :func:`hsa_ref`; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink))
+    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k))
     return result
 
 
 @hsa_attention.register_fake
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None):
     return empty_sdpa_layout(q, v)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.statics = inputs[6:]
+    ctx.save_for_backward(*inputs[:6], *inputs[14:16])
+    ctx.statics = inputs[6:14]
 
 
 def _backward(ctx, grad_out):
-    q, k, v, key_padding, retrieval_q, retrieval_k = ctx.saved_tensors
+    q, k, v, key_padding, retrieval_q, retrieval_k, score_q, score_k = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k)]
-        scale, chunk, topk, window, mode, select, sink = ctx.statics
-        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:], sink)
+        leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k, score_q, score_k)]
+        scale, chunk, topk, window, mode, select, sink, fusion = ctx.statics
+        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:5], sink, fusion, *leaves[5:])
         wrt = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(out, wrt, grad_out))
-    dq, dk, dv, dwq, dwk = (None if t is None else next(grads) for t in leaves)
-    return dq, dk, dv, None, dwq, dwk, *(None,) * 7
+        grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+    dq, dk, dv, dwq, dwk, dsq, dsk = (None if t is None else next(grads) for t in leaves)
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dsq, dsk
 
 
 hsa_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -23,7 +23,10 @@ def _slots(T, chunk: int, topk: int):
 
 
 def retrieval_inputs(q, k, key_padding, scale: float, chunk: int, mode: str, retrieval_q, retrieval_k):
-    """(score queries [B, Hq, T, D], landmarks [B, Hkv, chunks, D], log real-key counts [B, chunks]) in fp32, differentiable."""
+    """(score queries [B, Hq, T, D], landmarks [B, Hkv, chunks, D], log real-key counts [B, chunks]) in fp32, differentiable.
+
+    ``q`` and ``k`` are what scores the chunks: the attention's, or the NoPE ``score_q`` / ``score_k``.
+    """
     B, Hq, T, D = q.shape
     Hkv, full = k.shape[1], T // chunk
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
@@ -72,21 +75,25 @@ def hsa_flash(
     mode: str,
     select: str,
     sink: bool,
+    fusion: str,
+    score_q: torch.Tensor | None,
+    score_k: torch.Tensor | None,
     tiles: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """HSA with the semantics of ``longctx::hsa_attention``: (out [B, Hq, T, Dv], lse, score [B, Hq, T, 1 + slots], indices)."""
     from ..kernels import hsa as kernels
 
     exact = mode == "exact"
-    sq, lk, lb = (None, None, None) if exact else retrieval_inputs(q, k, key_padding, scale, chunk, mode, retrieval_q, retrieval_k)
+    scoring = (q if score_q is None else score_q, k if score_k is None else score_k)
+    sq, lk, lb = (None, None, None) if exact else retrieval_inputs(*scoring, key_padding, scale, chunk, mode, retrieval_q, retrieval_k)
     idx = _select(q, k, sq, lk, lb, chunk, topk, window, select)
     unit = 1 if select == "token" else chunk
-    out, lse, score = kernels.hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale, chunk, window, unit, tiles, sink)
+    out, lse, score = kernels.hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale, chunk, window, unit, tiles, sink, fusion == "stick")
     return out, lse, score, idx.contiguous()
 
 
 @hsa_flash.register_fake
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, tiles):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion, score_q, score_k, tiles):
     B, Hq, T, _ = q.shape
     slots = _slots(T, chunk, topk)
     unit = 1 if select == "token" else chunk
@@ -95,31 +102,37 @@ def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], *output)
-    ctx.statics = inputs[6:]
+    ctx.save_for_backward(*inputs[:6], *inputs[14:16], *output)
+    ctx.statics = (*inputs[6:14], inputs[16])
 
 
 def _backward(ctx, grad_out, *_unused):
     from ..kernels import hsa as kernels
 
-    q, k, v, key_padding, retrieval_q, retrieval_k, out, lse, score, idx = ctx.saved_tensors
-    scale, chunk, topk, window, mode, select, sink, tiles = ctx.statics
+    q, k, v, key_padding, retrieval_q, retrieval_k, score_q, score_k, out, lse, score, idx = ctx.saved_tensors
+    scale, chunk, topk, window, mode, select, sink, fusion, tiles = ctx.statics
     unit = 1 if select == "token" else chunk
-    leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, retrieval_q, retrieval_k)]
+    nope = score_q is not None
+    # what the scores were made from: the attention's q and k, or the NoPE score_q and score_k
+    leaves = [None if t is None else t.detach().requires_grad_() for t in ((score_q, score_k) if nope else (q, k)) + (retrieval_q, retrieval_k)]
     sq = lk = None
     if mode != "exact":
         with torch.enable_grad():
             sq, lk, _ = retrieval_inputs(leaves[0], leaves[1], key_padding, scale, chunk, mode, leaves[2], leaves[3])
-    dq, dk, dv, dsq, dlk = kernels.hsa_bwd(grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale, chunk, window, unit, tiles, sink)
-    dwq = dwk = None
-    if mode != "exact":  # the score queries and landmarks lead back to q, k and the learned projections
-        wrt = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad((sq, lk), wrt, (dsq, dlk)))
+    dq, dk, dv, dsq, dlk = kernels.hsa_bwd(
+        grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale, chunk, window, unit, tiles, sink, fusion == "stick"
+    )
+    dwq = dwk = dscore_q = dscore_k = None
+    if mode != "exact":  # the score queries and landmarks lead back to q, k (or score_q, score_k) and the learned projections
+        grads = iter(torch.autograd.grad((sq, lk), [t for t in leaves if t is not None], (dsq, dlk)))
         gq, gk = next(grads), next(grads)
-        dq, dk = dq + gq.to(dq.dtype), dk + gk.to(dk.dtype)
+        if nope:
+            dscore_q, dscore_k = gq, gk
+        else:
+            dq, dk = dq + gq.to(dq.dtype), dk + gk.to(dk.dtype)
         if retrieval_q is not None:
             dwq, dwk = next(grads), next(grads)
-    return dq, dk, dv, None, dwq, dwk, *(None,) * 8
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dscore_q, dscore_k, None
 
 
 hsa_flash.register_autograd(_backward, setup_context=_setup_context)
