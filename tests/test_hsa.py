@@ -198,6 +198,10 @@ def test_layers_and_refusals():
         lcc.compile("tiny-llama", to="hsa", attention_mask=False)
     with pytest.raises(LccError, match=r"cannot build a KV cache for layer 1 \(model.layers.1.self_attn\): its hsa attention has no cached decode step yet"):
         compiled.generate([[1, 2]], max_new_tokens=2)
+    with pytest.raises(LccError, match="exact scores are the chunks' true LSE and have no NoPE form"):
+        lcc.compile("tiny-llama", to="hsa", score="exact", nope=True)
+    with pytest.raises(LccError, match=r"layer 0 \(transformer.h.0.attn\): --opt nope=true found no rotary embedding"):
+        lcc.compile("tiny-gpt2", to="hsa", nope=True)
     with pytest.raises(LccError, match="expected one of exact, landmark, learned"):
         lcc.compile("tiny-llama", to="hsa", score="nearest")
 
@@ -217,3 +221,26 @@ def test_cli_inspect_and_verify(tmp_path):
     result = subprocess.run([*cli, "verify", str(sparse), "--json"], capture_output=True, text=True)
     report = json.loads(result.stdout)
     assert result.returncode == 0 and not report["exact"] and report["max_abs"] > 1e-3  # reported, not failed
+
+
+def test_nope_scores_read_the_projections_before_rope(monkeypatch):
+    """With nope=true the hsa op's score inputs are the q/k projections before RoPE (captured from the HF model's own
+    q_proj/k_proj), while attention still takes the rotated ones; stick fusion makes the artifact inexact."""
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="2", window=1, nope=True, fusion="stick")
+    assert not compiled.program.signature["exact"]
+    ids = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(0))
+    attn = compiled.original.model.layers[0].self_attn
+    seen, calls = {}, []
+    hooks = [getattr(attn, f"{s}_proj").register_forward_hook(lambda m, i, o, s=s: seen.__setitem__(s, o)) for s in "qk"]
+    compiled.original(ids)
+    for hook in hooks:
+        hook.remove()
+    reference = hsa_ops.hsa_ref
+    monkeypatch.setattr(hsa_ops, "hsa_ref", lambda *args: calls.append(args) or reference(*args))
+    compiled(ids)
+    q, score_q, score_k, fusion = calls[0][0], calls[0][14], calls[0][15], calls[0][13]
+    d = attn.head_dim
+    assert fusion == "stick"
+    torch.testing.assert_close(score_q, seen["q"].view(1, 21, -1, d).transpose(1, 2))
+    torch.testing.assert_close(score_k, seen["k"].view(1, 21, -1, d).transpose(1, 2))
+    assert (q - score_q).abs().max() > 1e-3  # attention itself keeps RoPE

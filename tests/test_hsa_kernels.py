@@ -115,8 +115,8 @@ def test_lowered_exact_model_equals_dense(preset, options):
 
 
 def test_lowered_learned_model_trains_like_the_reference(tmp_path):
-    """A learned-score model lowered for ``interpret`` gives the cpu program's logits and parameter gradients, and saves and loads."""
-    options = dict(to="hsa", chunk=16, topk="1", window=0, score="learned")
+    """A learned-score NoPE model lowered for ``interpret`` gives the cpu program's logits and parameter gradients, and saves and loads."""
+    options = dict(to="hsa", chunk=16, topk="1", window=0, score="learned", nope=True)
     kernel, reference = lcc.compile("tiny-llama", target="interpret", **options), lcc.compile("tiny-llama", **options)
     ids = (torch.arange(40)[None] * 7 + 3) % 256
     grads = []

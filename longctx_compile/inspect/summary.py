@@ -30,6 +30,7 @@ def form_detail(site: dict[str, Any]) -> str:
         return site.get("form", "")
     topk = "all" if site["topk"] < 0 else site["topk"]
     extras = (" per block" if site.get("select") == "block" else "") + (" sink" if site.get("sink") else "")
+    extras += (" stick" if site.get("fusion") == "stick" else "") + (" nope" if site.get("nope") else "")
     return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{extras}"
 
 

@@ -16,6 +16,7 @@ import torch
 from ..errors import LccError
 from ..pipeline import PassResult, Program, Stage, register
 from .graph import fake_call, val
+from .rope import pre_rope
 
 CANONICAL = torch.ops.longctx.attention.default
 HSA = torch.ops.longctx.hsa_attention.default
@@ -23,7 +24,8 @@ HSA = torch.ops.longctx.hsa_attention.default
 
 @dataclass
 class HsaConfig:
-    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|learned select=token|block sink=false layers=all|0,2,5``."""
+    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|learned select=token|block sink=false
+    fusion=softmax|stick nope=false layers=all|0,2,5``."""
 
     chunk: int = 64
     topk: str = "16"
@@ -31,6 +33,8 @@ class HsaConfig:
     score: Literal["exact", "landmark", "learned"] = "landmark"
     select: Literal["token", "block"] = "token"
     sink: bool = False
+    fusion: Literal["softmax", "stick"] = "softmax"
+    nope: bool = False
     layers: str = "all"
 
 
@@ -65,6 +69,8 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
     if cfg.window < 0:
         raise LccError(f"invalid --opt window={cfg.window}: the local window counts complete chunks, 0 or more")
     topk = parse_topk(cfg.topk)
+    if cfg.nope and cfg.score == "exact":
+        raise LccError("--opt nope=true changes landmark and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
     nodes = program.attention_nodes()
     chosen = set(parse_layers(cfg.layers, len(nodes)))
     graph = program.gm.graph
@@ -80,12 +86,21 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             projections = tuple(
                 program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
             )
-        args = (q, k, v, key_padding, *projections, node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select, cfg.sink)
+        scoring = (None, None)
+        if cfg.nope:  # retrieval scores from the q and k before RoPE
+            scoring = tuple(pre_rope(t) for t in (q, k))
+            if None in scoring or any(val(a).shape != val(b).shape for a, b in zip(scoring, (q, k), strict=True)):
+                raise LccError(f"layer {facts['layer']} ({facts['module']}): --opt nope=true found no rotary embedding on its q and k to leave out")
+        statics = (node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select, cfg.sink, cfg.fusion)
+        args = (q, k, v, key_padding, *projections, *statics, *scoring)
         node.target, node.args = HSA, args
         node.meta["val"] = fake_call(HSA, *args)
-        facts.update(form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select, sink=cfg.sink)
+        facts.update(
+            form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select, sink=cfg.sink, fusion=cfg.fusion, nope=cfg.nope
+        )
     graph.lint()
-    program.signature["exact"] = cfg.score == "exact" and topk < 0 and not cfg.sink  # every chunk is selected, whatever ``select`` is
+    # every chunk is selected, whatever ``select`` is, and the parts fuse as one softmax
+    program.signature["exact"] = cfg.score == "exact" and topk < 0 and not cfg.sink and cfg.fusion == "softmax"
     return PassResult(
         matches=len(chosen), notes=[f"{len(chosen)} of {len(nodes)} layers: chunk {cfg.chunk}, top-{cfg.topk}, window {cfg.window}, {cfg.score} scores"]
     )
