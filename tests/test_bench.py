@@ -59,3 +59,22 @@ def test_hsa_bench_smoke(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert [r["op"] for r in rows] == ["hsa-token", "hsa-block", "dense"] and all(r["seconds"] > 0 for r in rows)
+
+
+def test_hsa_kernel_bench_smoke(tmp_path):
+    """bench/hsa_kernels.py runs its harness under the interpreter: both selections and dense, kernel output equal to the reference."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(BENCH.parent / "hsa_kernels.py"), "--smoke", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert sorted(row["ms"]) == sorted(f"{op} {p}" for op in ("hsa-token", "hsa-block", "dense") for p in ("fwd", "fwd+bwd"))
+    assert row["max_abs_error_token"] < 1e-4 and row["max_abs_error_block"] < 1e-4
+
+
+def test_hsa_quality_bench_smoke():
+    """bench/hsa_quality.py trains, saves, converts and scores every contender (tiny sizes; the numbers mean nothing)."""
+    result = subprocess.run([sys.executable, str(BENCH.parent / "hsa_quality.py"), "--smoke", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert sorted(report["accuracy"]) == sorted(["dense", *(f"hsa {m} K={k}" for m in ("landmark", "exact") for k in (8, 16))])
+    assert all(0 <= a <= 1 for accs in report["accuracy"].values() for a in accs.values())
