@@ -421,6 +421,11 @@ def _new(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return buf.fill_(float("nan")) if interpreting() and dtype.is_floating_point else buf
 
 
+def _strides(*tensors: torch.Tensor, n: int = 3) -> list[int]:
+    """The first ``n`` strides of each tensor (0 past a placeholder's own dims), in the kernels' argument order."""
+    return [stride for t in tensors for stride in (list(t.stride()[:n]) + [0] * n)[:n]]
+
+
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -461,16 +466,9 @@ def select(su: torch.Tensor, lk: torch.Tensor, lb: torch.Tensor, unit: int, chun
         lk,
         lb,
         idx,
-        su.stride(0),
-        su.stride(1),
-        su.stride(2),
-        lk.stride(0),
-        lk.stride(1),
-        lk.stride(2),
-        lb.stride(0),
-        idx.stride(0),
-        idx.stride(1),
-        idx.stride(2),
+        *_strides(su, lk),
+        *_strides(lb, n=1),
+        *_strides(idx),
         Hkv,
         n_units,
         lk.shape[2],
@@ -499,6 +497,7 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
     exact = sq is None
     pad = key_padding.to(torch.int32).contiguous() if key_padding is not None else None
     dummy = q.new_zeros(1, dtype=torch.float32)
+    pad_arg = pad if pad is not None else dummy
     sq, lk, lb = (
         (dummy, dummy.view(1, 1, 1), dummy.view(1, 1)) if exact else (_last_contiguous(sq.float()), _last_contiguous(lk.float()), lb.float().contiguous())
     )
@@ -513,7 +512,7 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
         q,
         k,
         v,
-        pad if pad is not None else dummy,
+        pad_arg,
         sq,
         lk,
         lb,
@@ -521,32 +520,10 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
         out,
         lse,
         score,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        sq.stride(0),
-        sq.stride(1) if not exact else 0,
-        sq.stride(2) if not exact else 0,
-        lk.stride(0),
-        lk.stride(1),
-        lk.stride(2),
-        lb.stride(0),
-        idx.stride(0),
-        idx.stride(1),
-        idx.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
-        pad.stride(0) if pad is not None else 0,
+        *_strides(q, k, v, out, sq, lk),
+        *_strides(lb, n=1),
+        *_strides(idx, lse),
+        *_strides(pad_arg, n=1),
         Hkv,
         T,
         G,
@@ -585,6 +562,7 @@ def hsa_bwd(
     exact = sq is None
     pad = key_padding.to(torch.int32).contiguous() if key_padding is not None else None
     dummy = q.new_zeros(1, dtype=torch.float32)
+    pad_arg = pad if pad is not None else dummy
     sq, lk = (dummy, dummy.view(1, 1, 1)) if exact else (sq.float().contiguous(), _last_contiguous(lk.float()))
     flags = _flags(q, k, v, 16 if exact else sq.shape[-1], chunk, pad, exact, sink)
     if grad_out.stride() != out.stride():  # both are read with one set of strides
@@ -593,12 +571,11 @@ def hsa_bwd(
     dsq = _new(sq.shape, q) if not exact else dummy
     wt, dd, ds = (_new(lse.shape, q) for _ in range(3))
     block_q, block_l, warps = tiles
-    common = (q.stride(0), q.stride(1), q.stride(2))
     _dq_kernel[(triton.cdiv(T, block_q), B * Hkv)](
         q,
         k,
         v,
-        pad if pad is not None else dummy,
+        pad_arg,
         sq,
         lk,
         idx,
@@ -611,29 +588,8 @@ def hsa_bwd(
         wt,
         dd,
         ds,
-        *common,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        sq.stride(0),
-        sq.stride(1) if not exact else 0,
-        sq.stride(2) if not exact else 0,
-        lk.stride(0),
-        lk.stride(1),
-        lk.stride(2),
-        idx.stride(0),
-        idx.stride(1),
-        idx.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
-        pad.stride(0) if pad is not None else 0,
+        *_strides(q, k, v, out, sq, lk, idx, lse),
+        *_strides(pad_arg, n=1),
         Hkv,
         T,
         G,
@@ -656,7 +612,7 @@ def hsa_bwd(
         q,
         k,
         v,
-        pad if pad is not None else dummy,
+        pad_arg,
         sq,
         grad_out,
         lse,
@@ -668,26 +624,8 @@ def hsa_bwd(
         dk,
         dv,
         dlk,
-        *common,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        sq.stride(0),
-        sq.stride(1) if not exact else 0,
-        sq.stride(2) if not exact else 0,
-        dlk.stride(0),
-        dlk.stride(1) if not exact else 0,
-        dlk.stride(2) if not exact else 0,
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
-        pad.stride(0) if pad is not None else 0,
+        *_strides(q, k, v, out, sq, dlk, lse),
+        *_strides(pad_arg, n=1),
         Hkv,
         T,
         G,
