@@ -144,19 +144,27 @@ def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int,
     """
     B, Hkv, Cg, G, S, D = rows.shape
     older = kc.shape[2]
-    if landmarks is None:
-        score = _exact_scores(rows, kc, rc)
-    else:
-        mean, log_count = (t[:, :, :older] for t in landmarks)
-        score = torch.einsum("bhcgsd,bhid->bhcgsi", score_rows, mean) + log_count[:, :, None, None, None]
     chunks = torch.arange(c0, c1, device=rows.device)
     visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
-    score = score.masked_fill(~visible[:, None, None], float("-inf"))
-    group = score.sum(3)  # [B, Hkv, Cg, S, older]: one selection per KV group …
-    if select == "block":
-        group = group.sum(3, keepdim=True)  # … and per query chunk
+    voters = G * (S if select == "block" else 1)  # rows that share one selection: the group's heads (and the chunk's queries)
+    if landmarks is None:
+        score = _exact_scores(rows, kc, rc).masked_fill(~visible[:, None, None], float("-inf"))
+        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]  # [B, Hkv, Cg, S|1, older]
+    else:  # landmark scores are linear in the query: the voters' summed query scores every chunk at once
+        mean, log_count = (t[:, :, :older] for t in landmarks)
+        summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]
+        group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
+        group = group.masked_fill(~visible[:, None], float("-inf"))
     idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, Cg, S|1, K], most recent first
-    chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
+    if landmarks is None:
+        chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
+    else:  # each row's own score of its chosen chunks; a chunk picked among fewer than K visible ones scores -inf
+        lm = mean.reshape(-1, mean.shape[-1]).index_select(0, (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten())
+        lm = lm.view(*idx.shape, -1)
+        pattern = "bhcgsd,bhcnkd->bhcgsk" if select == "block" else "bhcgsd,bhcskd->bhcgsk"
+        chosen = torch.einsum(pattern, score_rows, lm) + torch.gather(log_count[:, :, None, None].expand(*idx.shape[:-1], older), -1, idx)[:, :, :, None]
+        seen = torch.gather(visible[None, None, :, None].expand(*idx.shape[:-1], older), -1, idx)
+        chosen = chosen.masked_fill(~seen[:, :, :, None], float("-inf"))
     # gather each query's chunks as rows of the flattened [B·Hkv·older, S, ·] tensors (index_select is fast)
     flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten()
     ks = kc.reshape(-1, S, D).index_select(0, flat).view(*idx.shape, S, D)
