@@ -3,8 +3,9 @@
 A tiny Llama (2 layers, hidden 128, 4/2 heads) is trained on CPU on synthetic sequences: random
 filler tokens with ``--needles`` key→value pairs spread over the whole sequence, then every key
 asked again at the end (the answer is the value that followed it; only those answers are trained).
-Training runs at ``--train-len`` (an induction circuit forms after a few thousand steps) and then
-briefly at ``--long-len`` so it holds over long distances (dense attention throughout); the trained model is saved with ``save_pretrained`` and converted with
+Training runs in ``--phases`` of growing length: the induction circuit forms in the short first one
+(after a few thousand steps), the longer ones at a lower learning rate make it hold over long
+distances (dense attention throughout); the trained model is saved with ``save_pretrained`` and converted with
 ``lcc.compile(folder, to=...)``. Accuracy is the share of asked keys whose value is the argmax at
 the query position, on fresh sequences of each ``--eval-lens``, for: the dense artifact, HSA
 ``landmark`` scores at K = 8 and 16 (the training-free retrofit), and ``exact`` scores at the same
@@ -61,16 +62,20 @@ def train(args, console: Console) -> tuple[torch.nn.Module, list[str]]:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max(args.eval_lens),
+        rope_theta=1e5,
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     log = []
-    phases = [(args.train_len, args.train_steps, args.batch), (args.long_len, args.long_steps, max(1, args.batch * args.train_len // args.long_len))]
+    tokens = args.batch * args.phases[0][0]  # every step sees the same number of tokens
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training", total=args.train_steps + args.long_steps)
-        for length, steps, size in phases:
+        task = progress.add_task("training", total=sum(steps for _, steps in args.phases))
+        for phase, (length, steps) in enumerate(args.phases):
+            size = max(1, tokens // length)
+            for group in optimizer.param_groups:  # each longer phase adapts what the first one learned, more gently
+                group["lr"] = args.lr / (1 + 2 * phase)
             for step in range(steps):
                 ids, asked = batch(size, length, args.needles, g)
                 logits = model(ids).logits[:, :-1]
@@ -102,12 +107,14 @@ def accuracy(compiled, batches) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-steps", type=int, default=5000)
-    parser.add_argument("--train-len", type=int, default=128)
-    parser.add_argument("--long-steps", type=int, default=100)
-    parser.add_argument("--long-len", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--needles", type=int, default=8)
+    parser.add_argument(
+        "--phases",
+        type=lambda s: [tuple(int(x) for x in part.split(":")) for part in s.split(",")],
+        default=[(128, 4000), (512, 400), (2048, 150)],
+        help="training phases LENGTH:STEPS, in order",
+    )
+    parser.add_argument("--batch", type=int, default=32, help="sequences per step in the first phase (later phases keep its token count)")
+    parser.add_argument("--needles", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-lens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     parser.add_argument("--eval-seqs", type=int, default=16)
@@ -116,7 +123,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.train_steps, args.train_len, args.long_steps, args.long_len, args.batch = 3, 128, 1, 256, 2
+        args.phases, args.batch = [(128, 3), (256, 1)], 2
         args.eval_lens, args.eval_seqs = [320], 2
     console = Console(stderr=args.json)
     import transformers
