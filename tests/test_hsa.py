@@ -221,6 +221,8 @@ def test_cli_inspect_and_verify(tmp_path):
     result = subprocess.run([*cli, "verify", str(sparse), "--json"], capture_output=True, text=True)
     report = json.loads(result.stdout)
     assert result.returncode == 0 and not report["exact"] and report["max_abs"] > 1e-3  # reported, not failed
+    result = subprocess.run([*cli, "verify", str(sparse)], capture_output=True, text=True, env=wide)
+    assert result.returncode == 0 and "DIVERGES (approximate form" in result.stdout and "FAIL" not in result.stdout
 
 
 def test_nope_scores_read_the_projections_before_rope(monkeypatch):

@@ -258,6 +258,8 @@ def _print_report(report) -> None:
         )
     out.print(table)
     verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
+    if not report.exact:  # an approximate form (sparse settings): its divergence is reported, not judged
+        verdict = "[yellow]DIVERGES (approximate form, not an equivalence check)[/yellow]"
     out.print(
         f"{verdict} max abs {report.max_abs:.3g}, max rel {report.max_rel:.3g}, top-1 {report.top1:.3f}, KL {report.kl:.3g} (rtol {report.rtol}, atol {report.atol})"
     )
