@@ -135,7 +135,7 @@ def test_lowered_learned_model_trains_like_the_reference(tmp_path):
     torch.testing.assert_close(loaded(ids), grads[0][0])
 
 
-def test_kernel_refusals():
+def test_kernel_refusals(tmp_path):
     with pytest.raises(LccError, match=r"chunk 8 is not supported by the HSA kernels \(one of 16, 32, 64, 128\); pass --opt fallback=reference"):
         lcc.compile("tiny-llama", to="hsa", chunk=8, target="interpret")
     with pytest.raises(LccError, match="exact scores with a finite topk"):
@@ -144,12 +144,12 @@ def test_kernel_refusals():
     assert {s["kernel"] for s in kept.program.sites()} == {"longctx.hsa_attention/reference"}
     assert all("chunk 8 is not supported" in s["fallback"] for s in kept.program.sites())
     result = subprocess.run(
-        [sys.executable, "-m", "longctx_compile", "convert", "tiny-llama", "--to", "hsa", "--opt", "chunk=24", "--target", "h100", "-o", "never.lcc"],
+        [sys.executable, "-m", "longctx_compile", "convert", "tiny-llama", "--to", "hsa", "--opt", "chunk=24", "--target", "h100", "-o", str(tmp_path / "never.lcc")],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2 and "chunk 24 is not supported by the HSA kernels" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr and not (tmp_path / "never.lcc").exists()
 
 
 def test_tiles_fit_the_targets():
