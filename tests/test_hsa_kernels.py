@@ -143,8 +143,9 @@ def test_kernel_refusals(tmp_path):
     kept = lcc.compile("tiny-llama", to="hsa", chunk=8, target="interpret", fallback="reference")
     assert {s["kernel"] for s in kept.program.sites()} == {"longctx.hsa_attention/reference"}
     assert all("chunk 8 is not supported" in s["fallback"] for s in kept.program.sites())
+    command = ["convert", "tiny-llama", "--to", "hsa", "--opt", "chunk=24", "--target", "h100", "-o", str(tmp_path / "never.lcc")]
     result = subprocess.run(
-        [sys.executable, "-m", "longctx_compile", "convert", "tiny-llama", "--to", "hsa", "--opt", "chunk=24", "--target", "h100", "-o", str(tmp_path / "never.lcc")],
+        [sys.executable, "-m", "longctx_compile", *command],
         capture_output=True,
         text=True,
     )
