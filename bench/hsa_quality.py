@@ -8,8 +8,10 @@ Training runs in ``--phases`` of growing length: the induction circuit forms in 
 distances (dense attention throughout); the trained model is saved with ``save_pretrained`` and converted with
 ``lcc.compile(folder, to=...)``. Accuracy is the share of asked keys whose value is the argmax at
 the query position, on fresh sequences of each ``--eval-lens``, for: the dense artifact, HSA
-``landmark`` scores at K = 8 and 16 (the training-free retrofit), and ``exact`` scores at the same
-K (selection by each chunk's true LSE: what a perfect landmark would pick), all with S = 64, w = 4.
+``landmark`` scores at K = 8 and 16 (the training-free retrofit), ``exact`` scores at the same K
+(selection by each chunk's true LSE: what a perfect landmark would pick), and ``learned`` scores at
+K = 8 after ``--tune-steps`` steps that train only the new retrieval projections (backbone frozen),
+all with S = 64, w = 4.
 
     python bench/hsa_quality.py                   # a few minutes on 2 cores; paste into bench/RESULTS.md
     python bench/hsa_quality.py --smoke           # seconds: checks the harness, numbers mean nothing
@@ -94,6 +96,30 @@ def train(args, console: Console) -> tuple[torch.nn.Module, list[str]]:
     return model.eval(), log
 
 
+def tune_retrieval(compiled, args, progress) -> list[str]:
+    """Train only the learned-score retrieval projections (the backbone frozen) on the task at ``--tune-len``."""
+    params = [p for name, p in compiled.module.named_parameters() if "hsa_retrieval" in name]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.tune_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    task = progress.add_task("tuning retrieval", total=args.tune_steps)
+    log = []
+    for step in range(args.tune_steps):
+        ids, asked = batch(1, args.tune_len, args.needles, g)
+        logits = compiled(ids)[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits[asked[:, :-1]], ids[:, 1:][asked[:, :-1]])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(1, args.tune_steps // 4) == 0 or step == args.tune_steps - 1:
+            log.append(f"learned retrieval, T={args.tune_len} step {step}: loss {loss.item():.3f}")
+        progress.advance(task)
+    for p in params:
+        p.requires_grad_(False)
+    return log
+
+
 def accuracy(compiled, batches) -> float:
     hits = total = 0
     with torch.no_grad():
@@ -118,13 +144,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-lens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     parser.add_argument("--eval-seqs", type=int, default=16)
+    parser.add_argument("--tune-steps", type=int, default=100, help="steps that train the learned mode's retrieval projections (0: no learned row)")
+    parser.add_argument("--tune-len", type=int, default=2048)
+    parser.add_argument("--tune-lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: exercise the harness only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.smoke:
         args.phases, args.batch = [(128, 3), (256, 1)], 2
-        args.eval_lens, args.eval_seqs = [320], 2
+        args.eval_lens, args.eval_seqs, args.tune_steps, args.tune_len = [320], 2, 2, 128
     console = Console(stderr=args.json)
     import transformers
 
@@ -140,6 +169,8 @@ def main() -> None:
     for mode in ("landmark", "exact"):
         for topk in (8, 16):
             contenders.append((f"hsa {mode} K={topk}", dict(to="hsa", chunk=chunk, window=window, topk=str(topk), score=mode)))
+    if args.tune_steps:
+        contenders.append((f"hsa learned K=8, {args.tune_steps} steps", dict(to="hsa", chunk=chunk, window=window, topk="8", score="learned")))
     rows = {}
     with tempfile.TemporaryDirectory() as folder, Progress(console=console, transient=True) as progress:
         model.save_pretrained(folder)
@@ -148,6 +179,8 @@ def main() -> None:
         data = {T: [batch(1, T, args.needles, g) for _ in range(args.eval_seqs)] for T in args.eval_lens}
         for name, options in contenders:
             compiled = lcc.compile(folder, max_len=max(args.eval_lens), **options)
+            if options.get("score") == "learned":
+                log.extend(tune_retrieval(compiled, args, progress))
             for T in args.eval_lens:
                 rows.setdefault(name, {})[T] = accuracy(compiled, data[T])
                 progress.advance(task)
