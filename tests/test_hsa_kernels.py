@@ -166,3 +166,19 @@ def test_tiles_fit_the_targets():
                 need = hsa_smem_bytes(hsa_tiles(64, groups, select), 64, groups, 128, 128, torch.bfloat16)
                 assert need <= target.smem_per_block, (name, groups, select, need)
                 assert math.log2(hsa_tiles(64, groups, select)[0]).is_integer()
+
+
+@pytest.mark.parametrize("mode,K", [("exact", -1), ("landmark", 2)])
+def test_sequences_shorter_than_the_slots(mode, K):
+    """T < S and T = S (no complete chunk to retrieve, or none older than the window): every slot is empty, nothing is read past T."""
+    for T in (1, 5, 16):
+        q, k, v, _ = inputs(T, padded=False)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        refs = [t.clone().requires_grad_() for t in (q, k, v)]
+        statics = (16**-0.5, S, K, 1, mode, "token", False, "softmax", None, None)
+        got = hsa_flash(*leaves, None, None, None, *statics, hsa_tiles(S, 2, "token"))[0]
+        want = hsa_attention(*refs, None, None, None, *statics)
+        torch.testing.assert_close(got, want)
+        grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(T)).to(DEVICE)
+        for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):
+            torch.testing.assert_close(a, b)

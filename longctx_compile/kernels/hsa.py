@@ -93,8 +93,8 @@ def _select_kernel(
 @triton.jit
 def _chunk_scores(q, k_base, kpad_base, kpos, t, scale, sk_s, offs_d, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
                   CAUSAL: tl.constexpr, T, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Logits [ROWS, N] of the rows against keys kpos, -inf where a key is padded, past T or (CAUSAL) after the row's query."""
-    in_k = kpos < T
+    """Logits [ROWS, N] of the rows against keys kpos, -inf where a key is padded, outside [0, T) or (CAUSAL) after the row's query."""
+    in_k = (kpos >= 0) & (kpos < T)
     k = tl.load(k_base + kpos[:, None] * sk_s + offs_d[None, :], mask=in_k[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     s = _dot(q, tl.trans(k), PRECISION, DOT_DTYPE) * scale
     keep = in_k[None, :]
@@ -167,7 +167,7 @@ def _fwd_kernel(
     idx_base = Idx + b * si_b + hk * si_h + (q0 // UNIT) * si_u
     for slot in range(0, KSLOTS):
         idx = tl.load(idx_base + slot)
-        kpos = tl.maximum(idx, 0) * CHUNK + offs_n
+        kpos = idx * CHUNK + offs_n  # negative for an empty slot (idx -1): every load below is masked off
         s, k = _chunk_scores(q, k_base, kpad_base, kpos, t, scale, sk_s, offs_d, HEAD_DIM, HAS_PAD, False, T, PRECISION, DOT_DTYPE)
         cm = tl.max(s, 1)
         cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
@@ -177,13 +177,13 @@ def _fwd_kernel(
         denom = cl
         if SINK:  # softmax-off-by-one: a +1 (e^0) in the denominator
             denom = cl + tl.exp(-cm_safe)
-        v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(offs_dv[None, :] < V_DIM), other=0.0)
+        v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(kpos[:, None] >= 0) & (kpos[:, None] < T) & (offs_dv[None, :] < V_DIM), other=0.0)
         o = _dot(p.to(v.dtype), v, PRECISION, DOT_DTYPE) / tl.where(denom > 0, denom, 1.0)[:, None]
         if EXACT:
             score = chunk_lse
         else:
             lk = tl.load(LK + b * slk_b + hk * slk_h + tl.maximum(idx, 0).to(tl.int64) * slk_c + offs_r, mask=offs_r < R_DIM, other=0.0)
-            score = tl.sum(sq * lk[None, :], 1) + tl.load(LB + b * slb_b + tl.maximum(idx, 0))
+            score = tl.sum(sq * lk[None, :], 1) + tl.load(LB + b * slb_b + tl.maximum(idx, 0))  # an empty slot's score is -inf below
         score = tl.where((idx >= 0) & (chunk_lse > float("-inf")), score, float("-inf"))
         if STICK:
             out += tl.exp(_log_sigmoid(score) + f)[:, None] * o
@@ -303,9 +303,9 @@ def _dq_kernel(
     idx_base = Idx + b * si_b + hk * si_h + (q0 // UNIT) * si_u
     for slot in range(0, KSLOTS):
         idx = tl.load(idx_base + slot)
-        kpos = tl.maximum(idx, 0) * CHUNK + offs_n
+        kpos = idx * CHUNK + offs_n  # negative for an empty slot (idx -1): every load below is masked off
         s, k = _chunk_scores(q, k_base, kpad_base, kpos, t, scale, sk_s, offs_d, HEAD_DIM, HAS_PAD, False, T, PRECISION, DOT_DTYPE)
-        v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(offs_dv[None, :] < V_DIM), other=0.0)
+        v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(kpos[:, None] >= 0) & (kpos[:, None] < T) & (offs_dv[None, :] < V_DIM), other=0.0)
         lse = tl.load(Lse + row + 1 + slot, mask=valid, other=float("-inf"))
         score = tl.load(Score + row + 1 + slot, mask=valid, other=float("-inf"))
         w = _weight(score, flse, left, STICK)

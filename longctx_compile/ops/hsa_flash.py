@@ -39,6 +39,13 @@ def retrieval_inputs(q, k, key_padding, scale: float, chunk: int, mode: str, ret
     return sq, mean, log_count[:, 0]
 
 
+def _kernel_landmarks(lk, lb):
+    """Landmarks as the kernels read them: with no complete chunk yet, one placeholder (never selected: its bias is -inf)."""
+    if lk.shape[2]:
+        return lk, lb
+    return lk.new_zeros(*lk.shape[:2], 1, lk.shape[3]), lb.new_full((lb.shape[0], 1), float("-inf"))
+
+
 def _select(q, k, sq, lk, lb, chunk: int, topk: int, window: int, select: str) -> torch.Tensor:
     """Indices [B, Hkv, units, slots] (int32, -1 empty, most recent first): every older chunk for exact scores, else the kernel's top-K."""
     from ..kernels import hsa as kernels
@@ -88,6 +95,8 @@ def hsa_flash(
     sq, lk, lb = (None, None, None) if exact else retrieval_inputs(*scoring, key_padding, scale, chunk, mode, retrieval_q, retrieval_k)
     idx = _select(q, k, sq, lk, lb, chunk, topk, window, select)
     unit = 1 if select == "token" else chunk
+    if not exact:
+        lk, lb = _kernel_landmarks(lk, lb)
     out, lse, score = kernels.hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale, chunk, window, unit, tiles, sink, fusion == "stick")
     return out, lse, score, idx.contiguous()
 
@@ -115,13 +124,16 @@ def _backward(ctx, grad_out, *_unused):
     nope = score_q is not None
     # what the scores were made from: the attention's q and k, or the NoPE score_q and score_k
     leaves = [None if t is None else t.detach().requires_grad_() for t in ((score_q, score_k) if nope else (q, k)) + (retrieval_q, retrieval_k)]
-    sq = lk = None
+    sq = lk = read = None
     if mode != "exact":
         with torch.enable_grad():
-            sq, lk, _ = retrieval_inputs(leaves[0], leaves[1], key_padding, scale, chunk, mode, leaves[2], leaves[3])
+            sq, lk, lb = retrieval_inputs(leaves[0], leaves[1], key_padding, scale, chunk, mode, leaves[2], leaves[3])
+        read = _kernel_landmarks(lk.detach(), lb)[0]
     dq, dk, dv, dsq, dlk = kernels.hsa_bwd(
-        grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale, chunk, window, unit, tiles, sink, fusion == "stick"
+        grad_out, q, k, v, key_padding, sq, read, idx, out, lse, score, scale, chunk, window, unit, tiles, sink, fusion == "stick"
     )
+    if dlk is not None:
+        dlk = dlk[:, :, : lk.shape[2]]  # without the placeholder
     dwq = dwk = dscore_q = dscore_k = None
     if mode != "exact":  # the score queries and landmarks lead back to q, k (or score_q, score_k) and the learned projections
         grads = iter(torch.autograd.grad((sq, lk), [t for t in leaves if t is not None], (dsq, dlk)))
