@@ -13,7 +13,7 @@ the query position, on fresh sequences of each ``--eval-lens``, for: the dense a
 K = 8 after ``--tune-steps`` steps that train only the new retrieval projections (backbone frozen),
 all with S = 64, w = 4.
 
-    python bench/hsa_quality.py                   # a few minutes on 2 cores; paste into bench/RESULTS.md
+    python bench/hsa_quality.py                   # ~20 minutes on 2 cores; paste into bench/RESULTS.md
     python bench/hsa_quality.py --smoke           # seconds: checks the harness, numbers mean nothing
 """
 
