@@ -26,7 +26,7 @@ import triton.language as tl
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
 from .attention import _TL_DTYPES, _dot, interpreting
-from .tiles import HSA_CHUNKS, hsa_rows, padded_dim
+from .tiles import hsa_rows, hsa_unsupported, padded_dim
 
 
 # Kernel argument lists stay packed (pointers, strides, sizes, compile-time flags) rather than one per line.
@@ -431,8 +431,9 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk: int, pad, exact: bool, sink: bool) -> dict:
-    if chunk not in HSA_CHUNKS:
-        raise LccError(f"chunk {chunk} is not supported by the HSA kernels (one of {', '.join(map(str, HSA_CHUNKS))})")
+    reason = hsa_unsupported(chunk, -1, "landmark", q.shape[-1], v.shape[-1], q.dtype)  # what lower checks, again at launch
+    if reason:
+        raise LccError(reason)
     if q.device.type == "cpu" and not interpreting():
         raise LccError("the Triton HSA kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     return dict(

@@ -70,7 +70,7 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
             node.meta["lcc"].update(target=target.name, kernel=REFERENCE)
         for node in hsa_nodes:
             node.meta["lcc"].update(target=target.name, kernel=HSA_REFERENCE)
-        return PassResult(matches=len(nodes), notes=[f"{len(nodes) + len(hsa_nodes)} sites keep the reference op on {target.name}"])
+        return PassResult(matches=len(nodes) + len(hsa_nodes), notes=[f"{len(nodes) + len(hsa_nodes)} sites keep the reference op on {target.name}"])
     notes = [note for node in hsa_nodes if (note := _lower_hsa(program.gm.graph, node, target, cfg))]  # a note: kept the reference
     hsa_lowered = len(hsa_nodes) - len(notes)
     chosen: dict[tuple, AttentionConfigs] = {}
