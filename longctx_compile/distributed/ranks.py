@@ -35,6 +35,7 @@ def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload,
         result = TASKS[task](load(path), payload, degree, rank)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks to it can abort the peer
     finally:
         dist.destroy_process_group()
 
