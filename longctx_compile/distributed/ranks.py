@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload,
         dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks to it can abort the peer
     finally:
         dist.destroy_process_group()
+    # a finished rank exits at once: gloo's threads can abort the process in interpreter teardown (SIGABRT,
+    # "terminate called without an active exception") after the work and its result are complete
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train_step(model, batch: dict, degree: int, rank: int) -> dict:
