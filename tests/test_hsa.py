@@ -12,6 +12,7 @@ import torch
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
 from longctx_compile.ops import hsa as hsa_ops
+from longctx_compile.ops import hsa_cpu
 from longctx_compile.ops.hsa import hsa_attention
 
 
@@ -121,6 +122,35 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("T", [2, 21, 75])
+@pytest.mark.parametrize(
+    "mode,fusion,sink", [("landmark", "softmax", False), ("learned", "stick", True), ("exact", "softmax", True), ("landmark", "stick", False)]
+)
+def test_cpu_fast_forward_equals_reference(T, mode, fusion, sink):
+    """The CPU flash path (per-chunk selection, no padding) equals the reference: T < S, several groups of
+    GROUP_CHUNKS (4) query chunks at T = 75 (25 chunks of 3), a partial last chunk, chunks picked among fewer
+    than K visible."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
+    projections = [torch.eye(8) + torch.randn(2, 8, 8, generator=g) / 3 for _ in range(2)] if mode == "learned" else [None, None]
+    want = hsa_ops.hsa_ref(q, k, v, None, 8**-0.5, 3, 4, 2, mode, "block", *projections, sink, fusion)
+    got = hsa_cpu.hsa_block_cpu(q, k, v, 8**-0.5, 3, 4, 2, mode, *projections, sink, fusion, None, None)
+    torch.testing.assert_close(got, want)
+
+
+def test_cpu_op_takes_the_fast_path_only_where_it_applies(monkeypatch):
+    """On the CPU the op runs the flash path for unpadded per-chunk selection and the reference otherwise."""
+    calls = []
+    fast = hsa_cpu.hsa_block_cpu
+    monkeypatch.setattr(hsa_cpu, "hsa_block_cpu", lambda *args: calls.append("fast") or fast(*args))
+    reference = hsa_ops.hsa_ref
+    monkeypatch.setattr(hsa_ops, "hsa_ref", lambda *args: calls.append("ref") or reference(*args))
+    q, k, v, key_padding = inputs()
+    for padding, select in ((None, "block"), (key_padding, "block"), (None, "token")):
+        hsa_attention(q, k, v, padding, None, None, 8**-0.5, 3, 2, 1, "landmark", select, False)
+    assert calls == ["fast", "ref", "ref"]
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-phi"])

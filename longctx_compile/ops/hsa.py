@@ -23,27 +23,92 @@ Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key scor
 The reference below is the definition and the backward (autograd through it; the selection gets no
 gradient, the scores do through the fusion weights). It runs a group of query chunks at a time
 (local windows are strided views of the keys, retrieved chunks gathered with ``index_select``), the
-group sized so no intermediate exceeds about 2^24 elements: memory O(T·(K+w+1)·S) overall, never
-[T, T]; only ``exact`` scoring reads every older key.
+group sized so no intermediate exceeds about 2^20 elements (cache-sized: larger groups were slower
+on the CPU): memory O(T·(K+w+1)·S) overall, never [T, T]; only ``exact`` scoring reads every older
+key. On the CPU, ``ops.hsa_cpu`` runs the forward of per-chunk selection faster with the same plan.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .attention import empty_sdpa_layout
 
-GROUP_ELEMENTS = 1 << 24  # a group of query chunks is sized so no intermediate exceeds about this many elements
+GROUP_ELEMENTS = 1 << 20  # a group of query chunks is sized so no intermediate exceeds about this many elements
 
 
-def _softmax(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, lse) of one softmax over the last dim where ``keep``; a row with no key: 0, -inf."""
+def _softmax(scores: torch.Tensor, keep: torch.Tensor, every_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, lse) of one softmax over the last dim where ``keep``; a row with no key: 0, -inf.
+
+    ``every_row``: the caller knows each row keeps a key, which skips the empty-row handling.
+    """
     scores = scores.masked_fill(~keep, float("-inf"))
+    if every_row:
+        lse = torch.logsumexp(scores, -1)
+        return torch.exp(scores - lse[..., None]), lse
     dead = ~keep.any(-1)
     lse = torch.logsumexp(scores.masked_fill(dead[..., None], 0.0), -1).masked_fill(dead, float("-inf"))
     return torch.exp(scores - lse.masked_fill(dead, 0.0)[..., None]), lse
+
+
+@dataclass
+class Plan:
+    """The sequence laid out in chunks, as the reference and the CPU fast path both read it.
+
+    ``qg`` / ``rows_q``: the queries (scaled) and what scores chunks, [B, Hkv, C, G, S, D] (a chunk's
+    G·S rows are one matrix); ``kwin`` / ``vwin`` / ``rwin``: each chunk's local keys, values and
+    real-key flags (chunks c-w .. c, a strided view); ``causal`` [S, (w+1)S]; ``kc`` / ``vc`` / ``rc``:
+    the complete chunks; ``landmarks``: (mean key, log real count) per complete chunk, None in
+    ``exact`` mode; ``K``: the chunks to select; ``step``: query chunks per group.
+    """
+
+    qg: torch.Tensor
+    rows_q: torch.Tensor
+    kwin: torch.Tensor
+    vwin: torch.Tensor
+    rwin: torch.Tensor
+    causal: torch.Tensor
+    kc: torch.Tensor
+    vc: torch.Tensor
+    rc: torch.Tensor
+    landmarks: tuple[torch.Tensor, torch.Tensor] | None
+    K: int
+    step: int
+
+
+def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k) -> Plan:
+    """Lay q, k, v out in chunks of ``chunk`` (arguments as :func:`hsa_ref`'s)."""
+    B, Hq, T, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G, S, w = Hq // Hkv, chunk, window
+    C, full = math.ceil(T / S), T // S  # chunks, complete chunks
+    pad = C * S - T
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
+    qg = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3).contiguous()
+    # local windows over the keys padded by w chunks on the left
+    kwin, vwin = (torch.nn.functional.pad(t.float(), (0, 0, w * S, pad)).unfold(2, (w + 1) * S, S).transpose(-1, -2) for t in (k, v))
+    rwin = torch.nn.functional.pad(real, (w * S, pad)).unfold(1, (w + 1) * S, S)  # [B, C, (w+1)S]
+    # key l of the window sits w·S - i places before query i of the chunk: causal is the same for every chunk
+    causal = torch.arange((w + 1) * S, device=q.device)[None, :] <= torch.arange(S, device=q.device)[:, None] + w * S
+    kc = k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
+    vc = v.float()[:, :, : full * S].reshape(B, Hkv, full, S, Dv)
+    rc = real[:, : full * S].reshape(B, 1, full, S)
+    landmarks, rows_q = None, qg  # what scores the chunks: the queries (or the NoPE ones), maybe projected
+    if mode != "exact":
+        keys = kc if score_k is None else score_k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
+        landmarks = _landmarks(keys, rc)
+        if score_q is not None:
+            rows_q = torch.nn.functional.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
+    if mode == "learned":
+        rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
+        landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
+    K = full if topk < 0 else topk
+    per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
+    step = max(1, GROUP_ELEMENTS // per_chunk)
+    return Plan(qg, rows_q, kwin, vwin, rwin, causal, kc, vc, rc, landmarks, K, step)
 
 
 def hsa_ref(
@@ -68,107 +133,47 @@ def hsa_ref(
 
     ``retrieval_q`` / ``retrieval_k`` [Hkv, D, D]: the ``learned`` mode's projections.
     """
-    B, Hq, T, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G, S, w = Hq // Hkv, chunk, window
-    C, full = math.ceil(T / S), T // S  # chunks, complete chunks
-    pad = C * S - T
-    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
-    # queries scaled once (every score is q·k·scale) and laid out [B, Hkv, chunk, G, S, D]: a chunk's G·S rows are one matrix
-    qg = torch.nn.functional.pad(q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3).contiguous()
-    # each chunk's local keys, chunks c-w .. c, as windows over the keys padded by w chunks on the left
-    kwin, vwin = (torch.nn.functional.pad(t.float(), (0, 0, w * S, pad)).unfold(2, (w + 1) * S, S).transpose(-1, -2) for t in (k, v))
-    rwin = torch.nn.functional.pad(real, (w * S, pad)).unfold(1, (w + 1) * S, S)  # [B, C, (w+1)S]
-    # key l of the window sits w·S - i places before query i of the chunk: causal is the same for every chunk
-    causal = torch.arange((w + 1) * S, device=q.device)[None, :] <= torch.arange(S, device=q.device)[:, None] + w * S
-    kc = k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
-    vc = v.float()[:, :, : full * S].reshape(B, Hkv, full, S, Dv)
-    rc = real[:, : full * S].reshape(B, 1, full, S)
-    landmarks, rows_q = None, qg  # what scores the chunks: the queries (or the NoPE ones), maybe projected
-    if mode != "exact":
-        keys = kc if score_k is None else score_k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
-        landmarks = _landmarks(keys, rc)
-        if score_q is not None:
-            rows_q = torch.nn.functional.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
-    if mode == "learned":
-        rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
-        landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
-    K = full if topk < 0 else topk
-    per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
-    step = max(1, GROUP_ELEMENTS // per_chunk)  # query chunks per group
+    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k)
+    B, Hkv, C, G, S, D = p.qg.shape
+    T, w = q.shape[2], window
     outs = []
-    for c0 in range(0, C, step):
-        c1 = min(C, c0 + step)
-        rows = qg[:, :, c0:c1]  # [B, Hkv, Cg, G, S, D]
-        keep = causal & rwin[:, None, c0:c1, None, None, :]
-        local, local_lse = _softmax(torch.einsum("bhcgsd,bhcld->bhcgsl", rows, kwin[:, :, c0:c1]), keep)
+    for c0 in range(0, C, p.step):
+        c1 = min(C, c0 + p.step)
+        rows = p.qg[:, :, c0:c1]  # [B, Hkv, Cg, G, S, D]
+        keep = p.causal & p.rwin[:, None, c0:c1, None, None, :]
+        local, local_lse = _softmax(torch.einsum("bhcgsd,bhcld->bhcgsl", rows, p.kwin[:, :, c0:c1]), keep, key_padding is None)
         older = c1 - 1 - w  # candidates of the group's last chunk: chunks 0 .. older-1
         if older <= 0 or topk == 0:
-            only = _fusion_weights(local_lse[..., None], fusion)  # the local part alone: 1 (softmax) or σ(LSE) (stick)
-            outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local * only, vwin[:, :, c0:c1]))
+            only = fusion_weights(local_lse[..., None], fusion)  # the local part alone: 1 (softmax) or σ(LSE) (stick)
+            outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local, p.vwin[:, :, c0:c1]) * only)
             continue
-        probs, scores, vs = _retrieve(
-            rows,
-            rows_q[:, :, c0:c1],
-            kc[:, :, :older],
-            vc[:, :, :older],
-            rc[:, :, :older],
-            landmarks,
-            c0,
-            c1,
-            w,
-            min(K, older),
-            select,
-            key_padding is None,
-            sink,
-        )
-        weights = _fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1), fusion)
-        # the fusion weights fold into each part's probabilities, so each part is one matmul over its keys
-        out = torch.einsum("bhcgsl,bhcld->bhcgsd", local * weights[..., :1], vwin[:, :, c0:c1])
+        probs, scores, vs = _retrieve(p, rows, older, c0, c1, w, min(p.K, older), select, key_padding is None, sink)
+        weights = fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1), fusion)
+        # the local part's weight scales its output; the selected chunks' weights fold into their
+        # probabilities, so all of them are one matmul over their keys
+        out = torch.einsum("bhcgsl,bhcld->bhcgsd", local, p.vwin[:, :, c0:c1]) * weights[..., :1]
         selected = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, Cg, G, S, K·S]
         if select == "block":
             out = out + torch.einsum("bhcgsj,bhcjd->bhcgsd", selected, vs[:, :, :, 0].flatten(3, 4))
         else:
             out = out + torch.einsum("bhcgsj,bhcsjd->bhcgsd", selected, vs.flatten(4, 5))
         outs.append(out)
-    out = torch.cat(outs, dim=2).transpose(2, 3).reshape(B, Hkv, G, C * S, Dv)
-    return out[:, :, :, :T].reshape(B, Hq, T, Dv)
+    return unchunk(torch.cat(outs, dim=2), T)
 
 
-def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool, sink: bool):
+def unchunk(out: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, Hkv, C, G, S, Dv] chunk-major rows back to [B, Hq, T, Dv]."""
+    B, Hkv, C, G, S, Dv = out.shape
+    return out.transpose(2, 3).reshape(B, Hkv, G, C * S, Dv)[:, :, :, :T].reshape(B, Hkv * G, T, Dv)
+
+
+def _retrieve(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool, sink: bool):
     """Each query's top-K older chunks: (probabilities [B, Hkv, Cg, G, S, K, S] within each chunk, their
     fusion scores [B, Hkv, Cg, G, S, K], their values [B, Hkv, Cg, S|1, K, S, Dv]).
-
-    ``rows`` are the group's queries already multiplied by the softmax scale; ``score_rows`` what
-    scores the chunks against the ``landmarks`` (the rows, or their learned projection).
     """
     B, Hkv, Cg, G, S, D = rows.shape
-    older = kc.shape[2]
-    chunks = torch.arange(c0, c1, device=rows.device)
-    visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
-    voters = G * (S if select == "block" else 1)  # rows that share one selection: the group's heads (and the chunk's queries)
-    if landmarks is None:
-        score = _exact_scores(rows, kc, rc).masked_fill(~visible[:, None, None], float("-inf"))
-        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]  # [B, Hkv, Cg, S|1, older]
-    else:  # landmark scores are linear in the query: the voters' summed query scores every chunk at once
-        mean, log_count = (t[:, :, :older] for t in landmarks)
-        summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]
-        group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
-        group = group.masked_fill(~visible[:, None], float("-inf"))
-    idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, Cg, S|1, K], most recent first
-    if landmarks is None:
-        chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
-    else:  # each row's own score of its chosen chunks; a chunk picked among fewer than K visible ones scores -inf
-        lm = mean.reshape(-1, mean.shape[-1]).index_select(0, (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten())
-        lm = lm.view(*idx.shape, -1)
-        pattern = "bhcgsd,bhcnkd->bhcgsk" if select == "block" else "bhcgsd,bhcskd->bhcgsk"
-        chosen = torch.einsum(pattern, score_rows, lm) + torch.gather(log_count[:, :, None, None].expand(*idx.shape[:-1], older), -1, idx)[:, :, :, None]
-        seen = torch.gather(visible[None, None, :, None].expand(*idx.shape[:-1], older), -1, idx)
-        chosen = chosen.masked_fill(~seen[:, :, :, None], float("-inf"))
-    # gather each query's chunks as rows of the flattened [B·Hkv·older, S, ·] tensors (index_select is fast)
-    flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * older + idx).flatten()
-    ks = kc.reshape(-1, S, D).index_select(0, flat).view(*idx.shape, S, D)
-    vs = vc.reshape(-1, S, vc.shape[-1]).index_select(0, flat).view(*idx.shape, S, vc.shape[-1])
+    idx, chosen, flat = select_chunks(p, rows, older, c0, c1, w, K, select)
+    ks, vs = gather_chunks(p, flat, idx.shape)
     if select == "block":  # a chunk's shared selection: one matmul for all its G·S query rows
         scores = torch.einsum("bhcgnd,bhcksd->bhcgnks", rows, ks[:, :, :, 0])
     else:
@@ -177,11 +182,55 @@ def _retrieve(rows, score_rows, kc, vc, rc, landmarks, c0: int, c1: int, w: int,
         return torch.softmax(scores, dim=-1), chosen, vs
     keep = torch.ones((), dtype=torch.bool, device=rows.device)
     if not unpadded:
-        keep = rc.expand(B, Hkv, older, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)[:, :, :, None]
+        keep = p.rc.expand(B, Hkv, -1, S).reshape(-1, S).index_select(0, flat).view(*idx.shape, S)[:, :, :, None]
     probs, lse = _softmax(scores, keep.expand_as(scores))
     if sink:  # softmax-off-by-one: a chunk passes on Σexp / (Σexp + 1) of its mass
         probs = probs * torch.sigmoid(lse)[..., None]
     return probs, chosen, vs
+
+
+def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, select: str):
+    """The top-K of chunks 0 .. older-1 for each selection unit of query chunks c0 .. c1-1:
+    (indices [B, Hkv, Cg, S|1, K] most recent first, each row's fusion score of them
+    [B, Hkv, Cg, G, S, K], the indices as rows of the flattened [B·Hkv·full] complete chunks).
+
+    ``rows`` are the group's queries already multiplied by the softmax scale; ``p.rows_q`` what
+    scores the chunks against the landmarks (the rows, or their learned projection). A chunk picked
+    among fewer than K visible ones scores -inf. Chunks are addressed in the whole ``p.kc`` (a slice
+    of it would be copied: O(T) per group).
+    """
+    B, Hkv, Cg, G, S, D = rows.shape
+    kc, rc, landmarks, score_rows = p.kc, p.rc, p.landmarks, p.rows_q[:, :, c0:c1]
+    full = kc.shape[2]
+    chunks = torch.arange(c0, c1, device=rows.device)
+    visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
+    voters = G * (S if select == "block" else 1)  # rows that share one selection: the group's heads (and the chunk's queries)
+    if landmarks is None:
+        score = _exact_scores(rows, kc[:, :, :older], rc[:, :, :older]).masked_fill(~visible[:, None, None], float("-inf"))
+        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]  # [B, Hkv, Cg, S|1, older]
+    else:  # landmark scores are linear in the query: the voters' summed query scores every chunk at once
+        mean, log_count = (t[:, :, :older] for t in landmarks)  # small: [B, Hkv|1, older, D|·]
+        summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]
+        group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
+        group = group.masked_fill(~visible[:, None], float("-inf"))
+    idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, Cg, S|1, K], most recent first
+    if landmarks is None:
+        chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
+    else:  # each row's own score of its chosen chunks; a chunk picked among fewer than K visible ones scores -inf
+        flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
+        lm = landmarks[0].reshape(-1, D).index_select(0, flat).view(*idx.shape, -1)
+        pattern = "bhcgsd,bhcnkd->bhcgsk" if select == "block" else "bhcgsd,bhcskd->bhcgsk"
+        chosen = torch.einsum(pattern, score_rows, lm) + torch.gather(log_count[:, :, None, None].expand(*idx.shape[:-1], older), -1, idx)[:, :, :, None]
+        seen = torch.gather(visible[None, None, :, None].expand(*idx.shape[:-1], older), -1, idx)
+        chosen = chosen.masked_fill(~seen[:, :, :, None], float("-inf"))
+    flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
+    return idx, chosen, flat
+
+
+def gather_chunks(p: Plan, flat: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [*shape, S, D|Dv] of the complete chunks at rows ``flat`` (index_select is fast)."""
+    S, D, Dv = p.kc.shape[-2], p.kc.shape[-1], p.vc.shape[-1]
+    return p.kc.reshape(-1, S, D).index_select(0, flat).view(*shape, S, D), p.vc.reshape(-1, S, Dv).index_select(0, flat).view(*shape, S, Dv)
 
 
 def _exact_scores(rows: torch.Tensor, kc: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
@@ -199,7 +248,7 @@ def _landmarks(kc: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.
     return mean, torch.log(count.float())
 
 
-def _fusion_weights(scores: torch.Tensor, fusion: str) -> torch.Tensor:
+def fusion_weights(scores: torch.Tensor, fusion: str) -> torch.Tensor:
     """Weights of the parts from their scores (last dim, most recent first); a row with no finite score gets zeros.
 
     ``softmax``: normalised. ``stick``: σ(s_p)·Π_{j<p}(1 − σ(s_j)), in log space (log σ(-s) = log(1 − σ(s))).
