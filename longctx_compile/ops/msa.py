@@ -1,0 +1,84 @@
+"""MSA (EverMind memory sparse attention) ops: chunk pooling of encoded documents and document routing.
+
+- ``longctx::msa_pool``: documents are encoded one per batch row (positions restart per document,
+  right padding); a routed layer keeps K (after RoPE), V and the router keys mean-pooled over chunks
+  of P tokens of the row. A chunk never crosses a document because a row is one document; a partial
+  last chunk is averaged over its real tokens; a chunk with none is 0 and has count 0.
+- ``longctx::msa_route``: a document's score is, per batch row, the max over its chunks of the max
+  over the routing query tokens of the mean over query heads of score(router query, router key of
+  the chunk), where score is the cosine or the dot product / √d (the paper says cosine; the released
+  code's inference path uses the dot product). Query head h reads KV head h // G.
+
+The references accumulate in fp32. Routing is computed over tiles of chunks, so no ``[B, H, T, C]``
+tensor exists for the whole bank: memory O(B·H·T·tile).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ROUTE_TILE = 16384  # chunks scored at a time (the released code's slice_chunk_size)
+
+
+def pool_ref(x: torch.Tensor, real: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over each chunk's real tokens [N, H, L/P, D] fp32, real-token count per chunk [N, L/P]) of x [N, H, L, D].
+
+    ``real`` [N, L] marks the real tokens (1) of each document row; L must be a multiple of ``pool``.
+    """
+    N, H, L, D = x.shape
+    weights = real.to(torch.float32).view(N, 1, L // pool, pool, 1)
+    total = (x.float().view(N, H, L // pool, pool, D) * weights).sum(3)
+    count = weights.sum(3)  # [N, 1, L/P, 1]
+    return total / count.clamp(min=1), count.view(N, L // pool)
+
+
+@torch.library.custom_op("longctx::msa_pool", mutates_args=())
+def msa_pool(x: torch.Tensor, real: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk means of x [N, H, L, D] over its real tokens, as :func:`pool_ref`."""
+    return pool_ref(x, real, pool)
+
+
+@msa_pool.register_fake
+def _(x, real, pool):
+    N, H, L, D = x.shape
+    return x.new_empty(N, H, L // pool, D, dtype=torch.float32), x.new_empty(N, L // pool, dtype=torch.float32)
+
+
+def route_ref(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, cosine: bool) -> torch.Tensor:
+    """Document scores [B, n_docs] fp32 (-inf for a document no routing token reaches).
+
+    router_q [B, Hq, T, D]; query_mask [B, T] (nonzero: a token that routes); router_keys
+    [Hkv, C, D] pooled router keys of the bank; chunk_doc [C] the document of each chunk.
+    """
+    B, Hq, T, D = router_q.shape
+    Hkv, C = router_keys.shape[:2]
+    q = router_q.float().view(B, Hkv, Hq // Hkv, T, D)
+    keys = router_keys.float()
+    if cosine:
+        q, keys = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(keys, dim=-1)
+    else:
+        q = q / math.sqrt(D)
+    routes = query_mask.bool()[:, :, None]  # [B, T, 1]
+    scores = torch.full((B, n_docs), float("-inf"), device=router_q.device)
+    for c0 in range(0, C, ROUTE_TILE):
+        c1 = min(C, c0 + ROUTE_TILE)
+        tile = torch.einsum("bhgtd,hcd->btc", q, keys[:, c0:c1]) / Hq  # mean over query heads
+        per_chunk = tile.masked_fill(~routes, float("-inf")).amax(1)  # max over routing tokens: [B, tile]
+        index = chunk_doc[c0:c1].long().expand(B, c1 - c0)
+        scores = scores.scatter_reduce(1, index, per_chunk, reduce="amax")
+    return scores
+
+
+@torch.library.custom_op("longctx::msa_route", mutates_args=())
+def msa_route(
+    router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, doc_chunks: torch.Tensor, cosine: bool
+) -> torch.Tensor:
+    """Document scores [B, n_docs] as :func:`route_ref`; n_docs is ``doc_chunks.shape[0]`` (the bank's [n_docs, M] chunk table)."""
+    return route_ref(router_q, query_mask, router_keys, chunk_doc, doc_chunks.shape[0], cosine)
+
+
+@msa_route.register_fake
+def _(router_q, query_mask, router_keys, chunk_doc, doc_chunks, cosine):
+    return router_q.new_empty(router_q.shape[0], doc_chunks.shape[0], dtype=torch.float32)
