@@ -6,12 +6,14 @@ failure never leaves a half-written artifact, and an existing folder is replaced
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +92,7 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
     out = Path(out)
     inputs = [Path(compiled.program.source["spec"])] if compiled.program.source["kind"] == "hf_folder" else []
     check_destination(out, force, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         torch.export.save(compiled.program.ep, tmp / PROGRAM)
         (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
         manifest = manifest_of(compiled, report)
@@ -108,11 +107,21 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
             manifest["cache_note"] = str(e)
         manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *manifest["programs"].values()) if (tmp / name).exists()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to fill; on success it replaces ``out`` by renames, on failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _replace(tmp: Path, out: Path) -> None:
