@@ -12,6 +12,7 @@ ATTENTION_OPS = (
     torch.ops.longctx.ring_attention.default,
     torch.ops.longctx.hsa_attention.default,
     torch.ops.longctx.hsa_flash.default,
+    torch.ops.longctx.msa_attention.default,
 )
 
 __all__ = ["ATTENTION_OPS", "attention_ref", "doc_ids_from_positions"]

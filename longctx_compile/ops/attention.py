@@ -96,7 +96,7 @@ def _setup_context(ctx, inputs, output):
     ctx.statics = inputs[6:]
 
 
-def _backward(ctx, grad_out):
+def attention_backward(ctx, grad_out):
     q, k, v, key_padding, doc_ids, mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     with torch.enable_grad():
@@ -110,7 +110,7 @@ def _backward(ctx, grad_out):
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves) + (None, None, None)
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+attention.register_autograd(attention_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("longctx::doc_ids", mutates_args=())

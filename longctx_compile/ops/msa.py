@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .attention import attention_backward, empty_sdpa_layout, sdpa_layout_forward
+
 ROUTE_TILE = 16384  # chunks scored at a time (the released code's slice_chunk_size)
 
 
@@ -82,3 +84,42 @@ def msa_route(
 @msa_route.register_fake
 def _(router_q, query_mask, router_keys, chunk_doc, doc_chunks, cosine):
     return router_q.new_empty(router_q.shape[0], doc_chunks.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("longctx::msa_attention", mutates_args=())
+def msa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+    router_q: torch.Tensor,
+    router_k: torch.Tensor,
+) -> torch.Tensor:
+    """A routed layer's attention: over its own input it is the canonical attention (the router
+    projections ``router_q`` [B, T, Hq·D] / ``router_k`` [B, T, Hkv·D] take no part); the MSA
+    programs (``runtime.msa``) read them to pool, route and attend over the selected memory."""
+    return sdpa_layout_forward(q, k, v, key_padding, doc_ids, mask, scale, causal, window)
+
+
+@msa_attention.register_fake
+def _(q, k, v, key_padding, doc_ids, mask, scale, causal, window, router_q, router_k):
+    return empty_sdpa_layout(q, v)
+
+
+def _msa_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.statics = inputs[6:9]
+
+
+def _msa_backward(ctx, grad_out):
+    """The canonical attention's backward; the router projections get no gradient from attention (as in MSA, where the
+    router learns from its auxiliary loss only)."""
+    return (*attention_backward(ctx, grad_out), None, None)
+
+
+msa_attention.register_autograd(_msa_backward, setup_context=_msa_setup)

@@ -26,7 +26,10 @@ TRITON = "longctx.flash_attention/triton"
 HSA = torch.ops.longctx.hsa_attention.default
 HSA_REFERENCE, HSA_TRITON = "longctx.hsa_attention/reference", "longctx.hsa_flash/triton"
 # the forms' own attention ops that run their plain-torch definition on every target for now
-FORM_OPS = {torch.ops.longctx.ring_attention.default: "longctx.ring_attention/reference"}
+FORM_OPS = {
+    torch.ops.longctx.ring_attention.default: "longctx.ring_attention/reference",
+    torch.ops.longctx.msa_attention.default: "longctx.msa_attention/reference",
+}
 COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 

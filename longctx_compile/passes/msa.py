@@ -1,0 +1,144 @@
+"""``msa``: EverMind memory sparse attention — routed layers gain router projections (semantics in ``ops/msa.py``).
+
+Each routed layer's canonical attention becomes ``longctx::msa_attention``, which also takes the
+router query ``router_q_proj(h)`` and router key ``router_k_proj(h)`` of the layer's attention input
+``h`` (the tensor its q and k projections read). The router weights are new parameters initialised
+from the layer's own q/k projection weights (a training-free start), or loaded from the source folder
+when it already holds MSA weights under those names. Over its own input the op is the canonical
+attention, so the program is the dense model; ``runtime.msa`` runs it as the encode and query
+programs (pool documents, route, attend over the selected memory).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import LccError
+from ..pipeline import PassResult, Program, Stage, register
+from .graph import aten, fake_call, is_call, val
+from .hsa import parse_topk
+
+CANONICAL = torch.ops.longctx.attention.default
+MSA = torch.ops.longctx.msa_attention.default
+
+
+@dataclass
+class MsaConfig:
+    """``--opt pool=64 topk=16|all routed_layers=upper|all|18,19,... score=cosine|dot prefix=0``."""
+
+    pool: int = 64
+    topk: str = "16"
+    routed_layers: str = "upper"
+    score: Literal["cosine", "dot"] = "cosine"
+    prefix: int = 0
+
+
+def parse_routed(text: str, count: int) -> list[int]:
+    """``upper`` (the upper half, as MSA-4B), ``all``, or comma-separated layer indices checked against ``count``."""
+    from .hsa import parse_layers
+
+    if str(text).lower() == "upper":
+        return list(range(count // 2, count))
+    try:
+        return parse_layers(text, count)
+    except LccError as e:
+        raise LccError(str(e).replace("--opt layers=", "--opt routed_layers=").replace("'all' or", "'upper', 'all' or")) from None
+
+
+def projection(node: torch.fx.Node) -> torch.fx.Node:
+    """The nearest ``linear`` upstream of ``node`` (breadth first): the projection that q or k came from."""
+    queue, seen = deque([node]), {node}
+    while queue:
+        current = queue.popleft()
+        if is_call(current, aten.linear):
+            return current
+        for arg in current.all_input_nodes:
+            if arg not in seen and arg.op != "placeholder":
+                seen.add(arg)
+                queue.append(arg)
+    return None
+
+
+@register("msa", Stage.FORM, MsaConfig)
+def msa(program: Program, cfg: MsaConfig) -> PassResult:
+    """Give the routed layers router projections and the ``msa_attention`` op."""
+    if cfg.pool < 1:
+        raise LccError(f"invalid --opt pool={cfg.pool}: a pooled chunk holds at least 1 token")
+    if cfg.prefix < 0:
+        raise LccError(f"invalid --opt prefix={cfg.prefix}: the template prefix is 0 or more tokens")
+    topk = parse_topk(cfg.topk)
+    if "position_ids" not in program.signature["inputs"]:
+        raise LccError("msa needs position_ids as a program input (documents restart their positions); capture with --opt position_ids=true")
+    nodes = program.attention_nodes()
+    routed = parse_routed(cfg.routed_layers, len(nodes))
+    source = _source_router_weights(program)
+    state = program.ep.graph_signature.inputs_to_parameters
+    graph = program.gm.graph
+    for i in routed:
+        node = nodes[i]
+        facts = node.meta["lcc"]
+        where = f"layer {facts['layer']} ({facts['module']})"
+        _check(node, where)
+        q, k = node.args[:2]
+        q_proj, k_proj = projection(q), projection(k)
+        if q_proj is None or k_proj is None or q_proj.args[0] is not k_proj.args[0]:
+            raise LccError(
+                f"{where}: msa needs separate q and k linear projections of one input to copy router projections from (fused qkv projections are not supported yet)"
+            )
+        hidden = q_proj.args[0]
+        weights = {}
+        for side, proj in (("q", q_proj), ("k", k_proj)):
+            name = f"{facts['module']}.router_{side}_proj.weight"
+            value = source.get(name)
+            if value is None:
+                value = program.ep.state_dict[state[proj.args[1].name]].detach().clone()
+            weights[side] = program.add_parameter(name, value.to(val(proj.args[1]).dtype))
+        with graph.inserting_before(node):
+            router = [graph.call_function(aten.linear.default, (hidden, weights[side])) for side in "qk"]
+        for r in router:
+            r.meta["val"] = fake_call(aten.linear.default, hidden, weights["q" if r is router[0] else "k"])
+        args = (*node.args[:9], *router)
+        node.target, node.args = MSA, args
+        node.meta["val"] = fake_call(MSA, *args)
+        facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, loaded_router=bool(source))
+    graph.lint()
+    program.signature["msa"] = {"pool": cfg.pool, "topk": topk, "score": cfg.score, "prefix": cfg.prefix, "routed": routed}
+    loaded = " (router weights from the source folder)" if source else ""
+    return PassResult(
+        matches=len(routed), notes=[f"{len(routed)} of {len(nodes)} layers routed: pool {cfg.pool}, top-{cfg.topk} documents, {cfg.score} scores{loaded}"]
+    )
+
+
+def _check(node: torch.fx.Node, where: str) -> None:
+    """Documents are encoded with causal attention: refuse sites that are not plain causal self-attention."""
+    if node.target is not CANONICAL:
+        raise LccError(f"{where}: msa rewrites canonical attention; this site is already {node.target.name()}")
+    _, _, _, _, doc_ids, mask, _, causal, window = node.args
+    if mask is not None:
+        raise LccError(f"{where}: an arbitrary mask tensor cannot be extended over pooled memory; msa needs causal attention")
+    if not causal:
+        raise LccError(f"{where}: msa needs causal attention")
+    if window:
+        raise LccError(f"{where}: the model's sliding window ({window}) has no meaning over pooled memory; msa needs full causal attention")
+    if doc_ids is not None:
+        raise LccError(f"{where}: packed-document masks are not supported by msa; capture with attention_mask")
+
+
+def _source_router_weights(program: Program) -> dict[str, torch.Tensor]:
+    """MSA router weights already in the source folder (``…router_q_proj[.0].weight``), by our parameter names."""
+    if program.source.get("kind") != "hf_folder":
+        return {}
+    import safetensors
+
+    found = {}
+    for path in sorted(Path(program.source["spec"]).glob("*.safetensors")):
+        with safetensors.safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if "router_q_proj" in key or "router_k_proj" in key:
+                    found[key.replace(".0.weight", ".weight")] = f.get_tensor(key)
+    return found

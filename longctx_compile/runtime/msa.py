@@ -1,0 +1,171 @@
+"""Running an ``msa`` program as MSA's encode and query stages (``passes/msa.py`` marks the routed layers).
+
+- *encode*: documents one per batch row, right-padded to a multiple of the pool size, positions
+  restarting at 0 in each (Parallel RoPE); every layer attends within its document, and each routed
+  layer's K (after RoPE), V and router keys are mean-pooled per chunk into a :class:`MemoryBank`.
+- *query*: rows ``[prefix ; query]``; in each routed layer the router query of the query tokens
+  (not the prefix) scores the bank's documents, the top-k documents' pooled chunks are gathered, and
+  attention runs over ``[selected chunks ; prefix ; query]`` (the order of keys does not matter: their
+  positions are baked in), the prefix rows not seeing the memory. Other layers attend over
+  ``[prefix ; query]`` only. Query positions start at ``prefix + k`` (Global RoPE) unless given.
+
+Both run the program's graph with an interpreter that intercepts ``longctx::msa_attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import LccError
+from ..ops import ATTENTION_OPS
+from ..ops.msa import msa_pool, msa_route
+from ..passes.kv_cache import step_state
+from .memory_bank import PARTS, MemoryBank
+
+MSA = torch.ops.longctx.msa_attention.default
+ATTENTION = torch.ops.longctx.attention.default
+
+
+class _Routed(torch.fx.Interpreter):
+    """Runs a graph, handing each routed attention (with its site index) to ``hook``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, hook):
+        super().__init__(gm)
+        self.hook, self.site = hook, -1
+
+    def call_function(self, target, args, kwargs):
+        if target in ATTENTION_OPS:
+            self.site += 1
+            if target is MSA:
+                return self.hook(self.site, args)
+        return super().call_function(target, args, kwargs)
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """Logits [B, T, V] of the query rows, and per routed layer the chosen document indices [B, k] and their scores."""
+
+    logits: torch.Tensor
+    docs: dict[int, torch.Tensor]
+    scores: dict[int, torch.Tensor]
+
+
+class MsaModel:
+    """An ``msa`` program (a :class:`Compiled` or a loaded artifact's program) with encode and query."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any]):
+        if "msa" not in signature:
+            raise LccError("this program is not an msa form; convert it with --to msa")
+        self.ep, self.signature, self.config = ep, signature, signature["msa"]
+        self.state = step_state(ep)
+        self.specs = ep.graph_signature.input_specs
+        self.logits_index = next(i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT)
+        sites = [n for n in ep.graph_module.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+        self.layers = [i for i, n in enumerate(sites) if n.target is MSA]
+        first = sites[self.layers[0]]
+        self.kv_heads, self.head_dim = int(first.args[1].meta["val"].shape[1]), int(first.args[1].meta["val"].shape[-1])
+        self.v_dim = int(first.args[2].meta["val"].shape[-1])
+        self.facts = {
+            "source": signature.get("source_spec"),
+            "layers": self.layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "pool": self.config["pool"],
+        }
+
+    def _run(self, hook, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = self.signature["inputs"]
+        flat = [
+            inputs[s.arg.name] if s.kind == InputKind.USER_INPUT else self.state[s.target]
+            for s in self.specs
+            if s.kind != InputKind.USER_INPUT or s.arg.name in names
+        ]
+        with torch.no_grad():
+            return _Routed(self.ep.graph_module, hook).run(*flat)[self.logits_index]
+
+    def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": input_ids, "position_ids": positions}
+        if "attention_mask" in self.signature["inputs"]:
+            inputs["attention_mask"] = mask
+        return inputs
+
+    def encode(self, docs: list[list[int]], ids: list[str] | None = None, batch_size: int = 8, bank: MemoryBank | None = None, progress=None) -> MemoryBank:
+        """Encode token-id documents into ``bank`` (a new one if None); ``ids`` default to their indices as strings."""
+        ids = [str(i + (len(bank.docs) if bank else 0)) for i in range(len(docs))] if ids is None else list(ids)
+        if len(ids) != len(docs) or any(len(d) == 0 for d in docs):
+            raise LccError("every document needs an id and at least one token")
+        P = self.config["pool"]
+        if bank is None:
+            dtype = self.state[next(iter(self.state))].dtype
+            bank = MemoryBank.empty(P, self.facts, self.layers, self.kv_heads, self.head_dim, self.v_dim, dtype)
+        order = sorted(range(len(docs)), key=lambda d: len(docs[d]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            L = math.ceil(max(len(docs[d]) for d in rows) / P) * P
+            ids_t = torch.zeros(len(rows), L, dtype=torch.long)
+            real = torch.zeros(len(rows), L, dtype=torch.long)
+            for n, d in enumerate(rows):
+                ids_t[n, : len(docs[d])] = torch.tensor(docs[d])
+                real[n, : len(docs[d])] = 1
+            pooled = {name: {} for name in PARTS}
+
+            def hook(site, args, real=real, pooled=pooled):
+                q, k, v = args[:3]
+                N, L = real.shape
+                router_k = args[10].view(N, L, k.shape[1], -1).transpose(1, 2)
+                for name, t in zip(PARTS, (k, v, router_k), strict=True):
+                    pooled[name][site] = msa_pool(t, real, P)
+                return ATTENTION(*args[:9])
+
+            self._run(hook, self._inputs(ids_t, real, torch.arange(L).expand(len(rows), L)))
+            for n, d in enumerate(rows):
+                count = pooled["keys"][self.layers[0]][1][n]
+                keep = count > 0
+                parts = {name: {layer: pooled[name][layer][0][n][:, keep] for layer in self.layers} for name in PARTS}
+                bank.append([ids[d]], [len(docs[d])], torch.zeros(int(keep.sum()), dtype=torch.long), parts)
+            if progress is not None:
+                progress(len(rows))
+        return bank
+
+    def query(
+        self, bank: MemoryBank, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> QueryResult:
+        """Logits of ``[prefix ; query]`` rows (left padding allowed) routed over ``bank``."""
+        from .memory_bank import check_matches
+
+        check_matches(bank.model, self.facts, "given")
+        if not bank.docs:
+            raise LccError("the memory bank holds no documents; add some with `lcc memory add`")
+        B, T = input_ids.shape
+        mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask.long()
+        prefix, topk = self.config["prefix"], self.config["topk"]
+        k = len(bank.docs) if topk < 0 else min(topk, len(bank.docs))
+        seen = mask.cumsum(-1)  # real tokens so far, this one included
+        routes = (seen > prefix) & (mask > 0)  # query tokens route; the prefix and padding do not
+        if position_ids is None:  # Global RoPE: the prefix at 0.., the query from prefix + k
+            position_ids = (seen - 1).clamp(min=0) + torch.where(routes, (topk if topk > 0 else len(bank.docs)), 0)
+        table = bank.doc_chunks()
+        chosen, scored = {}, {}
+
+        def hook(site, args):
+            q, k_self, v_self, key_padding = args[:4]
+            Hq, D = q.shape[1], q.shape[-1]
+            router_q = args[9].view(B, T, Hq, D).transpose(1, 2)
+            scores = msa_route(router_q, routes, bank.router_keys[site], bank.chunk_doc, table, self.config["score"] == "cosine")
+            top = scores.topk(k, dim=-1)
+            chosen[site], scored[site] = top.indices, top.values
+            slots = table[top.indices].flatten(1)  # [B, k·M] chunk indices, -1 past a document's end
+            valid = slots >= 0
+            keys, values = (getattr(bank, name)[site][:, slots.clamp(min=0)].permute(1, 0, 2, 3).to(k_self.dtype) for name in ("keys", "values"))
+            keys, values = torch.cat([keys, k_self], dim=2), torch.cat([values, v_self], dim=2)
+            padding = torch.cat([valid, mask.bool() if key_padding is None else key_padding.bool()], dim=1)
+            memory_rows = torch.cat([routes[:, :, None].expand(B, T, slots.shape[1]), torch.ones(B, T, T, dtype=torch.bool)], dim=2)
+            return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], args[6], True, 0)
+
+        logits = self._run(hook, self._inputs(input_ids, mask, position_ids))
+        return QueryResult(logits, chosen, scored)

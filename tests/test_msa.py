@@ -1,0 +1,101 @@
+"""The msa form end to end on tiny models: exactness against the dense model, pooling, routing, bank round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longctx_compile as lcc
+from longctx_compile.errors import LccError
+from longctx_compile.ops import msa as msa_ops
+from longctx_compile.runtime import memory_bank
+from longctx_compile.runtime.msa import MsaModel
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-phi"])
+def test_query_equals_dense_with_one_unpooled_document(preset):
+    """pool=1, every layer routed, top_k=all, one document, contiguous positions: the query program's logits
+    equal the dense model's on [document ; query] (fp32)."""
+    compiled = lcc.compile(preset, to="msa", pool=1, routed_layers="all", topk="all")
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    doc, question = tokens(11, 0), torch.tensor([tokens(5, 1)])
+    bank = model.encode([doc])
+    got = model.query(bank, question, position_ids=torch.arange(11, 16)[None])
+    want = compiled.original(torch.cat([torch.tensor([doc]), question], dim=1)).logits[:, 11:]
+    torch.testing.assert_close(got.logits, want)
+    assert all(d.tolist() == [[0]] for d in got.docs.values())
+
+
+def test_encode_pools_the_dense_keys_of_each_document_alone():
+    """The bank holds, per routed layer, chunk means of the K each document gets when run alone
+    (positions from 0, partial last chunk averaged over its real tokens), and the document index."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=4, routed_layers="upper")
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    docs = [tokens(6, 2), tokens(9, 3)]
+    bank = model.encode(docs, ids=["a", "b"], batch_size=2)
+    assert bank.layers == [1] and bank.docs == ["a", "b"] and bank.chunk_doc.tolist() == [0, 0, 1, 1, 1]
+    attn = compiled.original.model.layers[1].self_attn
+    seen = {}
+    hook = attn.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    try:
+        for d, doc in enumerate(docs):
+            compiled.original(torch.tensor([doc]))
+            raw = seen["k"].view(1, len(doc), -1, attn.head_dim).transpose(1, 2)  # before RoPE: compare the router keys
+            router = torch.nn.functional.linear(compiled.original.model.layers[1].input_layernorm(_hidden(compiled, doc)), attn.k_proj.weight)
+            router = router.view(1, len(doc), -1, attn.head_dim).transpose(1, 2)
+            torch.testing.assert_close(router, raw)  # router_k_proj starts as a copy of k_proj
+            want = torch.stack([router[0, :, c : c + 4].mean(1) for c in range(0, len(doc), 4)], dim=1)
+            torch.testing.assert_close(bank.router_keys[1][:, bank.chunk_doc == d], want)
+    finally:
+        hook.remove()
+
+
+def _hidden(compiled, doc):
+    """The residual stream entering layer 1 of the HF model for ``doc`` alone."""
+    out = compiled.original(torch.tensor([doc]), output_hidden_states=True)
+    return out.hidden_states[1]
+
+
+def test_routing_picks_the_documents_route_ref_ranks_first(monkeypatch):
+    """With many documents the query attends over the top-k by the reference scores, per routed layer."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="2", score="dot")
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    bank = model.encode([tokens(3 + i, 10 + i) for i in range(6)])
+    calls = []
+    reference = msa_ops.route_ref
+    monkeypatch.setattr(msa_ops, "route_ref", lambda *a: calls.append(a) or reference(*a))
+    result = model.query(bank, torch.tensor([tokens(4, 99)]))
+    assert len(calls) == 2 and calls[0][5] is False  # dot scores
+    for site, args in zip(bank.layers, calls, strict=True):
+        scores = reference(*args)
+        assert result.docs[site].tolist() == [scores.topk(2).indices[0].tolist()]
+
+
+def test_bank_round_trip_gives_identical_logits(tmp_path):
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="upper", topk="2", prefix=2)
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    bank = model.encode([tokens(5, 20), tokens(8, 21), tokens(2, 22)], ids=["x", "y", "z"])
+    question = torch.tensor([tokens(6, 23)])
+    want = model.query(bank, question)
+    bank.save(tmp_path / "bank")
+    got = model.query(memory_bank.load(tmp_path / "bank", model=model.facts), question)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    other = lcc.compile("tiny-llama", to="msa", pool=4, routed_layers="upper")
+    with pytest.raises(LccError, match="encoded with pool=2, but this model has pool=4"):
+        MsaModel(other.program.ep, other.program.signature).query(memory_bank.load(tmp_path / "bank"), question)
+
+
+def test_refusals():
+    with pytest.raises(LccError, match="routed_layers=7: layer 7 is out of range"):
+        lcc.compile("tiny-llama", to="msa", routed_layers="7")
+    with pytest.raises(LccError, match="invalid --opt pool=0"):
+        lcc.compile("tiny-llama", to="msa", pool=0)
+    with pytest.raises(LccError, match="fused qkv projections are not supported yet"):
+        lcc.compile("tiny-gpt2", to="msa")
+    with pytest.raises(LccError, match="not an msa form"):
+        dense = lcc.compile("tiny-llama")
+        MsaModel(dense.program.ep, dense.program.signature)
