@@ -84,6 +84,8 @@ def test_bank_round_trip_gives_identical_logits(tmp_path):
     bank.save(tmp_path / "bank")
     got = model.query(memory_bank.load(tmp_path / "bank", model=model.facts), question)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    loaded = lcc.load(compiled.save(tmp_path / "model.lcc"))  # the artifact runs the same query
+    torch.testing.assert_close(MsaModel(loaded.program, loaded.signature).query(bank, question).logits, want.logits, rtol=0, atol=0)
     other = lcc.compile("tiny-llama", to="msa", pool=4, routed_layers="upper")
     with pytest.raises(LccError, match="encoded with pool=2, but this model has pool=4"):
         MsaModel(other.program.ep, other.program.signature).query(memory_bank.load(tmp_path / "bank"), question)
