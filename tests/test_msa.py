@@ -30,6 +30,21 @@ def test_query_equals_dense_with_one_unpooled_document(preset):
     assert all(d.tolist() == [[0]] for d in got.docs.values())
 
 
+def test_generation_equals_dense_greedy_decoding():
+    """Decode continues the query's assembled context: with the exactness settings, greedy tokens equal the
+    dense model's greedy continuation of [document ; query] (recomputed in full each step)."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", topk="all")
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    doc, question = tokens(9, 4), torch.tensor([tokens(4, 5)])
+    got, result = model.generate(model.encode([doc]), question, 6, position_ids=torch.arange(9, 13)[None])
+    ids = torch.cat([torch.tensor([doc]), question], dim=1)
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, compiled.original(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert got.tolist() == ids[:, 13:].tolist()
+    assert len(result.context) == 2 and result.context[0][0].shape[2] == 9 + 4 + 5  # memory, query, 5 decoded
+
+
 def test_encode_pools_the_dense_keys_of_each_document_alone():
     """The bank holds, per routed layer, chunk means of the K each document gets when run alone
     (positions from 0, partial last chunk averaged over its real tokens), and the document index."""

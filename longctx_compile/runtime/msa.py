@@ -32,27 +32,31 @@ ATTENTION = torch.ops.longctx.attention.default
 
 
 class _Routed(torch.fx.Interpreter):
-    """Runs a graph, handing each routed attention (with its site index) to ``hook``."""
+    """Runs a graph, handing each routed attention site (every site with ``every``) and its index to ``hook``."""
 
-    def __init__(self, gm: torch.fx.GraphModule, hook):
+    def __init__(self, gm: torch.fx.GraphModule, hook, every: bool = False):
         super().__init__(gm)
-        self.hook, self.site = hook, -1
+        self.hook, self.every, self.site = hook, every, -1
 
     def call_function(self, target, args, kwargs):
         if target in ATTENTION_OPS:
             self.site += 1
-            if target is MSA:
+            if target is MSA or self.every:
                 return self.hook(self.site, args)
         return super().call_function(target, args, kwargs)
 
 
 @dataclasses.dataclass
 class QueryResult:
-    """Logits [B, T, V] of the query rows, and per routed layer the chosen document indices [B, k] and their scores."""
+    """Logits [B, T, V] of the query rows, per routed layer the chosen document indices [B, k] and
+    their scores, per attention site the context a decode step continues (K, V, real-key mask), and
+    the last positions."""
 
     logits: torch.Tensor
     docs: dict[int, torch.Tensor]
     scores: dict[int, torch.Tensor]
+    context: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    positions: torch.Tensor
 
 
 class MsaModel:
@@ -78,7 +82,7 @@ class MsaModel:
             "pool": self.config["pool"],
         }
 
-    def _run(self, hook, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False) -> torch.Tensor:
         names = self.signature["inputs"]
         flat = [
             inputs[s.arg.name] if s.kind == InputKind.USER_INPUT else self.state[s.target]
@@ -86,7 +90,7 @@ class MsaModel:
             if s.kind != InputKind.USER_INPUT or s.arg.name in names
         ]
         with torch.no_grad():
-            return _Routed(self.ep.graph_module, hook).run(*flat)[self.logits_index]
+            return _Routed(self.ep.graph_module, hook, every).run(*flat)[self.logits_index]
 
     def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": input_ids, "position_ids": positions}
@@ -150,10 +154,16 @@ class MsaModel:
         if position_ids is None:  # Global RoPE: the prefix at 0.., the query from prefix + k
             position_ids = (seen - 1).clamp(min=0) + torch.where(routes, (topk if topk > 0 else len(bank.docs)), 0)
         table = bank.doc_chunks()
-        chosen, scored = {}, {}
+        chosen, scored, context = {}, {}, []
+        own_keys = mask.bool()
 
         def hook(site, args):
-            q, k_self, v_self, key_padding = args[:4]
+            q, k_self, v_self = args[:3]
+            if args[4] is not None or args[5] is not None:
+                raise LccError("msa queries take plain causal attention with padding; this program has document or arbitrary masks")
+            if site not in bank.layers:  # a layer without memory: [prefix ; query] as the graph has it
+                context.append((k_self, v_self, own_keys))
+                return ATTENTION(*args[:9])
             Hq, D = q.shape[1], q.shape[-1]
             router_q = args[9].view(B, T, Hq, D).transpose(1, 2)
             scores = msa_route(router_q, routes, bank.router_keys[site], bank.chunk_doc, table, self.config["score"] == "cosine")
@@ -163,9 +173,57 @@ class MsaModel:
             valid = slots >= 0
             keys, values = (getattr(bank, name)[site][:, slots.clamp(min=0)].permute(1, 0, 2, 3).to(k_self.dtype) for name in ("keys", "values"))
             keys, values = torch.cat([keys, k_self], dim=2), torch.cat([values, v_self], dim=2)
-            padding = torch.cat([valid, mask.bool() if key_padding is None else key_padding.bool()], dim=1)
+            padding = torch.cat([valid, own_keys], dim=1)
+            context.append((keys, values, padding))
             memory_rows = torch.cat([routes[:, :, None].expand(B, T, slots.shape[1]), torch.ones(B, T, T, dtype=torch.bool)], dim=2)
             return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], args[6], True, 0)
 
-        logits = self._run(hook, self._inputs(input_ids, mask, position_ids))
-        return QueryResult(logits, chosen, scored)
+        logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True)
+        return QueryResult(logits, chosen, scored, context, position_ids)
+
+    def decode(self, result: QueryResult, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, V] of one new token per row after ``result``, whose context grows by it (in place).
+
+        A decode step routes nothing and needs no collective: each layer attends over the context the
+        query assembled plus the tokens decoded so far (MSA's append-only decode).
+        """
+        B = tokens.shape[0]
+        result.positions = result.positions[:, -1:] + 1
+        ones = torch.ones(B, 1, dtype=torch.bool)
+
+        def hook(site, args):
+            q, k_new, v_new = args[:3]
+            keys, values, real = result.context[site]
+            keys, values, real = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2), torch.cat([real, ones], 1)
+            result.context[site] = (keys, values, real)
+            return ATTENTION(q, keys, values, real, None, None, args[6], True, 0)
+
+        return self._run(hook, self._inputs(tokens.view(B, 1), ones.long(), result.positions), every=True)
+
+    def generate(
+        self,
+        bank: MemoryBank,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **sampling,
+    ) -> tuple[torch.Tensor, QueryResult]:
+        """New tokens [B, n] after the query rows (greedy unless ``sampling`` — keys of
+        :class:`runtime.generate.Sampling` — says otherwise) and the query's result."""
+        from .generate import Sampling, pick
+
+        rule = Sampling(**sampling)
+        generator = None if rule.seed is None else torch.Generator().manual_seed(rule.seed)
+        result = self.query(bank, input_ids, attention_mask, position_ids)
+        logits, out = result.logits[:, -1], []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        stops = torch.tensor(list(rule.stop_ids), dtype=torch.long)
+        for _ in range(max_new_tokens):
+            token = pick(logits, rule, generator)
+            out.append(token)
+            done |= torch.isin(token, stops)
+            if bool(done.all()) or len(out) == max_new_tokens:
+                break
+            logits = self.decode(result, token)[:, -1]
+        return torch.stack(out, dim=1), result
