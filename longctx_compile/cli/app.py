@@ -1,4 +1,4 @@
-"""``lcc``: convert, inspect, diff, verify, generate, launch, passes, targets."""
+"""``lcc``: convert, inspect, diff, verify, generate, memory, launch, passes, targets."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ app = typer.Typer(
     "  lcc diff tiny-llama.lcc --from capture --to canonicalize --layer 0\n\n"
     "  lcc verify tiny-llama.lcc\n\n"
     "  lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16\n\n"
+    "  lcc memory encode tiny-llama.msa.lcc --docs docs.jsonl -o bank\n\n"
     "  lcc launch --nproc 2 examples/train_sp.py tiny-llama.sp.lcc",
     no_args_is_help=True,
     add_completion=False,
@@ -30,6 +31,15 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+def _add_memory() -> None:
+    from .memory import memory_app
+
+    app.add_typer(memory_app, name="memory")
+
+
+_add_memory()
 
 Opt = Annotated[
     Optional[list[str]], typer.Option("--opt", help="capture/form/lowering option key=value (repeatable), e.g. --opt attn=eager, --opt fwd_block_m=64")

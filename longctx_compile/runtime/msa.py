@@ -15,6 +15,7 @@ Both run the program's graph with an interpreter that intercepts ``longctx::msa_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any
 
@@ -74,13 +75,16 @@ class MsaModel:
         first = sites[self.layers[0]]
         self.kv_heads, self.head_dim = int(first.args[1].meta["val"].shape[1]), int(first.args[1].meta["val"].shape[-1])
         self.v_dim = int(first.args[2].meta["val"].shape[-1])
-        self.facts = {
-            "source": signature.get("source_spec"),
-            "layers": self.layers,
-            "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "pool": self.config["pool"],
-        }
+        self.facts = {"weights": self._fingerprint(), "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "pool": self.config["pool"]}
+
+    def _fingerprint(self) -> str:
+        """A short hash of the routed layers' projection weights that a bank's keys depend on (router k, and the k/v
+        projections beside it): a bank encoded by other weights is refused, not silently misread."""
+        digest = hashlib.sha256()
+        for name in sorted(n for n in self.state if "router_k_proj" in n or ".k_proj." in n or ".v_proj." in n):
+            digest.update(name.encode())
+            digest.update(self.state[name].detach().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False) -> torch.Tensor:
         names = self.signature["inputs"]

@@ -1,0 +1,211 @@
+"""``lcc memory``: build, edit, inspect and query the memory bank of an ``msa`` artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import LccError
+
+memory_app = typer.Typer(
+    help="The memory bank of an msa artifact: encode documents, add or remove some, show it, and query it.\n\n"
+    "Examples:\n\n"
+    "  lcc memory encode model.msa.lcc --docs docs.jsonl -o bank\n\n"
+    "  lcc memory query model.msa.lcc --bank bank --question-ids 5,6,7 -n 8",
+    no_args_is_help=True,
+)
+
+
+def _console():
+    from .app import err, out
+
+    return out, err
+
+
+def _model(path: str):
+    from .. import api
+    from ..runtime.msa import MsaModel
+    from ..runtime.tokenizer import tokenizer_for
+
+    loaded = api.load(path)
+    return MsaModel(loaded.program, loaded.signature), tokenizer_for(loaded.manifest)
+
+
+def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+    """(ids, token lists) from JSONL lines ``{"id": ..., "text": ...}`` or ``{"id": ..., "tokens": [...]}`` (id: the line number if absent)."""
+    if not path.is_file():
+        raise LccError(f"no documents file '{path}'")
+    ids, docs = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LccError(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict) or ("text" in row) == ("tokens" in row):
+            raise LccError(f'{where}: expected an object with "text" or "tokens" (one of them)')
+        if "text" in row:
+            if tokenizer is None:
+                raise LccError(f'{where}: the artifact\'s source has no tokenizer saved; give documents as "tokens"')
+            tokens = tokenizer.encode(str(row["text"]), add_special_tokens=False)
+        else:
+            tokens = row["tokens"]
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
+                raise LccError(f'{where}: "tokens" must be a list of token ids')
+        if not tokens:
+            raise LccError(f"{where}: the document is empty")
+        ids.append(str(row.get("id", number)))
+        docs.append(tokens)
+    if not docs:
+        raise LccError(f"'{path}' holds no documents")
+    return ids, docs
+
+
+def _encode(model, ids, docs, bank=None, batch_size: int = 8):
+    _, err = _console()
+    columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("encode", total=len(docs))
+        return model.encode(docs, ids, batch_size=batch_size, bank=bank, progress=lambda n: progress.advance(task, n))
+
+
+@memory_app.command()
+def encode(
+    artifact: Annotated[str, typer.Argument(help="msa artifact folder")],
+    docs: Annotated[Path, typer.Option("--docs", help='JSONL, one document a line: {"id": ..., "text": ...} or {"id": ..., "tokens": [...]}')],
+    output: Annotated[Path, typer.Option("-o", "--output", help="bank folder to write")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="documents per forward")] = 8,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing bank folder")] = False,
+) -> None:
+    """Encode documents into a new memory bank."""
+    from ..artifact import check_destination
+
+    out, _ = _console()
+    check_destination(output, force, [Path(artifact), docs])
+    model, tokenizer = _model(artifact)
+    ids, tokens = read_docs(docs, tokenizer)
+    bank = _encode(model, ids, tokens, batch_size=batch_size)
+    bank.save(output, force=force)
+    out.print(
+        f"wrote {output}: {len(bank.docs)} documents, {bank.tokens:,} tokens, {bank.chunks:,} chunks over {len(bank.layers)} routed layers", soft_wrap=True
+    )
+
+
+@memory_app.command()
+def add(
+    artifact: Annotated[str, typer.Argument(help="msa artifact folder")],
+    bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="bank folder")],
+    docs: Annotated[Path, typer.Option("--docs", help="JSONL of the new documents (as for encode)")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write the result here instead of replacing BANK (atomically)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="documents per forward")] = 8,
+) -> None:
+    """Add documents to a bank; only the new ones are encoded."""
+    from ..runtime import memory_bank
+
+    out, _ = _console()
+    model, tokenizer = _model(artifact)
+    bank = memory_bank.load(bank_path, model=model.facts)
+    ids, tokens = read_docs(docs, tokenizer)
+    before = len(bank.docs)
+    bank = _encode(model, ids, tokens, bank=bank, batch_size=batch_size)
+    target = output or bank_path
+    bank.save(target, force=target == bank_path)
+    out.print(f"wrote {target}: {len(bank.docs) - before} documents added, {len(bank.docs)} in all, {bank.chunks:,} chunks", soft_wrap=True)
+
+
+@memory_app.command()
+def remove(
+    bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="bank folder")],
+    ids: Annotated[str, typer.Option("--ids", help="document ids to remove, comma-separated")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write the result here instead of replacing BANK (atomically)")] = None,
+) -> None:
+    """Remove documents from a bank by id."""
+    from ..runtime import memory_bank
+
+    out, _ = _console()
+    bank = memory_bank.load(bank_path)
+    gone = [i for i in ids.split(",") if i]
+    bank.remove(gone)
+    target = output or bank_path
+    bank.save(target, force=target == bank_path)
+    out.print(f"wrote {target}: {len(gone)} documents removed, {len(bank.docs)} left, {bank.chunks:,} chunks", soft_wrap=True)
+
+
+@memory_app.command()
+def info(
+    bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="bank folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Summarise a bank: documents, tokens, chunks, bytes, and what it was encoded with."""
+    from ..runtime import memory_bank
+
+    out, _ = _console()
+    bank = memory_bank.load(bank_path)
+    nbytes = sum(t.numel() * t.element_size() for name in memory_bank.PARTS for t in getattr(bank, name).values())
+    facts = {
+        "documents": len(bank.docs),
+        "tokens": bank.tokens,
+        "chunks": bank.chunks,
+        "pool": bank.pool,
+        "routed_layers": bank.layers,
+        "bytes": nbytes,
+        "bytes_per_token_per_layer": bank.bytes_per_token() if bank.layers else 0,
+        "model": bank.model,
+    }
+    if as_json:
+        out.print_json(json.dumps(facts))
+        return
+    table = Table("", "", show_header=False, title=str(bank_path), title_justify="left")
+    for key, value in facts.items():
+        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(table)
+
+
+@memory_app.command()
+def query(
+    artifact: Annotated[str, typer.Argument(help="msa artifact folder")],
+    bank_path: Annotated[Path, typer.Option("--bank", help="bank folder")],
+    question: Annotated[Optional[str], typer.Option("--question", help="question text (needs the source's tokenizer)")] = None,
+    question_ids: Annotated[Optional[str], typer.Option("--question-ids", help="question token ids, e.g. 1,2,3")] = None,
+    prefix_ids: Annotated[Optional[str], typer.Option("--prefix-ids", help="the template prefix's token ids (as many as --opt prefix)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="answer tokens to generate")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Route a question over the bank, print the documents each routed layer chose, and generate the answer."""
+    import torch
+
+    from ..runtime import memory_bank
+    from .app import _ids
+
+    out, _ = _console()
+    if bool(question) == bool(question_ids):
+        raise LccError("give the question as --question TEXT or --question-ids 1,2,3 (one of them)")
+    model, tokenizer = _model(artifact)
+    if question and tokenizer is None:
+        raise LccError(f"no tokenizer for '{artifact}': its source has none saved; use --question-ids")
+    prefix = _ids(prefix_ids or "", "--prefix-ids")
+    if len(prefix) != model.config["prefix"]:
+        raise LccError(f"the artifact was converted with --opt prefix={model.config['prefix']}; give that many --prefix-ids (got {len(prefix)})")
+    asked = tokenizer.encode(question, add_special_tokens=False) if question else _ids(question_ids, "--question-ids")
+    if not asked:
+        raise LccError("the question is empty")
+    bank = memory_bank.load(bank_path, model=model.facts)
+    tokens, result = model.generate(bank, torch.tensor([prefix + asked]), max_new_tokens)
+    routed = {layer: [bank.docs[d] for d in result.docs[layer][0].tolist()] for layer in bank.layers}
+    answer = tokens[0].tolist()
+    text = tokenizer.decode(answer) if tokenizer else None
+    if as_json:
+        out.print_json(json.dumps({"routed": {str(k): v for k, v in routed.items()}, "answer_ids": answer, "answer": text}))
+        return
+    table = Table("layer", "documents (best first)", title="routing", title_justify="left")
+    for layer, chosen in routed.items():
+        table.add_row(str(layer), ", ".join(chosen))
+    out.print(table)
+    out.print(text if text is not None else ",".join(map(str, answer)), highlight=False, soft_wrap=True)

@@ -1,0 +1,66 @@
+"""``lcc memory``: encode, add, remove, info and query from the command line, and its one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def lcc(*args):
+    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("msa")
+    result = lcc("convert", "tiny-llama", "--to", "msa", "--opt", "pool=2", "--opt", "topk=2", "-o", str(folder / "model.lcc"))
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def write_docs(path, docs):
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return str(path)
+
+
+def test_encode_add_remove_info_query(artifact, tmp_path):
+    model, bank = str(artifact / "model.lcc"), str(tmp_path / "bank")
+    docs = write_docs(tmp_path / "docs.jsonl", [{"id": "a", "tokens": [1, 2, 3, 4, 5]}, {"id": "b", "tokens": [6, 7]}])
+    assert lcc("memory", "encode", model, "--docs", docs, "-o", bank).returncode == 0
+    more = write_docs(tmp_path / "more.jsonl", [{"id": "c", "tokens": [8, 9, 10]}])
+    result = lcc("memory", "add", model, bank, "--docs", more)
+    assert result.returncode == 0 and "1 documents added, 3 in all" in result.stdout
+    info = json.loads(lcc("memory", "info", bank, "--json").stdout)
+    assert (info["documents"], info["tokens"], info["chunks"]) == (3, 10, 6)  # chunks of 2: 3 + 1 + 2
+    result = lcc("memory", "query", model, "--bank", bank, "--question-ids", "3,4", "-n", "4", "--json")
+    answer = json.loads(result.stdout)
+    assert len(answer["routed"]["1"]) == 2 and set(answer["routed"]["1"]) <= {"a", "b", "c"} and len(answer["answer_ids"]) == 4
+    result = lcc("memory", "remove", bank, "--ids", "a", "-o", str(tmp_path / "smaller"))
+    assert result.returncode == 0 and json.loads(lcc("memory", "info", str(tmp_path / "smaller"), "--json").stdout)["documents"] == 2
+    assert json.loads(lcc("memory", "info", bank, "--json").stdout)["documents"] == 3  # -o leaves the input alone
+
+
+def test_refusals_are_one_line(artifact, tmp_path):
+    model, bank = str(artifact / "model.lcc"), str(tmp_path / "bank")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "tokens": [1, 2]}\nnot json\n')
+    cases = [
+        (("memory", "encode", model, "--docs", str(bad), "-o", bank), "bad.jsonl:2: not a JSON object"),
+        (("memory", "encode", model, "--docs", write_docs(tmp_path / "t.jsonl", [{"text": "hi"}]), "-o", bank), "has no tokenizer saved"),
+        (("memory", "info", str(tmp_path)), "is not a memory bank"),
+        (("memory", "query", model, "--bank", bank, "--question-ids", "1", "--prefix-ids", "4"), "--opt prefix=0"),
+    ]
+    for args, message in cases:
+        result = lcc(*args)
+        assert result.returncode != 0 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+    other = tmp_path / "other.lcc"
+    assert lcc("convert", "tiny-llama", "--to", "msa", "--opt", "pool=4", "-o", str(other)).returncode == 0
+    docs = write_docs(tmp_path / "d.jsonl", [{"tokens": [1, 2, 3]}])
+    assert lcc("memory", "encode", str(other), "--docs", docs, "-o", bank).returncode == 0
+    result = lcc("memory", "query", model, "--bank", bank, "--question-ids", "1")
+    assert result.returncode == 2 and "encoded with pool=4, but this model has pool=2" in result.stderr
