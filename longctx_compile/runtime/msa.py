@@ -60,6 +60,24 @@ class QueryResult:
     positions: torch.Tensor
 
 
+class LocalMemory:
+    """A whole bank on this process: route over all of it and gather the winners' chunks."""
+
+    def __init__(self, bank: MemoryBank):
+        self.bank, self.table = bank, bank.doc_chunks()
+        self.layers, self.model, self.n_docs = bank.layers, bank.model, len(bank.docs)
+
+    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
+        """(top-k document indices [B, k], their scores, pooled keys and values [B, Hkv, k·M, D] of their
+        chunks, and which of those k·M slots hold a chunk [B, k·M]) for layer ``site``."""
+        bank = self.bank
+        scores = msa_route(router_q, routes, bank.router_keys[site], bank.chunk_doc, self.table, cosine)
+        top = scores.topk(k, dim=-1)
+        slots = self.table[top.indices].flatten(1)  # chunk indices, -1 past a document's end
+        keys, values = (getattr(bank, name)[site][:, slots.clamp(min=0)].permute(1, 0, 2, 3) for name in ("keys", "values"))
+        return top.indices, top.values, keys, values, slots >= 0
+
+
 class MsaModel:
     """An ``msa`` program (a :class:`Compiled` or a loaded artifact's program) with encode and query."""
 
@@ -141,23 +159,24 @@ class MsaModel:
         return bank
 
     def query(
-        self, bank: MemoryBank, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self, bank: MemoryBank | Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
     ) -> QueryResult:
-        """Logits of ``[prefix ; query]`` rows (left padding allowed) routed over ``bank``."""
+        """Logits of ``[prefix ; query]`` rows (left padding allowed) routed over ``bank``: a :class:`MemoryBank`,
+        or a memory with the same ``select`` as :class:`LocalMemory` (``runtime.memory_parallel.ParallelMemory``)."""
         from .memory_bank import check_matches
 
-        check_matches(bank.model, self.facts, "given")
-        if not bank.docs:
+        memory = LocalMemory(bank) if isinstance(bank, MemoryBank) else bank
+        check_matches(memory.model, self.facts, "given")
+        if not memory.n_docs:
             raise LccError("the memory bank holds no documents; add some with `lcc memory add`")
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask.long()
         prefix, topk = self.config["prefix"], self.config["topk"]
-        k = len(bank.docs) if topk < 0 else min(topk, len(bank.docs))
+        k = memory.n_docs if topk < 0 else min(topk, memory.n_docs)
         seen = mask.cumsum(-1)  # real tokens so far, this one included
         routes = (seen > prefix) & (mask > 0)  # query tokens route; the prefix and padding do not
         if position_ids is None:  # Global RoPE: the prefix at 0.., the query from prefix + k
-            position_ids = (seen - 1).clamp(min=0) + torch.where(routes, (topk if topk > 0 else len(bank.docs)), 0)
-        table = bank.doc_chunks()
+            position_ids = (seen - 1).clamp(min=0) + torch.where(routes, (topk if topk > 0 else memory.n_docs), 0)
         chosen, scored, context = {}, {}, []
         own_keys = mask.bool()
 
@@ -165,21 +184,16 @@ class MsaModel:
             q, k_self, v_self = args[:3]
             if args[4] is not None or args[5] is not None:
                 raise LccError("msa queries take plain causal attention with padding; this program has document or arbitrary masks")
-            if site not in bank.layers:  # a layer without memory: [prefix ; query] as the graph has it
+            if site not in memory.layers:  # a layer without memory: [prefix ; query] as the graph has it
                 context.append((k_self, v_self, own_keys))
                 return ATTENTION(*args[:9])
             Hq, D = q.shape[1], q.shape[-1]
             router_q = args[9].view(B, T, Hq, D).transpose(1, 2)
-            scores = msa_route(router_q, routes, bank.router_keys[site], bank.chunk_doc, table, self.config["score"] == "cosine")
-            top = scores.topk(k, dim=-1)
-            chosen[site], scored[site] = top.indices, top.values
-            slots = table[top.indices].flatten(1)  # [B, k·M] chunk indices, -1 past a document's end
-            valid = slots >= 0
-            keys, values = (getattr(bank, name)[site][:, slots.clamp(min=0)].permute(1, 0, 2, 3).to(k_self.dtype) for name in ("keys", "values"))
-            keys, values = torch.cat([keys, k_self], dim=2), torch.cat([values, v_self], dim=2)
+            chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"] == "cosine")
+            keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
             padding = torch.cat([valid, own_keys], dim=1)
             context.append((keys, values, padding))
-            memory_rows = torch.cat([routes[:, :, None].expand(B, T, slots.shape[1]), torch.ones(B, T, T, dtype=torch.bool)], dim=2)
+            memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool)], dim=2)
             return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], args[6], True, 0)
 
         logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True)
