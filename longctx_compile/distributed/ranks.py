@@ -99,7 +99,24 @@ def _profile(model, batch: dict, degree: int, rank: int) -> dict:
     return {"ranks": per_rank}
 
 
-TASKS = {"train_step": _train_step, "forward": _forward, "profile": _profile}
+def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
+    """Memory Parallel: every rank serves its own batch over its shard of the bank; rank 0 gets every rank's routing and logits."""
+    import torch.distributed as dist
+
+    from ..runtime import memory_bank
+    from ..runtime.memory_parallel import ParallelMemory
+    from ..runtime.msa import MsaModel
+
+    msa = MsaModel(model.program, model.signature)
+    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts))
+    result = msa.query(memory, payload["batches"][rank])
+    mine = {"docs": result.docs, "logits": result.logits, "owned": memory.owned, "sent_bytes": memory.sent_bytes}
+    every = [None] * degree
+    dist.all_gather_object(every, mine)
+    return every
+
+
+TASKS = {"train_step": _train_step, "forward": _forward, "profile": _profile, "msa_query": _msa_query}
 
 
 def _spawn(task: str, path: str | Path, degree: int, payload):
@@ -119,6 +136,11 @@ def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) ->
 def profile(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
     """Per rank: collective calls and bytes sent in one training step, and peak resident memory (KiB)."""
     return _spawn("profile", path, degree, batch)
+
+
+def msa_query(path: str | Path, bank: str | Path, batches: list[torch.Tensor]) -> list[dict]:
+    """Per rank (one per batch): routed documents per layer, logits, owned documents and bytes sent, with Memory Parallel."""
+    return _spawn("msa_query", path, len(batches), {"bank": str(bank), "batches": batches})
 
 
 def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:

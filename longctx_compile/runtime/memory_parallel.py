@@ -1,0 +1,116 @@
+"""Memory Parallel (MSA §3.4.2): the bank's documents sharded over ranks, each rank serving its own queries.
+
+The model is replicated; rank r holds the documents ``partition(...)[r]`` (balanced by chunk count).
+Per routed layer, each query round runs the paper's collectives over the default process group:
+
+1. all-gather the router queries and routing masks of every rank's batch (padded to the largest);
+2. every rank scores all of them against its own router keys and keeps a local top-k;
+3. all-to-all of the local top-k (scores, global document ids): each rank receives, for its own
+   queries, every owner's candidates, and merges them into the exact global top-k (the union of the
+   local top-ks holds it);
+4. all-to-all of requests (the winning documents, as owners' local indices) and then of the
+   requested documents' pooled K and V, with variable splits.
+
+Decoding afterwards needs no collective: the assembled context is local (``MsaModel.decode``).
+Results equal one rank's up to the order of keys in the softmax and ties in scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops.msa import msa_route
+from .memory_bank import MemoryBank, partition
+
+
+class ParallelMemory:
+    """This rank's shard of a bank, with the routing and fetching collectives of Memory Parallel."""
+
+    def __init__(self, bank: MemoryBank, group: dist.ProcessGroup | None = None):
+        """Take this rank's share of ``bank`` (every rank passes the same whole bank, or loads it)."""
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        counts = torch.bincount(bank.chunk_doc, minlength=len(bank.docs)).tolist()
+        self.shards = partition(counts, self.world)
+        self.owned = self.shards[self.rank]  # global indices of this rank's documents, in order
+        self.bank = bank.subset(self.owned)
+        self.table = self.bank.doc_chunks()
+        self.layers, self.model, self.n_docs = bank.layers, bank.model, len(bank.docs)
+        self.sent_bytes = 0
+
+    def _all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rank r's ``send[r]`` to rank r, of any lengths along dim 0: what every rank sent to this one."""
+        sizes = torch.tensor([len(t) for t in send])
+        incoming = torch.empty_like(sizes)
+        dist.all_to_all_single(incoming, sizes, group=self.group)
+        tail = send[0].shape[1:]
+        out = torch.empty(int(incoming.sum()), *tail, dtype=send[0].dtype)
+        dist.all_to_all_single(out, torch.cat(send), incoming.tolist(), sizes.tolist(), group=self.group)
+        self.sent_bytes += sum(t.numel() * t.element_size() for i, t in enumerate(send) if i != self.rank)
+        return list(out.split(incoming.tolist()))
+
+    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
+        """As :meth:`runtime.msa.LocalMemory.select`, over the documents of every rank."""
+        B, Hq, T, D = router_q.shape
+        # 1. every rank's queries, padded to the largest batch and length
+        shapes = torch.tensor([B, T])
+        every = [torch.empty_like(shapes) for _ in range(self.world)]
+        dist.all_gather(every, shapes, group=self.group)
+        Bm, Tm = (max(int(s[i]) for s in every) for i in (0, 1))
+        q = torch.zeros(Bm, Hq, Tm, D, dtype=router_q.dtype)
+        q[:B, :, :T] = router_q
+        r = torch.zeros(Bm, Tm, dtype=torch.uint8)  # gloo has no bool collectives
+        r[:B, :T] = routes
+        qs, rs = [torch.empty_like(q) for _ in range(self.world)], [torch.empty_like(r) for _ in range(self.world)]
+        dist.all_gather(qs, q, group=self.group)
+        dist.all_gather(rs, r, group=self.group)
+        self.sent_bytes += q.numel() * q.element_size() + r.numel()
+        # 2. this shard's local top-k for all of them (-inf, id -1 where the shard has fewer than k documents)
+        local = len(self.owned)
+        scores = torch.full((self.world * Bm, k), float("-inf"))
+        ids = torch.full((self.world * Bm, k), -1, dtype=torch.long)
+        if local:
+            shard = self.bank
+            s = msa_route(torch.cat(qs), torch.cat(rs), shard.router_keys[site], shard.chunk_doc, self.table, cosine)
+            top = s.topk(min(k, local), dim=-1)
+            scores[:, : top.values.shape[1]] = top.values
+            ids[:, : top.values.shape[1]] = torch.tensor(self.owned, dtype=torch.long)[top.indices]
+        # 3. each rank gets every owner's candidates for its own queries and merges them
+        cand_scores = self._all_to_all(list(scores.view(self.world, Bm, k)))
+        cand_ids = self._all_to_all(list(ids.view(self.world, Bm, k)))
+        all_scores = torch.stack(cand_scores, 1)[:B].flatten(1)  # [B, W·k], owner-major
+        all_ids = torch.stack(cand_ids, 1)[:B].flatten(1)
+        best = all_scores.topk(k, dim=-1)
+        docs = all_ids.gather(1, best.indices)
+        owners = best.indices // k
+        # 4. ask each owner for the winners' chunks
+        requests = [docs[owners == o] for o in range(self.world)]  # row-major: (b, j) order within each owner
+        asked = self._all_to_all([t.view(-1, 1) for t in requests])
+        where = {g: i for i, g in enumerate(self.owned)}
+        keys, values = self.bank.keys[site], self.bank.values[site]
+        replies_k, replies_v, replies_n = [], [], []
+        for wanted in asked:
+            rows = [self.table[where[int(g)]] for g in wanted.flatten().tolist()]
+            chunks = [row[row >= 0] for row in rows]
+            flat = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+            replies_k.append(keys[:, flat].transpose(0, 1).contiguous())
+            replies_v.append(values[:, flat].transpose(0, 1).contiguous())
+            replies_n.append(torch.tensor([[len(c)] for c in chunks], dtype=torch.long).view(-1, 1))
+        got_k, got_v, got_n = self._all_to_all(replies_k), self._all_to_all(replies_v), self._all_to_all(replies_n)
+        # assemble each row's chunks: k documents × up to M slots, as the one-rank gather lays them out
+        per_doc = {}
+        for o in range(self.world):
+            counts = got_n[o].flatten().tolist()
+            for (b, j), ck, cv, n in zip((owners == o).nonzero().tolist(), got_k[o].split(counts), got_v[o].split(counts), counts, strict=True):
+                per_doc[(b, j)] = (ck, cv, n)
+        M = max(n for _, _, n in per_doc.values())
+        Hkv, Dk, Dv = keys.shape[0], keys.shape[2], values.shape[2]
+        out_k = torch.zeros(B, Hkv, k * M, Dk, dtype=keys.dtype)
+        out_v = torch.zeros(B, Hkv, k * M, Dv, dtype=values.dtype)
+        valid = torch.zeros(B, k * M, dtype=torch.bool)
+        for (b, j), (ck, cv, n) in per_doc.items():
+            out_k[b, :, j * M : j * M + n] = ck.transpose(0, 1)
+            out_v[b, :, j * M : j * M + n] = cv.transpose(0, 1)
+            valid[b, j * M : j * M + n] = True
+        return docs, best.values, out_k, out_v, valid
