@@ -40,6 +40,8 @@ def test_encode_add_remove_info_query(artifact, tmp_path):
     result = lcc("memory", "query", model, "--bank", bank, "--question-ids", "3,4", "-n", "4", "--json")
     answer = json.loads(result.stdout)
     assert len(answer["routed"]["1"]) == 2 and set(answer["routed"]["1"]) <= {"a", "b", "c"} and len(answer["answer_ids"]) == 4
+    parallel = json.loads(lcc("memory", "query", model, "--bank", bank, "--question-ids", "3,4", "-n", "4", "--json", "--nproc", "2").stdout)
+    assert parallel == answer  # Memory Parallel over 2 ranks: same routing, same answer
     result = lcc("memory", "remove", bank, "--ids", "a", "-o", str(tmp_path / "smaller"))
     assert result.returncode == 0 and json.loads(lcc("memory", "info", str(tmp_path / "smaller"), "--json").stdout)["documents"] == 2
     assert json.loads(lcc("memory", "info", bank, "--json").stdout)["documents"] == 3  # -o leaves the input alone

@@ -176,6 +176,7 @@ def query(
     question_ids: Annotated[Optional[str], typer.Option("--question-ids", help="question token ids, e.g. 1,2,3")] = None,
     prefix_ids: Annotated[Optional[str], typer.Option("--prefix-ids", help="the template prefix's token ids (as many as --opt prefix)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="answer tokens to generate")] = 32,
+    nproc: Annotated[int, typer.Option("--nproc", help="ranks for Memory Parallel (local gloo processes; the bank is sharded over them)")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Route a question over the bank, print the documents each routed layer chose, and generate the answer."""
@@ -196,9 +197,21 @@ def query(
     asked = tokenizer.encode(question, add_special_tokens=False) if question else _ids(question_ids, "--question-ids")
     if not asked:
         raise LccError("the question is empty")
+    if nproc < 1:
+        raise LccError(f"--nproc {nproc}: Memory Parallel needs at least 1 rank")
     bank = memory_bank.load(bank_path, model=model.facts)
-    tokens, result = model.generate(bank, torch.tensor([prefix + asked]), max_new_tokens)
-    routed = {layer: [bank.docs[d] for d in result.docs[layer][0].tolist()] for layer in bank.layers}
+    if nproc > len(bank.docs):
+        raise LccError(f"--nproc {nproc}: the bank has only {len(bank.docs)} documents to shard")
+    ids = torch.tensor([prefix + asked])
+    if nproc == 1:
+        tokens, routing = model.generate(bank, ids, max_new_tokens)
+        docs = routing.docs
+    else:
+        from ..distributed import ranks
+
+        done = ranks.msa_generate(artifact, bank_path, nproc, ids, max_new_tokens)
+        tokens, docs = done["tokens"], done["docs"]
+    routed = {layer: [bank.docs[d] for d in docs[layer][0].tolist()] for layer in bank.layers}
     answer = tokens[0].tolist()
     text = tokenizer.decode(answer) if tokenizer else None
     if as_json:

@@ -116,7 +116,19 @@ def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
     return every
 
 
-TASKS = {"train_step": _train_step, "forward": _forward, "profile": _profile, "msa_query": _msa_query}
+def _msa_generate(model, payload: dict, degree: int, rank: int) -> dict:
+    """Memory Parallel generation of one batch that every rank serves (rank 0 returns it): routing collectives, local decode."""
+    from ..runtime import memory_bank
+    from ..runtime.memory_parallel import ParallelMemory
+    from ..runtime.msa import MsaModel
+
+    msa = MsaModel(model.program, model.signature)
+    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts))
+    tokens, result = msa.generate(memory, payload["input_ids"], payload["max_new_tokens"])
+    return {"tokens": tokens, "docs": result.docs}
+
+
+TASKS = {"train_step": _train_step, "forward": _forward, "profile": _profile, "msa_query": _msa_query, "msa_generate": _msa_generate}
 
 
 def _spawn(task: str, path: str | Path, degree: int, payload):
@@ -141,6 +153,11 @@ def profile(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> di
 def msa_query(path: str | Path, bank: str | Path, batches: list[torch.Tensor]) -> list[dict]:
     """Per rank (one per batch): routed documents per layer, logits, owned documents and bytes sent, with Memory Parallel."""
     return _spawn("msa_query", path, len(batches), {"bank": str(bank), "batches": batches})
+
+
+def msa_generate(path: str | Path, bank: str | Path, degree: int, input_ids: torch.Tensor, max_new_tokens: int) -> dict:
+    """New tokens and routed document indices of ``input_ids`` with the bank sharded over ``degree`` ranks."""
+    return _spawn("msa_generate", path, degree, {"bank": str(bank), "input_ids": input_ids, "max_new_tokens": max_new_tokens})
 
 
 def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
