@@ -1,0 +1,44 @@
+"""MSA Triton kernels (the interpreter on CPU) against the reference ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx_compile.kernels import msa as kernels
+from longctx_compile.ops import msa as ops
+
+
+@pytest.mark.parametrize("pool", [1, 3, 4])
+def test_pool_kernel_equals_reference(pool):
+    """Full, partial and empty chunks; a pool size that is not a power of two; a strided input."""
+    g = torch.Generator().manual_seed(pool)
+    L = 4 * pool
+    x = torch.randn(3, L, 2, 6, generator=g).transpose(1, 2)  # [N, H, L, D] with SDPA-like strides
+    real = torch.zeros(3, L, dtype=torch.long)
+    for n, length in enumerate([L, L - 1, 1]):
+        real[n, :length] = 1
+    got, count = kernels.pool(x, real, pool)
+    want, want_count = ops.pool_ref(x, real, pool)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(count, want_count)
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_route_kernel_equals_reference(cosine):
+    """GQA (8 heads on 2), masked tokens, documents with no chunk, chunks over several tiles (C not a multiple of the tile)."""
+    g = torch.Generator().manual_seed(3)
+    router_q = torch.randn(2, 8, 5, 16, generator=g)
+    query_mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 1]])
+    chunk_doc = torch.tensor([0, 0, 0, 1, 3, 3, 1, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 0])
+    router_keys = torch.randn(2, len(chunk_doc), 16, generator=g) * torch.linspace(0.2, 3.0, len(chunk_doc))[None, :, None]
+    got = kernels.route(router_q, query_mask, router_keys, chunk_doc, 8, cosine, block_c=4)
+    want = ops.route_ref(router_q, query_mask, router_keys, chunk_doc, 8, cosine)
+    torch.testing.assert_close(got, want)
+    assert torch.isinf(got[:, [2, 5, 7]]).all()
+
+
+def test_route_kernel_with_no_routing_token():
+    q, keys = torch.randn(1, 2, 3, 16), torch.randn(1, 4, 16)
+    got = kernels.route(q, torch.zeros(1, 3, dtype=torch.long), keys, torch.tensor([0, 1, 1, 0]), 2, True, block_c=16)
+    assert torch.isneginf(got).all()
