@@ -108,7 +108,7 @@ def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
     from ..runtime.msa import MsaModel
 
     msa = MsaModel(model.program, model.signature)
-    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts))
+    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts), kernels=msa.kernels)
     result = msa.query(memory, payload["batches"][rank])
     mine = {"docs": result.docs, "logits": result.logits, "owned": memory.owned, "sent_bytes": memory.sent_bytes}
     every = [None] * degree
@@ -123,7 +123,7 @@ def _msa_generate(model, payload: dict, degree: int, rank: int) -> dict:
     from ..runtime.msa import MsaModel
 
     msa = MsaModel(model.program, model.signature)
-    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts))
+    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts), kernels=msa.kernels)
     tokens, result = msa.generate(memory, payload["input_ids"], payload["max_new_tokens"])
     return {"tokens": tokens, "docs": result.docs}
 

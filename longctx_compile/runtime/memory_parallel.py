@@ -20,15 +20,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.msa import msa_route
 from .memory_bank import MemoryBank, partition
+from .msa import route_fn
 
 
 class ParallelMemory:
     """This rank's shard of a bank, with the routing and fetching collectives of Memory Parallel."""
 
-    def __init__(self, bank: MemoryBank, group: dist.ProcessGroup | None = None):
-        """Take this rank's share of ``bank`` (every rank passes the same whole bank, or loads it)."""
+    def __init__(self, bank: MemoryBank, group: dist.ProcessGroup | None = None, kernels: str = "reference"):
+        """Take this rank's share of ``bank`` (every rank passes the same whole bank, or loads it); ``kernels``
+        as the artifact's ``msa.kernels`` (the reference routing op, or the Triton kernel)."""
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         counts = torch.bincount(bank.chunk_doc, minlength=len(bank.docs)).tolist()
@@ -38,6 +39,7 @@ class ParallelMemory:
         self.table = self.bank.doc_chunks()
         self.layers, self.model, self.n_docs = bank.layers, bank.model, len(bank.docs)
         self.sent_bytes = 0
+        self.route = route_fn(kernels)
 
     def _all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rank r's ``send[r]`` to rank r, of any lengths along dim 0: what every rank sent to this one."""
@@ -72,7 +74,7 @@ class ParallelMemory:
         ids = torch.full((self.world * Bm, k), -1, dtype=torch.long)
         if local:
             shard = self.bank
-            s = msa_route(torch.cat(qs), torch.cat(rs), shard.router_keys[site], shard.chunk_doc, self.table, cosine)
+            s = self.route(torch.cat(qs), torch.cat(rs), shard.router_keys[site], shard.chunk_doc, self.table, cosine)
             top = s.topk(min(k, local), dim=-1)
             scores[:, : top.values.shape[1]] = top.values
             ids[:, : top.values.shape[1]] = torch.tensor(self.owned, dtype=torch.long)[top.indices]

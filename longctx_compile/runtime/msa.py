@@ -33,7 +33,8 @@ ATTENTION = torch.ops.longctx.attention.default
 
 
 class _Routed(torch.fx.Interpreter):
-    """Runs a graph, handing each routed attention site (every site with ``every``) and its index to ``hook``."""
+    """Runs a graph, handing each routed attention site (every site with ``every``: a lowered one runs its own
+    kernel) to ``hook(site index, op, args)``."""
 
     def __init__(self, gm: torch.fx.GraphModule, hook, every: bool = False):
         super().__init__(gm)
@@ -43,7 +44,7 @@ class _Routed(torch.fx.Interpreter):
         if target in ATTENTION_OPS:
             self.site += 1
             if target is MSA or self.every:
-                return self.hook(self.site, args)
+                return self.hook(self.site, target, args)
         return super().call_function(target, args, kwargs)
 
 
@@ -60,18 +61,37 @@ class QueryResult:
     positions: torch.Tensor
 
 
+def pool_fn(kernels: str):
+    """Chunk pooling as the artifact's target runs it: the reference op, or the Triton kernel."""
+    if kernels == "triton":
+        from ..kernels.msa import pool
+
+        return pool
+    return msa_pool
+
+
+def route_fn(kernels: str):
+    """Routing ``(router_q, routes, router_keys, chunk_doc, table, cosine) -> [B, n_docs]`` on the artifact's target."""
+    if kernels == "triton":
+        from ..kernels.msa import route
+
+        return lambda q, routes, keys, chunk_doc, table, cosine: route(q, routes, keys, chunk_doc, table.shape[0], cosine)
+    return msa_route
+
+
 class LocalMemory:
     """A whole bank on this process: route over all of it and gather the winners' chunks."""
 
-    def __init__(self, bank: MemoryBank):
+    def __init__(self, bank: MemoryBank, kernels: str = "reference"):
         self.bank, self.table = bank, bank.doc_chunks()
         self.layers, self.model, self.n_docs = bank.layers, bank.model, len(bank.docs)
+        self.route = route_fn(kernels)
 
     def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
         """(top-k document indices [B, k], their scores, pooled keys and values [B, Hkv, k·M, D] of their
         chunks, and which of those k·M slots hold a chunk [B, k·M]) for layer ``site``."""
         bank = self.bank
-        scores = msa_route(router_q, routes, bank.router_keys[site], bank.chunk_doc, self.table, cosine)
+        scores = self.route(router_q, routes, bank.router_keys[site], bank.chunk_doc, self.table, cosine)
         top = scores.topk(k, dim=-1)
         slots = self.table[top.indices].flatten(1)  # chunk indices, -1 past a document's end
         keys, values = (getattr(bank, name)[site][:, slots.clamp(min=0)].permute(1, 0, 2, 3) for name in ("keys", "values"))
@@ -85,6 +105,7 @@ class MsaModel:
         if "msa" not in signature:
             raise LccError("this program is not an msa form; convert it with --to msa")
         self.ep, self.signature, self.config = ep, signature, signature["msa"]
+        self.kernels = self.config.get("kernels", "reference")
         self.state = step_state(ep)
         self.specs = ep.graph_signature.input_specs
         self.logits_index = next(i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT)
@@ -125,7 +146,7 @@ class MsaModel:
         ids = [str(i + (len(bank.docs) if bank else 0)) for i in range(len(docs))] if ids is None else list(ids)
         if len(ids) != len(docs) or any(len(d) == 0 for d in docs):
             raise LccError("every document needs an id and at least one token")
-        P = self.config["pool"]
+        P, pool = self.config["pool"], pool_fn(self.kernels)
         if bank is None:
             dtype = self.state[next(iter(self.state))].dtype
             bank = MemoryBank.empty(P, self.facts, self.layers, self.kv_heads, self.head_dim, self.v_dim, dtype)
@@ -140,12 +161,12 @@ class MsaModel:
                 real[n, : len(docs[d])] = 1
             pooled = {name: {} for name in PARTS}
 
-            def hook(site, args, real=real, pooled=pooled):
+            def hook(site, target, args, real=real, pooled=pooled):
                 q, k, v = args[:3]
                 N, L = real.shape
                 router_k = args[10].view(N, L, k.shape[1], -1).transpose(1, 2)
                 for name, t in zip(PARTS, (k, v, router_k), strict=True):
-                    pooled[name][site] = msa_pool(t, real, P)
+                    pooled[name][site] = pool(t, real, P)
                 return ATTENTION(*args[:9])
 
             self._run(hook, self._inputs(ids_t, real, torch.arange(L).expand(len(rows), L)))
@@ -165,7 +186,7 @@ class MsaModel:
         or a memory with the same ``select`` as :class:`LocalMemory` (``runtime.memory_parallel.ParallelMemory``)."""
         from .memory_bank import check_matches
 
-        memory = LocalMemory(bank) if isinstance(bank, MemoryBank) else bank
+        memory = LocalMemory(bank, self.kernels) if isinstance(bank, MemoryBank) else bank
         check_matches(memory.model, self.facts, "given")
         if not memory.n_docs:
             raise LccError("the memory bank holds no documents; add some with `lcc memory add`")
@@ -180,13 +201,13 @@ class MsaModel:
         chosen, scored, context = {}, {}, []
         own_keys = mask.bool()
 
-        def hook(site, args):
+        def hook(site, target, args):
             q, k_self, v_self = args[:3]
             if args[4] is not None or args[5] is not None:
                 raise LccError("msa queries take plain causal attention with padding; this program has document or arbitrary masks")
             if site not in memory.layers:  # a layer without memory: [prefix ; query] as the graph has it
                 context.append((k_self, v_self, own_keys))
-                return ATTENTION(*args[:9])
+                return target(*args)
             Hq, D = q.shape[1], q.shape[-1]
             router_q = args[9].view(B, T, Hq, D).transpose(1, 2)
             chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"] == "cosine")
@@ -209,12 +230,12 @@ class MsaModel:
         result.positions = result.positions[:, -1:] + 1
         ones = torch.ones(B, 1, dtype=torch.bool)
 
-        def hook(site, args):
+        def hook(site, target, args):
             q, k_new, v_new = args[:3]
             keys, values, real = result.context[site]
             keys, values, real = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2), torch.cat([real, ones], 1)
             result.context[site] = (keys, values, real)
-            return ATTENTION(q, keys, values, real, None, None, args[6], True, 0)
+            return target(q, keys, values, real, None, None, args[6], True, 0, *args[9:])
 
         return self._run(hook, self._inputs(tokens.view(B, 1), ones.long(), result.positions), every=True)
 
