@@ -57,16 +57,15 @@ def route_ref(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: tor
     B, Hq, T, D = router_q.shape
     Hkv, C = router_keys.shape[:2]
     q = router_q.float().view(B, Hkv, Hq // Hkv, T, D)
-    keys = router_keys.float()
-    if cosine:
-        q, keys = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(keys, dim=-1)
-    else:
-        q = q / math.sqrt(D)
+    q = torch.nn.functional.normalize(q, dim=-1) if cosine else q / math.sqrt(D)
     routes = query_mask.bool()[:, :, None]  # [B, T, 1]
     scores = torch.full((B, n_docs), float("-inf"), device=router_q.device)
     for c0 in range(0, C, ROUTE_TILE):
         c1 = min(C, c0 + ROUTE_TILE)
-        tile = torch.einsum("bhgtd,hcd->btc", q, keys[:, c0:c1]) / Hq  # mean over query heads
+        keys = router_keys[:, c0:c1].float()  # per tile: the bank is never copied whole (bf16 → fp32 would double it)
+        if cosine:
+            keys = torch.nn.functional.normalize(keys, dim=-1)
+        tile = torch.einsum("bhgtd,hcd->btc", q, keys) / Hq  # mean over query heads
         per_chunk = tile.masked_fill(~routes, float("-inf")).amax(1)  # max over routing tokens: [B, tile]
         index = chunk_doc[c0:c1].long().expand(B, c1 - c0)
         scores = scores.scatter_reduce(1, index, per_chunk, reduce="amax")
