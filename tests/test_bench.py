@@ -78,3 +78,14 @@ def test_hsa_quality_bench_smoke():
     report = json.loads(result.stdout)
     assert sorted(report["accuracy"]) == sorted(["dense", *(f"hsa {m} K={k}" for m in ("landmark", "exact") for k in (8, 16)), "hsa learned K=8, 2 steps"])
     assert all(0 <= a <= 1 for accs in report["accuracy"].values() for a in accs.values())
+
+
+def test_msa_bench_smoke(tmp_path):
+    """A bf16 bank costs 3·Hkv·d·2/P bytes per token per routed layer; encode and routing report positive times."""
+    out = tmp_path / "msa.json"
+    result = subprocess.run([sys.executable, str(BENCH.parent / "msa.py"), "--smoke", "--repeats", "1", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["memory"]["bytes_per_token_per_layer"] == report["memory"]["formula"] == 96
+    assert report["encode"]["tokens_per_s"] > 0 and [r["tokens"] for r in report["routing"]] == [65536, 262144]
+    assert all(r["seconds"] > 0 for r in report["routing"])
