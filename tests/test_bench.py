@@ -89,3 +89,12 @@ def test_msa_bench_smoke(tmp_path):
     assert report["memory"]["bytes_per_token_per_layer"] == report["memory"]["formula"] == 96
     assert report["encode"]["tokens_per_s"] > 0 and [r["tokens"] for r in report["routing"]] == [65536, 262144]
     assert all(r["seconds"] > 0 for r in report["routing"])
+
+
+def test_msa_quality_bench_smoke(tmp_path):
+    out = tmp_path / "quality.json"
+    result = subprocess.run([sys.executable, str(BENCH.parent / "msa_quality.py"), "--smoke", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["dense, right document only", "msa P=4 top-1"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows) and 0 <= rows[1]["hit"] <= 1
