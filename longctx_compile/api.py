@@ -92,6 +92,11 @@ def verify(
         exact = True
     runnable, signature = _as_runnable(converted)
     exact = signature.get("exact", exact)  # a form whose exactness depends on its options records it
+    if "msa" in signature:  # the query program over an encoded bank, against [document ; query]
+        from .verify import verify_msa
+
+        ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
+        return verify_msa(original, ep, signature, lengths, rtol, atol)
     if signature.get("sequence_parallel"):
         runnable, lengths = _on_ranks(converted, signature, lengths)
     return _verify(original, runnable, signature, lengths, rtol, atol, exact)

@@ -26,6 +26,7 @@ class Case:
     top1: float
     kl: float
     ok: bool
+    hit: float | None = None  # msa: the share of queries whose document was routed
 
 
 @dataclass
@@ -110,4 +111,46 @@ def verify(
             ref = reference(**inputs)
             out = converted(**inputs)
             report.cases.append(Case(real.shape[0], real.shape[1], padded, *compare(ref, out, real, rtol, atol)))
+    return report
+
+
+def verify_msa(original: torch.nn.Module, ep: Any, signature: dict[str, Any], lengths=LENGTHS, rtol: float = RTOL, atol: float = ATOL) -> Report:
+    """An msa program against the dense model on [document ; query]: each seeded row's first half is
+    encoded as a document, the rest is the query (positions contiguous), and the query's logits are
+    compared with the original's at those positions.
+
+    Exactness-configured (pool 1, every layer routed) each row's bank is its own document alone: the
+    logits must match. Otherwise the bank holds every row's document plus distractors, and the
+    report gives the routing hit rate and the divergence (not judged).
+    """
+    from .runtime.msa import MsaModel
+
+    msa = MsaModel(ep, signature)
+    exact = bool(signature.get("exact"))
+    reference = CausalLM(original, tuple(signature["inputs"])).eval()
+    report = Report(rtol=rtol, atol=atol, exact=exact)
+    vocab, batch = signature["vocab_size"], 3
+    with torch.no_grad():
+        for length in lengths:
+            if length < 2 or length > signature["max_len"]:
+                continue
+            g = torch.Generator().manual_seed(length)
+            ids = torch.randint(0, vocab, (batch, length), generator=g)
+            split = length // 2
+            docs = [row[:split].tolist() for row in ids]
+            full = {"input_ids": ids, **({"attention_mask": torch.ones_like(ids)} if "attention_mask" in signature["inputs"] else {})}
+            if "position_ids" in signature["inputs"]:
+                full["position_ids"] = torch.arange(length).expand(batch, length)
+            ref = reference(**full)[:, split:]
+            positions = torch.arange(split, length)[None]
+            outs, hits = [], []
+            shared = None if exact else msa.encode(docs + [torch.randint(0, vocab, (split,), generator=g).tolist() for _ in range(5)])
+            for b in range(batch):
+                bank = msa.encode([docs[b]]) if exact else shared
+                result = msa.query(bank, ids[b : b + 1, split:], position_ids=positions)
+                outs.append(result.logits)
+                want = 0 if exact else b
+                hits.append(float(all(want in result.docs[layer][0].tolist() for layer in result.docs)))
+            real = torch.ones(batch, length - split, dtype=torch.bool)
+            report.cases.append(Case(batch, length, False, *compare(ref, torch.cat(outs), real, rtol, atol), hit=sum(hits) / batch))
     return report

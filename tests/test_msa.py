@@ -116,3 +116,12 @@ def test_refusals():
     with pytest.raises(LccError, match="not an msa form"):
         dense = lcc.compile("tiny-llama")
         MsaModel(dense.program.ep, dense.program.signature)
+
+
+def test_verify_checks_the_query_program_against_dense():
+    """Exactness-configured (pool=1, every layer routed) verify passes; pooled memory is reported, not judged."""
+    report = lcc.verify("tiny-qwen2", to="msa", pool=1, routed_layers="all", lengths=(2, 9))
+    assert report.exact and report.passed and all(c.hit == 1.0 for c in report.cases)
+    report = lcc.verify("tiny-qwen2", to="msa", pool=4, topk="2", lengths=(9,))
+    assert not report.exact and not report.passed and report.max_abs > 1e-3
+    assert all(c.hit is not None for c in report.cases)

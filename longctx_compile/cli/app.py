@@ -261,11 +261,22 @@ def launch(
 
 
 def _print_report(report) -> None:
+    routed = any(c.hit is not None for c in report.cases)  # msa: how often the query's document was routed
     table = Table("batch", "length", "padded", "max abs", "max rel", "top-1", "KL", "ok", title="equivalence", title_justify="left")
+    if routed:
+        table.add_column("routed")
     for c in report.cases:
-        table.add_row(
-            str(c.batch), str(c.length), "yes" if c.padded else "", f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.top1:.3f}", f"{c.kl:.3g}", "✓" if c.ok else "✗"
-        )
+        cells = [
+            str(c.batch),
+            str(c.length),
+            "yes" if c.padded else "",
+            f"{c.max_abs:.3g}",
+            f"{c.max_rel:.3g}",
+            f"{c.top1:.3f}",
+            f"{c.kl:.3g}",
+            "✓" if c.ok else "✗",
+        ]
+        table.add_row(*cells, *([f"{c.hit:.2f}"] if routed else []))
     out.print(table)
     verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
     if not report.exact:  # an approximate form (sparse settings): its divergence is reported, not judged

@@ -108,6 +108,8 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, loaded_router=bool(source))
     graph.lint()
     program.signature["msa"] = {"pool": cfg.pool, "topk": topk, "score": cfg.score, "prefix": cfg.prefix, "routed": routed}
+    # unpooled memory in every layer reads a document's exact keys: the query then equals dense attention over it
+    program.signature["exact"] = cfg.pool == 1 and len(routed) == len(nodes) and cfg.prefix == 0
     loaded = " (router weights from the source folder)" if source else ""
     return PassResult(
         matches=len(routed), notes=[f"{len(routed)} of {len(nodes)} layers routed: pool {cfg.pool}, top-{cfg.topk} documents, {cfg.score} scores{loaded}"]
