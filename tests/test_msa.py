@@ -125,3 +125,28 @@ def test_verify_checks_the_query_program_against_dense():
     report = lcc.verify("tiny-qwen2", to="msa", pool=4, topk="2", lengths=(9,))
     assert not report.exact and not report.passed and report.max_abs > 1e-3
     assert all(c.hit is not None for c in report.cases)
+
+
+def test_router_training_with_the_auxiliary_loss_fixes_routing():
+    """Copied routers miss; after InfoNCE on the document scores (backbone frozen) each question routes to its
+    document in every routed layer, and a bank encoded with the old router keys is refused."""
+    from longctx_compile.runtime.msa_router import train_router
+
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="1")
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    docs = [tokens(8, 30 + i) for i in range(12)]
+    questions = [d[:3] for d in docs]
+    frozen = {n: t.clone() for n, t in model.state.items() if "router" not in n}
+
+    def hits(bank):
+        results = [model.query(bank, torch.tensor([q])) for q in questions]
+        return sum(all(r.docs[layer][0, 0] == i for layer in model.layers) for i, r in enumerate(results)) / len(questions)
+
+    old = model.encode(docs)
+    before = hits(old)
+    log = train_router(model, docs, questions, list(range(12)), steps=60, lr=3e-3)
+    assert before < 0.5 and hits(model.encode(docs)) == 1.0
+    assert float(log[-1].split()[-1]) < float(log[0].split()[-1])
+    assert all(torch.equal(model.state[n], t) for n, t in frozen.items())  # only the routers moved
+    with pytest.raises(LccError, match="encoded with weights="):
+        model.query(old, torch.tensor([questions[0]]))

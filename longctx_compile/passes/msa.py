@@ -79,6 +79,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
     source = _source_router_weights(program)
     state = program.ep.graph_signature.inputs_to_parameters
     graph = program.gm.graph
+    routers = {}  # routed site -> the state names of its (router_q_proj, router_k_proj) weights
     for i in routed:
         node = nodes[i]
         facts = node.meta["lcc"]
@@ -92,6 +93,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
             )
         hidden = q_proj.args[0]
         weights = {}
+        routers[str(i)] = [f"{facts['module']}.router_{side}_proj.weight" for side in "qk"]
         for side, proj in (("q", q_proj), ("k", k_proj)):
             name = f"{facts['module']}.router_{side}_proj.weight"
             value = source.get(name)
@@ -107,7 +109,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         node.meta["val"] = fake_call(MSA, *args)
         facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, loaded_router=bool(source))
     graph.lint()
-    program.signature["msa"] = {"pool": cfg.pool, "topk": topk, "score": cfg.score, "prefix": cfg.prefix, "routed": routed}
+    program.signature["msa"] = {"pool": cfg.pool, "topk": topk, "score": cfg.score, "prefix": cfg.prefix, "routed": routed, "routers": routers}
     # unpooled memory in every layer reads a document's exact keys: the query then equals dense attention over it
     program.signature["exact"] = cfg.pool == 1 and len(routed) == len(nodes) and cfg.prefix == 0
     loaded = " (router weights from the source folder)" if source else ""

@@ -36,9 +36,17 @@ class _Routed(torch.fx.Interpreter):
     """Runs a graph, handing each routed attention site (every site with ``every``: a lowered one runs its own
     kernel) to ``hook(site index, op, args)``."""
 
-    def __init__(self, gm: torch.fx.GraphModule, hook, every: bool = False):
+    def __init__(self, gm: torch.fx.GraphModule, hook, every: bool = False, hidden: list | None = None):
         super().__init__(gm)
-        self.hook, self.every, self.site = hook, every, -1
+        self.hook, self.every, self.site, self.hidden = hook, every, -1, hidden
+        # each routed layer's input h: what its router projections read (args[9] is router_q = linear(h, W))
+        self.inputs_of_routers = {n.args[9].args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is MSA}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        if self.hidden is not None and n in self.inputs_of_routers:
+            self.hidden.append(value)
+        return value
 
     def call_function(self, target, args, kwargs):
         if target in ATTENTION_OPS:
@@ -125,7 +133,7 @@ class MsaModel:
             digest.update(self.state[name].detach().float().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False) -> torch.Tensor:
+    def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False, hidden: list | None = None) -> torch.Tensor:
         names = self.signature["inputs"]
         flat = [
             inputs[s.arg.name] if s.kind == InputKind.USER_INPUT else self.state[s.target]
@@ -133,7 +141,7 @@ class MsaModel:
             if s.kind != InputKind.USER_INPUT or s.arg.name in names
         ]
         with torch.no_grad():
-            return _Routed(self.ep.graph_module, hook, every).run(*flat)[self.logits_index]
+            return _Routed(self.ep.graph_module, hook, every, hidden).run(*flat)[self.logits_index]
 
     def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": input_ids, "position_ids": positions}
@@ -180,10 +188,16 @@ class MsaModel:
         return bank
 
     def query(
-        self, bank: MemoryBank | Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        bank: MemoryBank | Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        hidden: list | None = None,
     ) -> QueryResult:
         """Logits of ``[prefix ; query]`` rows (left padding allowed) routed over ``bank``: a :class:`MemoryBank`,
-        or a memory with the same ``select`` as :class:`LocalMemory` (``runtime.memory_parallel.ParallelMemory``)."""
+        or a memory with the same ``select`` as :class:`LocalMemory` (``runtime.memory_parallel.ParallelMemory``).
+        ``hidden``, when given, receives each routed layer's input hidden states (what the routers project)."""
         from .memory_bank import check_matches
 
         memory = LocalMemory(bank, self.kernels) if isinstance(bank, MemoryBank) else bank
@@ -217,8 +231,18 @@ class MsaModel:
             memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool)], dim=2)
             return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], args[6], True, 0)
 
-        logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True)
+        logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True, hidden=hidden)
         return QueryResult(logits, chosen, scored, context, position_ids)
+
+    def document_hidden(self, docs: list[list[int]]) -> list[list[torch.Tensor]]:
+        """Per document, each routed layer's input hidden states [L, hidden] as encode computes them (positions from 0)."""
+        out = []
+        for doc in docs:
+            ids = torch.tensor([doc])
+            hidden: list = []
+            self._run(lambda site, target, args: ATTENTION(*args[:9]), self._inputs(ids, torch.ones_like(ids), torch.arange(len(doc))[None]), hidden=hidden)
+            out.append([h[0] for h in hidden])
+        return out
 
     def decode(self, result: QueryResult, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, 1, V] of one new token per row after ``result``, whose context grows by it (in place).
