@@ -96,5 +96,10 @@ def test_msa_quality_bench_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH.parent / "msa_quality.py"), "--smoke", "--json", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["dense, right document only", "msa P=4 top-1, copied router", "msa P=4 top-1, router trained"]
+    assert [r["setting"] for r in rows] == [
+        "dense, right document only",
+        "msa P=4 top-1, router_init=k",
+        "msa P=4 top-1, router_init=qk",
+        "msa P=4 top-1, qk + router trained",
+    ]
     assert all(0 <= r["accuracy"] <= 1 for r in rows) and 0 <= rows[1]["hit"] <= 1

@@ -150,3 +150,18 @@ def test_router_training_with_the_auxiliary_loss_fixes_routing():
     assert all(torch.equal(model.state[n], t) for n, t in frozen.items())  # only the routers moved
     with pytest.raises(LccError, match="encoded with weights="):
         model.query(old, torch.tensor([questions[0]]))
+
+
+def test_router_init_k_makes_a_token_match_itself():
+    """router_init=k: both routers come from k_proj (query heads repeat their KV head's rows), so with cosine scores
+    a one-token question scores 1.0 on the chunk holding that token; qk (the default) copies q_proj and k_proj."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", router_init="k")
+    state = compiled.program.ep.state_dict
+    k_proj = state["model.model.layers.0.self_attn.k_proj.weight"]  # the capture wrapper adds "model."; router names follow HF checkpoints
+    router_q = state["model.layers.0.self_attn.router_q_proj.weight"]
+    torch.testing.assert_close(router_q, k_proj.view(2, -1, k_proj.shape[-1]).repeat_interleave(2, dim=0).reshape(router_q.shape))
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    bank = model.encode([[5, 6, 7], [8, 9, 10]])
+    assert model.query(bank, torch.tensor([[9]])).scores[0].max().item() == pytest.approx(1.0, abs=1e-5)
+    default = lcc.compile("tiny-llama", to="msa").program.ep.state_dict
+    torch.testing.assert_close(default["model.layers.1.self_attn.router_q_proj.weight"], default["model.model.layers.1.self_attn.q_proj.weight"])

@@ -29,13 +29,19 @@ MSA = torch.ops.longctx.msa_attention.default
 
 @dataclass
 class MsaConfig:
-    """``--opt pool=64 topk=16|all routed_layers=upper|all|18,19,... score=cosine|dot prefix=0``."""
+    """``--opt pool=64 topk=16|all routed_layers=upper|all|18,19,... score=cosine|dot prefix=0 router_init=qk|k``.
+
+    ``router_init``: ``qk`` copies the layer's q and k projections (the attention's own query-key
+    match); ``k`` gives both routers the k projection (each query head reads its KV head's rows),
+    so a question token scores highest the chunks that hold the same token.
+    """
 
     pool: int = 64
     topk: str = "16"
     routed_layers: str = "upper"
     score: Literal["cosine", "dot"] = "cosine"
     prefix: int = 0
+    router_init: Literal["qk", "k"] = "qk"
 
 
 def parse_routed(text: str, count: int) -> list[int]:
@@ -98,7 +104,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
             name = f"{facts['module']}.router_{side}_proj.weight"
             value = source.get(name)
             if value is None:
-                value = program.ep.state_dict[state[proj.args[1].name]].detach().clone()
+                value = _initial_router(program, state, q_proj if side == "q" and cfg.router_init == "qk" else k_proj, side, facts)
             weights[side] = program.add_parameter(name, value.to(val(proj.args[1]).dtype))
         with graph.inserting_before(node):
             router = [graph.call_function(aten.linear.default, (hidden, weights[side])) for side in "qk"]
@@ -116,6 +122,14 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
     return PassResult(
         matches=len(routed), notes=[f"{len(routed)} of {len(nodes)} layers routed: pool {cfg.pool}, top-{cfg.topk} documents, {cfg.score} scores{loaded}"]
     )
+
+
+def _initial_router(program: Program, state: dict[str, str], proj: torch.fx.Node, side: str, facts: dict) -> torch.Tensor:
+    """A copy of ``proj``'s weight; a router query made from the k projection repeats each KV head's rows for its G query heads."""
+    weight = program.ep.state_dict[state[proj.args[1].name]].detach().clone()
+    if side == "q" and weight.shape[0] != facts["hq"] * facts["head_dim"]:
+        weight = weight.view(facts["hkv"], facts["head_dim"], -1).repeat_interleave(facts["hq"] // facts["hkv"], dim=0).reshape(-1, weight.shape[-1])
+    return weight
 
 
 def _check(node: torch.fx.Node, where: str) -> None:
