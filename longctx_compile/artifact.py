@@ -28,6 +28,8 @@ PROGRAM = "model.pt2"
 # the KV-cache step programs (``passes.kv_cache``); they take the weights of model.pt2 as an input
 STEP_FILES = {"prefill": "prefill.pt2", "decode": "decode.pt2", "static": "decode_static.pt2"}
 GRAPHS = "graphs.json"
+# an msa artifact's stage programs (``runtime.msa_programs``); they too take model.pt2's weights as an input
+MSA_FILES = {"encode": "encode.pt2", "query": "query.pt2", "decode": "decode.pt2"}
 
 
 def sha256(path: Path) -> str:
@@ -105,6 +107,13 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
         except LccError as e:
             manifest["cache"] = None
             manifest["cache_note"] = str(e)
+        if "msa" in compiled.program.signature:  # the MSA stages as programs of their own (weights from model.pt2)
+            from .runtime.msa import MsaModel
+            from .runtime.msa_programs import export_programs
+
+            for name, ep in export_programs(MsaModel(compiled.program.ep, compiled.program.signature)).items():
+                torch.export.save(ep, tmp / MSA_FILES[name])
+                manifest["programs"][name] = MSA_FILES[name]
         manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *manifest["programs"].values()) if (tmp / name).exists()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out

@@ -88,21 +88,26 @@ def route_fn(kernels: str):
 
 
 class LocalMemory:
-    """A whole bank on this process: route over all of it and gather the winners' chunks."""
+    """A whole bank on this process (tensors per routed layer, the chunk → document index and the
+    [n_docs, M] chunk table): route over all of it and gather the winners' chunks."""
 
-    def __init__(self, bank: MemoryBank, kernels: str = "reference"):
-        self.bank, self.table = bank, bank.doc_chunks()
-        self.layers, self.model, self.n_docs = bank.layers, bank.model, len(bank.docs)
+    def __init__(self, parts: dict[str, dict[int, torch.Tensor]], chunk_doc: torch.Tensor, table: torch.Tensor, model: dict, kernels: str = "reference"):
+        self.parts, self.chunk_doc, self.table, self.model = parts, chunk_doc, table, model
+        self.layers, self.n_docs = sorted(parts["router_keys"]), table.shape[0]
         self.route = route_fn(kernels)
+
+    @classmethod
+    def of(cls, bank: MemoryBank, kernels: str = "reference") -> LocalMemory:
+        parts = {name: getattr(bank, name) for name in PARTS}
+        return cls(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, kernels)
 
     def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
         """(top-k document indices [B, k], their scores, pooled keys and values [B, Hkv, k·M, D] of their
         chunks, and which of those k·M slots hold a chunk [B, k·M]) for layer ``site``."""
-        bank = self.bank
-        scores = self.route(router_q, routes, bank.router_keys[site], bank.chunk_doc, self.table, cosine)
+        scores = self.route(router_q, routes, self.parts["router_keys"][site], self.chunk_doc, self.table, cosine)
         top = scores.topk(k, dim=-1)
         slots = self.table[top.indices].flatten(1)  # chunk indices, -1 past a document's end
-        keys, values = (getattr(bank, name)[site][:, slots.clamp(min=0)].permute(1, 0, 2, 3) for name in ("keys", "values"))
+        keys, values = (self.parts[name][site][:, slots.clamp(min=0)].permute(1, 0, 2, 3) for name in ("keys", "values"))
         return top.indices, top.values, keys, values, slots >= 0
 
 
@@ -134,9 +139,9 @@ class MsaModel:
         return digest.hexdigest()[:16]
 
     def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False, hidden: list | None = None) -> torch.Tensor:
-        names = self.signature["inputs"]
+        names, state = self.signature["inputs"], self.state
         flat = [
-            inputs[s.arg.name] if s.kind == InputKind.USER_INPUT else self.state[s.target]
+            inputs[s.arg.name] if s.kind == InputKind.USER_INPUT else state[s.target]
             for s in self.specs
             if s.kind != InputKind.USER_INPUT or s.arg.name in names
         ]
@@ -154,7 +159,7 @@ class MsaModel:
         ids = [str(i + (len(bank.docs) if bank else 0)) for i in range(len(docs))] if ids is None else list(ids)
         if len(ids) != len(docs) or any(len(d) == 0 for d in docs):
             raise LccError("every document needs an id and at least one token")
-        P, pool = self.config["pool"], pool_fn(self.kernels)
+        P = self.config["pool"]
         if bank is None:
             dtype = self.state[next(iter(self.state))].dtype
             bank = MemoryBank.empty(P, self.facts, self.layers, self.kv_heads, self.head_dim, self.v_dim, dtype)
@@ -167,17 +172,7 @@ class MsaModel:
             for n, d in enumerate(rows):
                 ids_t[n, : len(docs[d])] = torch.tensor(docs[d])
                 real[n, : len(docs[d])] = 1
-            pooled = {name: {} for name in PARTS}
-
-            def hook(site, target, args, real=real, pooled=pooled):
-                q, k, v = args[:3]
-                N, L = real.shape
-                router_k = args[10].view(N, L, k.shape[1], -1).transpose(1, 2)
-                for name, t in zip(PARTS, (k, v, router_k), strict=True):
-                    pooled[name][site] = pool(t, real, P)
-                return ATTENTION(*args[:9])
-
-            self._run(hook, self._inputs(ids_t, real, torch.arange(L).expand(len(rows), L)))
+            pooled = self.encode_rows(ids_t, real)
             for n, d in enumerate(rows):
                 count = pooled["keys"][self.layers[0]][1][n]
                 keep = count > 0
@@ -186,6 +181,22 @@ class MsaModel:
             if progress is not None:
                 progress(len(rows))
         return bank
+
+    def encode_rows(self, input_ids: torch.Tensor, real: torch.Tensor) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """One document per row (right padding, length a multiple of the pool): per part and routed layer, (pooled [N, Hkv, L/P, D], counts)."""
+        N, L = input_ids.shape
+        pool = pool_fn(self.kernels)
+        pooled = {name: {} for name in PARTS}
+
+        def hook(site, target, args):
+            k = args[1]
+            router_k = args[10].view(N, L, k.shape[1], -1).transpose(1, 2)
+            for name, t in zip(PARTS, (k, args[2], router_k), strict=True):
+                pooled[name][site] = pool(t, real, self.config["pool"])
+            return ATTENTION(*args[:9])
+
+        self._run(hook, self._inputs(input_ids, real, torch.arange(L, device=input_ids.device).expand(N, L)))
+        return pooled
 
     def query(
         self,
@@ -200,7 +211,7 @@ class MsaModel:
         ``hidden``, when given, receives each routed layer's input hidden states (what the routers project)."""
         from .memory_bank import check_matches
 
-        memory = LocalMemory(bank, self.kernels) if isinstance(bank, MemoryBank) else bank
+        memory = LocalMemory.of(bank, self.kernels) if isinstance(bank, MemoryBank) else bank
         check_matches(memory.model, self.facts, "given")
         if not memory.n_docs:
             raise LccError("the memory bank holds no documents; add some with `lcc memory add`")
