@@ -66,3 +66,40 @@ def test_refusals_are_one_line(artifact, tmp_path):
     assert lcc("memory", "encode", str(other), "--docs", docs, "-o", bank).returncode == 0
     result = lcc("memory", "query", model, "--bank", bank, "--question-ids", "1")
     assert result.returncode == 2 and "encoded with pool=4, but this model has pool=2" in result.stderr
+
+
+def test_text_documents_and_questions_with_the_saved_tokenizer_and_source_router_weights(tmp_path):
+    """An HF folder with a tokenizer and MSA router weights (under the released names, ``….router_q_proj.0.weight``):
+    convert loads the routers instead of copying q/k_proj, and encode/query take text."""
+    import safetensors.torch
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from longctx_compile.presets import build_preset
+
+    words = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2, 256)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "hf"
+    build_preset("tiny-llama").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    routers = {
+        "model.layers.1.self_attn.router_q_proj.0.weight": torch.randn(64, 64, generator=g),
+        "model.layers.1.self_attn.router_k_proj.0.weight": torch.randn(32, 64, generator=g),
+    }
+    safetensors.torch.save_file(routers, str(folder / "msa_router.safetensors"))
+    model = tmp_path / "m.lcc"
+    assert lcc("convert", str(folder), "--to", "msa", "--opt", "pool=2", "--opt", "topk=1", "-o", str(model)).returncode == 0
+    import longctx_compile as lcc_api
+
+    state = lcc_api.load(model).program.state_dict
+    for name, value in routers.items():
+        torch.testing.assert_close(state[name.replace(".0.weight", ".weight")], value)
+    docs = write_docs(tmp_path / "docs.jsonl", [{"id": "x", "text": "w5 w6 w7"}, {"id": "y", "text": "w8 w9"}])
+    assert lcc("memory", "encode", str(model), "--docs", docs, "-o", str(tmp_path / "bank")).returncode == 0
+    result = lcc("memory", "query", str(model), "--bank", str(tmp_path / "bank"), "--question", "w6 w7", "-n", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["routed"]["1"][0] in {"x", "y"} and answer["answer"].split() == [words[i] for i in answer["answer_ids"]]
