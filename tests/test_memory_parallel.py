@@ -37,3 +37,27 @@ def test_memory_parallel_equals_one_rank(setup, world):
             assert got["docs"][layer].tolist() == want.docs[layer].tolist()
         torch.testing.assert_close(got["logits"], want.logits)
         assert got["sent_bytes"] > 0
+
+
+def test_example_under_torchrun_answers_as_one_process(setup):
+    """examples/msa_parallel.py under torchrun (``lcc launch``): two ranks, two different questions, each answered
+    and routed as one process answers it alone."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, model, bank, batches = setup
+    questions = [batches[0][0].tolist(), batches[1][1].tolist()]
+    script = Path(__file__).parent.parent / "examples" / "msa_parallel.py"
+    command = [sys.executable, "-m", "longctx_compile", "launch", "--nproc", "2", str(script), str(folder / "model.lcc"), str(folder / "bank"), "-n", "4"]
+    for q in questions:
+        command += ["--question-ids", ",".join(map(str, q))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks_out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sum(r["documents"] for r in ranks_out) == len(bank.docs)
+    for q, got in zip(questions, ranks_out, strict=True):
+        tokens, alone = model.generate(bank, torch.tensor([q]), 4)
+        assert got["answer_ids"] == tokens[0].tolist()
+        assert got["routed"] == {str(k): [bank.docs[d] for d in v[0].tolist()] for k, v in alone.docs.items()}
