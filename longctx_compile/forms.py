@@ -32,7 +32,9 @@ def _forms() -> dict[str, FormSpec]:
         "ring": FormSpec("ring", RingConfig, ["ring"], "per-rank ring attention: K/V blocks circulate, partial outputs merge by log-sum-exp"),
         "sp": FormSpec("sp", SpConfig, ["sp"], "sequence parallelism that picks ulysses, ring or Ulysses-inside-ring from the heads and bytes"),
         "hsa": FormSpec("hsa", HsaConfig, ["hsa"], "hierarchical sparse attention: local window + top-K chunks fused by score", exact=False),
-        "msa": FormSpec("msa", MsaConfig, ["msa"], "memory sparse attention: routed layers pool documents into a memory bank and attend over the top-k"),
+        "msa": FormSpec(
+            "msa", MsaConfig, ["msa", "doc_rope"], "memory sparse attention: routed layers pool documents into a memory bank and attend over the top-k"
+        ),
     }
 
 

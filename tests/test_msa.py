@@ -165,3 +165,27 @@ def test_router_init_k_makes_a_token_match_itself():
     assert model.query(bank, torch.tensor([[9]])).scores[0].max().item() == pytest.approx(1.0, abs=1e-5)
     default = lcc.compile("tiny-llama", to="msa").program.ep.state_dict
     torch.testing.assert_close(default["model.layers.1.self_attn.router_q_proj.weight"], default["model.model.layers.1.self_attn.q_proj.weight"])
+
+
+class NoPositions(torch.nn.Module):
+    """Takes position_ids but never uses them: document-wise positions could not apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, input_ids, position_ids=None):
+        x = self.emb(input_ids)
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(out.transpose(1, 2).reshape(B, T, 16))
+
+
+def test_doc_rope_refuses_a_model_whose_q_k_ignore_position_ids():
+    with pytest.raises(LccError, match=r"its q does not depend on position_ids, so documents cannot restart their positions \(doc_rope\)"):
+        lcc.compile(NoPositions(), to="msa", routed_layers="all", position_ids=True)
+    compiled = lcc.compile("tiny-llama", to="msa")
+    assert compiled.program.signature["msa"]["positions"]["query"] == "prefix + k = 0 + 16"
+    assert all(n.meta["lcc"].get("doc_rope") for n in compiled.program.attention_nodes() if n.meta["lcc"].get("routed"))
