@@ -5,3 +5,20 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hf_folder_with_tokenizer(tmp_path):
+    """(folder, words): tiny-llama saved with save_pretrained and a whitespace word-level tokenizer (w2 … w255 are ids 2 … 255)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from longctx_compile.presets import build_preset
+
+    words = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2, 256)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "hf"
+    build_preset("tiny-llama").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    return folder, words

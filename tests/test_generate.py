@@ -146,21 +146,11 @@ def lcc_cli(*args):
     return result.returncode, result.stdout, result.stderr
 
 
-def test_cli_generate_with_the_saved_tokenizer(tmp_path):
+def test_cli_generate_with_the_saved_tokenizer(tmp_path, hf_folder_with_tokenizer):
     """save_pretrained model + a tokenizer beside it → lcc convert → lcc generate --prompt, end to end."""
     import json
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from longctx_compile.presets import build_preset
-
-    words = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2, 256)]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    folder = tmp_path / "hf"
-    build_preset("tiny-llama").save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    folder, words = hf_folder_with_tokenizer
     out = tmp_path / "m.lcc"
     assert lcc_cli("convert", str(folder), "-o", str(out))[0] == 0
     rc, stdout, stderr = lcc_cli("generate", str(out), "--prompt", "w5 w7 w9", "-n", "8", "--json")

@@ -68,22 +68,13 @@ def test_refusals_are_one_line(artifact, tmp_path):
     assert result.returncode == 2 and "encoded with pool=4, but this model has pool=2" in result.stderr
 
 
-def test_text_documents_and_questions_with_the_saved_tokenizer_and_source_router_weights(tmp_path):
+def test_text_documents_and_questions_with_the_saved_tokenizer_and_source_router_weights(tmp_path, hf_folder_with_tokenizer):
     """An HF folder with a tokenizer and MSA router weights (under the released names, ``….router_q_proj.0.weight``):
     convert loads the routers instead of copying q/k_proj, and encode/query take text."""
     import safetensors.torch
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    from longctx_compile.presets import build_preset
-
-    words = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2, 256)]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    folder = tmp_path / "hf"
-    build_preset("tiny-llama").save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    folder, words = hf_folder_with_tokenizer
     g = torch.Generator().manual_seed(0)
     routers = {
         "model.layers.1.self_attn.router_q_proj.0.weight": torch.randn(64, 64, generator=g),

@@ -76,6 +76,13 @@ def _encode(model, ids, docs, bank=None, batch_size: int = 8):
         return model.encode(docs, ids, batch_size=batch_size, bank=bank, progress=lambda n: progress.advance(task, n))
 
 
+def _write(bank, bank_path: Path, output: Path | None, force: bool) -> Path:
+    """Save an edited bank: over BANK itself (atomically: a new folder renamed into place), or to ``-o``."""
+    target = output or bank_path
+    bank.save(target, force=force or target == bank_path)
+    return target
+
+
 @memory_app.command()
 def encode(
     artifact: Annotated[str, typer.Argument(help="msa artifact folder")],
@@ -105,6 +112,7 @@ def add(
     docs: Annotated[Path, typer.Option("--docs", help="JSONL of the new documents (as for encode)")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write the result here instead of replacing BANK (atomically)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="documents per forward")] = 8,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing -o folder")] = False,
 ) -> None:
     """Add documents to a bank; only the new ones are encoded."""
     from ..runtime import memory_bank
@@ -115,8 +123,7 @@ def add(
     ids, tokens = read_docs(docs, tokenizer)
     before = len(bank.docs)
     bank = _encode(model, ids, tokens, bank=bank, batch_size=batch_size)
-    target = output or bank_path
-    bank.save(target, force=target == bank_path)
+    target = _write(bank, bank_path, output, force)
     out.print(f"wrote {target}: {len(bank.docs) - before} documents added, {len(bank.docs)} in all, {bank.chunks:,} chunks", soft_wrap=True)
 
 
@@ -125,6 +132,7 @@ def remove(
     bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="bank folder")],
     ids: Annotated[str, typer.Option("--ids", help="document ids to remove, comma-separated")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write the result here instead of replacing BANK (atomically)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing -o folder")] = False,
 ) -> None:
     """Remove documents from a bank by id."""
     from ..runtime import memory_bank
@@ -133,8 +141,7 @@ def remove(
     bank = memory_bank.load(bank_path)
     gone = [i for i in ids.split(",") if i]
     bank.remove(gone)
-    target = output or bank_path
-    bank.save(target, force=target == bank_path)
+    target = _write(bank, bank_path, output, force)
     out.print(f"wrote {target}: {len(gone)} documents removed, {len(bank.docs)} left, {bank.chunks:,} chunks", soft_wrap=True)
 
 
