@@ -47,6 +47,15 @@ def test_encode_add_remove_info_query(artifact, tmp_path):
     assert json.loads(lcc("memory", "info", bank, "--json").stdout)["documents"] == 3  # -o leaves the input alone
 
 
+def test_inspect_shows_each_routed_layer(artifact):
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-m", "longctx_compile", "inspect", str(artifact / "model.lcc")], capture_output=True, text=True, env=dict(os.environ, COLUMNS="250")
+    )
+    assert result.returncode == 0 and "msa P=2 top-2 docs cosine" in result.stdout and "msa (reference)" in result.stdout
+
+
 def test_refusals_are_one_line(artifact, tmp_path):
     model, bank = str(artifact / "model.lcc"), str(tmp_path / "bank")
     bad = tmp_path / "bad.jsonl"
