@@ -99,6 +99,8 @@ def test_bank_round_trip_gives_identical_logits(tmp_path):
     bank.save(tmp_path / "bank")
     got = model.query(memory_bank.load(tmp_path / "bank", model=model.facts), question)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    tiered = bank.placed(router="cpu", kv="cpu", pin=True)  # router keys and K/V tiers (one device here)
+    torch.testing.assert_close(model.query(tiered, question).logits, want.logits, rtol=0, atol=0)
     loaded = lcc.load(compiled.save(tmp_path / "model.lcc"))  # the artifact runs the same query
     torch.testing.assert_close(MsaModel(loaded.program, loaded.signature).query(bank, question).logits, want.logits, rtol=0, atol=0)
     other = lcc.compile("tiny-llama", to="msa", pool=4, routed_layers="upper")

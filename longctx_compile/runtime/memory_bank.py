@@ -115,15 +115,16 @@ class MemoryBank:
         )
 
     def placed(self, router: str | torch.device = "cpu", kv: str | torch.device = "cpu", pin: bool = False) -> MemoryBank:
-        """The tiers on their devices: router keys on ``router``, pooled K/V on ``kv`` (pinned host memory with ``pin``)."""
+        """The tiers on their devices: router keys on ``router``, pooled K/V on ``kv`` (pinned host memory with
+        ``pin``, when an accelerator exists to copy the selected chunks to)."""
 
-        def move(t: torch.Tensor, device) -> torch.Tensor:
-            t = t.to(device)
-            return t.pin_memory() if pin and t.device.type == "cpu" else t
+        def host(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(kv)
+            return t.pin_memory() if pin and t.device.type == "cpu" and torch.cuda.is_available() else t
 
-        keys = {layer: move(t, kv) for layer, t in self.keys.items()}
-        values = {layer: move(t, kv) for layer, t in self.values.items()}
-        router_keys = {layer: move(t, router) for layer, t in self.router_keys.items()}
+        keys = {layer: host(t) for layer, t in self.keys.items()}
+        values = {layer: host(t) for layer, t in self.values.items()}
+        router_keys = {layer: t.to(router) for layer, t in self.router_keys.items()}
         return dataclasses.replace(self, keys=keys, values=values, router_keys=router_keys, chunk_doc=self.chunk_doc.to(router))
 
     def bytes_per_token(self) -> float:

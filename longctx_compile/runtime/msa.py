@@ -106,9 +106,13 @@ class LocalMemory:
         chunks, and which of those k·M slots hold a chunk [B, k·M]) for layer ``site``."""
         scores = self.route(router_q, routes, self.parts["router_keys"][site], self.chunk_doc, self.table, cosine)
         top = scores.topk(k, dim=-1)
-        slots = self.table[top.indices].flatten(1)  # chunk indices, -1 past a document's end
-        keys, values = (self.parts[name][site][:, slots.clamp(min=0)].permute(1, 0, 2, 3) for name in ("keys", "values"))
-        return top.indices, top.values, keys, values, slots >= 0
+        slots = self.table[top.indices.to(self.table.device)].flatten(1)  # chunk indices, -1 past a document's end
+        # the K/V tier may live elsewhere (pinned host memory): gather there, ship only the selected chunks
+        keys, values = (
+            self.parts[name][site][:, slots.clamp(min=0).to(self.parts[name][site].device)].permute(1, 0, 2, 3).to(router_q.device, non_blocking=True)
+            for name in ("keys", "values")
+        )
+        return top.indices, top.values, keys, values, (slots >= 0).to(router_q.device)
 
 
 class MsaModel:
