@@ -220,7 +220,7 @@ class MsaModel:
         if not memory.n_docs:
             raise LccError("the memory bank holds no documents; add some with `lcc memory add`")
         B, T = input_ids.shape
-        mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask.long()
+        mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device) if attention_mask is None else attention_mask.long()
         prefix, topk = self.config["prefix"], self.config["topk"]
         k = memory.n_docs if topk < 0 else min(topk, memory.n_docs)
         seen = mask.cumsum(-1)  # real tokens so far, this one included
@@ -243,7 +243,7 @@ class MsaModel:
             keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
             padding = torch.cat([valid, own_keys], dim=1)
             context.append((keys, values, padding))
-            memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool)], dim=2)
+            memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool, device=q.device)], dim=2)
             return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], args[6], True, 0)
 
         logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True, hidden=hidden)
@@ -267,7 +267,7 @@ class MsaModel:
         """
         B = tokens.shape[0]
         result.positions = result.positions[:, -1:] + 1
-        ones = torch.ones(B, 1, dtype=torch.bool)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=tokens.device)
 
         def hook(site, target, args):
             q, k_new, v_new = args[:3]
@@ -295,8 +295,8 @@ class MsaModel:
         generator = None if rule.seed is None else torch.Generator().manual_seed(rule.seed)
         result = self.query(bank, input_ids, attention_mask, position_ids)
         logits, out = result.logits[:, -1], []
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        stops = torch.tensor(list(rule.stop_ids), dtype=torch.long)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        stops = torch.tensor(list(rule.stop_ids), dtype=torch.long, device=input_ids.device)
         for _ in range(max_new_tokens):
             token = pick(logits, rule, generator)
             out.append(token)
