@@ -33,14 +33,18 @@ def main() -> None:
     parser.add_argument("-n", "--max-new-tokens", type=int, default=8)
     args = parser.parse_args()
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    loaded = lcc.load(args.artifact)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    loaded = lcc.load(args.artifact, device=device if cuda else None)
     model = MsaModel(loaded.program, loaded.signature)
     bank = memory_bank.load(args.bank, model=model.facts)
-    memory = ParallelMemory(bank, kernels=model.kernels)
+    # the tiers: router keys beside the model, pooled K/V in pinned host memory (only the selected chunks move)
+    memory = ParallelMemory(bank.placed(router=device, kv="cpu", pin=cuda), kernels=model.kernels)
     question = args.question_ids[min(rank, len(args.question_ids) - 1)]
-    tokens, result = model.generate(memory, torch.tensor([[int(t) for t in question.split(",")]]), args.max_new_tokens)
+    ids = torch.tensor([[int(t) for t in question.split(",")]], device=device)
+    tokens, result = model.generate(memory, ids, args.max_new_tokens)
     mine = {
         "rank": rank,
         "documents": len(memory.owned),

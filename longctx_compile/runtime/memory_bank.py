@@ -65,7 +65,7 @@ class MemoryBank:
         counts = torch.bincount(self.chunk_doc, minlength=len(self.docs))
         width = int(counts.max()) if len(self.docs) else 1
         starts = torch.cumsum(counts, 0) - counts
-        slots = torch.arange(width)[None, :]
+        slots = torch.arange(width, device=counts.device)[None, :]
         return torch.where(slots < counts[:, None], starts[:, None] + slots, -1)
 
     def append(self, docs: list[str], doc_tokens: list[int], chunk_doc: torch.Tensor, parts: dict[str, dict[int, torch.Tensor]]) -> None:
@@ -100,16 +100,17 @@ class MemoryBank:
     def subset(self, doc_indices: list[int]) -> MemoryBank:
         """A bank of the documents at ``doc_indices`` (in that order), e.g. one rank's shard."""
         order = torch.tensor(doc_indices, dtype=torch.long)
-        pick = torch.cat([(self.chunk_doc == d).nonzero().flatten() for d in doc_indices]) if doc_indices else torch.zeros(0, dtype=torch.long)
+        chunk_doc = self.chunk_doc.cpu()  # the bookkeeping on the host; each tier is indexed on its own device
+        pick = torch.cat([(chunk_doc == d).nonzero().flatten() for d in doc_indices]) if doc_indices else torch.zeros(0, dtype=torch.long)
         local = torch.full((len(self.docs),), -1, dtype=torch.long)
         local[order] = torch.arange(len(doc_indices))
-        tables = {name: {layer: t[:, pick] for layer, t in getattr(self, name).items()} for name in PARTS}
+        tables = {name: {layer: t[:, pick.to(t.device)] for layer, t in getattr(self, name).items()} for name in PARTS}
         return MemoryBank(
             self.pool,
             dict(self.model),
             list(self.layers),
             **tables,
-            chunk_doc=local[self.chunk_doc[pick]],
+            chunk_doc=local[chunk_doc[pick]].to(self.chunk_doc.device),
             docs=[self.docs[d] for d in doc_indices],
             doc_tokens=[self.doc_tokens[d] for d in doc_indices],
         )

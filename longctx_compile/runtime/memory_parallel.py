@@ -41,28 +41,30 @@ class ParallelMemory:
         self.sent_bytes = 0
         self.route = route_fn(kernels)
 
-    def _all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Rank r's ``send[r]`` to rank r, of any lengths along dim 0: what every rank sent to this one."""
-        sizes = torch.tensor([len(t) for t in send])
+    def _all_to_all(self, send: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """Rank r's ``send[r]`` to rank r, of any lengths along dim 0: what every rank sent to this one (on ``device``:
+        the process group's, CUDA under NCCL)."""
+        sizes = torch.tensor([len(t) for t in send], device=device)
         incoming = torch.empty_like(sizes)
         dist.all_to_all_single(incoming, sizes, group=self.group)
         tail = send[0].shape[1:]
-        out = torch.empty(int(incoming.sum()), *tail, dtype=send[0].dtype)
-        dist.all_to_all_single(out, torch.cat(send), incoming.tolist(), sizes.tolist(), group=self.group)
+        out = torch.empty(int(incoming.sum()), *tail, dtype=send[0].dtype, device=device)
+        dist.all_to_all_single(out, torch.cat(send).to(device), incoming.tolist(), sizes.tolist(), group=self.group)
         self.sent_bytes += sum(t.numel() * t.element_size() for i, t in enumerate(send) if i != self.rank)
         return list(out.split(incoming.tolist()))
 
     def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
         """As :meth:`runtime.msa.LocalMemory.select`, over the documents of every rank."""
         B, Hq, T, D = router_q.shape
+        dev = router_q.device  # where the collectives run (the queries' device: CUDA under NCCL, CPU under gloo)
         # 1. every rank's queries, padded to the largest batch and length
-        shapes = torch.tensor([B, T])
+        shapes = torch.tensor([B, T], device=dev)
         every = [torch.empty_like(shapes) for _ in range(self.world)]
         dist.all_gather(every, shapes, group=self.group)
         Bm, Tm = (max(int(s[i]) for s in every) for i in (0, 1))
-        q = torch.zeros(Bm, Hq, Tm, D, dtype=router_q.dtype)
+        q = torch.zeros(Bm, Hq, Tm, D, dtype=router_q.dtype, device=dev)
         q[:B, :, :T] = router_q
-        r = torch.zeros(Bm, Tm, dtype=torch.uint8)  # gloo has no bool collectives
+        r = torch.zeros(Bm, Tm, dtype=torch.uint8, device=dev)  # gloo has no bool collectives
         r[:B, :T] = routes
         qs, rs = [torch.empty_like(q) for _ in range(self.world)], [torch.empty_like(r) for _ in range(self.world)]
         dist.all_gather(qs, q, group=self.group)
@@ -70,17 +72,17 @@ class ParallelMemory:
         self.sent_bytes += q.numel() * q.element_size() + r.numel()
         # 2. this shard's local top-k for all of them (-inf, id -1 where the shard has fewer than k documents)
         local = len(self.owned)
-        scores = torch.full((self.world * Bm, k), float("-inf"))
-        ids = torch.full((self.world * Bm, k), -1, dtype=torch.long)
+        scores = torch.full((self.world * Bm, k), float("-inf"), device=dev)
+        ids = torch.full((self.world * Bm, k), -1, dtype=torch.long, device=dev)
         if local:
             shard = self.bank
             s = self.route(torch.cat(qs), torch.cat(rs), shard.router_keys[site], shard.chunk_doc, self.table, cosine)
             top = s.topk(min(k, local), dim=-1)
             scores[:, : top.values.shape[1]] = top.values
-            ids[:, : top.values.shape[1]] = torch.tensor(self.owned, dtype=torch.long)[top.indices]
+            ids[:, : top.values.shape[1]] = torch.tensor(self.owned, dtype=torch.long, device=dev)[top.indices]
         # 3. each rank gets every owner's candidates for its own queries and merges them
-        cand_scores = self._all_to_all(list(scores.view(self.world, Bm, k)))
-        cand_ids = self._all_to_all(list(ids.view(self.world, Bm, k)))
+        cand_scores = self._all_to_all(list(scores.view(self.world, Bm, k)), dev)
+        cand_ids = self._all_to_all(list(ids.view(self.world, Bm, k)), dev)
         all_scores = torch.stack(cand_scores, 1)[:B].flatten(1)  # [B, W·k], owner-major
         all_ids = torch.stack(cand_ids, 1)[:B].flatten(1)
         best = all_scores.topk(k, dim=-1)
@@ -88,7 +90,7 @@ class ParallelMemory:
         owners = best.indices // k
         # 4. ask each owner for the winners' chunks
         requests = [docs[owners == o] for o in range(self.world)]  # row-major: (b, j) order within each owner
-        asked = self._all_to_all([t.view(-1, 1) for t in requests])
+        asked = self._all_to_all([t.view(-1, 1) for t in requests], dev)
         where = {g: i for i, g in enumerate(self.owned)}
         keys, values = self.bank.keys[site], self.bank.values[site]
         replies_k, replies_v, replies_n = [], [], []
@@ -96,10 +98,11 @@ class ParallelMemory:
             rows = [self.table[where[int(g)]] for g in wanted.flatten().tolist()]
             chunks = [row[row >= 0] for row in rows]
             flat = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
-            replies_k.append(keys[:, flat].transpose(0, 1).contiguous())
-            replies_v.append(values[:, flat].transpose(0, 1).contiguous())
+            # gathered where the K/V tier lives (pinned host memory, say); only the selected chunks travel
+            replies_k.append(keys[:, flat.to(keys.device)].transpose(0, 1).contiguous())
+            replies_v.append(values[:, flat.to(values.device)].transpose(0, 1).contiguous())
             replies_n.append(torch.tensor([[len(c)] for c in chunks], dtype=torch.long).view(-1, 1))
-        got_k, got_v, got_n = self._all_to_all(replies_k), self._all_to_all(replies_v), self._all_to_all(replies_n)
+        got_k, got_v, got_n = (self._all_to_all(replies, dev) for replies in (replies_k, replies_v, replies_n))
         # assemble each row's chunks: k documents × up to M slots, as the one-rank gather lays them out
         per_doc = {}
         for o in range(self.world):
@@ -108,9 +111,9 @@ class ParallelMemory:
                 per_doc[(b, j)] = (ck, cv, n)
         M = max(n for _, _, n in per_doc.values())
         Hkv, Dk, Dv = keys.shape[0], keys.shape[2], values.shape[2]
-        out_k = torch.zeros(B, Hkv, k * M, Dk, dtype=keys.dtype)
-        out_v = torch.zeros(B, Hkv, k * M, Dv, dtype=values.dtype)
-        valid = torch.zeros(B, k * M, dtype=torch.bool)
+        out_k = torch.zeros(B, Hkv, k * M, Dk, dtype=keys.dtype, device=dev)
+        out_v = torch.zeros(B, Hkv, k * M, Dv, dtype=values.dtype, device=dev)
+        valid = torch.zeros(B, k * M, dtype=torch.bool, device=dev)
         for (b, j), (ck, cv, n) in per_doc.items():
             out_k[b, :, j * M : j * M + n] = ck.transpose(0, 1)
             out_v[b, :, j * M : j * M + n] = cv.transpose(0, 1)
