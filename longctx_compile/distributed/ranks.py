@@ -99,16 +99,21 @@ def _profile(model, batch: dict, degree: int, rank: int) -> dict:
     return {"ranks": per_rank}
 
 
-def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
-    """Memory Parallel: every rank serves its own batch over its shard of the bank; rank 0 gets every rank's routing and logits."""
-    import torch.distributed as dist
-
+def _parallel_msa(model, bank: str):
+    """The msa runtime of a loaded artifact and this rank's shard of the bank at ``bank``."""
     from ..runtime import memory_bank
     from ..runtime.memory_parallel import ParallelMemory
     from ..runtime.msa import MsaModel
 
     msa = MsaModel(model.program, model.signature)
-    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts), kernels=msa.kernels)
+    return msa, ParallelMemory(memory_bank.load(bank, model=msa.facts), kernels=msa.kernels)
+
+
+def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
+    """Memory Parallel: every rank serves its own batch over its shard of the bank; rank 0 gets every rank's routing and logits."""
+    import torch.distributed as dist
+
+    msa, memory = _parallel_msa(model, payload["bank"])
     result = msa.query(memory, payload["batches"][rank])
     mine = {"docs": result.docs, "logits": result.logits, "owned": memory.owned, "sent_bytes": memory.sent_bytes}
     every = [None] * degree
@@ -118,12 +123,7 @@ def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
 
 def _msa_generate(model, payload: dict, degree: int, rank: int) -> dict:
     """Memory Parallel generation of one batch that every rank serves (rank 0 returns it): routing collectives, local decode."""
-    from ..runtime import memory_bank
-    from ..runtime.memory_parallel import ParallelMemory
-    from ..runtime.msa import MsaModel
-
-    msa = MsaModel(model.program, model.signature)
-    memory = ParallelMemory(memory_bank.load(payload["bank"], model=msa.facts), kernels=msa.kernels)
+    msa, memory = _parallel_msa(model, payload["bank"])
     tokens, result = msa.generate(memory, payload["input_ids"], payload["max_new_tokens"])
     return {"tokens": tokens, "docs": result.docs}
 

@@ -47,17 +47,17 @@ def parse_topk(text: str) -> int:
     return int(text)
 
 
-def parse_layers(text: str, count: int) -> list[int]:
-    """``"all"`` or comma-separated layer indices, each checked against the ``count`` attention layers."""
+def parse_layers(text: str, count: int, option: str = "layers", named: str = "'all'") -> list[int]:
+    """``"all"`` or comma-separated layer indices, each checked against the ``count`` attention layers; errors name ``--opt option``."""
     if str(text).lower() == "all":
         return list(range(count))
     try:
         layers = sorted({int(part) for part in str(text).split(",") if part.strip()})
     except ValueError:
-        raise LccError(f"invalid --opt layers={text}: expected 'all' or layer indices like 0,2,5") from None
+        raise LccError(f"invalid --opt {option}={text}: expected {named} or layer indices like 0,2,5") from None
     for layer in layers:
         if not 0 <= layer < count:
-            raise LccError(f"--opt layers={text}: layer {layer} is out of range; the model has attention layers 0..{count - 1}")
+            raise LccError(f"--opt {option}={text}: layer {layer} is out of range; the model has attention layers 0..{count - 1}")
     return layers
 
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import LccError
 from ..pipeline import PassResult, Program, Stage, register
 from .graph import aten, fake_call, is_call, val
-from .hsa import parse_topk
+from .hsa import parse_layers, parse_topk
 
 CANONICAL = torch.ops.longctx.attention.default
 MSA = torch.ops.longctx.msa_attention.default
@@ -46,14 +46,9 @@ class MsaConfig:
 
 def parse_routed(text: str, count: int) -> list[int]:
     """``upper`` (the upper half, as MSA-4B), ``all``, or comma-separated layer indices checked against ``count``."""
-    from .hsa import parse_layers
-
     if str(text).lower() == "upper":
         return list(range(count // 2, count))
-    try:
-        return parse_layers(text, count)
-    except LccError as e:
-        raise LccError(str(e).replace("--opt layers=", "--opt routed_layers=").replace("'all' or", "'upper', 'all' or")) from None
+    return parse_layers(text, count, option="routed_layers", named="'upper', 'all'")
 
 
 def projection(node: torch.fx.Node) -> torch.fx.Node:

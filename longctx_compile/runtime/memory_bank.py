@@ -13,6 +13,7 @@ query), pooled K/V in (pinned) host memory (only the selected chunks are read).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -70,7 +71,7 @@ class MemoryBank:
 
     def append(self, docs: list[str], doc_tokens: list[int], chunk_doc: torch.Tensor, parts: dict[str, dict[int, torch.Tensor]]) -> None:
         """Add documents: ``chunk_doc`` indexes ``docs`` (0-based), ``parts[name][layer]`` holds their [Hkv, c, D] chunks."""
-        clash = sorted(set(docs) & set(self.docs)) or sorted({d for d in docs if docs.count(d) > 1})
+        clash = sorted(set(docs) & set(self.docs)) or sorted(d for d, n in collections.Counter(docs).items() if n > 1)
         if clash:
             raise LccError(f"document id '{clash[0]}' is already in the bank; remove it first or give it another id")
         for name in PARTS:
@@ -86,7 +87,8 @@ class MemoryBank:
         missing = [i for i in ids if i not in self.docs]
         if missing:
             raise LccError(f"document id '{missing[0]}' is not in the bank ({len(self.docs)} documents)")
-        drop = torch.tensor([d in set(ids) for d in self.docs], dtype=torch.bool)
+        gone = set(ids)
+        drop = torch.tensor([d in gone for d in self.docs], dtype=torch.bool)
         keep = ~drop[self.chunk_doc] if self.chunks else torch.zeros(0, dtype=torch.bool)
         for name in PARTS:
             table = getattr(self, name)

@@ -168,6 +168,7 @@ class MsaModel:
             dtype = self.state[next(iter(self.state))].dtype
             bank = MemoryBank.empty(P, self.facts, self.layers, self.kv_heads, self.head_dim, self.v_dim, dtype)
         order = sorted(range(len(docs)), key=lambda d: len(docs[d]))
+        new_ids, new_tokens, new_doc, new_parts = [], [], [], {name: {layer: [] for layer in self.layers} for name in PARTS}
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             L = math.ceil(max(len(docs[d]) for d in rows) / P) * P
@@ -178,12 +179,18 @@ class MsaModel:
                 real[n, : len(docs[d])] = 1
             pooled = self.encode_rows(ids_t, real)
             for n, d in enumerate(rows):
-                count = pooled["keys"][self.layers[0]][1][n]
-                keep = count > 0
-                parts = {name: {layer: pooled[name][layer][0][n][:, keep] for layer in self.layers} for name in PARTS}
-                bank.append([ids[d]], [len(docs[d])], torch.zeros(int(keep.sum()), dtype=torch.long), parts)
+                keep = pooled["keys"][self.layers[0]][1][n] > 0
+                for name in PARTS:
+                    for layer in self.layers:
+                        new_parts[name][layer].append(pooled[name][layer][0][n][:, keep])
+                new_doc.append(torch.full((int(keep.sum()),), len(new_ids), dtype=torch.long))
+                new_ids.append(ids[d])
+                new_tokens.append(len(docs[d]))
             if progress is not None:
                 progress(len(rows))
+        # one append for all of them: appending per document would copy the growing bank each time
+        parts = {name: {layer: torch.cat(ts, dim=1) for layer, ts in by_layer.items()} for name, by_layer in new_parts.items()}
+        bank.append(new_ids, new_tokens, torch.cat(new_doc), parts)
         return bank
 
     def encode_rows(self, input_ids: torch.Tensor, real: torch.Tensor) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
