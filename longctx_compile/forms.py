@@ -22,6 +22,7 @@ class FormSpec:
 
 
 def _forms() -> dict[str, FormSpec]:
+    from .passes.eviction import EvictConfig
     from .passes.hsa import HsaConfig
     from .passes.msa import MsaConfig
     from .passes.sequence_parallel import RingConfig, SpConfig, UlyssesConfig
@@ -34,6 +35,13 @@ def _forms() -> dict[str, FormSpec]:
         "hsa": FormSpec("hsa", HsaConfig, ["hsa"], "hierarchical sparse attention: local window + top-K chunks fused by score", exact=False),
         "msa": FormSpec(
             "msa", MsaConfig, ["msa", "doc_rope"], "memory sparse attention: routed layers pool documents into a memory bank and attend over the top-k"
+        ),
+        "evict": FormSpec(
+            "evict",
+            EvictConfig,
+            ["evict"],
+            "learned KV eviction (IndexMem): per-layer indexers keep the budget's most important keys, a latent memory the rest",
+            exact=False,
         ),
     }
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import attention, collectives, flash, hsa, hsa_cpu, hsa_flash, loss, msa, ring  # noqa: F401  (registers every longctx op)
+from . import attention, collectives, evict, flash, hsa, hsa_cpu, hsa_flash, loss, msa, ring  # noqa: F401  (registers every longctx op)
 from .reference import attention_ref, doc_ids_from_positions
 
 # every op that is an attention site: the canonical one, what ``lower`` binds it to, and the forms' own
@@ -13,6 +13,7 @@ ATTENTION_OPS = (
     torch.ops.longctx.hsa_attention.default,
     torch.ops.longctx.hsa_flash.default,
     torch.ops.longctx.msa_attention.default,
+    torch.ops.longctx.evict_attention.default,
 )
 
 __all__ = ["ATTENTION_OPS", "attention_ref", "doc_ids_from_positions"]

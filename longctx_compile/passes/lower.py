@@ -29,6 +29,7 @@ HSA_REFERENCE, HSA_TRITON = "longctx.hsa_attention/reference", "longctx.hsa_flas
 FORM_OPS = {
     torch.ops.longctx.ring_attention.default: "longctx.ring_attention/reference",
     torch.ops.longctx.msa_attention.default: "longctx.msa_attention/reference",
+    torch.ops.longctx.evict_attention.default: "longctx.evict_attention/reference",
 }
 COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 

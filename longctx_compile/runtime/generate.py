@@ -48,6 +48,31 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, names: Sequence[str], max_len: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked prompts as left-padded (ids, mask) [B, longest]; one clear error for what a program cannot take."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LccError("empty prompt: give at least one token per prompt")
+    if max_new_tokens < 1:
+        raise LccError("max_new_tokens must be at least 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > max_len:
+        raise LccError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the program's maximum length {max_len}")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise LccError(f"token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
+    if len({len(p) for p in prompts}) > 1 and "attention_mask" not in names:
+        raise LccError("prompts of different lengths need padding, and this program was captured without an attention_mask")
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, longest - len(p) :] = 1
+    return ids, mask
+
+
 CACHE_MODES = ("static", "growing")
 
 
@@ -65,25 +90,7 @@ class Generator:
         self.vocab_size = int(signature["vocab_size"])
 
     def _batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise LccError("empty prompt: give at least one token per prompt")
-        if max_new_tokens < 1:
-            raise LccError("max_new_tokens must be at least 1")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_len:
-            raise LccError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the program's maximum length {self.max_len}")
-        for p in prompts:
-            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
-            if bad:
-                raise LccError(f"token id {bad[0]} is outside the vocabulary 0..{self.vocab_size - 1}")
-        if len({len(p) for p in prompts}) > 1 and "attention_mask" not in self.names:
-            raise LccError("prompts of different lengths need padding, and this program was captured without an attention_mask")
-        ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[row, longest - len(p) :] = 1
-        return ids, mask
+        return pad_prompts(prompts, max_new_tokens, pad_id, self.names, self.max_len, self.vocab_size)
 
     def _inputs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         given = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}

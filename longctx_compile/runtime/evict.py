@@ -1,0 +1,319 @@
+"""Running an ``evict`` program with a KV cache that is compacted to a budget (``passes/eviction.py`` marks the layers).
+
+Each evicting layer keeps, per batch row, K (after RoPE), V, which keys are real, their positions, and
+per policy what it ranks them by: the running max of the indexer's scores over the queries since the
+last eviction (``learned``), of the true logits (``oracle``), the last ``observation`` queries
+(``snapkv``: their attention, averaged over heads, summed, max-pooled over 7 keys), or nothing
+(``streaming``: the most recent keys). Eviction keeps the first ``sinks`` real keys, the last
+``window`` and the best of the rest up to the budget, and gathers them into new, smaller tensors (the
+memory is really freed); the evicted K/V are written into the layer's latent memory, whose gated
+readout is added to the attention output of later queries. It runs at the end of the prompt (or of
+each prompt chunk) and every ``interval`` tokens after it. Layers the pass did not choose keep every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LccError
+from ..ops.attention import empty_sdpa_layout
+from ..ops.evict import indexer_importance, keep_positions, memory_readout, memory_write, teacher_importance
+from ..passes.eviction import POLICIES, parse_budget
+from ..passes.kv_cache import last_position_logits, step_state
+from .generate import Sampling, pad_prompts, pick
+from .interpret import SiteInterpreter, attention_sites, flat_inputs, logits_index
+from .model import default_positions
+
+EVICT = torch.ops.longctx.evict_attention.default
+ATTENTION = torch.ops.longctx.attention.default
+POOL = 7  # SnapKV's max-pooling width over neighbouring keys
+
+
+@dataclasses.dataclass
+class Policy:
+    """When and what to evict: the artifact's ``signature["evict"]`` with any overrides (same names as ``--opt``)."""
+
+    budget: float | int
+    sinks: int
+    window: int
+    interval: int
+    policy: str
+    memory: bool
+    granularity: str
+    observation: int
+    prefill_chunk: int
+
+    @classmethod
+    def of(cls, recorded: dict[str, Any], overrides: dict[str, Any]) -> Policy:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise LccError(f"unknown eviction setting {sorted(unknown)[0]!r}; settings are {', '.join(f.name for f in dataclasses.fields(cls))}")
+        fields = {f.name: recorded[f.name] for f in dataclasses.fields(cls)}
+        fields.update(overrides)
+        if isinstance(fields["memory"], str):
+            fields["memory"] = fields["memory"] == "on"
+        policy = cls(**fields)
+        if policy.policy not in POLICIES:
+            raise LccError(f"unknown policy {policy.policy!r}; choose one of {', '.join(POLICIES)}")
+        if "budget" in overrides:
+            policy.budget = parse_budget(str(policy.budget), policy.sinks, policy.window)
+        if policy.interval < 1:
+            raise LccError(f"invalid interval {policy.interval}: evict every 1 or more tokens")
+        return policy
+
+    def resolve(self, prompt: int) -> int:
+        """The kept keys per layer for a prompt of ``prompt`` tokens: the count, or the ratio of it (at least sinks + window)."""
+        if isinstance(self.budget, int):
+            return self.budget
+        return max(math.ceil(self.budget * prompt), self.sinks + self.window)
+
+
+@dataclasses.dataclass
+class SiteCache:
+    """One layer's cache: K/V [B, Hkv, n, D], real keys [B, n], positions [B, G, n], and what eviction ranks by."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    real: torch.Tensor
+    pos: torch.Tensor | None = None
+    idx_k: torch.Tensor | None = None  # [B, G, n, Di] indexer keys (learned policy)
+    score: torch.Tensor | None = None  # [B, G, n] running importance since the last eviction
+    obs_q: torch.Tensor | None = None  # [B, Hq, o, D] the last queries (snapkv)
+    obs_real: torch.Tensor | None = None
+    M: torch.Tensor | None = None  # latent memory [B, Hkv, m, Dv] and its normaliser [B, Hkv, m]
+    b: torch.Tensor | None = None
+    params: tuple = ()
+    scale: float = 1.0
+    evicted: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.real, self.pos, self.idx_k, self.score, self.obs_q, self.obs_real, self.M, self.b) if t is not None]
+
+
+@dataclasses.dataclass
+class EvictCache:
+    """Every layer's cache of one batch, the budget it is compacted to, and what it held at most."""
+
+    sites: dict[int, SiteCache] = dataclasses.field(default_factory=dict)
+    budget: int = 0
+    since: int = 0  # tokens fed since the last eviction
+    next_positions: torch.Tensor | None = None
+    peak_bytes: int = 0
+    evictions: int = 0
+
+    def bytes(self) -> int:
+        """Bytes held now by every layer's cache tensors (K, V and the eviction state)."""
+        return sum(t.numel() * t.element_size() for site in self.sites.values() for t in site.tensors())
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V alone."""
+        return sum(t.numel() * t.element_size() for site in self.sites.values() for t in (site.k, site.v))
+
+    def lengths(self) -> dict[int, int]:
+        """Keys held per layer."""
+        return {i: site.k.shape[2] for i, site in self.sites.items()}
+
+
+def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, H, n, ...] gathered along keys by ``index`` [B, G, m] (G = H, or 1 shared by every head): [B, H, m, ...]."""
+    B, H = t.shape[:2]
+    index = index.repeat_interleave(H // index.shape[1], dim=1)
+    return t.gather(2, index.view(*index.shape, *[1] * (t.dim() - 3)).expand(B, H, index.shape[2], *t.shape[3:]))
+
+
+class EvictModel:
+    """An ``evict`` program (a :class:`Compiled`'s or a loaded artifact's) run with an evicting KV cache."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], **overrides: Any):
+        if "evict" not in signature:
+            raise LccError("this program is not an evict form; convert it with --to evict")
+        self.ep, self.signature = ep, signature
+        self.policy = Policy.of(signature["evict"], overrides)
+        self.state = step_state(ep)
+        self.names = signature["inputs"]
+        self.index = logits_index(ep)
+        self.graphs = {False: ep.graph_module, True: last_position_logits(ep.graph_module, self.index)}
+        sites = attention_sites(ep)
+        self.evicting = {i for i, n in enumerate(sites) if n.target is EVICT}
+        self.groups = {}
+        for i, node in enumerate(sites):
+            if node.args[4] is not None or node.args[5] is not None or not node.args[7]:
+                raise LccError(f"attention site {i} is not plain causal attention: it cannot be continued from a cache")
+            hkv, heads = int(node.args[1].meta["val"].shape[1]), int(node.args[9].meta["val"].shape[1]) if i in self.evicting else 0
+            self.groups[i] = 1 if self.policy.granularity == "layer" else hkv
+            if i in self.evicting and heads % self.groups[i]:
+                raise LccError(f"per-KV-head eviction needs the indexer's {heads} heads split evenly over the {hkv} KV heads; convert with granularity=kv_head")
+        if self.policy.memory and not signature["evict"]["memory"]:
+            raise LccError("this artifact was converted with memory=off: it has no latent memory to turn on")
+
+    # one forward over new tokens
+
+    def forward(self, cache: EvictCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (``last``: [B, 1, V]) of new tokens ``ids`` [B, T] after the cache, which they join."""
+        inputs = {"input_ids": ids, "attention_mask": mask.long(), "position_ids": positions}
+        positions = positions.long()
+
+        def hook(site, target, args):
+            return self._attend(cache, site, target, args, positions)
+
+        with torch.no_grad():
+            logits = SiteInterpreter(self.graphs[last], hook).run(*flat_inputs(self.ep, self.names, self.state, inputs))[self.index]
+        cache.peak_bytes = max(cache.peak_bytes, cache.bytes())
+        cache.next_positions = positions[:, -1] + 1
+        return logits
+
+    def _attend(self, cache: EvictCache, site: int, target, args: tuple, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v, key_padding = args[:4]
+        B, Hq, T, _ = q.shape
+        new_real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding.bool()
+        c = cache.sites.get(site)
+        if c is None:
+            empty = q.new_zeros(B, 0)
+            c = cache.sites[site] = SiteCache(k[:, :, :0], v[:, :, :0], empty.bool())
+        c.k, c.v, c.real = torch.cat([c.k, k], 2), torch.cat([c.v, v], 2), torch.cat([c.real, new_real], 1)
+        if site not in self.evicting:
+            return target(q, c.k, c.v, c.real, *args[4:])
+        out = ATTENTION(q, c.k, c.v, c.real, None, None, args[6], True, 0)
+        c.params, c.scale = args[12:17], args[6]
+        if self.policy.memory and c.M is not None:
+            total = empty_sdpa_layout(q, v)
+            total.copy_(out + memory_readout(q, c.M, c.b, *c.params[:3]).to(out.dtype))
+            out = total
+        self._observe(c, site, args, new_real, positions)
+        return out
+
+    def _observe(self, c: SiteCache, site: int, args: tuple, new_real: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record the new tokens' positions and what the policy will rank the keys by."""
+        q, idx_q, idx_k, idx_w = args[0], *args[9:12]
+        B, _, T, _ = q.shape
+        G = self.groups[site]
+        new_pos = positions[:, None].expand(B, G, T)
+        c.pos = new_pos if c.pos is None else torch.cat([c.pos, new_pos], 2)
+        unseen = torch.full((B, G, T), float("-inf"), device=q.device)
+        c.score = unseen if c.score is None else torch.cat([c.score, unseen], 2)
+        policy = self.policy.policy
+        if policy == "learned":
+            keys = idx_k[:, None].expand(B, G, *idx_k.shape[1:])
+            c.idx_k = keys if c.idx_k is None else torch.cat([c.idx_k, keys], 2)
+            c.score = torch.maximum(c.score, indexer_importance(idx_q, c.idx_k, idx_w, G, query_real=new_real)[0])
+        elif policy == "oracle":
+            c.score = torch.maximum(c.score, teacher_importance(q, c.k, c.scale, G, query_real=new_real))
+        elif policy == "snapkv":
+            keep = self.policy.observation
+            c.obs_q = q[:, :, -keep:] if c.obs_q is None else torch.cat([c.obs_q, q], 2)[:, :, -keep:]
+            c.obs_real = new_real[:, -keep:] if c.obs_real is None else torch.cat([c.obs_real, new_real], 1)[:, -keep:]
+
+    # eviction
+
+    def evict(self, cache: EvictCache) -> None:
+        """Compact every evicting layer holding more than the budget (writing what leaves into its memory)."""
+        for site, c in cache.sites.items():
+            if site in self.evicting and c.k.shape[2] > cache.budget:
+                self._compact(c, site, cache.budget)
+                cache.evictions += 1
+        cache.since = 0
+
+    def _ranking(self, c: SiteCache, site: int) -> torch.Tensor:
+        """[B, G, n]: what the policy keeps the highest of."""
+        B, Hkv, n, D = c.k.shape
+        G = self.groups[site]
+        if self.policy.policy in ("learned", "oracle"):
+            return c.score
+        if self.policy.policy == "streaming":
+            return torch.arange(n, dtype=torch.float32, device=c.k.device).expand(B, G, n)
+        o, Hq = c.obs_q.shape[2], c.obs_q.shape[1]
+        logits = torch.einsum("bhgod,bhnd->bhgon", c.obs_q.float().view(B, Hkv, Hq // Hkv, o, D), c.k.float()) * c.scale
+        allowed = torch.arange(n, device=c.k.device)[None, :] <= torch.arange(o, device=c.k.device)[:, None] + (n - o)
+        allowed = allowed[None, None, None] & c.real[:, None, None, None, :]
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        votes = (probs * c.obs_real[:, None, None, :, None]).mean(2).sum(2)  # [B, Hkv, n]
+        votes = votes.mean(1, keepdim=True) if G == 1 else votes
+        return F.max_pool1d(votes, POOL, stride=1, padding=POOL // 2)
+
+    def _compact(self, c: SiteCache, site: int, budget: int) -> None:
+        B, _, n, _ = c.k.shape
+        G = self.groups[site]
+        real = c.real[:, None].expand(B, G, n)
+        keep = keep_positions(self._ranking(c, site).reshape(B * G, n), self.policy.sinks, self.policy.window, budget, real.reshape(B * G, n)).view(B, G, -1)
+        if self.policy.memory:
+            dropped = torch.ones(B, G, n, dtype=torch.bool, device=keep.device).scatter(2, keep, False)
+            gone = dropped.float().argsort(dim=2, descending=True, stable=True)[..., : n - keep.shape[2]].sort(dim=2).values
+            phi, _, _, decay, strength = c.params
+            gone_real = take(real[..., None].float(), gone)
+            phi_k = F.linear(take(c.k, gone).float(), phi.float()) * gone_real
+            if c.M is None:
+                c.M = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0], c.v.shape[-1])
+                c.b = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0])
+            c.M, c.b = memory_write(c.M, c.b, phi_k, take(c.v, gone), torch.sigmoid(decay.float()), F.softplus(strength.float()))
+        c.evicted += n - keep.shape[2]
+        c.k, c.v = take(c.k, keep), take(c.v, keep)
+        c.real = c.real.gather(1, keep[:, 0])  # padding leaves first in every head, so the real keys line up across heads
+        c.pos = c.pos.gather(2, keep)
+        c.idx_k = take(c.idx_k, keep) if c.idx_k is not None else None
+        c.score = torch.full_like(keep, float("-inf"), dtype=torch.float32)
+
+    # prompt, continuation, generation
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None, budget: int | None = None, last: bool = True) -> tuple[torch.Tensor, EvictCache]:
+        """(logits of the prompt's last position [B, 1, V], or of every position when not ``last``, and the compacted cache).
+
+        The budget is resolved from the prompt length unless given; with ``prefill_chunk`` the prompt runs in
+        chunks and the cache is compacted after each."""
+        B, L = ids.shape
+        mask = torch.ones_like(ids) if mask is None else mask
+        positions = default_positions(mask, B, L, ids.device)
+        cache = EvictCache(budget=self.policy.resolve(L) if budget is None else budget)
+        step = self.policy.prefill_chunk or L
+        outs = []
+        for start in range(0, L, step):
+            end = min(L, start + step)
+            outs.append(self.forward(cache, ids[:, start:end], mask[:, start:end], positions[:, start:end], last=last))
+            self.evict(cache)
+        return (outs[-1] if last else torch.cat(outs, 1)), cache
+
+    def extend(self, cache: EvictCache, ids: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """Logits of more tokens fed after the cache (one decode step, or several); evicts every ``interval`` tokens."""
+        B, T = ids.shape
+        positions = cache.next_positions[:, None] + torch.arange(T, device=ids.device)
+        logits = self.forward(cache, ids, torch.ones_like(ids), positions, last=last)
+        cache.since += T
+        if cache.since >= self.policy.interval:
+            self.evict(cache)
+        return logits
+
+    def stream(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, pad_id: int = 0
+    ) -> Iterator[list[int | None]]:
+        """Yield each step's new token per prompt (None once a prompt has stopped), as ``runtime.generate``."""
+        sampling = sampling or Sampling()
+        ids, mask = pad_prompts(prompts, max_new_tokens, pad_id, self.names, int(self.signature["max_len"]), int(self.signature["vocab_size"]))
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        logits, cache = self.prefill(ids, mask)
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
+        for step in range(max_new_tokens):
+            token = pick(logits[:, -1], sampling, generator)
+            yield [None if d else int(t) for t, d in zip(token, done, strict=True)]
+            done |= torch.isin(token, stops)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                return
+            logits = self.extend(cache, token[:, None], last=True)
+
+    def generate(
+        self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream: Callable[[list[int | None]], None] | None = None, **sampling: Any
+    ) -> list[list[int]]:
+        """The new tokens of each prompt (greedy unless ``sampling`` — keys of :class:`Sampling` — says otherwise)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for tokens in self.stream(prompts, max_new_tokens, Sampling(**sampling), pad_id):
+            if stream is not None:
+                stream(tokens)
+            for row, t in enumerate(tokens):
+                if t is not None:
+                    out[row].append(t)
+        return out
