@@ -97,6 +97,11 @@ def verify(
 
         ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
         return verify_msa(original, ep, signature, lengths, rtol, atol)
+    if "evict" in signature:  # a prompt compacted to the budget, then the rest fed after it
+        from .verify import verify_evict
+
+        ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
+        return verify_evict(original, ep, signature, lengths, rtol, atol)
     if signature.get("sequence_parallel"):
         runnable, lengths = _on_ranks(converted, signature, lengths)
     return _verify(original, runnable, signature, lengths, rtol, atol, exact)

@@ -143,6 +143,23 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def rewrite_weights(path: Path, manifest: dict[str, Any], ep: torch.export.ExportedProgram, values: dict[str, torch.Tensor]) -> None:
+    """Put ``values`` into the artifact's model program and write it with ``manifest``, atomically: a copy of the
+    folder with the new ``model.pt2`` replaces it (the other files are copied as they are)."""
+    path = Path(path)
+    for name, value in values.items():
+        old = ep.state_dict[name]
+        ep.state_dict[name] = torch.nn.Parameter(value.detach().to(old.dtype).clone(), requires_grad=old.requires_grad)
+    with atomic_folder(path) as tmp:
+        for item in path.iterdir():
+            if item.name in (PROGRAM, MANIFEST):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        torch.export.save(ep, tmp / PROGRAM)
+        manifest["files"] = {name: sha256(tmp / name) for name in manifest["files"]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of an artifact folder, validated, or a one-line error."""
     path = Path(path)

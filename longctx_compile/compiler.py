@@ -67,6 +67,10 @@ class Compiled:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
         from .runtime.generate import generate
 
+        if "evict" in self.program.signature:  # the evicting cache is the runtime's own, not the step programs'
+            from .runtime.evict import EvictModel
+
+            return EvictModel(self.program.ep, self.program.signature).generate(prompts, max_new_tokens, pad_id, stream, **sampling)
         return generate(self._step_programs, self.program.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)
 
     def save(self, out: str | Path, force: bool = False, report: Any = None) -> Path:

@@ -115,7 +115,7 @@ class Program:
         with self.gm.graph.inserting_after(placeholders[last]):
             node = self.gm.graph.placeholder("p_" + target.replace(".", "_"))
         fake_mode = detect_fake_mode([n.meta["val"] for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)])
-        node.meta["val"] = fake_mode.from_tensor(value)
+        node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)  # weight shapes are fixed, never symbols
         specs.insert(last + 1, InputSpec(kind=InputKind.PARAMETER, arg=TensorArgument(name=node.name), target=target, persistent=None))
         self.ep.state_dict[target] = torch.nn.Parameter(value)
         return node

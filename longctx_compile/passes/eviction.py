@@ -59,13 +59,13 @@ class EvictConfig:
 
 
 def parse_budget(text: str, sinks: int, window: int) -> float | int:
-    """A ratio in [0, 1) (a float) or a token count above sinks + window (an int), else one clear error."""
+    """A ratio in [0, 1) (a float; ``0``: the pinned keys only) or a token count above sinks + window (an int), else one clear error."""
     text = str(text).strip()
     try:
         number = float(text)
     except ValueError:
         raise LccError(f"invalid --opt budget={text}: expected a ratio of the prompt in [0, 1) like 0.25, or a token count like 4096") from None
-    if text.isdigit():
+    if text.isdigit() and int(text) > 0:
         if int(text) <= sinks + window:
             raise LccError(f"--opt budget={text} keeps no key beyond the pinned ones: it must exceed sinks + window = {sinks + window}")
         return int(text)

@@ -85,6 +85,10 @@ class LoadedModel:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
         from .generate import generate
 
+        if "evict" in self.signature:  # the evicting cache is the runtime's own, not the step programs'
+            from .evict import EvictModel
+
+            return EvictModel(self.program, self.signature).generate(prompts, max_new_tokens, pad_id, stream, **sampling)
         if self._steps is None:
             from .. import artifact
             from ..passes.kv_cache import Steps, step_state

@@ -1,0 +1,228 @@
+"""``lcc train-indexers``: fit an ``evict`` artifact's indexers, then its latent memories, with the model frozen.
+
+- Stage 1 (indexers): per layer, KL(softmax_t max_s T[s, t] ‖ softmax_t max_s A[s, t]) between the true
+  attention logits T and the indexer scores A, sinks left out, both maxima streamed in tiles
+  (``ops.evict``); the student's gradient flows through each key's winning query.
+- Stage 2 (memories): per layer, the last quarter of each sequence's queries attend over the first
+  three quarters evicted to the budget by the trained indexer; the evicted K/V are written to the
+  memory, and its gated readout is fitted to the eviction residual o_full − o_attn. The loss is that
+  squared error divided by the residual's own (1: the memory adds nothing; 0: it restores dense).
+  The memory is fitted to what the learned indexer evicts, whatever policy the artifact runs.
+
+Every step's batch is drawn from a generator seeded by the step, so a run resumed from a checkpoint
+sees the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LccError
+from ..ops.evict import (
+    importance_kl,
+    indexer_importance,
+    indexer_ref,
+    keep_positions,
+    memory_readout,
+    memory_write,
+    student_importance,
+    teacher_importance,
+)
+from .evict import EVICT, Policy, take
+from .interpret import SiteInterpreter, attention_sites, flat_inputs, logits_index
+
+ATTENTION = torch.ops.longctx.attention.default
+INDEXER = torch.ops.longctx.evict_indexer.default
+STAGES = ("indexer", "memory")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Steps per stage (``memory_steps`` -1: as many as ``steps`` when the artifact has memories), the sequence
+    length and batch, learning rates (warm-up over a tenth of the steps, then cosine decay), the seed."""
+
+    steps: int = 200
+    memory_steps: int = -1
+    length: int = 1024
+    batch: int = 1
+    lr: float = 1e-3
+    memory_lr: float = 1e-2
+    seed: int = 0
+
+
+def token_stream(tokens: list[list[int]] | None, vocab: int, length: int, batch: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """``step -> ids [batch, length]``: windows of the concatenated documents at seeded offsets, or uniform random tokens."""
+    if tokens is None:
+        return lambda step: torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    flat = torch.tensor([t for doc in tokens for t in doc], dtype=torch.long)
+    if len(flat) < length:
+        raise LccError(f"the training data holds {len(flat)} tokens, fewer than --length {length}")
+    if int(flat.max()) >= vocab:
+        raise LccError(f"the training data has token id {int(flat.max())}, outside the model's vocabulary 0..{vocab - 1}")
+
+    def draw(step: int) -> torch.Tensor:
+        starts = torch.randint(0, len(flat) - length + 1, (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+        return torch.stack([flat[s : s + length] for s in starts.tolist()])
+
+    return draw
+
+
+def schedule(step: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up over the first tenth, then cosine to zero."""
+    warm = max(1, steps // 10)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+class Trainer:
+    """The frozen program with its indexer (stage 1) or memory (stage 2) parameters as trainable leaves."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any]):
+        from ..passes.kv_cache import step_state
+
+        if "evict" not in signature:
+            raise LccError("this artifact has no eviction indexers to train; convert it with --to evict")
+        self.ep, self.signature, self.config = ep, signature, signature["evict"]
+        self.policy = Policy.of(self.config, {})
+        self.state = dict(step_state(ep))
+        self.index = logits_index(ep)
+        sites = attention_sites(ep)
+        self.groups = {i: 1 if self.config["granularity"] == "layer" else int(n.args[1].meta["val"].shape[1]) for i, n in enumerate(sites) if n.target is EVICT}
+
+    def names(self, stage: str) -> list[str]:
+        """The state names a stage trains."""
+        part = "indexer." if stage == "indexer" else "memory."
+        return sorted(name for site in self.config["params"].values() for name in site.values() if f".{part}" in name)
+
+    def leaves(self, stage: str) -> dict[str, torch.Tensor]:
+        """Trainable fp32 copies of the stage's parameters, swapped into the state the graph reads."""
+        if stage == "memory" and not self.config["memory"]:
+            raise LccError("this artifact was converted with memory=off: it has no latent memory to train")
+        leaves = {name: self.state[name].detach().float().clone().requires_grad_() for name in self.names(stage)}
+        self.state.update(leaves)
+        return leaves
+
+    def loss(self, stage: str, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(the stage's loss over every evicting layer, its value) for a batch of full sequences."""
+        losses = []
+
+        def hook(site, target, args):
+            if site in self.groups:
+                with torch.enable_grad():
+                    losses.append((self._indexer_loss if stage == "indexer" else self._memory_loss)(site, args))
+                return ATTENTION(*args[:9])
+            return target(*args)
+
+        def indexer(*args):
+            with torch.enable_grad():
+                return indexer_ref(*args)
+
+        B, T = ids.shape
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(T).expand(B, T)}
+        with torch.no_grad():
+            SiteInterpreter(self.ep.graph_module, hook, {INDEXER: indexer}).run(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))
+        total = torch.stack(losses).mean()
+        return total, total.detach().item()
+
+    def _indexer_loss(self, site: int, args: tuple) -> torch.Tensor:
+        q, k, scale, (idx_q, idx_k, idx_w) = args[0], args[1], args[6], args[9:12]
+        G = self.groups[site]
+        with torch.no_grad():
+            teacher = teacher_importance(q, k, scale, G)
+        return importance_kl(teacher, student_importance(idx_q, idx_k, idx_w, G), self.config["sinks"])
+
+    def _memory_loss(self, site: int, args: tuple) -> torch.Tensor:
+        q, k, v, scale = args[0], args[1], args[2], args[6]
+        idx_q, idx_k, idx_w = (t.detach() for t in args[9:12])
+        phi, gate_w, gate_b, decay, strength = args[12:17]
+        B, _, T, _ = q.shape
+        G = self.groups[site]
+        context = T - max(1, T // 4)
+        budget = min(self.policy.resolve(context), context)
+        with torch.no_grad():
+            importance = indexer_importance(idx_q[..., :context, :], idx_k[:, :context], idx_w[..., :context], G)[0]
+            keep = keep_positions(importance.reshape(B * G, context), self.policy.sinks, self.policy.window, budget).view(B, G, -1)
+            gone = torch.ones(B, G, context, dtype=torch.bool, device=keep.device).scatter(2, keep, False)
+            gone = gone.float().argsort(dim=2, descending=True, stable=True)[..., : context - keep.shape[2]].sort(dim=2).values
+            kc, vc, tail = k[:, :, :context], v[:, :, :context], q[:, :, context:]
+            full = ATTENTION(tail, k, v, None, None, None, scale, True, 0).float()
+            kept = ATTENTION(
+                tail, torch.cat([take(kc, keep), k[:, :, context:]], 2), torch.cat([take(vc, keep), v[:, :, context:]], 2), None, None, None, scale, True, 0
+            )
+            residual = full - kept.float()
+        phi_k = F.linear(take(kc, gone).float(), phi)
+        M, b = memory_write(
+            phi_k.new_zeros(B, k.shape[1], phi.shape[0], v.shape[-1]),
+            phi_k.new_zeros(B, k.shape[1], phi.shape[0]),
+            phi_k,
+            take(vc, gone),
+            torch.sigmoid(decay),
+            F.softplus(strength),
+        )
+        read = memory_readout(tail, M, b, phi, gate_w, gate_b)
+        return ((residual - read) ** 2).mean() / (residual**2).mean().clamp_min(1e-12)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (a temporary file renamed over the old one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    trainer: Trainer,
+    data: Callable[[int], torch.Tensor],
+    cfg: TrainConfig,
+    checkpoint: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    save_every: int = 50,
+    progress: Callable[[str, int, int, float], None] | None = None,
+    fingerprint: str = "",
+) -> dict[str, Any]:
+    """Run both stages (resuming mid-way from ``resume``); returns the trained parameters and per-stage summaries."""
+    plan = {"indexer": cfg.steps, "memory": (cfg.steps if cfg.memory_steps < 0 else cfg.memory_steps) if trainer.config["memory"] else 0}
+    done = dict(resume["done"]) if resume else {}
+    trained: dict[str, torch.Tensor] = dict(resume["trained"]) if resume else {}
+    trainer.state.update({name: t.to(trainer.state[name].dtype) for name, t in trained.items()})
+    for stage in STAGES:
+        steps = plan[stage]
+        if not steps or stage in done:
+            continue
+        leaves = trainer.leaves(stage)
+        lr = cfg.lr if stage == "indexer" else cfg.memory_lr
+        optimizer = torch.optim.AdamW(list(leaves.values()), lr=lr, weight_decay=0.0)
+        start, first, last = 0, None, None
+        if resume and resume.get("stage") == stage:
+            start, first = resume["step"], resume.get("first")
+            for name, value in resume["leaves"].items():
+                leaves[name].data.copy_(value)
+            optimizer.load_state_dict(resume["optimizer"])
+        for step in range(start, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * schedule(step, steps)
+            loss, last = trainer.loss(stage, data(step))
+            first = last if first is None else first
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if progress is not None:
+                progress(stage, step + 1, steps, last)
+            if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+                payload = {"fingerprint": fingerprint, "stage": stage, "step": step + 1, "first": first, "done": done, "trained": trained}
+                save_checkpoint(checkpoint, {**payload, "leaves": {n: t.detach() for n, t in leaves.items()}, "optimizer": optimizer.state_dict()})
+        done[stage] = {"steps": steps, "first_loss": first, "last_loss": last, "loss": "importance KL" if stage == "indexer" else "residual error left"}
+        trained.update({name: t.detach().clone() for name, t in leaves.items()})
+        trainer.state.update({name: t.detach().to(trainer.state[name].dtype) for name, t in leaves.items()})
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"fingerprint": fingerprint, "stage": None, "step": 0, "done": done, "trained": trained})
+    return {"trained": trained, "done": done}
