@@ -34,7 +34,7 @@ def train_indexers(
     data: Annotated[str, typer.Option("--data", help='\'synthetic\' (random tokens), a .jsonl of {"text"|"tokens"} lines, or a text file')] = "synthetic",
     steps: Annotated[int, typer.Option("--steps", help="indexer (stage 1) steps")] = 200,
     memory_steps: Annotated[int, typer.Option("--memory-steps", help="latent-memory (stage 2) steps; -1: as many as --steps")] = -1,
-    length: Annotated[int, typer.Option("--length", help="tokens per training sequence")] = 1024,
+    length: Annotated[Optional[int], typer.Option("--length", help="tokens per training sequence (default: 1024, or the program's maximum if smaller)")] = None,
     batch: Annotated[int, typer.Option("--batch", help="sequences per step")] = 1,
     lr: Annotated[float, typer.Option("--lr", help="indexer learning rate")] = 1e-3,
     memory_lr: Annotated[float, typer.Option("--memory-lr", help="latent-memory learning rate")] = 1e-2,
@@ -55,6 +55,7 @@ def train_indexers(
     loaded = api.load(path)
     signature = loaded.signature
     trainer = Trainer(loaded.program, signature)
+    length = min(1024, signature["max_len"]) if length is None else length
     cfg = TrainConfig(steps=steps, memory_steps=memory_steps, length=length, batch=batch, lr=lr, memory_lr=memory_lr, seed=seed)
     evict = signature["evict"]
     pinned = evict["sinks"] + evict["window"]

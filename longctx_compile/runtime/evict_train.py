@@ -5,7 +5,7 @@
   (``ops.evict``); the student's gradient flows through each key's winning query.
 - Stage 2 (memories): per layer, the last quarter of each sequence's queries attend over the first
   three quarters evicted to the budget by the trained indexer; the evicted K/V are written to the
-  memory, and its gated readout is fitted to the eviction residual o_full − o_attn. The loss is that
+  memory in two evictions (the older half first, so the decay is learnt too), and its gated readout is fitted to the eviction residual o_full − o_attn. The loss is that
   squared error divided by the residual's own (1: the memory adds nothing; 0: it restores dense).
   The memory is fitted to what the learned indexer evicts, whatever policy the artifact runs.
 
@@ -159,15 +159,11 @@ class Trainer:
                 tail, torch.cat([take(kc, keep), k[:, :, context:]], 2), torch.cat([take(vc, keep), v[:, :, context:]], 2), None, None, None, scale, True, 0
             )
             residual = full - kept.float()
-        phi_k = F.linear(take(kc, gone).float(), phi)
-        M, b = memory_write(
-            phi_k.new_zeros(B, k.shape[1], phi.shape[0], v.shape[-1]),
-            phi_k.new_zeros(B, k.shape[1], phi.shape[0]),
-            phi_k,
-            take(vc, gone),
-            torch.sigmoid(decay),
-            F.softplus(strength),
-        )
+        phi_k, gone_v = F.linear(take(kc, gone).float(), phi), take(vc, gone)
+        M, b = phi_k.new_zeros(B, k.shape[1], phi.shape[0], v.shape[-1]), phi_k.new_zeros(B, k.shape[1], phi.shape[0])
+        half = phi_k.shape[2] // 2
+        for part in (slice(0, half), slice(half, None)):  # the older half left at an earlier eviction: the decay applies to it once
+            M, b = memory_write(M, b, phi_k[:, :, part], gone_v[:, :, part], torch.sigmoid(decay), F.softplus(strength))
         read = memory_readout(tail, M, b, phi, gate_w, gate_b)
         return ((residual - read) ** 2).mean() / (residual**2).mean().clamp_min(1e-12)
 
