@@ -18,14 +18,18 @@ def kernel_name(site: dict[str, Any]) -> str:
     """``triton`` / ``reference`` / ``ring (reference)`` (and why, when a Triton target kept the reference)."""
     kernel = site.get("kernel", "")
     name = kernel.rsplit("/", 1)[-1]
-    for form in ("ring", "hsa", "msa"):
+    for form in ("ring", "hsa", "msa", "evict"):
         if kernel.startswith((f"longctx.{form}_attention", f"longctx.{form}_flash")):
             name = f"{form} ({name})"
     return f"{name} (fallback)" if site.get("fallback") else name
 
 
 def form_detail(site: dict[str, Any]) -> str:
-    """The site's form, with its chunk size S, top-K, window w and score mode for hsa, its pool P, top-k documents and score for msa."""
+    """The site's form, with its chunk size S, top-K, window w and score mode for hsa, its pool P, top-k documents and score for msa,
+    its budget, policy and indexer heads × dims for evict."""
+    if site.get("form") == "evict":
+        memory = " +memory" if site["memory"] else ""
+        return f"evict {site['budget']} {site['policy']} idx {site['indexer_heads']}×{site['indexer_dim']}{memory}"
     if site.get("form") == "msa":
         topk = "all" if site["topk"] < 0 else site["topk"]
         return f"msa P={site['pool']} top-{topk} docs {site['score']}" + (" (router loaded)" if site.get("loaded_router") else "")

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import LccError
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import CASTS, aten, fake_call, is_call, val
+from .graph import CASTS, COPIED_META, aten, fake_call, is_call, val
 from .hsa import parse_layers
 from .rope import pre_rope
 
@@ -164,10 +164,12 @@ def evict(program: Program, cfg: EvictConfig) -> PassResult:
         indexer.meta["val"] = fake_call(INDEXER, q_pre, hidden, *weights)
         for j, out in enumerate(outs):
             out.meta["val"] = indexer.meta["val"][j]
+        for new_node in (indexer, *outs):  # the indexer belongs to the layer it serves
+            new_node.meta.update({key: node.meta[key] for key in COPIED_META if key in node.meta})
         args = (*node.args[:9], *outs, *memory)
         node.target, node.args = EVICT, args
         node.meta["val"] = fake_call(EVICT, *args)
-        facts.update(form="evict", indexer_heads=heads, indexer_dim=dim, memory=cfg.memory == "on")
+        facts.update(form="evict", budget=cfg.budget, policy=cfg.policy, indexer_heads=heads, indexer_dim=dim, memory=cfg.memory == "on")
         params[str(i)] = names
     graph.lint()
     program.signature["evict"] = {

@@ -11,6 +11,8 @@ from torch._guards import detect_fake_mode
 aten = torch.ops.aten
 
 CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device, aten.type_as.default}
+# the metadata a node that replaces or joins another takes from it (where it came from in the model)
+COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 CLONES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 ASSERTS = {aten._assert_tensor_metadata.default}

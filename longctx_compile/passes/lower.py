@@ -19,7 +19,7 @@ from ..kernels.tiles import hsa_smem_bytes, hsa_tiles, hsa_unsupported
 from ..pipeline import PassResult, Program, Stage, register
 from ..targets import Target, get_target
 from ..targets.configs import REPRESENTATIVE_LENGTH, AttentionConfigs, Shape, choose, override, unsupported
-from .graph import fake_call, val
+from .graph import COPIED_META, fake_call, val
 
 REFERENCE = "longctx.attention/reference"
 TRITON = "longctx.flash_attention/triton"
@@ -31,7 +31,6 @@ FORM_OPS = {
     torch.ops.longctx.msa_attention.default: "longctx.msa_attention/reference",
     torch.ops.longctx.evict_attention.default: "longctx.evict_attention/reference",
 }
-COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
 @dataclass

@@ -59,18 +59,26 @@ class TrainConfig:
 
 
 def token_stream(tokens: list[list[int]] | None, vocab: int, length: int, batch: int, seed: int) -> Callable[[int], torch.Tensor]:
-    """``step -> ids [batch, length]``: windows of the concatenated documents at seeded offsets, or uniform random tokens."""
+    """``step -> ids [batch, length]``: windows at seeded offsets inside documents of at least ``length`` tokens (or, when
+    none is that long, of all of them concatenated), or uniform random tokens when ``tokens`` is None."""
     if tokens is None:
         return lambda step: torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-    flat = torch.tensor([t for doc in tokens for t in doc], dtype=torch.long)
-    if len(flat) < length:
-        raise LccError(f"the training data holds {len(flat)} tokens, fewer than --length {length}")
-    if int(flat.max()) >= vocab:
-        raise LccError(f"the training data has token id {int(flat.max())}, outside the model's vocabulary 0..{vocab - 1}")
+    long = [torch.tensor(doc, dtype=torch.long) for doc in tokens if len(doc) >= length]
+    if not long:
+        long = [torch.tensor([t for doc in tokens for t in doc], dtype=torch.long)]
+        if len(long[0]) < length:
+            raise LccError(f"the training data holds {len(long[0])} tokens, fewer than --length {length}")
+    top = max(int(doc.max()) for doc in long)
+    if top >= vocab:
+        raise LccError(f"the training data has token id {top}, outside the model's vocabulary 0..{vocab - 1}")
 
     def draw(step: int) -> torch.Tensor:
-        starts = torch.randint(0, len(flat) - length + 1, (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-        return torch.stack([flat[s : s + length] for s in starts.tolist()])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rows = []
+        for d in torch.randint(0, len(long), (batch,), generator=g).tolist():
+            start = int(torch.randint(0, len(long[d]) - length + 1, (1,), generator=g))
+            rows.append(long[d][start : start + length])
+        return torch.stack(rows)
 
     return draw
 
