@@ -20,12 +20,12 @@ import math
 from typing import Any
 
 import torch
-from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import LccError
 from ..ops import ATTENTION_OPS
 from ..ops.msa import msa_pool, msa_route
 from ..passes.kv_cache import step_state
+from .interpret import attention_sites, flat_inputs, logits_index
 from .memory_bank import PARTS, MemoryBank
 
 MSA = torch.ops.longctx.msa_attention.default
@@ -124,9 +124,8 @@ class MsaModel:
         self.ep, self.signature, self.config = ep, signature, signature["msa"]
         self.kernels = self.config.get("kernels", "reference")
         self.state = step_state(ep)
-        self.specs = ep.graph_signature.input_specs
-        self.logits_index = next(i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT)
-        sites = [n for n in ep.graph_module.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+        self.logits_index = logits_index(ep)
+        sites = attention_sites(ep)
         self.layers = [i for i, n in enumerate(sites) if n.target is MSA]
         first = sites[self.layers[0]]
         self.kv_heads, self.head_dim = int(first.args[1].meta["val"].shape[1]), int(first.args[1].meta["val"].shape[-1])
@@ -143,12 +142,7 @@ class MsaModel:
         return digest.hexdigest()[:16]
 
     def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False, hidden: list | None = None) -> torch.Tensor:
-        names, state = self.signature["inputs"], self.state
-        flat = [
-            inputs[s.arg.name] if s.kind == InputKind.USER_INPUT else state[s.target]
-            for s in self.specs
-            if s.kind != InputKind.USER_INPUT or s.arg.name in names
-        ]
+        flat = flat_inputs(self.ep, self.signature["inputs"], self.state, inputs)
         with torch.no_grad():
             return _Routed(self.ep.graph_module, hook, every, hidden).run(*flat)[self.logits_index]
 
