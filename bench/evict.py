@@ -2,10 +2,11 @@
 
 A random-weight Llama (``--layers`` layers, hidden ``--hidden``, ``--heads``/``--kv-heads`` heads)
 is converted to ``evict`` (learned policy, 4 sinks, window 128, memory on); a ``--prompt``-token prompt
-is prefilled and compacted, then ``--new`` tokens are decoded greedily, evicting every ``--interval``
-steps. For each budget the table gives the keys kept per layer, the K/V bytes after the prompt, the
-peak bytes of the whole cache during decoding (K, V and the eviction state: indexer keys, positions,
-scores, memory), and decode tokens per second. "dense" is the same runtime with nothing evicted;
+is prefilled in chunks of ``--chunk`` tokens, the cache compacted after each, then ``--new`` tokens
+are decoded greedily, evicting every ``--interval`` steps. For each budget the table gives the keys
+kept per layer, the K/V bytes after the prompt, the peak bytes of the whole cache over the run (K, V
+and the eviction state: indexer keys, positions, scores, memory), the prefill time and decode tokens
+per second. "dense" is the same runtime with nothing evicted;
 "dense (step programs)" is lcc's exported KV-cache decode of the dense conversion (``lcc generate``).
 
     python bench/evict.py                 # ~2 minutes on 2 cores; paste into bench/RESULTS.md
@@ -42,16 +43,17 @@ def build(args):
 
 def decode(model, prompt: torch.Tensor, new: int) -> tuple[dict, float]:
     """(the cache after decoding, decode tokens per second) for greedy decoding after the prompt."""
+    start = time.perf_counter()
     logits, cache = model.prefill(prompt)
+    prefill_s = time.perf_counter() - start
     after_prompt = cache.kv_bytes()
-    cache.peak_bytes = 0  # from here on: what decoding holds at most
     token = logits[:, -1].argmax(-1, keepdim=True)
     start = time.perf_counter()
     for _ in range(new):
         token = model.extend(cache, token, last=True)[:, -1].argmax(-1, keepdim=True)
     seconds = time.perf_counter() - start
     kept = max(cache.lengths().values())
-    return dict(kv_after_prompt=after_prompt, peak=cache.peak_bytes, kept=kept), new / seconds
+    return dict(kv_after_prompt=after_prompt, peak=cache.peak_bytes, kept=kept, prefill_s=prefill_s), new / seconds
 
 
 def main() -> None:
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=8192)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--interval", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk: the cache is compacted after each")
     parser.add_argument("--budgets", default="0.5,0.25,0.1,512")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
@@ -69,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.prompt, args.new, args.interval, args.budgets, args.layers, args.hidden = 512, 8, 4, "0.25,200", 2, 64
+        args.prompt, args.new, args.interval, args.budgets, args.layers, args.hidden, args.chunk = 512, 8, 4, "0.25,200", 2, 64, 128
     console = Console(stderr=args.json)
     import longctx_compile as lcc
     from longctx_compile.runtime.evict import EvictModel
@@ -79,7 +82,7 @@ def main() -> None:
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     rows = []
     for budget in ["dense", *args.budgets.split(",")]:
-        model = EvictModel(compiled.program.ep, compiled.program.signature, budget=str(10**9) if budget == "dense" else budget)
+        model = EvictModel(compiled.program.ep, compiled.program.signature, budget=str(10**9) if budget == "dense" else budget, prefill_chunk=args.chunk)
         stats, speed = decode(model, prompt, args.new)
         rows.append(dict(budget=budget, tokens_per_s=speed, **stats))
     dense_steps = lcc.compile(original, max_len=str(args.prompt + args.new + 1))
@@ -94,20 +97,21 @@ def main() -> None:
         print(json.dumps(dict(args=vars(args), rows=rows, dense_step_programs_tokens_per_s=steps_speed)))
         return
     dense = rows[0]
-    table = Table(title=f"evicting decode: {args.prompt:,}-token prompt, {args.new} new tokens, evict every {args.interval}")
-    for column in ("budget", "keys kept / layer", "K/V after prompt", "peak while decoding", "K/V ÷ dense", "decode tok/s", "speed × dense"):
+    table = Table(title=f"evicting decode: {args.prompt:,}-token prompt, {args.new} new tokens, prefill chunks of {args.chunk}, evict every {args.interval}")
+    for column in ("budget", "keys kept / layer", "K/V after prompt", "K/V ÷ dense", "peak cache", "prefill s", "decode tok/s", "speed × dense"):
         table.add_column(column, justify="left" if column == "budget" else "right")
     for row in rows:
         table.add_row(
             row["budget"],
             f"{row['kept']:,}",
-            f"{row['kv_after_prompt'] / 2**20:.1f} MiB",
-            f"{row['peak'] / 2**20:.1f} MiB",
+            f"{row['kv_after_prompt'] / 2**20:.2f} MiB",
             f"{row['kv_after_prompt'] / dense['kv_after_prompt']:.3f}",
+            f"{row['peak'] / 2**20:.2f} MiB",
+            f"{row['prefill_s']:.2f}",
             f"{row['tokens_per_s']:.1f}",
             f"{row['tokens_per_s'] / dense['tokens_per_s']:.2f}×",
         )
-    table.add_row("dense (step programs)", "", "", "", "", f"{steps_speed:.1f}", f"{steps_speed / dense['tokens_per_s']:.2f}×")
+    table.add_row("dense (step programs)", "", "", "", "", "", f"{steps_speed:.1f}", f"{steps_speed / dense['tokens_per_s']:.2f}×")
     console.print(table)
     console.print(f"{args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, fp32, {torch.get_num_threads()} threads")
 

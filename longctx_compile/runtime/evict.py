@@ -27,7 +27,7 @@ from ..ops.evict import indexer_importance, keep_positions, memory_readout, memo
 from ..passes.eviction import POLICIES, parse_budget
 from ..passes.kv_cache import last_position_logits, step_state
 from .generate import Sampling, pad_prompts, pick
-from .interpret import SiteInterpreter, attention_sites, flat_inputs, logits_index
+from .interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
 from .model import default_positions
 
 EVICT = torch.ops.longctx.evict_attention.default
@@ -138,7 +138,9 @@ class EvictModel:
         self.state = step_state(ep)
         self.names = signature["inputs"]
         self.index = logits_index(ep)
-        self.graphs = {False: ep.graph_module, True: last_position_logits(ep.graph_module, self.index)}
+        self._step: tuple | None = None  # (cache, positions) of the forward running now, read by the sites
+        full = ep.graph_module
+        self.graphs = {last: with_site_hooks(gm, self._site) for last, gm in ((False, full), (True, last_position_logits(full, self.index)))}
         sites = attention_sites(ep)
         self.evicting = {i for i, n in enumerate(sites) if n.target is EVICT}
         self.groups = {}
@@ -157,18 +159,20 @@ class EvictModel:
     def forward(self, cache: EvictCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, last: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (``last``: [B, 1, V]) of new tokens ``ids`` [B, T] after the cache, which they join."""
         inputs = {"input_ids": ids, "attention_mask": mask.long(), "position_ids": positions}
-        positions = positions.long()
-
-        def hook(site, target, args):
-            return self._attend(cache, site, target, args, positions)
-
-        with torch.no_grad():
-            logits = SiteInterpreter(self.graphs[last], hook).run(*flat_inputs(self.ep, self.names, self.state, inputs))[self.index]
+        self._step = (cache, positions.long())
+        try:
+            with torch.no_grad():
+                logits = self.graphs[last](*flat_inputs(self.ep, self.names, self.state, inputs))[self.index]
+        finally:
+            self._step = None
         cache.peak_bytes = max(cache.peak_bytes, cache.bytes())
         cache.next_positions = positions[:, -1] + 1
         return logits
 
-    def _attend(self, cache: EvictCache, site: int, target, args: tuple, positions: torch.Tensor) -> torch.Tensor:
+    def _site(self, site: int, target, args: tuple) -> torch.Tensor:
+        return self._attend(*self._step, site, target, args)
+
+    def _attend(self, cache: EvictCache, positions: torch.Tensor, site: int, target, args: tuple) -> torch.Tensor:
         q, k, v, key_padding = args[:4]
         B, Hq, T, _ = q.shape
         new_real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding.bool()
