@@ -17,8 +17,8 @@
 - ``longctx::evict_attention``: a layer's attention with those inputs beside it; over its own input
   it is the canonical attention (nothing is evicted yet), ``runtime.evict`` runs the eviction.
 
-The importance references stream over blocks of queries and keys with a running max, so no [T, S]
-tensor exists: memory O(block² · heads). The max's gradient flows to the query that attains it
+The importance references stream over tiles of at most BLOCK² (query, key) pairs with a running max,
+so no [T, S] tensor exists: memory O(BLOCK² · heads). The max's gradient flows to the query that attains it
 (:func:`student_importance`), also without a [T, S] tensor.
 """
 
@@ -110,7 +110,9 @@ evict_attention.register_autograd(_evict_backward, setup_context=_evict_setup)
 
 def _seen(T: int, S: int, causal: bool, q0: int, q1: int, k0: int, k1: int, query_real, device) -> torch.Tensor:
     """[B or 1, q1-q0, k1-k0] bool: which keys of the tile the tile's real queries see (query i sits at key S - T + i)."""
-    if causal:
+    if causal and q0 + S - T >= k1 - 1:  # the tile's first query already sees all its keys
+        seen = torch.ones(1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+    elif causal:
         qpos = torch.arange(q0, q1, device=device) + (S - T)
         seen = (torch.arange(k0, k1, device=device)[None, :] <= qpos[:, None])[None]
     else:
@@ -124,8 +126,9 @@ def _stream_max(score_tile, B: int, G: int, T: int, S: int, causal: bool, query_
     arg = torch.zeros(B, G, S, dtype=torch.long, device=device)
     for q0 in range(0, T, BLOCK):
         q1 = min(T, q0 + BLOCK)
-        for k0 in range(0, S, BLOCK):
-            k1 = min(S, k0 + BLOCK)
+        keys = BLOCK * BLOCK // (q1 - q0)  # tiles of at most BLOCK² scores: a decode step's one query takes them all at once
+        for k0 in range(0, S, keys):
+            k1 = min(S, k0 + keys)
             seen = _seen(T, S, causal, q0, q1, k0, k1, query_real, device)
             if not bool(seen.any()):
                 continue
