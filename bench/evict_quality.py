@@ -13,7 +13,10 @@ every needle, and in a 2-layer model that summary alone answers much of the task
 50 / 75 / 90 % eviction (budget 0.5 / 0.25 / 0.1 of the context), for StreamingLLM (sinks + the most
 recent), SnapKV (observation window 32), the learned indexer with and without its latent memory,
 the untrained indexer, and the exact-attention oracle (the true max logit over the context's queries),
-beside the dense model (nothing evicted).
+beside the dense model (nothing evicted) and the dense model with every needle key and value masked
+out of every layer's cache before the questions (what the answers owe to the needle tokens
+themselves). Also reported: the share of needle value tokens the last layer keeps, and the KL from
+the dense model's answer distribution.
 
     python bench/evict_quality.py --save /tmp/evq_model     # ~15 minutes on 2 cores; paste into bench/RESULTS.md
     python bench/evict_quality.py --model /tmp/evq_model    # reuse the trained model
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from hsa_quality import VALUES, batch, train
+from hsa_quality import FILLER, VALUES, batch, train
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -39,24 +42,32 @@ from rich.table import Table
 EVICTION = (0.5, 0.75, 0.9)
 
 
-def accuracy(model, data, needles: int) -> tuple[float, float]:
-    """(asked-value accuracy with each context compacted before the questions are read, the share of the needles'
-    value tokens still in the last layer's cache then)."""
+def score(model, data, needles: int, reference: list[torch.Tensor] | None = None, hide_needles: bool = False) -> dict:
+    """Each context compacted, then the questions read: asked-value accuracy, the share of the needles' value tokens
+    still in the last layer's cache, the asked positions' log-probabilities, and their KL from ``reference``'s.
+    ``hide_needles`` masks every needle key and value out of every layer's cache before the questions."""
     hits = total = kept = values = 0
-    for ids, asked in data:
+    logprobs, kl = [], []
+    for n, (ids, asked) in enumerate(data):
         T = ids.shape[1]
         context = T - 2 * needles
         _, cache = model.prefill(ids[:, :context])
+        if hide_needles:
+            for site in cache.sites.values():  # a masked key is read by no query, as if evicted
+                site.real = site.real & (ids[:, :context].gather(1, site.pos[:, 0]) >= FILLER.start)
         positions = torch.arange(context, T).expand(ids.shape[0], -1)
         logits = model.forward(cache, ids[:, context:], torch.ones_like(ids[:, context:]), positions)
         where = asked[:, context:-1]
         hits += int((logits[:, :-1].argmax(-1)[where] == ids[:, context + 1 :][where]).sum())
         total += int(where.sum())
+        logprobs.append(logits[:, :-1][where].log_softmax(-1))
+        if reference is not None:
+            kl.append(torch.nn.functional.kl_div(logprobs[-1], reference[n], log_target=True, reduction="batchmean"))
         last = cache.sites[max(cache.sites)].pos[:, 0]  # [B, kept + questions] positions (one keep set per layer)
         is_value = (ids[:, :context] >= VALUES.start) & (ids[:, :context] < VALUES.stop)
         kept += int((is_value.gather(1, last.clamp(max=context - 1)) & (last < context)).sum())
         values += int(is_value.sum())
-    return hits / total, kept / values
+    return dict(accuracy=hits / total, kept=kept / values, logprobs=logprobs, kl=float(torch.stack(kl).mean()) if kl else 0.0)
 
 
 def main() -> None:
@@ -64,7 +75,7 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model folder (skips training)")
     parser.add_argument("--save", help="keep the trained model in this folder")
     parser.add_argument(
-        "--phases", type=lambda s: [tuple(int(x) for x in part.split(":")) for part in s.split(",")], default=[(128, 4000), (512, 400), (2048, 150)]
+        "--phases", type=lambda s: [tuple(int(x) for x in part.split(":")) for part in s.split(",")], default=[(128, 4000), (512, 600), (2048, 1200)]
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--needles", type=int, default=4)
@@ -102,7 +113,9 @@ def main() -> None:
         trained_s = time.perf_counter() - start
         artifact = Path(tmp) / "model.evict.lcc"
         convert = ["convert", str(folder), "--to", "evict", "--opt", "sinks=4", "--opt", f"window={args.window}", "--opt", "budget=0.25"]
-        subprocess.run([sys.executable, "-m", "longctx_compile", *convert, "--opt", f"max_len={args.max_len}", "-o", str(artifact)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "longctx_compile", *convert, "--opt", f"max_len={args.max_len}", "-o", str(artifact)], check=True, capture_output=True
+        )
         untrained = lcc.load(artifact)
         g = torch.Generator().manual_seed(args.seed + 7)
         docs = Path(tmp) / "train.jsonl"
@@ -126,19 +139,25 @@ def main() -> None:
         ]
         rows: dict[str, dict[str, float]] = {}
         kept: dict[str, dict[str, float]] = {}
+        divergence: dict[str, dict[str, float]] = {}
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("evaluating", total=len(args.eval_lens) * (1 + len(contenders) * len(EVICTION)))
             for T in args.eval_lens:
                 dense = EvictModel(untrained.program, untrained.signature, budget=str(10**9), prefill_chunk=args.prefill_chunk)
-                rows.setdefault("dense (nothing evicted)", {})[f"{T}"] = accuracy(dense, data[T], args.needles)[0]
+                reference = score(dense, data[T], args.needles)
+                rows.setdefault("dense (nothing evicted)", {})[f"{T}"] = reference["accuracy"]
+                rows.setdefault("dense, needle tokens masked", {})[f"{T}"] = score(dense, data[T], args.needles, hide_needles=True)["accuracy"]
                 progress.advance(task)
                 for name, loaded, options in contenders:
                     for evicted in EVICTION:
                         budget = str(round(1 - evicted, 2))
                         m = EvictModel(loaded.program, loaded.signature, budget=budget, prefill_chunk=args.prefill_chunk, **options)
-                        rows.setdefault(name, {})[f"{T}@{evicted}"], kept.setdefault(name, {})[f"{T}@{evicted}"] = accuracy(m, data[T], args.needles)
+                        got = score(m, data[T], args.needles, reference["logprobs"])
+                        rows.setdefault(name, {})[f"{T}@{evicted}"] = got["accuracy"]
+                        kept.setdefault(name, {})[f"{T}@{evicted}"] = got["kept"]
+                        divergence.setdefault(name, {})[f"{T}@{evicted}"] = got["kl"]
                         progress.advance(task)
-    result = dict(args=vars(args), trained_s=trained_s, fit_s=fit_s, log=log, accuracy=rows, values_kept=kept)
+    result = dict(args=vars(args), trained_s=trained_s, fit_s=fit_s, log=log, accuracy=rows, values_kept=kept, kl_to_dense=divergence)
     if args.json:
         print(json.dumps(result))
         return
@@ -151,17 +170,21 @@ def main() -> None:
         for evicted in EVICTION:
             table.add_column(f"T={T:,} {evicted:.0%}", justify="right")
     for name, accs in rows.items():
-        cells = [f"{accs[f'{T}']:.2f}" if name.startswith("dense") else f"{accs[f'{T}@{e}']:.2f}" for T in args.eval_lens for e in EVICTION]
+        cells = [f"{accs[f'{T}']:.2f}" if f"{T}" in accs else f"{accs[f'{T}@{e}']:.2f}" for T in args.eval_lens for e in EVICTION]
         table.add_row(name, *cells)
     console.print(table)
-    table = Table(title="share of the needles' value tokens in the last layer's cache after the context")
-    table.add_column("policy")
-    for T in args.eval_lens:
-        for evicted in EVICTION:
-            table.add_column(f"T={T:,} {evicted:.0%}", justify="right")
-    for name, shares in kept.items():
-        table.add_row(name, *(f"{shares[f'{T}@{e}']:.2f}" for T in args.eval_lens for e in EVICTION))
-    console.print(table)
+    for title, values, fmt in (
+        ("share of the needles' value tokens in the last layer's cache after the context", kept, "{:.2f}"),
+        ("KL(dense ‖ evicted) of the answer distributions, nats per asked value", divergence, "{:.3f}"),
+    ):
+        table = Table(title=title)
+        table.add_column("policy")
+        for T in args.eval_lens:
+            for evicted in EVICTION:
+                table.add_column(f"T={T:,} {evicted:.0%}", justify="right")
+        for name, by in values.items():
+            table.add_row(name, *(fmt.format(by[f"{T}@{e}"]) for T in args.eval_lens for e in EVICTION))
+        console.print(table)
     console.print(f"model training {trained_s:.0f} s, train-indexers {fit_s:.0f} s on {torch.get_num_threads()} threads; chance = 1/64 per asked value")
 
 

@@ -103,3 +103,27 @@ def test_msa_quality_bench_smoke(tmp_path):
         "msa P=4 top-1, qk + router trained",
     ]
     assert all(0 <= r["accuracy"] <= 1 for r in rows) and 0 <= rows[1]["hit"] <= 1
+
+
+def test_evict_bench_smoke():
+    """bench/evict.py: every budget keeps what it says, K/V shrink with the budget, and both dense baselines report a speed."""
+    result = subprocess.run([sys.executable, str(BENCH.parent / "evict.py"), "--smoke", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = {r["budget"]: r for r in report["rows"]}
+    assert rows["200"]["kept"] == 200 and rows["0.25"]["kept"] == 132  # a quarter of 512 is below sinks + window = 4 + 128
+    assert rows["0.25"]["kv_after_prompt"] * 3.5 < rows["dense"]["kv_after_prompt"] and rows["dense"]["peak"] > rows["200"]["peak"]
+    assert report["dense_step_programs_tokens_per_s"] > 0 and all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_evict_quality_bench_smoke():
+    """bench/evict_quality.py trains, converts, runs lcc train-indexers and scores every policy (tiny sizes; the numbers mean nothing)."""
+    result = subprocess.run([sys.executable, str(BENCH.parent / "evict_quality.py"), "--smoke", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["accuracy"]) == 8 and set(report["values_kept"]) == set(report["kl_to_dense"]) == set(report["accuracy"]) - {
+        "dense (nothing evicted)",
+        "dense, needle tokens masked",
+    }
+    assert all(0 <= a <= 1 for accs in report["accuracy"].values() for a in accs.values())
+    assert all(kl >= -1e-6 for by in report["kl_to_dense"].values() for kl in by.values())
