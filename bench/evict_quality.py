@@ -54,7 +54,7 @@ def score(model, data, needles: int, reference: list[torch.Tensor] | None = None
         _, cache = model.prefill(ids[:, :context])
         if hide_needles:
             for site in cache.sites.values():  # a masked key is read by no query, as if evicted
-                site.real = site.real & (ids[:, :context].gather(1, site.pos[:, 0]) >= FILLER.start)
+                site.real.copy_(site.real & (ids[:, :context].gather(1, site.pos[:, 0]) >= FILLER.start))
         positions = torch.arange(context, T).expand(ids.shape[0], -1)
         logits = model.forward(cache, ids[:, context:], torch.ones_like(ids[:, context:]), positions)
         where = asked[:, context:-1]

@@ -120,10 +120,12 @@ def _seen(T: int, S: int, causal: bool, q0: int, q1: int, k0: int, k1: int, quer
     return seen if query_real is None else seen & query_real[:, q0:q1, None].bool()
 
 
-def _stream_max(score_tile, B: int, G: int, T: int, S: int, causal: bool, query_real, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max over queries of ``score_tile(q0, q1, k0, k1)`` [B, G, q1-q0, k1-k0], the query attaining it): [B, G, S] each."""
+def _stream_max(
+    score_tile, B: int, G: int, T: int, S: int, causal: bool, query_real, device, need_arg: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(max over queries of ``score_tile(q0, q1, k0, k1)`` [B, G, q1-q0, k1-k0], the query attaining it or None): [B, G, S] each."""
     best = torch.full((B, G, S), float("-inf"), device=device)
-    arg = torch.zeros(B, G, S, dtype=torch.long, device=device)
+    arg = torch.zeros(B, G, S, dtype=torch.long, device=device) if need_arg else None
     for q0 in range(0, T, BLOCK):
         q1 = min(T, q0 + BLOCK)
         keys = BLOCK * BLOCK // (q1 - q0)  # tiles of at most BLOCK² scores: a decode step's one query takes them all at once
@@ -132,7 +134,11 @@ def _stream_max(score_tile, B: int, G: int, T: int, S: int, causal: bool, query_
             seen = _seen(T, S, causal, q0, q1, k0, k1, query_real, device)
             if not bool(seen.any()):
                 continue
-            top = score_tile(q0, q1, k0, k1).masked_fill(~seen[:, None], float("-inf")).max(2)
+            tile = score_tile(q0, q1, k0, k1).masked_fill(~seen[:, None], float("-inf"))
+            if not need_arg:
+                best[..., k0:k1] = torch.maximum(best[..., k0:k1], tile.amax(2))
+                continue
+            top = tile.max(2)
             better = top.values > best[..., k0:k1]
             best[..., k0:k1] = torch.where(better, top.values, best[..., k0:k1])
             arg[..., k0:k1] = torch.where(better, top.indices + q0, arg[..., k0:k1])
@@ -147,9 +153,10 @@ def _grouped(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, gr
 
 
 def indexer_importance(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, groups: int = 1, causal: bool = True, query_real=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(importance [B, groups, S] fp32, the query attaining it) of each key: max over queries of Σ_h w·ReLU(q·k).
+    q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, groups: int = 1, causal: bool = True, query_real=None, need_arg: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(importance [B, groups, S] fp32, the query attaining it, or None without ``need_arg``) of each key: max over
+    queries of Σ_h w·ReLU(q·k).
 
     q_idx [B, Hi, T, Di], k_idx [B, S, Di] (or [B, groups, S, Di]), weights [B, Hi, T]; ``query_real`` [B, T]
     leaves padded queries out."""
@@ -160,7 +167,7 @@ def indexer_importance(
         z = torch.relu(torch.einsum("bgrsd,bgtd->bgrst", q[..., q0:q1, :], k[:, :, k0:k1]))
         return torch.einsum("bgrs,bgrst->bgst", w[..., q0:q1], z)
 
-    return _stream_max(tile, B, G, T, k.shape[2], causal, query_real, q_idx.device)
+    return _stream_max(tile, B, G, T, k.shape[2], causal, query_real, q_idx.device, need_arg)
 
 
 def student_importance(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -190,7 +197,7 @@ def teacher_importance(q: torch.Tensor, k: torch.Tensor, scale: float, groups: i
         logits = torch.einsum("bhgsd,bhtd->bhgst", qg[..., q0:q1, :], kf[:, :, k0:k1]) * scale
         return logits.reshape(B, groups, -1, q1 - q0, k1 - k0).amax(2)
 
-    return _stream_max(tile, B, groups, T, S, causal, query_real, q.device)[0]
+    return _stream_max(tile, B, groups, T, S, causal, query_real, q.device, need_arg=False)[0]
 
 
 def importance_kl(teacher: torch.Tensor, student: torch.Tensor, sinks: int) -> torch.Tensor:

@@ -74,16 +74,20 @@ class Policy:
         return max(math.ceil(self.budget * prompt), self.sinks + self.window)
 
 
+# the per-key parts of a layer's cache and the dimension they grow along
+KEYED = {"k": 2, "v": 2, "real": 1, "pos": 2, "idx_k": 2, "score": 2}
+
+
 @dataclasses.dataclass
 class SiteCache:
-    """One layer's cache: K/V [B, Hkv, n, D], real keys [B, n], positions [B, G, n], and what eviction ranks by."""
+    """One layer's cache: K/V [B, Hkv, n, D], real keys [B, n], positions [B, G, n], and what eviction ranks by.
 
-    k: torch.Tensor
-    v: torch.Tensor
-    real: torch.Tensor
-    pos: torch.Tensor | None = None
-    idx_k: torch.Tensor | None = None  # [B, G, n, Di] indexer keys (learned policy)
-    score: torch.Tensor | None = None  # [B, G, n] running importance since the last eviction
+    The per-key parts live in buffers with spare room (``headroom`` keys after a compaction: the tokens
+    until the next one), so a token is written in place rather than concatenated into a new copy."""
+
+    headroom: int
+    n: int = 0
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     obs_q: torch.Tensor | None = None  # [B, Hq, o, D] the last queries (snapkv)
     obs_real: torch.Tensor | None = None
     M: torch.Tensor | None = None  # latent memory [B, Hkv, m, Dv] and its normaliser [B, Hkv, m]
@@ -92,8 +96,42 @@ class SiteCache:
     scale: float = 1.0
     evicted: int = 0
 
+    def part(self, name: str) -> torch.Tensor | None:
+        """The filled view of a per-key part (None when the policy keeps none)."""
+        buffer = self.buffers.get(name)
+        return None if buffer is None else buffer.narrow(KEYED[name], 0, self.n)
+
+    k = property(lambda self: self.part("k"))
+    v = property(lambda self: self.part("v"))
+    real = property(lambda self: self.part("real"))
+    pos = property(lambda self: self.part("pos"))
+    idx_k = property(lambda self: self.part("idx_k"))  # [B, G, n, Di] indexer keys (learned policy)
+    score = property(lambda self: self.part("score"))  # [B, G, n] running importance since the last eviction
+
+    def append(self, parts: dict[str, torch.Tensor]) -> None:
+        """Write new keys' parts after the filled ones, growing the buffers (by half again, at least ``headroom``) when full."""
+        count = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
+        room = min((b.shape[KEYED[name]] for name, b in self.buffers.items()), default=0)
+        if self.n + count > room:
+            self.reset({name: self.part(name) for name in self.buffers} or {name: t.narrow(KEYED[name], 0, 0) for name, t in parts.items()}, extra=count)
+        for name, t in parts.items():
+            self.buffers[name].narrow(KEYED[name], self.n, count).copy_(t)
+        self.n += count
+
+    def reset(self, parts: dict[str, torch.Tensor], extra: int = 0) -> None:
+        """New buffers holding ``parts`` with room for ``extra`` more keys plus the headroom (what compaction keeps)."""
+        n = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
+        room = n + extra + max(self.headroom, n // 2 if extra > self.headroom else 0)
+        buffers = {}
+        for name, t in parts.items():
+            shape = list(t.shape)
+            shape[KEYED[name]] = room
+            buffers[name] = t.new_empty(shape)
+            buffers[name].narrow(KEYED[name], 0, n).copy_(t)
+        self.buffers, self.n = buffers, n
+
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.k, self.v, self.real, self.pos, self.idx_k, self.score, self.obs_q, self.obs_real, self.M, self.b) if t is not None]
+        return [t for t in (*self.buffers.values(), self.obs_q, self.obs_real, self.M, self.b) if t is not None]
 
 
 @dataclasses.dataclass
@@ -178,36 +216,35 @@ class EvictModel:
         new_real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding.bool()
         c = cache.sites.get(site)
         if c is None:
-            empty = q.new_zeros(B, 0)
-            c = cache.sites[site] = SiteCache(k[:, :, :0], v[:, :, :0], empty.bool())
-        c.k, c.v, c.real = torch.cat([c.k, k], 2), torch.cat([c.v, v], 2), torch.cat([c.real, new_real], 1)
+            c = cache.sites[site] = SiteCache(headroom=max(self.policy.interval, self.policy.prefill_chunk))
+        parts = {"k": k, "v": v, "real": new_real}
         if site not in self.evicting:
+            c.append(parts)
             return target(q, c.k, c.v, c.real, *args[4:])
+        G = self.groups[site]
+        parts.update(pos=positions[:, None].expand(B, G, T), score=torch.full((B, G, T), float("-inf"), device=q.device))
+        if self.policy.policy == "learned":
+            idx_k = args[10]
+            parts["idx_k"] = idx_k[:, None].expand(B, G, *idx_k.shape[1:])
+        c.append(parts)
         out = ATTENTION(q, c.k, c.v, c.real, None, None, args[6], True, 0)
         c.params, c.scale = args[12:17], args[6]
         if self.policy.memory and c.M is not None:
             total = empty_sdpa_layout(q, v)
             total.copy_(out + memory_readout(q, c.M, c.b, *c.params[:3]).to(out.dtype))
             out = total
-        self._observe(c, site, args, new_real, positions)
+        self._observe(c, site, args, new_real)
         return out
 
-    def _observe(self, c: SiteCache, site: int, args: tuple, new_real: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record the new tokens' positions and what the policy will rank the keys by."""
-        q, idx_q, idx_k, idx_w = args[0], *args[9:12]
-        B, _, T, _ = q.shape
+    def _observe(self, c: SiteCache, site: int, args: tuple, new_real: torch.Tensor) -> None:
+        """Update what the policy will rank the keys by with the new queries."""
+        q, idx_q, idx_w = args[0], args[9], args[11]
         G = self.groups[site]
-        new_pos = positions[:, None].expand(B, G, T)
-        c.pos = new_pos if c.pos is None else torch.cat([c.pos, new_pos], 2)
-        unseen = torch.full((B, G, T), float("-inf"), device=q.device)
-        c.score = unseen if c.score is None else torch.cat([c.score, unseen], 2)
         policy = self.policy.policy
         if policy == "learned":
-            keys = idx_k[:, None].expand(B, G, *idx_k.shape[1:])
-            c.idx_k = keys if c.idx_k is None else torch.cat([c.idx_k, keys], 2)
-            c.score = torch.maximum(c.score, indexer_importance(idx_q, c.idx_k, idx_w, G, query_real=new_real)[0])
+            c.score.copy_(torch.maximum(c.score, indexer_importance(idx_q, c.idx_k, idx_w, G, query_real=new_real, need_arg=False)[0]))
         elif policy == "oracle":
-            c.score = torch.maximum(c.score, teacher_importance(q, c.k, c.scale, G, query_real=new_real))
+            c.score.copy_(torch.maximum(c.score, teacher_importance(q, c.k, c.scale, G, query_real=new_real)))
         elif policy == "snapkv":
             keep = self.policy.observation
             c.obs_q = q[:, :, -keep:] if c.obs_q is None else torch.cat([c.obs_q, q], 2)[:, :, -keep:]
@@ -256,11 +293,11 @@ class EvictModel:
                 c.b = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0])
             c.M, c.b = memory_write(c.M, c.b, phi_k, take(c.v, gone), torch.sigmoid(decay.float()), F.softplus(strength.float()))
         c.evicted += n - keep.shape[2]
-        c.k, c.v = take(c.k, keep), take(c.v, keep)
-        c.real = c.real.gather(1, keep[:, 0])  # padding leaves first in every head, so the real keys line up across heads
-        c.pos = c.pos.gather(2, keep)
-        c.idx_k = take(c.idx_k, keep) if c.idx_k is not None else None
-        c.score = torch.full_like(keep, float("-inf"), dtype=torch.float32)
+        kept = {"k": take(c.k, keep), "v": take(c.v, keep), "pos": c.pos.gather(2, keep), "score": torch.full_like(keep, float("-inf"), dtype=torch.float32)}
+        kept["real"] = c.real.gather(1, keep[:, 0])  # padding leaves first in every head, so the real keys line up across heads
+        if c.idx_k is not None:
+            kept["idx_k"] = take(c.idx_k, keep)
+        c.reset(kept)
 
     # prompt, continuation, generation
 
