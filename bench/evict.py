@@ -6,7 +6,7 @@ is prefilled in chunks of ``--chunk`` tokens, the cache compacted after each, th
 are decoded greedily, evicting every ``--interval`` steps. For each budget the table gives the keys
 kept per layer, the K/V bytes after the prompt, the peak bytes of the whole cache over the run (K, V
 and the eviction state: indexer keys, positions, scores, memory), the prefill time and decode tokens
-per second. "dense" is the same runtime with nothing evicted;
+per second (the median of ``--repeats`` interleaved runs). "dense" is the same runtime with nothing evicted;
 "dense (step programs)" is lcc's exported KV-cache decode of the dense conversion (``lcc generate``).
 
     python bench/evict.py                 # ~2 minutes on 2 cores; paste into bench/RESULTS.md
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -68,11 +69,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; decode speeds are their median")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.prompt, args.new, args.interval, args.budgets, args.layers, args.hidden, args.chunk = 512, 8, 4, "0.25,200", 2, 64, 128
+        args.prompt, args.new, args.interval, args.budgets, args.layers, args.hidden, args.chunk, args.repeats = 512, 8, 4, "0.25,200", 2, 64, 128, 1
     console = Console(stderr=args.json)
     import longctx_compile as lcc
     from longctx_compile.runtime.evict import EvictModel
@@ -80,19 +82,24 @@ def main() -> None:
     original = build(args)
     compiled = lcc.compile(original, to="evict", window="128", interval=str(args.interval), max_len=str(args.prompt + args.new + 1))
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    rows = []
-    for budget in ["dense", *args.budgets.split(",")]:
-        model = EvictModel(compiled.program.ep, compiled.program.signature, budget=str(10**9) if budget == "dense" else budget, prefill_chunk=args.chunk)
-        stats, speed = decode(model, prompt, args.new)
-        rows.append(dict(budget=budget, tokens_per_s=speed, **stats))
+    budgets = ["dense", *args.budgets.split(",")]
+    models = {
+        b: EvictModel(compiled.program.ep, compiled.program.signature, budget=str(10**9) if b == "dense" else b, prefill_chunk=args.chunk) for b in budgets
+    }
     dense_steps = lcc.compile(original, max_len=str(args.prompt + args.new + 1))
     dense_steps.generate([prompt[0].tolist()], 2)  # exports and binds the step programs
-    start = time.perf_counter()
-    dense_steps.generate([prompt[0].tolist()], 1)  # the prefill alone
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    dense_steps.generate([prompt[0].tolist()], args.new + 1)
-    steps_speed = args.new / (time.perf_counter() - start - prefill)
+    runs: dict[str, list] = {b: [] for b in [*budgets, "steps"]}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every row alike
+        for budget in budgets:
+            runs[budget].append(decode(models[budget], prompt, args.new))
+        start = time.perf_counter()
+        dense_steps.generate([prompt[0].tolist()], 1)  # the prefill alone
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        dense_steps.generate([prompt[0].tolist()], args.new + 1)
+        runs["steps"].append(args.new / (time.perf_counter() - start - prefill))
+    rows = [dict(budget=b, tokens_per_s=statistics.median(speed for _, speed in runs[b]), **runs[b][-1][0]) for b in budgets]
+    steps_speed = statistics.median(runs["steps"])
     if args.json:
         print(json.dumps(dict(args=vars(args), rows=rows, dense_step_programs_tokens_per_s=steps_speed)))
         return

@@ -109,7 +109,7 @@ class SiteCache:
     score = property(lambda self: self.part("score"))  # [B, G, n] running importance since the last eviction
 
     def append(self, parts: dict[str, torch.Tensor]) -> None:
-        """Write new keys' parts after the filled ones, growing the buffers (by half again, at least ``headroom``) when full."""
+        """Write new keys' parts after the filled ones, growing the buffers when full (by ``headroom`` keys beyond a single token)."""
         count = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
         room = min((b.shape[KEYED[name]] for name, b in self.buffers.items()), default=0)
         if self.n + count > room:
@@ -121,7 +121,7 @@ class SiteCache:
     def reset(self, parts: dict[str, torch.Tensor], extra: int = 0) -> None:
         """New buffers holding ``parts`` with room for ``extra`` more keys plus the headroom (what compaction keeps)."""
         n = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
-        room = n + extra + max(self.headroom, n // 2 if extra > self.headroom else 0)
+        room = n + extra + (self.headroom if extra < self.headroom else 0)  # a whole chunk is compacted right after: no spare room
         buffers = {}
         for name, t in parts.items():
             shape = list(t.shape)
