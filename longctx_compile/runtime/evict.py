@@ -26,7 +26,7 @@ from ..ops.attention import empty_sdpa_layout
 from ..ops.evict import indexer_importance, keep_positions, memory_readout, memory_write, teacher_importance
 from ..passes.eviction import POLICIES, parse_budget
 from ..passes.kv_cache import last_position_logits, step_state
-from .generate import Sampling, pad_prompts, pick
+from .generate import Sampling, collect, pad_prompts, token_steps
 from .interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
 from .model import default_positions
 
@@ -332,29 +332,12 @@ class EvictModel:
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, pad_id: int = 0
     ) -> Iterator[list[int | None]]:
         """Yield each step's new token per prompt (None once a prompt has stopped), as ``runtime.generate``."""
-        sampling = sampling or Sampling()
         ids, mask = pad_prompts(prompts, max_new_tokens, pad_id, self.names, int(self.signature["max_len"]), int(self.signature["vocab_size"]))
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         logits, cache = self.prefill(ids, mask)
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
-        for step in range(max_new_tokens):
-            token = pick(logits[:, -1], sampling, generator)
-            yield [None if d else int(t) for t, d in zip(token, done, strict=True)]
-            done |= torch.isin(token, stops)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                return
-            logits = self.extend(cache, token[:, None], last=True)
+        yield from token_steps(logits[:, -1], lambda token: self.extend(cache, token[:, None], last=True)[:, -1], max_new_tokens, sampling or Sampling())
 
     def generate(
         self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream: Callable[[list[int | None]], None] | None = None, **sampling: Any
     ) -> list[list[int]]:
         """The new tokens of each prompt (greedy unless ``sampling`` — keys of :class:`Sampling` — says otherwise)."""
-        out: list[list[int]] = [[] for _ in prompts]
-        for tokens in self.stream(prompts, max_new_tokens, Sampling(**sampling), pad_id):
-            if stream is not None:
-                stream(tokens)
-            for row, t in enumerate(tokens):
-                if t is not None:
-                    out[row].append(t)
-        return out
+        return collect(self.stream(prompts, max_new_tokens, Sampling(**sampling), pad_id), len(prompts), stream)

@@ -73,6 +73,33 @@ def pad_prompts(
     return ids, mask
 
 
+def token_steps(logits: torch.Tensor, advance: Callable[[torch.Tensor], torch.Tensor], max_new_tokens: int, sampling: Sampling) -> Iterator[list[int | None]]:
+    """Each step's token per row (None once a row has stopped): picked from ``logits`` [B, V], then from
+    ``advance(tokens [B])`` — the next step's logits — until every row stopped or ``max_new_tokens`` were made."""
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
+    for step in range(max_new_tokens):
+        token = pick(logits, sampling, generator)
+        yield [None if d else int(t) for t, d in zip(token, done, strict=True)]
+        done |= torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        logits = advance(token)
+
+
+def collect(steps: Iterator[list[int | None]], rows: int, stream: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
+    """The new tokens of each row from :func:`token_steps` (a stop id, when hit, is the last), each step shown to ``stream``."""
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for tokens in steps:
+        if stream is not None:
+            stream(tokens)
+        for row, t in enumerate(tokens):
+            if t is not None:
+                out[row].append(t)
+    return out
+
+
 CACHE_MODES = ("static", "growing")
 
 
@@ -109,23 +136,18 @@ class Generator:
             raise LccError(f"unknown cache mode '{cache}'; choose one of {', '.join(CACHE_MODES)}")
         if cache not in self.programs:
             raise LccError(f"this artifact has no {cache}-cache decode program; re-convert it with this lcc")
-        sampling = sampling or Sampling()
         ids, mask = self._batch(prompts, max_new_tokens, pad_id)
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         positions = default_positions(mask, *mask.shape, mask.device)
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        stops = torch.tensor(list(sampling.stop_ids), dtype=torch.long)
         with torch.inference_mode():
             logits, *caches = self.programs["prefill"](self._inputs(ids, mask, positions))
             decode = self._grow(mask, caches) if cache == "growing" else self._static(mask, caches, max_new_tokens)
-            for step in range(max_new_tokens):
-                token = pick(logits[:, -1], sampling, generator)
-                yield [None if d else int(t) for t, d in zip(token, done, strict=True)]
-                done |= torch.isin(token, stops)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    return
+
+            def advance(token: torch.Tensor) -> torch.Tensor:
+                nonlocal positions
                 positions = positions[:, -1:] + 1
-                logits = decode(self._inputs(token[:, None], torch.ones_like(token[:, None]), positions))
+                return decode(self._inputs(token[:, None], torch.ones_like(token[:, None]), positions))[:, -1]
+
+            yield from token_steps(logits[:, -1], advance, max_new_tokens, sampling or Sampling())
 
     def _grow(self, mask: torch.Tensor, caches: list[torch.Tensor]) -> Callable[[dict], torch.Tensor]:
         """A decode step over caches that grow by one key per step."""
@@ -171,14 +193,7 @@ class Generator:
         cache: str = "static",
     ) -> list[list[int]]:
         """The new tokens of each prompt (a stop id, when hit, is the last)."""
-        out: list[list[int]] = [[] for _ in prompts]
-        for tokens in self.stream(prompts, max_new_tokens, sampling, pad_id, cache):
-            if stream is not None:
-                stream(tokens)
-            for row, t in enumerate(tokens):
-                if t is not None:
-                    out[row].append(t)
-        return out
+        return collect(self.stream(prompts, max_new_tokens, sampling, pad_id, cache), len(prompts), stream)
 
 
 def generate(programs: dict[str, Callable], signature: dict, prompts, max_new_tokens: int, pad_id: int, stream, cache: str, **sampling) -> list[list[int]]:
