@@ -226,6 +226,12 @@ def keep_positions(importance: torch.Tensor, sinks: int, window: int, budget: in
     return score.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
+def dropped_positions(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n - k] the key indices of 0..n-1 that ``keep`` [..., k] (ascending, per row) leaves out, ascending: what eviction writes to memory."""
+    dropped = torch.ones(*keep.shape[:-1], n, dtype=torch.bool, device=keep.device).scatter(-1, keep, False)
+    return dropped.float().argsort(dim=-1, descending=True, stable=True)[..., : n - keep.shape[-1]].sort(dim=-1).values
+
+
 def memory_write(M: torch.Tensor, b: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, decay, strength) -> tuple[torch.Tensor, torch.Tensor]:
     """(M', b') after writing evicted entries: M [..., m, dv], b [..., m], φ(k) [..., E, m], v [..., E, dv]."""
     M = decay * M + strength * torch.einsum("...em,...ed->...md", phi_k.float(), v.float())

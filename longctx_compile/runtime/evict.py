@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
-from ..ops.evict import indexer_importance, keep_positions, memory_readout, memory_write, teacher_importance
+from ..ops.evict import dropped_positions, indexer_importance, keep_positions, memory_readout, memory_write, teacher_importance
 from ..passes.eviction import POLICIES, parse_budget
 from ..passes.kv_cache import last_position_logits, step_state
 from .generate import Sampling, collect, pad_prompts, token_steps
@@ -94,7 +94,6 @@ class SiteCache:
     b: torch.Tensor | None = None
     params: tuple = ()
     scale: float = 1.0
-    evicted: int = 0
 
     def part(self, name: str) -> torch.Tensor | None:
         """The filled view of a per-key part (None when the policy keeps none)."""
@@ -143,7 +142,6 @@ class EvictCache:
     since: int = 0  # tokens fed since the last eviction
     next_positions: torch.Tensor | None = None
     peak_bytes: int = 0
-    evictions: int = 0
 
     def bytes(self) -> int:
         """Bytes held now by every layer's cache tensors (K, V and the eviction state)."""
@@ -257,7 +255,6 @@ class EvictModel:
         for site, c in cache.sites.items():
             if site in self.evicting and c.k.shape[2] > cache.budget:
                 self._compact(c, site, cache.budget)
-                cache.evictions += 1
         cache.since = 0
 
     def _ranking(self, c: SiteCache, site: int) -> torch.Tensor:
@@ -283,8 +280,7 @@ class EvictModel:
         real = c.real[:, None].expand(B, G, n)
         keep = keep_positions(self._ranking(c, site).reshape(B * G, n), self.policy.sinks, self.policy.window, budget, real.reshape(B * G, n)).view(B, G, -1)
         if self.policy.memory:
-            dropped = torch.ones(B, G, n, dtype=torch.bool, device=keep.device).scatter(2, keep, False)
-            gone = dropped.float().argsort(dim=2, descending=True, stable=True)[..., : n - keep.shape[2]].sort(dim=2).values
+            gone = dropped_positions(keep, n)
             phi, _, _, decay, strength = c.params
             gone_real = take(real[..., None].float(), gone)
             phi_k = F.linear(take(c.k, gone).float(), phi.float()) * gone_real
@@ -292,7 +288,6 @@ class EvictModel:
                 c.M = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0], c.v.shape[-1])
                 c.b = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0])
             c.M, c.b = memory_write(c.M, c.b, phi_k, take(c.v, gone), torch.sigmoid(decay.float()), F.softplus(strength.float()))
-        c.evicted += n - keep.shape[2]
         kept = {"k": take(c.k, keep), "v": take(c.v, keep), "pos": c.pos.gather(2, keep), "score": torch.full_like(keep, float("-inf"), dtype=torch.float32)}
         kept["real"] = c.real.gather(1, keep[:, 0])  # padding leaves first in every head, so the real keys line up across heads
         if c.idx_k is not None:

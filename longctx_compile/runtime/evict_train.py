@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import LccError
 from ..ops.evict import (
+    dropped_positions,
     importance_kl,
     indexer_importance,
     indexer_ref,
@@ -159,8 +160,7 @@ class Trainer:
         with torch.no_grad():
             importance = indexer_importance(idx_q[..., :context, :], idx_k[:, :context], idx_w[..., :context], G)[0]
             keep = keep_positions(importance.reshape(B * G, context), self.policy.sinks, self.policy.window, budget).view(B, G, -1)
-            gone = torch.ones(B, G, context, dtype=torch.bool, device=keep.device).scatter(2, keep, False)
-            gone = gone.float().argsort(dim=2, descending=True, stable=True)[..., : context - keep.shape[2]].sort(dim=2).values
+            gone = dropped_positions(keep, context)
             kc, vc, tail = k[:, :, :context], v[:, :, :context], q[:, :, context:]
             full = ATTENTION(tail, k, v, None, None, None, scale, True, 0).float()
             kept = ATTENTION(
