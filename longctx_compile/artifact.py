@@ -30,6 +30,7 @@ STEP_FILES = {"prefill": "prefill.pt2", "decode": "decode.pt2", "static": "decod
 GRAPHS = "graphs.json"
 # an msa artifact's stage programs (``runtime.msa_programs``); they too take model.pt2's weights as an input
 MSA_FILES = {"encode": "encode.pt2", "query": "query.pt2", "decode": "decode.pt2"}
+ONNX = "model.onnx"  # the model program as ONNX (``lcc convert --onnx``; ``onnx.export``)
 
 
 def sha256(path: Path) -> str:
@@ -158,6 +159,18 @@ def rewrite_weights(path: Path, manifest: dict[str, Any], ep: torch.export.Expor
         torch.export.save(ep, tmp / PROGRAM)
         manifest["files"] = {name: sha256(tmp / name) for name in manifest["files"]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def record_file(path: Path, name: str, key: str, info: dict[str, Any]) -> None:
+    """Enter a file written into the artifact after it (``model.onnx``) in its manifest: ``info`` under ``key`` and
+    the file's checksum; the manifest is replaced atomically."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    manifest[key] = info
+    manifest.setdefault("files", {})[name] = sha256(path / name)
+    tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, path / MANIFEST)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``lcc``: convert, inspect, diff, verify, generate, memory, train-indexers, launch, passes, targets."""
+"""``lcc``: convert, inspect, diff, verify, generate, memory, train-indexers, export-onnx, launch, passes, targets."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ app = typer.Typer(
     "  lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16\n\n"
     "  lcc memory encode tiny-llama.msa.lcc --docs docs.jsonl -o bank\n\n"
     "  lcc train-indexers tiny-llama.evict.lcc --data synthetic --steps 200\n\n"
+    "  lcc export-onnx tiny-llama.lcc -o tiny-llama.onnx --verify\n\n"
     "  lcc launch --nproc 2 examples/train_sp.py tiny-llama.sp.lcc",
     no_args_is_help=True,
     add_completion=False,
@@ -51,6 +52,15 @@ def _add_train() -> None:
 
 _add_train()
 
+
+def _add_export() -> None:
+    from .export import export_onnx
+
+    app.command("export-onnx")(export_onnx)
+
+
+_add_export()
+
 Opt = Annotated[
     Optional[list[str]], typer.Option("--opt", help="capture/form/lowering option key=value (repeatable), e.g. --opt attn=eager, --opt fwd_block_m=64")
 ]
@@ -75,6 +85,7 @@ def convert(
     opt: Opt = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="check equivalence and record the report in lcc.json")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="also write the model program as model.onnx in the artifact (see lcc export-onnx)")] = False,
 ) -> None:
     """Convert MODEL into a form and write a runnable artifact.
 
@@ -99,8 +110,25 @@ def convert(
     out.print(f"wrote [bold]{output}[/bold]: {len(sites)} attention sites ({', '.join(kinds)}), form {to}, target {target}")
     if report is not None:
         _print_report(report)
-        if report.exact and not report.passed:
-            raise typer.Exit(1)
+    if onnx:
+        _write_onnx(output)
+    if report is not None and report.exact and not report.passed:
+        raise typer.Exit(1)
+
+
+def _write_onnx(output: Path) -> None:
+    """``convert --onnx``: model.onnx beside the programs, entered in the manifest; a failure leaves the artifact as written."""
+    from .. import artifact
+    from ..onnx.export import export_onnx
+
+    try:
+        with _progress() as progress:
+            task = progress.add_task("exporting to ONNX", total=None)
+            onnx_report = export_onnx(output, output / artifact.ONNX, force=True, progress=lambda m: progress.update(task, description=m))
+    except LccError as e:
+        raise LccError(f"the artifact is written, without {artifact.ONNX}: {e}") from None
+    artifact.record_file(output, artifact.ONNX, "onnx", {"file": artifact.ONNX, "program": "model", "ops": onnx_report.ops, "inputs": onnx_report.inputs})
+    out.print(f"wrote [bold]{output / artifact.ONNX}[/bold]: {sum(onnx_report.onnx_ops.values())} ONNX nodes, opset {onnx_report.opset}")
 
 
 @app.command()

@@ -9,6 +9,7 @@
   A group is the whole layer (eviction shared by the KV heads) or one KV head.
 - ``teacher_importance``: the same max over queries (and a group's heads) of the true logits
   q·k·scale: what the indexer is distilled to.
+- ``longctx::evict_importance``: the indexer importance as an op, which exported graphs (ONNX) return.
 - ``importance_kl``: KL(softmax(teacher) ‖ softmax(student)) over the keys, sinks left out.
 - ``keep_positions``: the first ``sinks`` real keys, the last ``window`` keys, and the most important
   of the rest up to ``budget`` in all, in ascending order (what compaction gathers).
@@ -198,6 +199,18 @@ def teacher_importance(q: torch.Tensor, k: torch.Tensor, scale: float, groups: i
         return logits.reshape(B, groups, -1, q1 - q0, k1 - k0).amax(2)
 
     return _stream_max(tile, B, groups, T, S, causal, query_real, q.device, need_arg=False)[0]
+
+
+@torch.library.custom_op("longctx::evict_importance", mutates_args=())
+def evict_importance(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, query_real: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """The indexer's importance [B, groups, S] of each key over causal queries, as :func:`indexer_importance`: a node that
+    an exported graph (``lcc export-onnx``) returns, so a runtime outside this process can choose what to evict."""
+    return indexer_importance(q_idx, k_idx, weights, groups, query_real=query_real, need_arg=False)[0]
+
+
+@evict_importance.register_fake
+def _(q_idx, k_idx, weights, query_real, groups):
+    return q_idx.new_empty(q_idx.shape[0], groups, k_idx.shape[-2], dtype=torch.float32)
 
 
 def importance_kl(teacher: torch.Tensor, student: torch.Tensor, sinks: int) -> torch.Tensor:

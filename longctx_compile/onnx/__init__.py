@@ -1,0 +1,1 @@
+"""ONNX export of artifacts: each longctx op translated to standard ONNX operators (or custom-domain nodes)."""

@@ -1,0 +1,282 @@
+"""``lcc export-onnx``: one program of an artifact as an ONNX model, with dynamic batch and sequence dimensions.
+
+The program's longctx ops are replaced by their translations (``onnx.translate``), the graph goes
+through ``torch.onnx.export`` (the torch.export-based exporter), the weights a step program takes as
+``state`` become initializers, and the file is written atomically and checked with ``onnx.checker``.
+An ``evict`` model also returns each evicting layer's indexer importance of every key, what a
+runtime needs to choose the keys it keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import artifact
+from ..errors import LccError
+from . import translate
+
+OPSET = 18
+
+
+@dataclass
+class Report:
+    """What the export did: where it wrote, how each op was translated, and what the ONNX graph holds."""
+
+    path: str
+    program: str
+    custom: bool
+    ops: dict[str, dict[str, Any]] = field(default_factory=dict)  # longctx op -> {count, as, how}
+    inputs: dict[str, list] = field(default_factory=dict)
+    outputs: dict[str, list] = field(default_factory=dict)
+    onnx_ops: dict[str, int] = field(default_factory=dict)
+    opset: int = OPSET
+    bytes: int = 0
+
+
+def export_onnx(
+    path: Path,
+    out: Path,
+    program: str = "model",
+    custom: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Report:
+    """Write ``program`` of the artifact at ``path`` to ``out`` (an .onnx file); returns the :class:`Report`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, raised while (un)pickling programs
+        return _export(Path(path), Path(out), program, custom, force, progress)
+
+
+def _export(path: Path, out: Path, program: str, custom: bool, force: bool, progress: Callable[[str], None]) -> Report:
+    _require_onnx()
+    manifest = artifact.read_manifest(path)
+    if program not in manifest["programs"]:
+        raise LccError(f"the artifact has no program '{program}' (it has: {', '.join(manifest['programs'])})")
+    _check_out(path, manifest, out, force)
+    progress(f"loading {program}")
+    ep = artifact.read_program(path, manifest, program)
+    state_keys = _state_keys(ep)
+    extra = []
+    if program == "model" and "evict" in manifest["signature"]:
+        progress("adding the indexer importance outputs")
+        ep, layers = _with_importance(ep, manifest)
+        extra = [f"importance_{layer}" for layer in layers]
+    translate.check(ep)
+    nodes = translate.longctx_nodes(ep)
+    report = Report(str(out), program, custom)
+    for target, count in Counter(n.target for n in nodes).items():
+        tr = translate.translation(target)
+        report.ops[target.name()] = {"count": count, "as": f"{translate.DOMAIN}::{tr.name}" if custom else "standard", "how": tr.how}
+    progress("translating the longctx ops")
+    ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom))
+    progress("exporting to ONNX")
+    onnx_program = _torch_export(ep)
+    model = onnx_program.model
+    if state_keys:
+        _bind_state(model, state_keys, artifact.read_program(path, manifest, "model"))
+    _name_dims(model)
+    names = output_names(manifest, program) + extra
+    if len(names) == len(model.graph.outputs):
+        for value, name in zip(model.graph.outputs, names, strict=True):
+            value.name = name
+    progress("writing and checking")
+    _write(onnx_program, out)
+    _checker(out, custom)
+    report.inputs = {v.name: _dims(v) for v in model.graph.inputs}
+    report.outputs = {v.name: _dims(v) for v in model.graph.outputs}
+    report.onnx_ops = dict(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes()).most_common())
+    report.bytes = out.stat().st_size
+    return report
+
+
+def output_names(manifest: dict[str, Any], program: str) -> list[str]:
+    """The ONNX output names of an artifact's program, from what the program returns (``runtime.msa_programs``, ``passes.kv_cache``)."""
+    sites = range(len(manifest.get("sites", [])))
+    routed = manifest["signature"].get("msa", {}).get("routed", [])
+    context = [f"context_{part}_{i}" for i in sites for part in ("keys", "values", "mask")]
+    if program == "model":
+        return list(manifest["signature"].get("outputs", ["logits"]))[:1]
+    if program in artifact.STEP_FILES and "msa" not in manifest["signature"]:
+        return ["logits", *(f"{part}_{i}" for i in sites for part in ("key", "value"))]
+    if program == "encode":
+        return [f"{name}_{layer}" for layer in routed for part in ("keys", "values", "router_keys") for name in (part, f"{part}_count")]
+    if program == "query":
+        return ["logits", *(f"{name}_{layer}" for layer in routed for name in ("docs", "scores")), *context]
+    if program == "decode":
+        return ["logits", *context]
+    return []
+
+
+DIM_NAMES = {"input_ids": ("batch", "sequence"), "inputs_input_ids": ("batch", "sequence"), "chunk_doc": ("bank_chunks",), "table": ("docs", "doc_width")}
+
+
+def _name_dims(model) -> None:
+    """Give the symbolic dims (s43 …) names from the first input axis that carries each: batch, sequence, bank_chunks …"""
+    import re
+
+    import onnx_ir as ir
+
+    names: dict[str, str] = {}
+    for value in model.graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names:
+                known = DIM_NAMES.get(value.name, ())
+                names[dim.value] = known[axis] if axis < len(known) else f"{value.name}_dim{axis}"
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+    def rename(value) -> None:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in value.shape):
+            dims = [ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], d.value)) if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape]
+            value.shape = ir.Shape(dims)
+
+    for value in (*model.graph.inputs, *model.graph.initializers.values()):
+        rename(value)
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            rename(value)
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise LccError("ONNX export needs the onnx and onnxscript packages: pip install 'longctx-compile[onnx]'") from None
+    if not hasattr(torch.onnx, "ops"):
+        raise LccError(f"ONNX export needs torch >= 2.8 (torch.onnx.ops); this is torch {torch.__version__}")
+
+
+def _check_out(path: Path, manifest: dict[str, Any], out: Path, force: bool) -> None:
+    names = {artifact.MANIFEST, artifact.GRAPHS, *manifest["programs"].values(), *manifest.get("files", {})} - {artifact.ONNX}
+    files = {(path / name).resolve() for name in names}
+    if out.resolve() == path.resolve() or out.resolve() in files:
+        raise LccError(f"output '{out}' would overwrite the artifact's own files; choose another -o")
+    if out.is_dir():
+        raise LccError(f"'{out}' is a folder; give the .onnx file to write")
+    if out.exists() and not force:
+        raise LccError(f"'{out}' already exists; pass --force to replace it")
+
+
+def _state_keys(ep: torch.export.ExportedProgram) -> list[str]:
+    """The weight names of a step program's ``state`` (its first argument, a dict), in input order; [] for a model program."""
+    args = _children(_children(ep.call_spec.in_spec)[0])
+    return list(args[0].context) if args and args[0].type is dict else []
+
+
+def _children(spec) -> list:
+    return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)  # torch < 2.10: children_specs
+
+
+def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any]) -> tuple[torch.export.ExportedProgram, list[int]]:
+    """The evict model program re-exported so that it also returns the indexer importance [B, groups, S] of each evicting site."""
+    from ..passes.kv_cache import step_state
+    from ..runtime.interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
+
+    signature = manifest["signature"]
+    evict = torch.ops.longctx.evict_attention.default
+    sites = attention_sites(ep)
+    layers = [int(n.meta.get("lcc", {}).get("layer", i)) for i, n in enumerate(sites) if n.target is evict]
+    per_head = signature["evict"].get("granularity") != "layer"
+    groups = {i: int(n.args[1].meta["val"].shape[1]) if per_head else 1 for i, n in enumerate(sites)}
+
+    scores: list[torch.Tensor] = []  # filled by the sites during one forward (not a module attribute: export would warn)
+
+    class WithImportance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.names = list(signature["inputs"])
+            self.keys = list(step_state(ep))
+            for i, value in enumerate(step_state(ep).values()):
+                self.register_buffer(f"w{i}", value)
+            self.graph, self.index = with_site_hooks(ep.graph_module, self.site), logits_index(ep)
+
+        def site(self, i, target, args):
+            if target is evict:
+                scores.append(torch.ops.longctx.evict_importance(args[9], args[10], args[11], args[3], groups[i]))
+            return target(*args)
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            state = {k: getattr(self, f"w{i}") for i, k in enumerate(self.keys)}
+            scores.clear()
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            logits = self.graph(*flat_inputs(ep, self.names, state, inputs))[self.index]
+            return (logits, *scores)
+
+    if signature["inputs"] != ["input_ids", "attention_mask", "position_ids"]:
+        raise LccError(f"cannot export this evict program: it takes {signature['inputs']}, not (input_ids, attention_mask, position_ids)")
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=1, max=int(signature.get("max_len", 4096)))
+    example = torch.zeros(2, 8, dtype=torch.long)
+    dims = {name: {0: batch, 1: seq} for name in signature["inputs"]}
+    with torch.no_grad():
+        wrapped = torch.export.export(
+            WithImportance(), (example, torch.ones_like(example), torch.arange(8).expand(2, 8).clone()), dynamic_shapes=dims, strict=False
+        )
+    return wrapped, layers
+
+
+def _torch_export(ep: torch.export.ExportedProgram):
+    import logging
+    import warnings
+
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # it warns about every optional package (torchvision) it does not find
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False)
+        except Exception as e:  # the exporter's error is pages long: its first line names the op
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise LccError(f"the ONNX exporter failed: {first[:300]}") from None
+        finally:
+            exporter_log.setLevel(level)
+
+
+def _bind_state(model, keys: list[str], weights_ep: torch.export.ExportedProgram) -> None:
+    """Make a step program's first ``len(keys)`` graph inputs (its ``state``) initializers holding the model's weights."""
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    from ..passes.kv_cache import step_state
+
+    state = step_state(weights_ep)
+    inputs = list(model.graph.inputs)
+    for value, key in zip(inputs[: len(keys)], keys, strict=True):
+        model.graph.inputs.remove(value)
+        if value.uses():  # a weight the program never reads (a router key projection at query time) is left out
+            value.const_value = TorchTensor(state[key].detach().contiguous(), name=value.name)
+            model.graph.register_initializer(value)
+
+
+def _write(onnx_program, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        onnx_program.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _checker(out: Path, custom: bool) -> None:
+    import onnx
+
+    try:  # custom-domain nodes have no schema to infer shapes from, so only the full check is skipped for them
+        onnx.checker.check_model(str(out), full_check=not custom)
+    except Exception as e:
+        out.unlink(missing_ok=True)
+        raise LccError(f"the exported model fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
+
+
+def _dims(value) -> list:
+    return [] if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
