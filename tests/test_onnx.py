@@ -1,0 +1,197 @@
+"""ONNX export: onnxruntime on one exported file equals the PyTorch artifact at two sequence lengths, for the dense
+form on zoo families and for every sparse form; onnx.checker passes; the file runs in a fresh process; bad input
+gets one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from test_custom import PrefixLM
+
+import longctx_compile as lcc
+from longctx_compile import artifact
+from longctx_compile.onnx import check
+from longctx_compile.onnx.export import export_onnx
+from longctx_compile.runtime.msa import MsaModel
+from longctx_compile.runtime.msa_programs import padded_table
+
+
+def exported(tmp_path, model, name="m", custom=False, program="model", **options):
+    """(artifact folder, .onnx file, report) of ``model`` compiled with ``options`` and exported."""
+    path = lcc.compile(model, **options).save(tmp_path / f"{name}.lcc")
+    out = tmp_path / f"{name}.onnx"
+    report = export_onnx(path, out, program=program, custom=custom)
+    onnx.checker.check_model(str(out), full_check=not custom)
+    return path, out, report
+
+
+def assert_equal_at_two_lengths(path, out, lengths=None):
+    rows = check.compare(path, out, lengths)
+    assert len({r["length"] for r in rows}) == 2, rows
+    assert all(r["ok"] for r in rows), rows
+    return rows
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-gemma", "tiny-phi"])
+def test_dense_zoo(tmp_path, preset):
+    path, out, report = exported(tmp_path, preset)
+    assert report.ops["longctx::attention"]["as"] == "standard"
+    assert report.inputs["input_ids"] == ["batch", "sequence"] and report.outputs["logits"][:2] == ["batch", "sequence"]
+    assert not any(op.startswith("longctx") for op in report.onnx_ops)
+    lengths = (7, 19) if preset != "tiny-mistral" else (5, 23)  # mistral: past its sliding window of 8
+    assert_equal_at_two_lengths(path, out, lengths)
+
+
+def test_packed_documents_and_arbitrary_masks(tmp_path):
+    path, out, report = exported(tmp_path, "tiny-llama", "docs", attention_mask=False)
+    assert "longctx::doc_ids" in report.ops
+    session = onnxruntime.InferenceSession(str(out))
+    program = lcc.load(path)
+    for positions in ([0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7]):
+        pos = torch.tensor([positions])
+        ids = torch.randint(0, 256, pos.shape)
+        got = session.run(None, {"input_ids": ids.numpy(), "position_ids": pos.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), program(ids, position_ids=pos))
+    path, out, report = exported(tmp_path, PrefixLM().eval(), "prefix", max_len=32)
+    assert_equal_at_two_lengths(path, out, (4, 9))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(chunk=4, topk=2, window=1),  # landmark scores, per-token selection, softmax fusion
+        dict(chunk=4, topk=1, window=0, score="learned", select="block", fusion="stick", sink=True, nope=True),
+        dict(chunk=4, topk="all", window=1, score="exact"),  # equals dense
+    ],
+)
+def test_hsa(tmp_path, options):
+    path, out, report = exported(tmp_path, "tiny-llama", to="hsa", **options)
+    assert report.ops["longctx::hsa_attention"]["count"] == 2
+    assert "TopK" in report.onnx_ops or options["topk"] == "all"
+    assert_equal_at_two_lengths(path, out)  # 6 and 19 tokens: the longer retrieves chunks past the local window
+
+
+def test_hsa_kernel_artifact(tmp_path):
+    """A GPU-target artifact holds the Triton-bound op (hsa_flash); it leaves as the HSA it implements."""
+    path, out, report = exported(tmp_path, "tiny-llama", to="hsa", target="h100", chunk=16, topk=2, window=1)
+    assert list(report.ops) == ["longctx::hsa_flash"]
+    assert_equal_at_two_lengths(path, out, (9, 45))
+
+
+def test_evict_returns_indexer_importance(tmp_path):
+    path, out, report = exported(tmp_path, "tiny-llama", to="evict")
+    assert {"longctx::evict_indexer", "longctx::evict_importance", "longctx::evict_attention"} <= set(report.ops)
+    assert list(report.outputs) == ["logits", "importance_0", "importance_1"]
+    assert report.outputs["importance_0"] == ["batch", 1, "sequence"]
+    rows = assert_equal_at_two_lengths(path, out)
+    assert {r["output"] for r in rows} == {"logits", "importance_0", "importance_1"}
+
+
+def test_msa_model_and_query_time_routing(tmp_path):
+    path, out, report = exported(tmp_path, "tiny-llama", to="msa", pool=2, topk="2", routed_layers="all")
+    assert_equal_at_two_lengths(path, out)
+    query_onnx = tmp_path / "query.onnx"
+    report = export_onnx(path, query_onnx, program="query")
+    onnx.checker.check_model(str(query_onnx), full_check=True)
+    assert {"longctx::msa_route", "longctx::attention"} <= set(report.ops)
+    assert list(report.outputs)[:3] == ["logits", "docs_0", "scores_0"]
+    loaded = lcc.load(path)
+    model = MsaModel(loaded.program, loaded.signature)
+    query = artifact.read_program(path, loaded.manifest, "query").module()
+    session = onnxruntime.InferenceSession(str(query_onnx))
+    names = [i.name for i in session.get_inputs()]
+    g = torch.Generator().manual_seed(0)
+    for docs, T in (((3, 8, 5), 5), ((4, 2, 9, 6, 3), 11)):  # two banks and two question lengths, one file
+        bank = model.encode([torch.randint(0, 256, (n,), generator=g).tolist() for n in docs])
+        question = torch.randint(0, 256, (2, T), generator=g)
+        mask, positions = torch.ones_like(question), torch.arange(T).expand(2, T) + 2
+        tensors = [[getattr(bank, name)[site] for site in bank.layers] for name in ("router_keys", "keys", "values")]
+        table = padded_table(bank.doc_chunks(), 2)
+        want = query(model.state, question, mask, positions, *tensors, bank.chunk_doc, table)
+        flat = [question, mask, positions, *[t for group in tensors for t in group], bank.chunk_doc, table]
+        got = session.run(None, dict(zip(names, [t.numpy() for t in flat], strict=True)))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(a), b)
+
+
+def test_custom_domain_nodes(tmp_path):
+    path, out, report = exported(tmp_path, "tiny-llama", to="hsa", custom=True, chunk=4, topk=2, window=1)
+    assert report.ops["longctx::hsa_attention"]["as"] == "longctx::hsa_attention"
+    model = onnx.load(str(out))
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("longctx", 1)}
+    nodes = [n for n in model.graph.node if n.domain == "longctx"]
+    assert [n.op_type for n in nodes] == ["hsa_attention", "hsa_attention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["chunk"] == 4 and attrs["topk"] == 2 and attrs["window"] == 1 and attrs["mode"] == b"landmark"
+    assert len(nodes[0].input) == 4 and nodes[0].input[3] == "attention_mask"  # q, k, v, key padding
+    assert not any(n.op_type in ("TopK", "Softmax") for n in model.graph.node)  # no standard translation beside them
+
+
+def test_runs_in_a_fresh_process(tmp_path):
+    """The file alone (no lcc import, a new interpreter) runs in onnxruntime and gives the artifact's logits."""
+    path, out, _ = exported(tmp_path, "tiny-qwen2")
+    program = lcc.load(path)
+    script = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1])\n"
+        "for n in (5, 12):\n"
+        "    ids = (np.arange(2 * n).reshape(2, n) * 7 % 256).astype(np.int64)\n"
+        "    feed = {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'position_ids': np.tile(np.arange(n), (2, 1))}\n"
+        "    np.save(sys.argv[2] + f'/{n}.npy', s.run(None, feed)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "longctx_compile" not in done.stderr
+    for n in (5, 12):
+        ids = torch.arange(2 * n).reshape(2, n) * 7 % 256
+        want = program(ids, torch.ones_like(ids), torch.arange(n).expand(2, n))
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / f"{n}.npy")), want)
+
+
+def lcc_cli(*args):
+    return subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
+
+
+def test_cli_export_and_convert(tmp_path):
+    done = lcc_cli("convert", "tiny-llama", "--to", "dense", "-o", str(tmp_path / "a.lcc"), "--onnx")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "a.lcc" / "lcc.json").read_text())
+    assert manifest["onnx"]["file"] == "model.onnx" and "model.onnx" in manifest["files"]
+    artifact.verify_files(tmp_path / "a.lcc", manifest)  # the checksum entered matches the file
+    done = lcc_cli("export-onnx", str(tmp_path / "a.lcc"), "-o", str(tmp_path / "a.onnx"), "--verify", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["ops"]["longctx::attention"]["count"] == 2 and all(r["ok"] for r in info["verify"])
+
+
+def test_bad_input_gets_one_line(tmp_path):
+    sp = lcc.compile("tiny-llama", to="ulysses", degree=2).save(tmp_path / "sp.lcc")
+    dense = lcc.compile("tiny-llama").save(tmp_path / "dense.lcc")
+    (tmp_path / "taken.onnx").write_text("keep me")
+    broken = tmp_path / "broken.lcc"
+    broken.mkdir()
+    for item in dense.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.pt2").write_bytes(b"not a program")
+    cases = [
+        ((str(sp), "-o", str(tmp_path / "x.onnx")), "seq_all_to_all at"),
+        ((str(broken), "-o", str(tmp_path / "x.onnx")), "corrupt artifact"),
+        ((str(tmp_path / "missing.lcc"), "-o", str(tmp_path / "x.onnx")), "no such artifact"),
+        ((str(dense), "-o", str(tmp_path / "taken.onnx")), "already exists"),
+        ((str(dense), "-o", str(dense / "model.pt2"), "--force"), "would overwrite"),
+        ((str(dense), "-o", str(tmp_path / "x.onnx"), "--program", "query"), "no program 'query'"),
+        ((str(dense), "-o", str(tmp_path / "x.onnx"), "--custom-ops", "--verify"), "custom-domain"),
+    ]
+    for args, message in cases:
+        done = lcc_cli("export-onnx", *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "taken.onnx").read_text() == "keep me" and not (tmp_path / "x.onnx").exists()
