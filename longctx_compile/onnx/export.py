@@ -77,7 +77,11 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
         tr = translate.translation(target)
         report.ops[target.name()] = {"count": count, "as": f"{translate.DOMAIN}::{tr.name}" if custom else "standard", "how": tr.how}
     progress("translating the longctx ops")
-    ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom))
+    try:
+        ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom))
+    except Exception as e:  # torch's own re-trace: e.g. inputs whose length is an expression (encode's pool · chunks)
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise LccError(f"torch.export cannot re-trace the {program} program to translate its ops ({type(e).__name__}: {first[:200]})") from None
     progress("exporting to ONNX")
     onnx_program = _torch_export(ep)
     model = onnx_program.model
@@ -116,7 +120,13 @@ def output_names(manifest: dict[str, Any], program: str) -> list[str]:
     return []
 
 
-DIM_NAMES = {"input_ids": ("batch", "sequence"), "inputs_input_ids": ("batch", "sequence"), "chunk_doc": ("bank_chunks",), "table": ("docs", "doc_width")}
+DIM_NAMES = {
+    "input_ids": ("batch", "sequence"),
+    "inputs_input_ids": ("batch", "sequence"),
+    "tokens": ("batch",),
+    "chunk_doc": ("bank_chunks",),
+    "table": ("docs", "doc_width"),
+}
 
 
 def _name_dims(model) -> None:
