@@ -127,3 +127,13 @@ def test_evict_quality_bench_smoke():
     }
     assert all(0 <= a <= 1 for accs in report["accuracy"].values() for a in accs.values())
     assert all(kl >= -1e-6 for by in report["kl_to_dense"].values() for kl in by.values())
+
+
+def test_onnx_bench_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    bench = BENCH.parent / "onnx.py"
+    result = subprocess.run([sys.executable, str(bench), "--smoke", "--forms", "dense", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["form"], r["length"]) for r in rows] == [("dense", 96), ("dense", 200)]
+    assert all(r["max_abs_diff"] < 1e-4 and r["onnx_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
