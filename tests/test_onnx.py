@@ -195,3 +195,25 @@ def test_bad_input_gets_one_line(tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert (tmp_path / "taken.onnx").read_text() == "keep me" and not (tmp_path / "x.onnx").exists()
+
+
+def test_hsa_ties_go_to_the_older_chunk(tmp_path):
+    """Equal chunk scores (a zero scoring query: every landmark score is the log count) select the same chunks in
+    onnxruntime as in the reference; a random-weight model at 1K tokens had such a tie in fp32."""
+    from longctx_compile.ops import portable
+    from longctx_compile.ops.hsa import hsa_ref
+
+    class Ties(torch.nn.Module):
+        def forward(self, q, k, v):
+            return portable.hsa(q, k, v, None, None, None, 0.35, 4, 2, 0, "landmark", "token", False, "stick", torch.zeros_like(q), k)
+
+    T = torch.export.Dim.DYNAMIC  # the padded-chunk views add guards sympy cannot prove (true for every length)
+    example = (torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8))
+    ep = torch.export.export(Ties(), example, dynamic_shapes=({2: T}, {2: T}, {2: T}))
+    torch.onnx.export(ep, (), dynamo=True, opset_version=18).save(tmp_path / "ties.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "ties.onnx"))
+    for length in (23, 40):
+        q, k, v = torch.randn(2, 4, length, 8), torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+        got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
+        want = hsa_ref(q, k, v, None, 0.35, 4, 2, 0, "landmark", "token", None, None, False, "stick", torch.zeros_like(q), k)
+        torch.testing.assert_close(torch.from_numpy(got), want)

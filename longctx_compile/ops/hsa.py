@@ -9,7 +9,8 @@ For query t in chunk c = t // S:
   through the fusion weights;
 - the query heads of a KV group share one selection: the top-K candidates by the group's summed score,
   per query (``select="token"``) or, summed over the chunk's queries too, per query chunk (``"block"``:
-  the chunk's queries then read the same K chunks, which makes the work dense-like and fast);
+  the chunk's queries then read the same K chunks, which makes the work dense-like and fast); of equal
+  scores the older chunk is taken (:func:`top_chunks`), so every implementation selects alike;
 - each selected chunk gets its own softmax and LSE — with ``sink``, softmax-off-by-one (a +1 in the
   denominator, so a query can take almost nothing from a chunk) — and the parts fuse linearly with
   weights over their scores (the local part scored by its LSE): ``fusion="softmax"``, or
@@ -213,7 +214,7 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]
         group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
         group = group.masked_fill(~visible[:, None], float("-inf"))
-    idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, Cg, S|1, K], most recent first
+    idx = top_chunks(group, K)  # [B, Hkv, Cg, S|1, K], most recent first
     if landmarks is None:
         chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
     else:  # each row's own score of its chosen chunks; a chunk picked among fewer than K visible ones scores -inf
@@ -225,6 +226,12 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         chosen = chosen.masked_fill(~seen[:, :, :, None], float("-inf"))
     flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
     return idx, chosen, flat
+
+
+def top_chunks(scores: torch.Tensor, K: int) -> torch.Tensor:
+    """Indices of the K best chunks along the last dim, most recent first; of equal scores the older chunk wins
+    (a stable sort), as in the Triton selection and ONNX TopK, so every implementation picks the same chunks."""
+    return scores.argsort(dim=-1, descending=True, stable=True)[..., :K].sort(dim=-1, descending=True).values
 
 
 def gather_chunks(p: Plan, flat: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:

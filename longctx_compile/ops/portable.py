@@ -142,6 +142,7 @@ def hsa(
     else:
         K = extra = topk
         group = torch.cat([group, group.new_full((B, Hkv, C, units, K), NEG_INF)], dim=-1)
+        # ONNX TopK breaks ties to the lower index, as ``ops.hsa.top_chunks`` defines (a stable sort has no ONNX form)
         idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, C, S|1, K], most recent first
     chosen = torch.cat([score, score.new_full((B, Hkv, C, G, S, extra), NEG_INF)], dim=-1)
     chosen = chosen.gather(-1, idx[:, :, :, None].expand(B, Hkv, C, G, S, K))

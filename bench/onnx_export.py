@@ -7,8 +7,8 @@ dynamic sequence) one forward of batch ``--batch`` runs in onnxruntime (CPU, all
 PyTorch (the artifact's ``model.pt2``: the ops' reference implementations on the CPU). Times are the
 median of ``--repeats`` interleaved runs; the table gives their ratio and the largest difference of the logits.
 
-    python bench/onnx.py                 # a few minutes on 2 cores; paste into bench/RESULTS.md
-    python bench/onnx.py --smoke         # seconds: checks the harness
+    python bench/onnx_export.py                 # a few minutes on 2 cores; paste into bench/RESULTS.md
+    python bench/onnx_export.py --smoke         # seconds: checks the harness
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     from longctx_compile import artifact
     from longctx_compile.onnx import check
 
-    console = Console()
+    console = Console(width=150)
     model = build(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
