@@ -2,7 +2,8 @@
 
 A random-weight Llama (``--layers`` layers, hidden ``--hidden``, ``--heads``/``--kv-heads`` heads) is
 converted to each form in ``--forms`` (hsa: chunk 64, top-4, window 1, landmark; evict: learned
-indexers), each artifact's model program is exported once, and at each of ``--lengths`` (one file,
+indexers), each artifact's model program is exported once per opset in ``--opsets`` (18: attention
+from MatMul and softmax; 23: ONNX's Attention operator), and at each of ``--lengths`` (one file,
 dynamic sequence) one forward of batch ``--batch`` runs in onnxruntime (CPU, all cores) and in
 PyTorch (the artifact's ``model.pt2``: the ops' reference implementations on the CPU). Times are the
 median of ``--repeats`` interleaved runs; the table gives their ratio and the largest difference of the logits.
@@ -54,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forms", default="dense,hsa,evict")
     parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--opsets", default="18,23", help="ONNX opsets to export at (23: attention as ONNX's Attention operator)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
@@ -77,11 +79,13 @@ def main() -> None:
     model = build(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for form in args.forms.split(","):
-            path = lcc.compile(model, to=form, **FORM_OPTIONS[form]).save(Path(tmp) / f"{form}.lcc")
-            out = Path(tmp) / f"{form}.onnx"
+        for form, opset in ((f, int(o)) for f in args.forms.split(",") for o in args.opsets.split(",")):
+            path = Path(tmp) / f"{form}.lcc"
+            if not path.exists():
+                lcc.compile(model, to=form, **FORM_OPTIONS[form]).save(path)
+            out = Path(tmp) / f"{form}-{opset}.onnx"
             start = time.perf_counter()
-            report = lcc.export_onnx(path, out)
+            report = lcc.export_onnx(path, out, opset=opset)
             export_s = time.perf_counter() - start
             manifest = artifact.read_manifest(path)
             program = artifact.read_program(path, manifest).module()
@@ -100,6 +104,7 @@ def main() -> None:
                         torch_s.append(seconds(program, **feed))
                 row = dict(
                     form=form,
+                    opset=opset,
                     length=length,
                     export_s=export_s,
                     mb=report.bytes / 1e6,
@@ -109,13 +114,14 @@ def main() -> None:
                     max_abs_diff=(got - want).abs().max().item(),
                 )
                 rows.append(row)
-                console.print(f"{form} T={length}: onnxruntime {row['onnx_ms']:.1f} ms, torch {row['torch_ms']:.1f} ms", highlight=False)
+                console.print(f"{form} opset {opset} T={length}: onnxruntime {row['onnx_ms']:.1f} ms, torch {row['torch_ms']:.1f} ms", highlight=False)
     table = Table(title=f"ONNX export: Llama {args.layers}x{args.hidden}, {args.heads}/{args.kv_heads} heads, batch {args.batch}, fp32 CPU")
-    for name in ("form", "T", "export s", "file MB", "nodes", "onnxruntime ms", "torch ms", "ort / torch", "max |Δ logits|"):
+    for name in ("form", "opset", "T", "export s", "file MB", "nodes", "onnxruntime ms", "torch ms", "ort / torch", "max |Δ logits|"):
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(
             r["form"],
+            str(r["opset"]),
             str(r["length"]),
             f"{r['export_s']:.1f}",
             f"{r['mb']:.1f}",

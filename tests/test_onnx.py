@@ -23,11 +23,11 @@ from longctx_compile.runtime.msa import MsaModel
 from longctx_compile.runtime.msa_programs import padded_table
 
 
-def exported(tmp_path, model, name="m", custom=False, program="model", **options):
+def exported(tmp_path, model, name="m", custom=False, program="model", opset=18, **options):
     """(artifact folder, .onnx file, report) of ``model`` compiled with ``options`` and exported."""
     path = lcc.compile(model, **options).save(tmp_path / f"{name}.lcc")
     out = tmp_path / f"{name}.onnx"
-    report = export_onnx(path, out, program=program, custom=custom)
+    report = export_onnx(path, out, program=program, custom=custom, opset=opset)
     onnx.checker.check_model(str(out), full_check=not custom)
     return path, out, report
 
@@ -47,6 +47,17 @@ def test_dense_zoo(tmp_path, preset):
     assert not any(op.startswith("longctx") for op in report.onnx_ops)
     lengths = (7, 19) if preset != "tiny-mistral" else (5, 23)  # mistral: past its sliding window of 8
     assert_equal_at_two_lengths(path, out, lengths)
+
+
+def test_opset_23_uses_the_attention_operator(tmp_path):
+    """From opset 23 the attention ops become ONNX's Attention under the visibility mask: a sliding window with
+    padding (mistral) and an arbitrary prefix-LM mask still equal the artifact."""
+    path, out, report = exported(tmp_path, "tiny-mistral", "mistral", opset=23)
+    assert report.onnx_ops.get("Attention") == 2 and "MatMul" in report.onnx_ops  # the projections stay MatMul
+    assert_equal_at_two_lengths(path, out, (5, 23))
+    path, out, report = exported(tmp_path, PrefixLM().eval(), "prefix", opset=23, max_len=32)
+    assert report.onnx_ops.get("Attention") == 1
+    assert_equal_at_two_lengths(path, out, (4, 9))
 
 
 def test_packed_documents_and_arbitrary_masks(tmp_path):

@@ -34,6 +34,7 @@ def test_attention(T, S, causal, window, masks):
     got, got_lse = portable.attention_lse(q, k, v, padding, docs, mask, 0.3, causal, window)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_lse, want_lse)
+    torch.testing.assert_close(portable.attention_op(q, k, v, padding, docs, mask, 0.3, causal, window), want)  # opset 23's Attention
 
 
 HSA = [

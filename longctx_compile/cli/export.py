@@ -25,6 +25,7 @@ def export_onnx(
     ] = False,
     verify: Annotated[bool, typer.Option("--verify", help="run the model in onnxruntime against the PyTorch artifact at two lengths")] = False,
     lengths: Annotated[Optional[str], typer.Option("--lengths", help="sequence lengths for --verify, e.g. 7,19")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18..23; from 23 attention becomes ONNX's Attention operator")] = 18,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
 ) -> None:
@@ -46,7 +47,7 @@ def export_onnx(
             raise LccError(f"--lengths takes comma-separated integers, not '{lengths}'") from None
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("starting", total=None)
-        report = run(Path(path), output, program=program, custom=custom_ops, force=force, progress=lambda m: bar.update(task, description=m))
+        report = run(Path(path), output, program=program, custom=custom_ops, force=force, progress=lambda m: bar.update(task, description=m), opset=opset)
         rows = None
         if verify:
             bar.update(task, description="running onnxruntime against PyTorch")

@@ -24,7 +24,8 @@ from .. import artifact
 from ..errors import LccError
 from . import translate
 
-OPSET = 18
+OPSET = 18  # the default; from 23 the attention ops become ONNX's Attention operator
+OPSETS = range(18, 24)
 
 
 @dataclass
@@ -49,15 +50,18 @@ def export_onnx(
     custom: bool = False,
     force: bool = False,
     progress: Callable[[str], None] = lambda message: None,
+    opset: int = OPSET,
 ) -> Report:
     """Write ``program`` of the artifact at ``path`` to ``out`` (an .onnx file); returns the :class:`Report`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, raised while (un)pickling programs
-        return _export(Path(path), Path(out), program, custom, force, progress)
+        return _export(Path(path), Path(out), program, custom, force, progress, opset)
 
 
-def _export(path: Path, out: Path, program: str, custom: bool, force: bool, progress: Callable[[str], None]) -> Report:
+def _export(path: Path, out: Path, program: str, custom: bool, force: bool, progress: Callable[[str], None], opset: int) -> Report:
     _require_onnx()
+    if opset not in OPSETS:
+        raise LccError(f"opset {opset} is not supported; choose one of {OPSETS.start}..{OPSETS.stop - 1}")
     manifest = artifact.read_manifest(path)
     if program not in manifest["programs"]:
         raise LccError(f"the artifact has no program '{program}' (it has: {', '.join(manifest['programs'])})")
@@ -72,18 +76,22 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
         extra = [f"importance_{layer}" for layer in layers]
     translate.check(ep)
     nodes = translate.longctx_nodes(ep)
-    report = Report(str(out), program, custom)
+    report = Report(str(out), program, custom, opset=opset)
     for target, count in Counter(n.target for n in nodes).items():
         tr = translate.translation(target)
-        report.ops[target.name()] = {"count": count, "as": f"{translate.DOMAIN}::{tr.name}" if custom else "standard", "how": tr.how}
+        report.ops[target.name()] = {
+            "count": count,
+            "as": f"{translate.DOMAIN}::{tr.name}" if custom else "standard",
+            "how": translate.how(target, custom, opset),
+        }
     progress("translating the longctx ops")
     try:
-        ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom))
+        ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom, opset))
     except Exception as e:  # torch's own re-trace: e.g. inputs whose length is an expression (encode's pool · chunks)
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise LccError(f"torch.export cannot re-trace the {program} program to translate its ops ({type(e).__name__}: {first[:200]})") from None
     progress("exporting to ONNX")
-    onnx_program = _torch_export(ep)
+    onnx_program = _torch_export(ep, opset)
     model = onnx_program.model
     if state_keys:
         _bind_state(model, state_keys, artifact.read_program(path, manifest, "model"))
@@ -235,7 +243,7 @@ def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any])
     return wrapped, layers
 
 
-def _torch_export(ep: torch.export.ExportedProgram):
+def _torch_export(ep: torch.export.ExportedProgram, opset: int):
     import logging
     import warnings
 
@@ -245,7 +253,7 @@ def _torch_export(ep: torch.export.ExportedProgram):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False)
+            return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
         except Exception as e:  # the exporter's error is pages long: its first line names the op
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise LccError(f"the ONNX exporter failed: {first[:300]}") from None

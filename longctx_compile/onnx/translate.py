@@ -48,13 +48,18 @@ class Translation:
     outputs: Callable[..., list]
     how: str  # one line for the report
     arity: int | None = None  # leading arguments the semantics read (the rest are kernel configs or unread inputs)
+    fused: Callable | None = None  # the form with ONNX's Attention operator, used from opset 23 on
+    fused_how: str = ""
 
 
 ATTENTION = "masked softmax attention: MatMul, Where, ReduceMax/Exp/ReduceSum, MatMul (GQA by broadcast)"
+FUSED = dict(
+    fused=portable.attention_op, fused_how="ONNX Attention (opset 23, GQA native) under a bool/additive visibility mask, Where for rows that see nothing"
+)
 TRANSLATIONS: dict[object, Translation] = {
-    L.attention.default: Translation("attention", portable.attention, _q_shaped, ATTENTION),
-    L.msa_attention.default: Translation("attention", portable.attention, _q_shaped, ATTENTION + " (the router inputs take no part)", 9),
-    L.evict_attention.default: Translation("attention", portable.attention, _q_shaped, ATTENTION + " (the indexer inputs take no part)", 9),
+    L.attention.default: Translation("attention", portable.attention, _q_shaped, ATTENTION, **FUSED),
+    L.msa_attention.default: Translation("attention", portable.attention, _q_shaped, ATTENTION + " (the router inputs take no part)", 9, **FUSED),
+    L.evict_attention.default: Translation("attention", portable.attention, _q_shaped, ATTENTION + " (the indexer inputs take no part)", 9, **FUSED),
     L.hsa_attention.default: Translation(
         "hsa_attention", portable.hsa, _q_shaped, "chunked HSA: local window softmax, TopK chunk selection, Gather, per-chunk softmax, fusion weights"
     ),
@@ -135,18 +140,25 @@ def check(ep: torch.export.ExportedProgram) -> None:
                 raise LccError(f"{what}: {state[0].name} reads the kernel's saved state (a training graph); export an inference program")
 
 
-def decompositions(targets, custom: bool) -> dict[object, Callable]:
-    """The ``run_decompositions`` table for ``targets``: portable forms, or custom-domain nodes."""
+def how(target, custom: bool, opset: int) -> str:
+    """One line for the report: what ``target`` becomes."""
+    tr = translation(target)
+    return tr.fused_how if tr.fused and opset >= 23 and not custom else tr.how
+
+
+def decompositions(targets, custom: bool, opset: int) -> dict[object, Callable]:
+    """The ``run_decompositions`` table for ``targets``: portable forms (ONNX Attention from opset 23), or custom-domain nodes."""
     table = {}
     for target in targets:
         op, arity, state = KERNELS.get(target, (target, None, None))
-        run = _custom(op) if custom else _standard(TRANSLATIONS[op])
+        run = _custom(op) if custom else _standard(TRANSLATIONS[op], opset)
         table[target] = _kernel(run, arity, state) if state else run
     return table
 
 
-def _standard(tr: Translation) -> Callable:
-    return (lambda *args: tr.portable(*args[: tr.arity])) if tr.arity else tr.portable
+def _standard(tr: Translation, opset: int) -> Callable:
+    form = tr.fused if tr.fused and opset >= 23 else tr.portable
+    return (lambda *args: form(*args[: tr.arity])) if tr.arity else form
 
 
 def _kernel(run: Callable, arity: int, state: Callable) -> Callable:

@@ -36,35 +36,58 @@ def attention(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool, w
     return attention_lse(q, k, v, key_padding, doc_ids, mask, scale, causal, window)[0]
 
 
-def attention_lse(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T] fp32) of the canonical attention; queries are the last T of S keys."""
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    scores = torch.matmul(q.float().reshape(B, Hkv, G, T, D), k.float().unsqueeze(2).transpose(-1, -2)) * scale
+def visibility(q, k, key_padding, doc_ids, mask, causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(keep: bool [B|1, Hq|1, T, S], additive bias [.., T, S] or None) of which keys each query sees, from the
+    structured masks and an arbitrary one; queries are the last T of S keys."""
+    T, S = q.shape[2], k.shape[2]
     rel = (torch.arange(T, device=q.device) + (S - T))[:, None] - torch.arange(S, device=q.device)[None, :]
     keep = torch.ones_like(rel, dtype=torch.bool)
     if causal:
         keep = keep & (rel >= 0)
     if window > 0:
         keep = keep & (rel < window)
-    keep = keep[None, None, None]
+    keep = keep[None, None]
     if key_padding is not None:
-        keep = keep & (key_padding != 0)[:, None, None, None, :]
+        keep = keep & (key_padding != 0)[:, None, None, :]
     if doc_ids is not None:
-        keep = keep & (doc_ids[:, S - T :][:, None, None, :, None] == doc_ids[:, None, None, None, :])
+        keep = keep & (doc_ids[:, S - T :][:, None, :, None] == doc_ids[:, None, None, :])
+    bias = None
     if mask is not None:
         while mask.dim() < 4:
             mask = mask[None]
-        mask = mask.expand(B, Hq, T, S).reshape(B, Hkv, G, T, S)
         if mask.dtype == torch.bool:
             keep = keep & mask
         else:
-            scores = scores + mask.float()
-            keep = keep & (mask != NEG_INF)
-    probs, lse = masked_softmax(scores, keep)
+            bias = mask.float()
+            keep = keep & (bias != NEG_INF)
+    return keep, bias
+
+
+def attention_lse(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T] fp32) of the canonical attention; queries are the last T of S keys."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scores = torch.matmul(q.float().reshape(B, Hkv, G, T, D), k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    keep, bias = visibility(q, k, key_padding, doc_ids, mask, causal, window)
+
+    def grouped(t):  # [B|1, Hq|1, T, S] -> [B|1, Hkv|1, G|1, T, S]
+        return t[:, :, None] if t.shape[1] == 1 else t.expand(t.shape[0], Hq, T, S).reshape(t.shape[0], Hkv, G, T, S)
+
+    if bias is not None:
+        scores = scores + grouped(bias)
+    probs, lse = masked_softmax(scores, grouped(keep))
     out = torch.matmul(probs, v.float().unsqueeze(2))
     return out.reshape(B, Hq, T, v.shape[-1]).to(q.dtype), lse.reshape(B, Hq, T)
+
+
+def attention_op(q, k, v, key_padding, doc_ids, mask, scale: float, causal: bool, window: int) -> torch.Tensor:
+    """``longctx::attention`` as ONNX's own Attention operator (opset 23, fused in runtimes; GQA native) under the
+    visibility mask; a query that sees no key gives 0, as the reference defines."""
+    keep, bias = visibility(q, k, key_padding, doc_ids, mask, causal, window)
+    attn_mask = keep if bias is None else bias.masked_fill(~keep, NEG_INF)
+    out = torch.onnx.ops.attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, scale=scale)[0]
+    return torch.where(keep.any(-1, keepdim=True), out, 0.0).to(q.dtype)
 
 
 def hsa(
