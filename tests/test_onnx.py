@@ -133,6 +133,27 @@ def test_msa_model_and_query_time_routing(tmp_path):
             torch.testing.assert_close(torch.from_numpy(a), b)
 
 
+def test_msa_encode(tmp_path):
+    """The encode program, exported with [docs, chunks, pool] inputs, pools as the saved program does."""
+    path = lcc.compile("tiny-llama", to="msa", pool=2, topk="2", routed_layers="all").save(tmp_path / "m.lcc")
+    out = tmp_path / "encode.onnx"
+    report = export_onnx(path, out, program="encode")
+    onnx.checker.check_model(str(out), full_check=True)
+    assert report.inputs["input_ids"] == ["docs", "chunks", 2] and list(report.outputs)[:2] == ["keys_0", "keys_count_0"]
+    loaded = lcc.load(path)
+    encode = artifact.read_program(path, loaded.manifest, "encode").module()
+    state = MsaModel(loaded.program, loaded.signature).state
+    session = onnxruntime.InferenceSession(str(out))
+    for docs, chunks in ((3, 5), (1, 2)):
+        ids, real = torch.randint(0, 256, (docs, chunks, 2)), torch.ones(docs, chunks, 2, dtype=torch.long)
+        real[0, -1, 1] = 0  # a partial last chunk
+        want = encode(state, ids.flatten(1), real.flatten(1))
+        got = session.run(None, {"input_ids": ids.numpy(), "real": real.numpy()})
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(a), b)
+
+
 def test_custom_domain_nodes(tmp_path):
     path, out, report = exported(tmp_path, "tiny-llama", to="hsa", custom=True, chunk=4, topk=2, window=1)
     assert report.ops["longctx::hsa_attention"]["as"] == "longctx::hsa_attention"

@@ -10,6 +10,7 @@ import torch
 from longctx_compile.ops import portable
 from longctx_compile.ops.evict import indexer_importance
 from longctx_compile.ops.hsa import hsa_ref
+from longctx_compile.ops.loss import IGNORE, lm_head_loss
 from longctx_compile.ops.msa import route_ref
 from longctx_compile.ops.reference import attention_ref, doc_ids_from_positions
 
@@ -82,3 +83,10 @@ def test_indexer_importance(groups, T, S):
     real[1, 0] = False
     want = indexer_importance(q, k, w, groups, query_real=real, need_arg=False)[0]
     torch.testing.assert_close(portable.indexer_importance(q, k, w, groups, real), want)
+
+
+def test_lm_head_loss():
+    hidden, weight, bias = torch.randn(2, 7, 16), torch.randn(30, 16), torch.randn(30)
+    labels = torch.randint(0, 30, (2, 7))
+    labels[0, :3] = IGNORE
+    torch.testing.assert_close(portable.lm_head_loss(hidden, weight, bias, labels, 4), lm_head_loss(hidden, weight, bias, labels, 4))

@@ -19,7 +19,7 @@ err = Console(stderr=True)
 def export_onnx(
     path: Annotated[str, typer.Argument(help="artifact folder")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")],
-    program: Annotated[str, typer.Option("--program", help="which program: model (default), prefill, decode, static, query (msa)")] = "model",
+    program: Annotated[str, typer.Option("--program", help="which program: model (default), prefill, decode, static, encode and query (msa)")] = "model",
     custom_ops: Annotated[
         bool, typer.Option("--custom-ops", help="emit longctx ops as custom-domain nodes (domain 'longctx') for runtimes with fused kernels")
     ] = False,

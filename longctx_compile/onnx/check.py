@@ -82,6 +82,8 @@ def compare(path: Path, onnx_file: Path, lengths: tuple[int, ...] | None = None,
         feed = inputs(manifest, batch, length, seed)
         got = session.run(None, {k: v.numpy() for k, v in feed.items()})
         want = reference(path, manifest, feed)
+        if len(got) != len(want):
+            raise LccError(f"'{onnx_file}' returns {len(got)} outputs; the artifact's model program {len(want)}: was it exported from this artifact?")
         for out, a, b in zip(session.get_outputs(), got, want, strict=True):
             a = torch.from_numpy(a)
             finite = torch.isfinite(b)

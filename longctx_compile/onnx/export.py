@@ -70,6 +70,9 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
     ep = artifact.read_program(path, manifest, program)
     state_keys = _state_keys(ep)
     extra = []
+    if program == "encode":
+        progress("binding the encode program to chunked inputs")
+        ep, state_keys = _encode_in_chunks(ep, manifest, artifact.read_program(path, manifest, "model")), []
     if program == "model" and "evict" in manifest["signature"]:
         progress("adding the indexer importance outputs")
         ep, layers = _with_importance(ep, manifest)
@@ -87,7 +90,7 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
     progress("translating the longctx ops")
     try:
         ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom, opset))
-    except Exception as e:  # torch's own re-trace: e.g. inputs whose length is an expression (encode's pool · chunks)
+    except Exception as e:  # torch's own re-trace failing is one line too
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise LccError(f"torch.export cannot re-trace the {program} program to translate its ops ({type(e).__name__}: {first[:200]})") from None
     progress("exporting to ONNX")
@@ -95,14 +98,13 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
     model = onnx_program.model
     if state_keys:
         _bind_state(model, state_keys, artifact.read_program(path, manifest, "model"))
-    _name_dims(model)
+    _name_dims(model, program)
     names = output_names(manifest, program) + extra
     if len(names) == len(model.graph.outputs):
         for value, name in zip(model.graph.outputs, names, strict=True):
             value.name = name
     progress("writing and checking")
-    _write(onnx_program, out)
-    _checker(out, custom)
+    _write(onnx_program, out, custom)
     report.inputs = {v.name: _dims(v) for v in model.graph.inputs}
     report.outputs = {v.name: _dims(v) for v in model.graph.outputs}
     report.onnx_ops = dict(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes()).most_common())
@@ -129,6 +131,7 @@ def output_names(manifest: dict[str, Any], program: str) -> list[str]:
 
 
 DIM_NAMES = {
+    ("encode", "input_ids"): ("docs", "chunks"),
     "input_ids": ("batch", "sequence"),
     "inputs_input_ids": ("batch", "sequence"),
     "tokens": ("batch",),
@@ -137,7 +140,7 @@ DIM_NAMES = {
 }
 
 
-def _name_dims(model) -> None:
+def _name_dims(model, program: str) -> None:
     """Give the symbolic dims (s43 …) names from the first input axis that carries each: batch, sequence, bank_chunks …"""
     import re
 
@@ -147,7 +150,7 @@ def _name_dims(model) -> None:
     for value in model.graph.inputs:
         for axis, dim in enumerate(value.shape or ()):
             if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names:
-                known = DIM_NAMES.get(value.name, ())
+                known = DIM_NAMES.get((program, value.name)) or DIM_NAMES.get(value.name, ())
                 names[dim.value] = known[axis] if axis < len(known) else f"{value.name}_dim{axis}"
     if not names:
         return
@@ -243,6 +246,31 @@ def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any])
     return wrapped, layers
 
 
+def _encode_in_chunks(ep: torch.export.ExportedProgram, manifest: dict[str, Any], model: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The msa encode program re-exported to take ``input_ids`` / ``real`` as [docs, chunks, pool] with the model's
+    weights bound: torch cannot re-trace the saved one, whose length dims are the expression pool · chunks."""
+    from ..passes.kv_cache import step_state
+
+    state, pool = step_state(model), int(manifest["signature"]["msa"]["pool"])
+    encode = ep.module()
+
+    class EncodeChunks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, value in enumerate(state.values()):
+                self.register_buffer(f"w{i}", value)
+
+        def forward(self, input_ids, real):
+            N, C, P = input_ids.shape
+            weights = {name: getattr(self, f"w{i}") for i, name in enumerate(state)}
+            return encode(weights, input_ids.reshape(N, C * P), real.reshape(N, C * P))
+
+    dims = {0: torch.export.Dim("docs", max=4096), 1: torch.export.Dim("chunks", max=4096)}
+    example = torch.zeros(2, 3, pool, dtype=torch.long)
+    with torch.no_grad():
+        return torch.export.export(EncodeChunks(), (example, torch.ones_like(example)), dynamic_shapes=(dims, dims), strict=False)
+
+
 def _torch_export(ep: torch.export.ExportedProgram, opset: int):
     import logging
     import warnings
@@ -276,24 +304,21 @@ def _bind_state(model, keys: list[str], weights_ep: torch.export.ExportedProgram
             model.graph.register_initializer(value)
 
 
-def _write(onnx_program, out: Path) -> None:
+def _write(onnx_program, out: Path, custom: bool) -> None:
+    """Save beside ``out``, check with ``onnx.checker``, then rename into place: a failing model replaces nothing."""
+    import onnx
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         onnx_program.save(tmp)
+        try:  # custom-domain nodes have no schema to infer shapes from, so only the full check is skipped for them
+            onnx.checker.check_model(str(tmp), full_check=not custom)
+        except Exception as e:
+            raise LccError(f"the exported model fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _checker(out: Path, custom: bool) -> None:
-    import onnx
-
-    try:  # custom-domain nodes have no schema to infer shapes from, so only the full check is skipped for them
-        onnx.checker.check_model(str(out), full_check=not custom)
-    except Exception as e:
-        out.unlink(missing_ok=True)
-        raise LccError(f"the exported model fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
 
 
 def _dims(value) -> list:

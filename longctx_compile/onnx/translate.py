@@ -19,7 +19,6 @@ from .. import ops  # noqa: F401  (registers every longctx op)
 from ..errors import LccError
 from ..ops import portable
 from ..ops.evict import indexer_ref
-from ..ops.loss import IGNORE
 from ..ops.msa import pool_ref
 from ..ops.reference import doc_ids_from_positions
 
@@ -29,14 +28,6 @@ DOMAIN = "longctx"
 
 def _q_shaped(q, k, v, *rest):
     return [((*q.shape[:3], v.shape[-1]), q.dtype)]
-
-
-def _lm_head_loss(hidden, weight, bias, labels, tile):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float().flatten(0, -2)
-    labels = labels.flatten()
-    valid = labels != IGNORE
-    target = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    return torch.where(valid, torch.logsumexp(logits, dim=1) - target, 0.0).sum()
 
 
 @dataclass(frozen=True)
@@ -95,7 +86,7 @@ TRANSLATIONS: dict[object, Translation] = {
         "indexer scoring: MatMul, Relu, weighted ReduceSum over heads, causal Where, ReduceMax over queries",
     ),
     L.lm_head_loss.default: Translation(
-        "lm_head_loss", _lm_head_loss, lambda hidden, *rest: [((), torch.float32)], "LM head and cross-entropy: MatMul, ReduceLogSumExp, GatherElements"
+        "lm_head_loss", portable.lm_head_loss, lambda hidden, *rest: [((), torch.float32)], "LM head and cross-entropy: MatMul, ReduceLogSumExp, GatherElements"
     ),
 }
 # the kernels ``lower`` binds: the op they implement (and its arguments), and stand-ins for the state they save

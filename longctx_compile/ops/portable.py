@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .hsa import _landmarks, fusion_weights
+from .loss import IGNORE
 
 NEG_INF = float("-inf")
 
@@ -237,3 +238,11 @@ def indexer_importance(idx_q, idx_k, idx_w, groups: int, query_real=None, causal
         seen = torch.arange(S, device=idx_q.device)[None, :] <= (torch.arange(T, device=idx_q.device) + (S - T))[:, None]
     seen = seen[None] if query_real is None else seen[None] & (query_real != 0)[:, :, None]
     return scores.masked_fill(~seen[:, None], NEG_INF).amax(2)
+
+
+def lm_head_loss(hidden, weight, bias, labels, tile: int) -> torch.Tensor:
+    """``longctx::lm_head_loss`` (:func:`ops.loss.lm_head_loss`): summed cross-entropy of the LM head, all rows at once."""
+    logits = F.linear(hidden, weight, bias).float().flatten(0, -2)
+    labels = labels.flatten()
+    target = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    return torch.where(labels != IGNORE, torch.logsumexp(logits, dim=1) - target, 0.0).sum()
