@@ -1,15 +1,14 @@
 """The lcc command line: the main job works, and bad input is one line, a non-zero exit, nothing written."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import lcc_cli
 import pytest
 
 
 def lcc(*args, cwd=None):
-    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True, cwd=cwd)
+    result = lcc_cli.run(*args, cwd=cwd)
     return result.returncode, result.stdout, result.stderr
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
+import lcc_cli
 import pytest
 import torch
 
@@ -16,7 +16,7 @@ SMALL = ["--opt", "sinks=2", "--opt", "window=4", "--opt", "budget=24"]
 
 
 def run(*args):
-    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
+    result = lcc_cli.run(*args)
     assert "Traceback" not in result.stderr
     return result
 

@@ -139,10 +139,9 @@ def test_non_causal_programs_refuse_a_cache():
 
 
 def lcc_cli(*args):
-    import subprocess
-    import sys
+    import lcc_cli as cli
 
-    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
+    result = cli.run(*args)
     return result.returncode, result.stdout, result.stderr
 
 

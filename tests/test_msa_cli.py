@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 
+import lcc_cli
 import pytest
 
 
 def lcc(*args):
-    result = subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
+    result = lcc_cli.run(*args)
     assert "Traceback" not in result.stderr
     return result
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import lcc_cli
 import numpy as np
 import onnx
 import onnxruntime
@@ -188,17 +189,13 @@ def test_runs_in_a_fresh_process(tmp_path):
         torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / f"{n}.npy")), want)
 
 
-def lcc_cli(*args):
-    return subprocess.run([sys.executable, "-m", "longctx_compile", *args], capture_output=True, text=True)
-
-
 def test_cli_export_and_convert(tmp_path):
-    done = lcc_cli("convert", "tiny-llama", "--to", "dense", "-o", str(tmp_path / "a.lcc"), "--onnx")
+    done = lcc_cli.run("convert", "tiny-llama", "--to", "dense", "-o", str(tmp_path / "a.lcc"), "--onnx")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "a.lcc" / "lcc.json").read_text())
     assert manifest["onnx"]["file"] == "model.onnx" and "model.onnx" in manifest["files"]
     artifact.verify_files(tmp_path / "a.lcc", manifest)  # the checksum entered matches the file
-    done = lcc_cli("export-onnx", str(tmp_path / "a.lcc"), "-o", str(tmp_path / "a.onnx"), "--verify", "--json")
+    done = lcc_cli.run("export-onnx", str(tmp_path / "a.lcc"), "-o", str(tmp_path / "a.onnx"), "--verify", "--json")
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["ops"]["longctx::attention"]["count"] == 2 and all(r["ok"] for r in info["verify"])
@@ -223,7 +220,7 @@ def test_bad_input_gets_one_line(tmp_path):
         ((str(dense), "-o", str(tmp_path / "x.onnx"), "--custom-ops", "--verify"), "custom-domain"),
     ]
     for args, message in cases:
-        done = lcc_cli("export-onnx", *args)
+        done = lcc_cli.run("export-onnx", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert (tmp_path / "taken.onnx").read_text() == "keep me" and not (tmp_path / "x.onnx").exists()
