@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .hsa import _landmarks, fusion_weights
 from .loss import IGNORE
+from .reference import visible
 
 NEG_INF = float("-inf")
 
@@ -41,17 +42,9 @@ def visibility(q, k, key_padding, doc_ids, mask, causal: bool, window: int) -> t
     """(keep: bool [B|1, Hq|1, T, S], additive bias [.., T, S] or None) of which keys each query sees, from the
     structured masks and an arbitrary one; queries are the last T of S keys."""
     T, S = q.shape[2], k.shape[2]
-    rel = (torch.arange(T, device=q.device) + (S - T))[:, None] - torch.arange(S, device=q.device)[None, :]
-    keep = torch.ones_like(rel, dtype=torch.bool)
-    if causal:
-        keep = keep & (rel >= 0)
-    if window > 0:
-        keep = keep & (rel < window)
-    keep = keep[None, None]
-    if key_padding is not None:
-        keep = keep & (key_padding != 0)[:, None, None, :]
-    if doc_ids is not None:
-        keep = keep & (doc_ids[:, S - T :][:, None, :, None] == doc_ids[:, None, None, :])
+    q_docs = None if doc_ids is None else doc_ids[:, S - T :]
+    qpos, kpos = torch.arange(T, device=q.device) + (S - T), torch.arange(S, device=q.device)
+    keep = visible(qpos, kpos, causal=causal, window=window, key_padding=key_padding, q_docs=q_docs, k_docs=doc_ids)
     bias = None
     if mask is not None:
         while mask.dim() < 4:

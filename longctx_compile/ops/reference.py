@@ -48,7 +48,7 @@ def visible(
     ``key_padding`` and ``k_docs`` are [B, len(kpos)], ``q_docs`` [B, len(qpos)].
     """
     rel = qpos[:, None] - kpos[None, :]
-    ok = torch.ones(len(qpos), len(kpos), dtype=torch.bool, device=qpos.device)
+    ok = torch.ones_like(rel, dtype=torch.bool)  # (not len(qpos): the ONNX export traces this with symbolic lengths)
     if causal:
         ok = ok & (rel >= 0)
     if window > 0:
