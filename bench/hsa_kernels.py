@@ -47,9 +47,9 @@ def run(args) -> list[dict]:
 
 def measure(T: int, shape: dict, args) -> dict:
     """Milliseconds of HSA (both selections) and dense SDPA at length T, forward and forward+backward, and the kernels' error."""
-    from longctx_compile.kernels.tiles import hsa_tiles
     from longctx_compile.ops.hsa import hsa_attention
     from longctx_compile.ops.hsa_flash import hsa_flash
+    from longctx_compile.targets.tiles import hsa_tiles
 
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]

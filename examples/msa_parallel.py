@@ -49,7 +49,7 @@ def main() -> None:
         "rank": rank,
         "documents": len(memory.owned),
         "routed": {str(k): [bank.docs[d] for d in v[0].tolist()] for k, v in result.docs.items()},
-        "answer_ids": tokens[0].tolist(),
+        "answer_ids": tokens[0],
     }
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)

@@ -22,14 +22,11 @@ import torch
 from . import __version__
 from .errors import LccError
 
-FORMAT_VERSION = 1
+# 2: programs in per-purpose namespaces (``kv_cache/``, ``msa/``), each in a folder of that name
+FORMAT_VERSION = 2
 MANIFEST = "lcc.json"
 PROGRAM = "model.pt2"
-# the KV-cache step programs (``passes.kv_cache``); they take the weights of model.pt2 as an input
-STEP_FILES = {"prefill": "prefill.pt2", "decode": "decode.pt2", "static": "decode_static.pt2"}
 GRAPHS = "graphs.json"
-# an msa artifact's stage programs (``runtime.msa_programs``); they too take model.pt2's weights as an input
-MSA_FILES = {"encode": "encode.pt2", "query": "query.pt2", "decode": "decode.pt2"}
 ONNX = "model.onnx"  # the model program as ONNX (``lcc convert --onnx``; ``onnx.export``)
 
 
@@ -72,7 +69,7 @@ def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any
         "sites": program.sites(),
         "history": [dataclasses.asdict(r) for r in program.history],
         "stages": list(program.snapshots),
-        "programs": {"model": PROGRAM},
+        "programs": {"model": PROGRAM},  # + one namespace per purpose: {"kv_cache": {"prefill": "kv_cache/prefill.pt2", ...}}
         "equivalence": report,
     }
 
@@ -99,23 +96,13 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
         torch.export.save(compiled.program.ep, tmp / PROGRAM)
         (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
         manifest = manifest_of(compiled, report)
-        try:
-            steps = compiled.steps
-            for name in steps.PROGRAMS:
-                torch.export.save(getattr(steps, name), tmp / STEP_FILES[name])
-                manifest["programs"][name] = STEP_FILES[name]
-            manifest["cache"] = steps.layout.to_json()
-        except LccError as e:
-            manifest["cache"] = None
-            manifest["cache_note"] = str(e)
-        if "msa" in compiled.program.signature:  # the MSA stages as programs of their own (weights from model.pt2)
-            from .runtime.msa import MsaModel
-            from .runtime.msa_programs import export_programs
-
-            for name, ep in export_programs(MsaModel(compiled.program.ep, compiled.program.signature)).items():
-                torch.export.save(ep, tmp / MSA_FILES[name])
-                manifest["programs"][name] = MSA_FILES[name]
-        manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *manifest["programs"].values()) if (tmp / name).exists()}
+        for namespace, (programs, facts) in compiled.step_programs().items():
+            manifest.update(facts)
+            for name, ep in programs.items():
+                (tmp / namespace).mkdir(exist_ok=True)
+                torch.export.save(ep, tmp / namespace / f"{name}.pt2")
+                manifest["programs"].setdefault(namespace, {})[name] = f"{namespace}/{name}.pt2"
+        manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *program_files(manifest).values())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out
 
@@ -187,8 +174,34 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or "format_version" not in manifest or "signature" not in manifest:
         raise LccError(f"corrupt artifact '{path}': {MANIFEST} lacks format_version or signature")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise LccError(f"artifact '{path}' has format version {manifest['format_version']}; this lcc reads {FORMAT_VERSION}")
+        older = isinstance(manifest["format_version"], int) and manifest["format_version"] < FORMAT_VERSION
+        why = "an older lcc wrote it; re-convert the model with this lcc" if older else "a newer lcc wrote it; upgrade lcc"
+        raise LccError(f"artifact '{path}' has format version {manifest['format_version']} and this lcc reads {FORMAT_VERSION}: {why}")
     return manifest
+
+
+def program_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """Every program of an artifact by qualified name (``model``, ``kv_cache.decode``, ``msa.query``) → its file."""
+    files = {}
+    for key, value in manifest["programs"].items():
+        if isinstance(value, dict):
+            files.update({f"{key}.{name}": file for name, file in value.items()})
+        else:
+            files[key] = value
+    return files
+
+
+def resolve_program(manifest: dict[str, Any], name: str) -> str:
+    """The qualified name of program ``name``: itself, or the one namespace holding a program of that short name."""
+    files = program_files(manifest)
+    if name in files:
+        return name
+    matches = [qualified for qualified in files if qualified.rsplit(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise LccError(f"the artifact has several programs named '{name}': say which ({', '.join(matches)})")
+    raise LccError(f"the artifact has no program '{name}' (it has: {', '.join(files)})")
 
 
 def verify_files(path: Path, manifest: dict[str, Any], only: str | None = None) -> None:
@@ -204,13 +217,15 @@ def verify_files(path: Path, manifest: dict[str, Any], only: str | None = None) 
 
 
 def read_program(path: Path, manifest: dict[str, Any], name: str = "model", device: Any = None) -> torch.export.ExportedProgram:
-    """One program of the artifact, checksums checked first; ``device`` moves weights and graph device literals."""
+    """One program of the artifact (a qualified name, or a short one that names a single program), checksums checked
+    first; ``device`` moves weights and graph device literals."""
     from torch.export.passes import move_to_device_pass
 
     from . import ops  # noqa: F401  (the longctx ops must be registered before deserializing)
 
-    verify_files(path, manifest, only=manifest["programs"][name])
-    file = Path(path) / manifest["programs"][name]
+    relative = program_files(manifest)[resolve_program(manifest, name)]
+    verify_files(path, manifest, only=relative)
+    file = Path(path) / relative
     try:
         ep = torch.export.load(file)
     except Exception as e:

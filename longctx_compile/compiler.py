@@ -41,7 +41,7 @@ class Compiled:
 
     @functools.cached_property
     def _tiled_loss(self) -> Any:
-        from .passes.tile_loss import TiledLoss
+        from .runtime.tile_loss import TiledLoss
 
         return TiledLoss(self.module, self.program.signature)
 
@@ -58,10 +58,26 @@ class Compiled:
 
     @functools.cached_property
     def _step_programs(self) -> dict[str, Any]:
-        from .passes.kv_cache import step_state
+        from .runtime.interpret import step_state
         from .runtime.steps import bind
 
         return bind({name: getattr(self.steps, name) for name in self.steps.PROGRAMS}, step_state(self.program.ep))
+
+    def step_programs(self) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+        """What an artifact saves beside model.pt2, by namespace: (programs by name, manifest entries).
+
+        ``kv_cache``: prefill and decode with explicit caches (or none, and the manifest says why);
+        the form's own namespace (``msa``: encode, query, decode) when it has programs of its own.
+        """
+        try:
+            steps = self.steps
+            out = {"kv_cache": ({name: getattr(steps, name) for name in steps.PROGRAMS}, {"cache": steps.layout.to_json()})}
+        except LccError as e:
+            out = {"kv_cache": ({}, {"cache": None, "cache_note": str(e)})}
+        form = get_form(self.program.form)
+        if form.programs is not None:
+            out[form.name] = (form.programs(self.program), {})
+        return out
 
     def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""

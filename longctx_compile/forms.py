@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import LccError
 
@@ -19,6 +21,16 @@ class FormSpec:
     passes: list[str] = field(default_factory=list)
     doc: str = ""
     exact: bool = True  # whether the form (as configured) must equal the dense model
+    # the form's own step programs, saved under the artifact's namespace of the form's name: program -> {name: ExportedProgram}
+    programs: Callable[[Any], dict[str, Any]] | None = None
+
+
+def _msa_programs(program: Any) -> dict[str, Any]:
+    """encode, query and decode of an msa program (``runtime.msa_programs``), weights taken from model.pt2."""
+    from .runtime.msa import MsaModel
+    from .runtime.msa_programs import export_programs
+
+    return export_programs(MsaModel(program.ep, program.signature))
 
 
 def _forms() -> dict[str, FormSpec]:
@@ -34,7 +46,11 @@ def _forms() -> dict[str, FormSpec]:
         "sp": FormSpec("sp", SpConfig, ["sp"], "sequence parallelism that picks ulysses, ring or Ulysses-inside-ring from the heads and bytes"),
         "hsa": FormSpec("hsa", HsaConfig, ["hsa"], "hierarchical sparse attention: local window + top-K chunks fused by score", exact=False),
         "msa": FormSpec(
-            "msa", MsaConfig, ["msa", "doc_rope"], "memory sparse attention: routed layers pool documents into a memory bank and attend over the top-k"
+            "msa",
+            MsaConfig,
+            ["msa", "doc_rope"],
+            "memory sparse attention: routed layers pool documents into a memory bank and attend over the top-k",
+            programs=_msa_programs,
         ),
         "evict": FormSpec(
             "evict",

@@ -119,3 +119,34 @@ def test_diff_associates_nodes_by_layer(artifact, tmp_path):
     assert page.count("<svg") == 2 and "http" not in page.replace("http://www.w3.org/2000/svg", "")
     assert json.loads(render_json(d))["summary"]["added"] == 1
     assert render_dot(d).startswith("digraph")
+
+
+def test_an_artifact_of_another_format_version_is_refused_in_one_line(artifact, tmp_path):
+    import shutil
+
+    old = tmp_path / "old.lcc"
+    shutil.copytree(artifact, old)
+    manifest = json.loads((old / "lcc.json").read_text())
+    for version, says in ((1, "an older lcc wrote it; re-convert"), (99, "a newer lcc wrote it")):
+        manifest["format_version"] = version
+        (old / "lcc.json").write_text(json.dumps(manifest))
+        with pytest.raises(LccError, match=says):
+            lcc.load(old)
+
+
+def test_programs_live_in_namespaces_and_short_names_resolve_when_unique(artifact):
+    from longctx_compile import artifact as art
+
+    manifest = art.read_manifest(artifact)
+    assert art.program_files(manifest) == {
+        "model": "model.pt2",
+        "kv_cache.prefill": "kv_cache/prefill.pt2",
+        "kv_cache.decode": "kv_cache/decode.pt2",
+        "kv_cache.static": "kv_cache/static.pt2",
+    }
+    assert art.resolve_program(manifest, "decode") == "kv_cache.decode"
+    ambiguous = {**manifest, "programs": {**manifest["programs"], "msa": {"decode": "msa/decode.pt2"}}}
+    with pytest.raises(LccError, match="several programs named 'decode'.*kv_cache.decode, msa.decode"):
+        art.resolve_program(ambiguous, "decode")
+    with pytest.raises(LccError, match="no program 'query'"):
+        art.resolve_program(manifest, "query")

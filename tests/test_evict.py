@@ -71,15 +71,15 @@ def test_eviction_compacts_to_the_budget_keeping_sinks_window_and_the_top_keys(c
     # the oracle keeps the keys of highest true max-logit: recompute it from a dense run's q and k
     captured = {}
 
-    def hook(site, target, args):
-        captured[site] = (args[0], args[1], args[6])
-        return target(*args)
+    def hook(site, call):
+        captured[site] = (call.q, call.k, call.scale)
+        return call()
 
-    from longctx_compile.runtime.interpret import SiteInterpreter, flat_inputs
+    from longctx_compile.runtime.interpret import flat_inputs, with_site_hooks
 
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(30)[None]}
     with torch.no_grad():
-        SiteInterpreter(compiled.program.gm, hook).run(*flat_inputs(compiled.program.ep, m.names, m.state, inputs))
+        with_site_hooks(compiled.program.gm, hook)(*flat_inputs(compiled.program.ep, m.names, m.state, inputs))
     for site, (q, k, scale) in captured.items():
         want = ops.keep_positions(ops.teacher_importance(q, k, scale)[:, 0], 2, 4, 12)
         assert cache.sites[site].pos[0, 0].tolist() == want[0].tolist()

@@ -39,7 +39,10 @@ def test_artifact_generates_after_loading(tmp_path):
     compiled = lcc.compile("tiny-mistral")
     path = compiled.save(tmp_path / "m.lcc")
     loaded = lcc.load(path)
-    assert set(loaded.manifest["programs"]) == {"model", "prefill", "decode", "static"}
+    assert loaded.manifest["programs"] == {
+        "model": "model.pt2",
+        "kv_cache": {"prefill": "kv_cache/prefill.pt2", "decode": "kv_cache/decode.pt2", "static": "kv_cache/static.pt2"},
+    }
     assert loaded.manifest["cache"]["kv_heads"] == [2, 2] and loaded.manifest["cache"]["head_dims"] == [16, 16]
     expected = hf_greedy(compiled.original, PROMPTS, 12)
     assert loaded.generate(PROMPTS, max_new_tokens=12) == expected
@@ -47,7 +50,7 @@ def test_artifact_generates_after_loading(tmp_path):
     # the step programs take model.pt2's weights as an input instead of carrying copies
     weights = loaded.manifest["parameters"]["bytes"]
     assert (path / "model.pt2").stat().st_size > weights
-    for name in ("prefill.pt2", "decode.pt2", "decode_static.pt2"):
+    for name in ("kv_cache/prefill.pt2", "kv_cache/decode.pt2", "kv_cache/static.pt2"):
         assert (path / name).stat().st_size < weights / 2
 
 
@@ -183,7 +186,7 @@ def test_cli_prompt_text_needs_a_tokenizer(tmp_path):
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-phi"])
 def test_prefill_runs_the_lm_head_on_the_last_position_only(preset):
     """The slice goes before the LM head's linear, so a long prompt never materialises [B, T, vocab]."""
-    from longctx_compile.passes.graph import is_call
+    from longctx_compile.fx import is_call
 
     graph = lcc.compile(preset).steps.prefill.graph_module.graph
     head = [n for n in graph.nodes if is_call(n, torch.ops.aten.linear)][-1]

@@ -17,9 +17,9 @@ import longctx_compile as lcc
 from longctx_compile.errors import LccError
 from longctx_compile.kernels import hsa as kernels
 from longctx_compile.kernels.attention import interpreting
-from longctx_compile.kernels.tiles import hsa_tiles
 from longctx_compile.ops.hsa import hsa_attention
 from longctx_compile.ops.hsa_flash import hsa_flash
+from longctx_compile.targets.tiles import hsa_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 S = 16
@@ -155,8 +155,8 @@ def test_kernel_refusals(tmp_path):
 
 def test_tiles_fit_the_targets():
     """The default HSA tiles fit every GPU target's shared memory at chunk 64, head dim 128, bf16 (as the lowering checks)."""
-    from longctx_compile.kernels.tiles import hsa_smem_bytes
     from longctx_compile.targets import TARGETS
+    from longctx_compile.targets.tiles import hsa_smem_bytes
 
     for name, target in TARGETS.items():
         if target.kernels != "triton":

@@ -13,9 +13,9 @@ import torch
 import longctx_compile  # noqa: F401
 from longctx_compile.errors import LccError
 from longctx_compile.kernels import attention as kernels
-from longctx_compile.kernels.tiles import TileConfig
 from longctx_compile.ops import attention_ref, doc_ids_from_positions
 from longctx_compile.ops.reference import allowed_mask
+from longctx_compile.targets.tiles import TileConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
 SMALL = TileConfig(16, 16, 4, 1)

@@ -104,3 +104,41 @@ def test_text_documents_and_questions_with_the_saved_tokenizer_and_source_router
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["routed"]["1"][0] in {"x", "y"} and answer["answer"].split() == [words[i] for i in answer["answer_ids"]]
+
+
+def test_an_msa_artifact_generates_with_and_without_a_bank(artifact, tmp_path):
+    """Without a bank an msa program is the dense model (its own input is its whole context); with one, each prompt is
+    a query routed over the bank and decoded over what it assembled, as ``MsaModel.generate`` does."""
+    import torch
+
+    import longctx_compile as lcc_api
+    from longctx_compile.runtime import memory_bank
+    from longctx_compile.runtime.msa import MsaModel
+
+    model = str(artifact / "model.lcc")
+    loaded = lcc_api.load(model)
+    assert set(loaded.manifest["programs"]) == {"model", "kv_cache", "msa"}  # namespaces: both have a decode program
+    dense = lcc_api.compile("tiny-llama").generate([[1, 2, 3]], max_new_tokens=5)[0]
+    plain = lcc("generate", model, "--prompt-ids", "1,2,3", "-n", "5")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip() == ",".join(map(str, dense))
+
+    bank = str(tmp_path / "bank")
+    docs = write_docs(tmp_path / "docs.jsonl", [{"id": "a", "tokens": [11, 12, 13, 14, 15]}, {"id": "b", "tokens": [16, 17]}, {"id": "c", "tokens": [18]}])
+    assert lcc("memory", "encode", model, "--docs", docs, "-o", bank).returncode == 0
+    msa = MsaModel(loaded.program, loaded.signature)
+    want, _ = msa.generate(memory_bank.load(bank, model=msa.facts), torch.tensor([[1, 2, 3]]), 5)
+    assert loaded.generate([[1, 2, 3]], max_new_tokens=5, bank=bank) == want
+    routed = lcc("generate", model, "--bank", bank, "--prompt-ids", "1,2,3", "-n", "5", "--json")
+    assert routed.returncode == 0, routed.stderr
+    assert json.loads(routed.stdout)[0]["new_ids"] == want[0]
+    # prompts of different lengths are left-padded into one batch of queries
+    both = loaded.generate([[1, 2, 3], [4, 5]], max_new_tokens=4, bank=bank)
+    assert both[0] == want[0][:4] and len(both[1]) == 4
+
+
+def test_generate_refuses_a_bank_for_other_forms(tmp_path):
+    dense = tmp_path / "dense.lcc"
+    assert lcc("convert", "tiny-llama", "-o", str(dense)).returncode == 0
+    result = lcc("generate", str(dense), "--bank", str(tmp_path), "--prompt-ids", "1,2")
+    assert result.returncode == 2 and "not msa" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -15,9 +15,9 @@ def test_saved_programs_equal_the_eager_runtime(tmp_path):
     compiled = lcc.compile("tiny-llama", to="msa", pool=2, topk="2", routed_layers="all")
     path = compiled.save(tmp_path / "model.lcc")
     loaded = lcc.load(path)
-    assert {"encode", "query", "decode"} <= set(loaded.manifest["programs"])
+    assert set(loaded.manifest["programs"]["msa"]) == {"encode", "query", "decode"}
     model = MsaModel(loaded.program, loaded.signature)
-    encode, query, decode = (artifact.read_program(path, loaded.manifest, name).module() for name in ("encode", "query", "decode"))
+    encode, query, decode = (artifact.read_program(path, loaded.manifest, f"msa.{name}").module() for name in ("encode", "query", "decode"))
     g = torch.Generator().manual_seed(0)
 
     # encode: rows of other lengths (a multiple of the pool) and padding than the export example

@@ -9,10 +9,10 @@ import torch
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
 from longctx_compile.kernels import attention as kernel_module
-from longctx_compile.kernels import tiles
-from longctx_compile.kernels.tiles import MAX_REGISTERS, TileConfig, registers_per_thread, smem_bytes
-from longctx_compile.targets import TARGETS, autotune, configs, get_target
+from longctx_compile.ops.schema import Call
+from longctx_compile.targets import TARGETS, autotune, configs, get_target, tiles
 from longctx_compile.targets.configs import KINDS, Shape, choose
+from longctx_compile.targets.tiles import MAX_REGISTERS, TileConfig, registers_per_thread, smem_bytes
 from longctx_compile.testing import assert_equivalent
 
 GPU_TARGETS = [name for name, t in TARGETS.items() if t.kernels == "triton"]
@@ -112,7 +112,8 @@ def test_lower_binds_flash_attention_with_configs_per_site():
         assert site["config"]["fwd"] == expected.fwd.as_list() and site["config"]["bwd"] == expected.bwd.as_list()
         assert site["config"]["smem"]["fwd"] == smem_bytes("fwd", expected.fwd, 16, 16, torch.float32)
     node = compiled.program.attention_nodes()[0]
-    assert node.args[9] == expected.fwd.as_list() and node.args[10] == expected.bwd.as_list()
+    call = Call.of(node)
+    assert call.fwd_config == expected.fwd.as_list() and call.bwd_config == expected.bwd.as_list()
     assert compiled.program.history[-1].config["target"] == "h100"
     diff = lcc.diff(compiled, "canonicalize", "lower", layer=0)
     added = {c.target: c for c in diff.changes if c.kind == "added"}

@@ -11,7 +11,7 @@ from longctx_compile.distributed import IGNORE
 from longctx_compile.distributed.ranks import train_step
 from longctx_compile.errors import LccError
 from longctx_compile.ops.loss import lm_head_loss, lm_head_loss_ref
-from longctx_compile.passes.tile_loss import head_hidden
+from longctx_compile.runtime.tile_loss import head_hidden
 
 
 def shifted(ids):

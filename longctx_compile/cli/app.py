@@ -242,9 +242,13 @@ def generate(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop_ids: Annotated[Optional[str], typer.Option("--stop-ids", help="ids that end a prompt's generation, e.g. 2,0")] = None,
     cache: Annotated[str, typer.Option("--cache", help="static (allocated once, written in place) or growing (appended per token)")] = "static",
+    bank: Annotated[Optional[Path], typer.Option("--bank", help="msa: a memory bank folder each prompt is routed over (lcc memory encode)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Generate tokens from an artifact with its KV-cache programs (greedy unless --sample).
+
+    With --bank (msa artifacts), each prompt is a query routed over the bank's documents, then decoded
+    over the context it assembled.
 
     Example: lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16
     """
@@ -254,6 +258,8 @@ def generate(
     if bool(prompt) == bool(prompt_ids):
         raise LccError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
     model = api.load(path)
+    if bank is not None and model.manifest["form"] != "msa":
+        raise LccError(f"--bank routes over a memory bank: '{path}' is a {model.manifest['form']} artifact, not msa")
     tokenizer = tokenizer_for(model.manifest)
     if prompt and tokenizer is None:
         raise LccError(f"no tokenizer for '{path}': its source has none saved; use --prompt-ids")
@@ -265,7 +271,7 @@ def generate(
         if live and step[0] is not None:
             out.print(tokenizer.decode([step[0]]) if tokenizer else f"{step[0]} ", end="", highlight=False)
 
-    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, cache=cache, **sampling)
+    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, cache=cache, bank=bank, **sampling)
     if as_json:
         out.print_json(
             json.dumps([{"prompt_ids": p, "new_ids": t, "text": tokenizer.decode(t) if tokenizer else None} for p, t in zip(prompts, tokens, strict=True)])

@@ -19,7 +19,12 @@ err = Console(stderr=True)
 def export_onnx(
     path: Annotated[str, typer.Argument(help="artifact folder")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")],
-    program: Annotated[str, typer.Option("--program", help="which program: model (default), prefill, decode, static, encode and query (msa)")] = "model",
+    program: Annotated[
+        str,
+        typer.Option(
+            "--program", help="which program: model (default), kv_cache.prefill|decode|static, msa.encode|query|decode; a short name that is unique will do"
+        ),
+    ] = "model",
     custom_ops: Annotated[
         bool, typer.Option("--custom-ops", help="emit longctx ops as custom-domain nodes (domain 'longctx') for runtimes with fused kernels")
     ] = False,

@@ -219,7 +219,7 @@ def query(
         done = ranks.msa_generate(artifact, bank_path, nproc, ids, max_new_tokens)
         tokens, docs = done["tokens"], done["docs"]
     routed = {layer: [bank.docs[d] for d in docs[layer][0].tolist()] for layer in bank.layers}
-    answer = tokens[0].tolist()
+    answer = list(tokens[0])
     text = tokenizer.decode(answer) if tokenizer else None
     if as_json:
         out.print_json(json.dumps({"routed": {str(k): v for k, v in routed.items()}, "answer_ids": answer, "answer": text}))

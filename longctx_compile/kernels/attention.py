@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
-from .tiles import TileConfig, padded_dim, smem_bytes, unsupported
+from ..targets.tiles import TileConfig, padded_dim, smem_bytes, unsupported
 
 LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
+from ..targets.tiles import hsa_rows, hsa_unsupported, padded_dim
 from .attention import _TL_DTYPES, _dot, interpreting
-from .tiles import hsa_rows, hsa_unsupported, padded_dim
 
 
 # Kernel argument lists stay packed (pointers, strides, sizes, compile-time flags) rather than one per line.

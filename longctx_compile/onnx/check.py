@@ -43,8 +43,7 @@ def inputs(manifest: dict[str, Any], batch: int, length: int, seed: int) -> dict
 def reference(path: Path, manifest: dict[str, Any], feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The artifact's outputs in PyTorch: logits, then (evict) each evicting site's indexer importance."""
     from ..ops.evict import indexer_importance
-    from ..passes.kv_cache import step_state
-    from ..runtime.interpret import SiteInterpreter, flat_inputs, logits_index
+    from ..runtime.interpret import flat_inputs, logits_index, step_state, with_site_hooks
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, raised while unpickling the program
@@ -53,14 +52,14 @@ def reference(path: Path, manifest: dict[str, Any], feed: dict[str, torch.Tensor
     evict = torch.ops.longctx.evict_attention.default
     per_head = manifest["signature"].get("evict", {}).get("granularity") != "layer"
 
-    def site(i, target, args):
-        if target is evict:
-            groups = int(args[1].shape[1]) if per_head else 1
-            scores.append(indexer_importance(args[9], args[10], args[11], groups, query_real=args[3], need_arg=False)[0])
-        return target(*args)
+    def site(i, call):
+        if call.op is evict:
+            groups = int(call.k.shape[1]) if per_head else 1
+            scores.append(indexer_importance(call.idx_q, call.idx_k, call.idx_w, groups, query_real=call.key_padding, need_arg=False)[0])
+        return call()
 
     with torch.no_grad():
-        outs = SiteInterpreter(ep.graph_module, site).run(*flat_inputs(ep, list(feed), step_state(ep), feed))
+        outs = with_site_hooks(ep.graph_module, site)(*flat_inputs(ep, list(feed), step_state(ep), feed))
     return [outs[logits_index(ep)], *scores]
 
 

@@ -63,14 +63,13 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
     if opset not in OPSETS:
         raise LccError(f"opset {opset} is not supported; choose one of {OPSETS.start}..{OPSETS.stop - 1}")
     manifest = artifact.read_manifest(path)
-    if program not in manifest["programs"]:
-        raise LccError(f"the artifact has no program '{program}' (it has: {', '.join(manifest['programs'])})")
+    program = artifact.resolve_program(manifest, program)  # its qualified name: model, kv_cache.decode, msa.query …
     _check_out(path, manifest, out, force)
     progress(f"loading {program}")
     ep = artifact.read_program(path, manifest, program)
     state_keys = _state_keys(ep)
     extra = []
-    if program == "encode":
+    if program == "msa.encode":
         progress("binding the encode program to chunked inputs")
         ep, state_keys = _encode_in_chunks(ep, manifest, artifact.read_program(path, manifest, "model")), []
     if program == "model" and "evict" in manifest["signature"]:
@@ -119,19 +118,19 @@ def output_names(manifest: dict[str, Any], program: str) -> list[str]:
     context = [f"context_{part}_{i}" for i in sites for part in ("keys", "values", "mask")]
     if program == "model":
         return list(manifest["signature"].get("outputs", ["logits"]))[:1]
-    if program in artifact.STEP_FILES and "msa" not in manifest["signature"]:
+    if program.startswith("kv_cache."):
         return ["logits", *(f"{part}_{i}" for i in sites for part in ("key", "value"))]
-    if program == "encode":
+    if program == "msa.encode":
         return [f"{name}_{layer}" for layer in routed for part in ("keys", "values", "router_keys") for name in (part, f"{part}_count")]
-    if program == "query":
+    if program == "msa.query":
         return ["logits", *(f"{name}_{layer}" for layer in routed for name in ("docs", "scores")), *context]
-    if program == "decode":
+    if program == "msa.decode":
         return ["logits", *context]
     return []
 
 
 DIM_NAMES = {
-    ("encode", "input_ids"): ("docs", "chunks"),
+    ("msa.encode", "input_ids"): ("docs", "chunks"),
     "input_ids": ("batch", "sequence"),
     "inputs_input_ids": ("batch", "sequence"),
     "tokens": ("batch",),
@@ -179,7 +178,7 @@ def _require_onnx() -> None:
 
 
 def _check_out(path: Path, manifest: dict[str, Any], out: Path, force: bool) -> None:
-    names = {artifact.MANIFEST, artifact.GRAPHS, *manifest["programs"].values(), *manifest.get("files", {})} - {artifact.ONNX}
+    names = {artifact.MANIFEST, artifact.GRAPHS, *artifact.program_files(manifest).values(), *manifest.get("files", {})} - {artifact.ONNX}
     files = {(path / name).resolve() for name in names}
     if out.resolve() == path.resolve() or out.resolve() in files:
         raise LccError(f"output '{out}' would overwrite the artifact's own files; choose another -o")
@@ -201,15 +200,15 @@ def _children(spec) -> list:
 
 def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any]) -> tuple[torch.export.ExportedProgram, list[int]]:
     """The evict model program re-exported so that it also returns the indexer importance [B, groups, S] of each evicting site."""
-    from ..passes.kv_cache import step_state
-    from ..runtime.interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
+    from ..ops.schema import Call
+    from ..runtime.interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
 
     signature = manifest["signature"]
     evict = torch.ops.longctx.evict_attention.default
     sites = attention_sites(ep)
     layers = [int(n.meta.get("lcc", {}).get("layer", i)) for i, n in enumerate(sites) if n.target is evict]
     per_head = signature["evict"].get("granularity") != "layer"
-    groups = {i: int(n.args[1].meta["val"].shape[1]) if per_head else 1 for i, n in enumerate(sites)}
+    groups = {i: int(Call.of(n).k.meta["val"].shape[1]) if per_head else 1 for i, n in enumerate(sites)}
 
     scores: list[torch.Tensor] = []  # filled by the sites during one forward (not a module attribute: export would warn)
 
@@ -222,10 +221,10 @@ def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any])
                 self.register_buffer(f"w{i}", value)
             self.graph, self.index = with_site_hooks(ep.graph_module, self.site), logits_index(ep)
 
-        def site(self, i, target, args):
-            if target is evict:
-                scores.append(torch.ops.longctx.evict_importance(args[9], args[10], args[11], args[3], groups[i]))
-            return target(*args)
+        def site(self, i, call):
+            if call.op is evict:
+                scores.append(torch.ops.longctx.evict_importance(call.idx_q, call.idx_k, call.idx_w, call.key_padding, groups[i]))
+            return call()
 
         def forward(self, input_ids, attention_mask, position_ids):
             state = {k: getattr(self, f"w{i}") for i, k in enumerate(self.keys)}
@@ -249,7 +248,7 @@ def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any])
 def _encode_in_chunks(ep: torch.export.ExportedProgram, manifest: dict[str, Any], model: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """The msa encode program re-exported to take ``input_ids`` / ``real`` as [docs, chunks, pool] with the model's
     weights bound: torch cannot re-trace the saved one, whose length dims are the expression pool · chunks."""
-    from ..passes.kv_cache import step_state
+    from ..runtime.interpret import step_state
 
     state, pool = step_state(model), int(manifest["signature"]["msa"]["pool"])
     encode = ep.module()
@@ -293,7 +292,7 @@ def _bind_state(model, keys: list[str], weights_ep: torch.export.ExportedProgram
     """Make a step program's first ``len(keys)`` graph inputs (its ``state``) initializers holding the model's weights."""
     from onnx_ir.tensor_adapters import TorchTensor
 
-    from ..passes.kv_cache import step_state
+    from ..runtime.interpret import step_state
 
     state = step_state(weights_ep)
     inputs = list(model.graph.inputs)

@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import cache
 from .reference import QUERY_BLOCK, _mask_block, allowed_mask, attention_ref, doc_ids_from_positions
 
 
@@ -111,6 +112,7 @@ def attention_backward(ctx, grad_out):
 
 
 attention.register_autograd(attention_backward, setup_context=_setup_context)
+cache.declare(attention._opoverload, cache.KeyValueCache())  # decodes from cached K and V (``ops.cache``)
 
 
 @torch.library.custom_op("longctx::doc_ids", mutates_args=())

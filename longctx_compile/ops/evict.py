@@ -28,8 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import LccError
+from . import cache
 from .attention import attention_backward, empty_sdpa_layout, sdpa_layout_forward
 
+POLICIES = ("learned", "streaming", "snapkv", "oracle")  # what ranks the keys an evicting cache keeps
 BLOCK = 512  # queries and keys per streamed tile
 EPS = 1e-6
 
@@ -107,6 +110,7 @@ def _evict_backward(ctx, grad_out):
 
 
 evict_attention.register_autograd(_evict_backward, setup_context=_evict_setup)
+cache.declare(evict_attention._opoverload, cache.KeyValueCache())  # decodes from cached K and V (``ops.cache``)
 
 
 def _seen(T: int, S: int, causal: bool, q0: int, q1: int, k0: int, k1: int, query_real, device) -> torch.Tensor:
@@ -270,3 +274,19 @@ def memory_readout(q: torch.Tensor, M: torch.Tensor, b: torch.Tensor, phi: torch
     phi_q = F.linear(q.float(), phi.float()).reshape(B, Hkv, (Hq // Hkv) * T, -1)
     read = memory_read(M, b, phi_q).view(B, Hq, T, -1)
     return memory_gate(q, gate_w, gate_b)[..., None] * read
+
+
+def parse_budget(text: str, sinks: int, window: int) -> float | int:
+    """A ratio in [0, 1) (a float; ``0``: the pinned keys only) or a token count above sinks + window (an int), else one clear error."""
+    text = str(text).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise LccError(f"invalid --opt budget={text}: expected a ratio of the prompt in [0, 1) like 0.25, or a token count like 4096") from None
+    if text.isdigit() and int(text) > 0:
+        if int(text) <= sinks + window:
+            raise LccError(f"--opt budget={text} keeps no key beyond the pinned ones: it must exceed sinks + window = {sinks + window}")
+        return int(text)
+    if not 0 <= number < 1:
+        raise LccError(f"invalid --opt budget={text}: a ratio lies in [0, 1); give a token count as a whole number")
+    return number

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from . import cache
 from .attention import empty_sdpa_layout
 from .reference import attention_ref
 
 
 def _tiles(values: list[int]):
-    from ..kernels.tiles import TileConfig
+    from ..targets.tiles import TileConfig
 
     return TileConfig.from_list(values)
 
@@ -103,3 +104,4 @@ def _reference_backward(ctx, grad_out, grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+cache.declare(flash_attention._opoverload, cache.KeyValueCache())  # decodes from cached K and V (``ops.cache``)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cache
 from .attention import empty_sdpa_layout
 
 GROUP_ELEMENTS = 1 << 20  # a group of query chunks is sized so no intermediate exceeds about this many elements
@@ -130,15 +131,26 @@ def hsa_ref(
     score_q: torch.Tensor | None = None,
     score_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``topk`` < 0 means all.
+    """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, S, D]; ``topk`` < 0 means all.
 
+    The queries are the last T of the S keys (T = S: self-attention over a sequence; T < S: the new
+    tokens of a decode step over cached keys, each selecting as it would in the whole sequence — with
+    per-token selection only, as a chunk's shared selection would need its queries before these).
     ``retrieval_q`` / ``retrieval_k`` [Hkv, D, D]: the ``learned`` mode's projections.
     """
+    T, n_keys = q.shape[2], k.shape[2]
+    offset = n_keys - T  # queries before these: their rows are placeholders, and no chunk of them only is computed
+    if offset < 0:
+        raise ValueError(f"hsa_attention: {T} queries over {n_keys} keys; the queries are the last T of the keys")
+    if offset and select == "block" and topk >= 0:
+        raise ValueError("hsa_attention: per-chunk selection (select=block) needs all the chunk's queries; a decode step has the last ones only")
+    if offset:
+        q, score_q = (None if t is None else torch.nn.functional.pad(t, (0, 0, offset, 0)) for t in (q, score_q))
     p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k)
     B, Hkv, C, G, S, D = p.qg.shape
-    T, w = q.shape[2], window
+    w, first = window, offset // chunk
     outs = []
-    for c0 in range(0, C, p.step):
+    for c0 in range(first, C, p.step):
         c1 = min(C, c0 + p.step)
         rows = p.qg[:, :, c0:c1]  # [B, Hkv, Cg, G, S, D]
         keep = p.causal & p.rwin[:, None, c0:c1, None, None, :]
@@ -159,7 +171,7 @@ def hsa_ref(
         else:
             out = out + torch.einsum("bhcgsj,bhcsjd->bhcgsd", selected, vs.flatten(4, 5))
         outs.append(out)
-    return unchunk(torch.cat(outs, dim=2), T)
+    return unchunk(torch.cat(outs, dim=2), n_keys - first * S)[:, :, -T:]
 
 
 def unchunk(out: torch.Tensor, T: int) -> torch.Tensor:
@@ -315,3 +327,4 @@ def _backward(ctx, grad_out):
 
 
 hsa_attention.register_autograd(_backward, setup_context=_setup_context)
+cache.declare(hsa_attention._opoverload, cache.HsaCache())  # decodes from cached keys, values (and NoPE keys)

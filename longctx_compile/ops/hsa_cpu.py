@@ -26,7 +26,9 @@ GROUP_CHUNKS = 4  # query chunks per kernel call (32K tokens, bench/hsa.py shape
 
 def supported(q: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None, select: str) -> bool:
     """Whether :func:`hsa_block_cpu` computes this call (otherwise the reference does)."""
-    return _flash is not None and q.device.type == "cpu" and key_padding is None and select == "block" and q.shape[-1] == v.shape[-1]
+    return (
+        _flash is not None and q.device.type == "cpu" and key_padding is None and select == "block" and q.shape[-1] == v.shape[-1] and q.shape[2] == v.shape[2]
+    )
 
 
 def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k) -> torch.Tensor:

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from . import cache
 from .attention import attention_backward, empty_sdpa_layout, sdpa_layout_forward
 
 ROUTE_TILE = 16384  # chunks scored at a time (the released code's slice_chunk_size)
@@ -122,3 +123,4 @@ def _msa_backward(ctx, grad_out):
 
 
 msa_attention.register_autograd(_msa_backward, setup_context=_msa_setup)
+cache.declare(msa_attention._opoverload, cache.KeyValueCache())  # decodes from cached K and V (``ops.cache``)

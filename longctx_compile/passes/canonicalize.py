@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RefusedError
+from ..fx import ASSERTS, CASTS, CLONES, RESHAPES, aten, call_args, eliminate_dead_code, fake_call, is_call, strip, val
 from ..inspect.snapshot import layer_of, module_path
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import ASSERTS, CASTS, CLONES, RESHAPES, aten, call_args, eliminate_dead_code, fake_call, is_call, strip, val
 from .masks import ADD, FILL, KEEP, MaskSpec, SubgraphEvaluator, classify
 
 IDENTITY_SLICE_END = 2**62

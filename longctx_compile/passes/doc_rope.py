@@ -10,8 +10,9 @@ dependency for each routed site (refusing otherwise) and records the position sc
 from __future__ import annotations
 
 from ..errors import LccError
+from ..fx import aten, is_call
+from ..ops.schema import Call
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import aten, is_call
 from .msa import MSA, MsaConfig
 
 
@@ -36,7 +37,8 @@ def doc_rope(program: Program, cfg: MsaConfig) -> PassResult:
     routed = [n for n in program.attention_nodes() if n.target is MSA]
     for node in routed:
         facts = node.meta["lcc"]
-        for side, tensor in (("q", node.args[0]), ("k", node.args[1])):
+        call = Call.of(node)
+        for side, tensor in (("q", call.q), ("k", call.k)):
             if positions is None or not _reads(tensor, positions):
                 raise LccError(
                     f"layer {facts['layer']} ({facts['module']}): its {side} does not depend on position_ids, so documents cannot "

@@ -20,15 +20,16 @@ from typing import Literal
 import torch
 
 from ..errors import LccError
+from ..fx import CASTS, COPIED_META, aten, fake_call, is_call, val
+from ..ops.evict import POLICIES, parse_budget
+from ..ops.schema import Call
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import CASTS, COPIED_META, aten, fake_call, is_call, val
 from .hsa import parse_layers
 from .rope import pre_rope
 
 CANONICAL = torch.ops.longctx.attention.default
 EVICT = torch.ops.longctx.evict_attention.default
 INDEXER = torch.ops.longctx.evict_indexer.default
-POLICIES = ("learned", "streaming", "snapkv", "oracle")
 GATE_BIAS = -5.0  # the memory starts nearly closed (g ≈ 0.007): an untrained memory barely changes plain eviction
 DECAY, STRENGTH = 0.99, 1e-3  # λ and η at the start (IndexMem's code defaults), stored as a logit and an inverse softplus
 
@@ -56,22 +57,6 @@ class EvictConfig:
     indexer_heads: int = 0
     indexer_dim: int = 0
     memory_dim: int = 0
-
-
-def parse_budget(text: str, sinks: int, window: int) -> float | int:
-    """A ratio in [0, 1) (a float; ``0``: the pinned keys only) or a token count above sinks + window (an int), else one clear error."""
-    text = str(text).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        raise LccError(f"invalid --opt budget={text}: expected a ratio of the prompt in [0, 1) like 0.25, or a token count like 4096") from None
-    if text.isdigit() and int(text) > 0:
-        if int(text) <= sinks + window:
-            raise LccError(f"--opt budget={text} keeps no key beyond the pinned ones: it must exceed sinks + window = {sinks + window}")
-        return int(text)
-    if not 0 <= number < 1:
-        raise LccError(f"invalid --opt budget={text}: a ratio lies in [0, 1); give a token count as a whole number")
-    return number
 
 
 def check_config(cfg: EvictConfig) -> float | int:
@@ -119,7 +104,8 @@ def evict(program: Program, cfg: EvictConfig) -> PassResult:
         facts = node.meta["lcc"]
         where = f"layer {facts['layer']} ({facts['module']})"
         _check(node, where)
-        q = node.args[0]
+        call = Call.of(node)
+        q = call.q
         hq, hkv, d = facts["hq"], facts["hkv"], facts["head_dim"]
         q_pre = pre_rope(_uncast(q))
         if q_pre is None or val(q_pre).shape != val(q).shape:
@@ -166,7 +152,8 @@ def evict(program: Program, cfg: EvictConfig) -> PassResult:
             out.meta["val"] = indexer.meta["val"][j]
         for new_node in (indexer, *outs):  # the indexer belongs to the layer it serves
             new_node.meta.update({key: node.meta[key] for key in COPIED_META if key in node.meta})
-        args = (*node.args[:9], *outs, *memory)
+        parts = dict(zip(("idx_q", "idx_k", "idx_w", "phi", "gate_w", "gate_b", "decay", "strength"), (*outs, *memory), strict=True))
+        args = call.to(EVICT, **parts).args()
         node.target, node.args = EVICT, args
         node.meta["val"] = fake_call(EVICT, *args)
         facts.update(form="evict", budget=cfg.budget, policy=cfg.policy, indexer_heads=heads, indexer_dim=dim, memory=cfg.memory == "on")
@@ -203,7 +190,8 @@ def _check(node: torch.fx.Node, where: str) -> None:
     """A compacted cache is read by plain causal attention: refuse the sites that are not that."""
     if node.target is not CANONICAL:
         raise LccError(f"{where}: evict rewrites canonical attention; this site is already {node.target.name()}")
-    _, _, _, _, doc_ids, mask, _, causal, window = node.args
+    call = Call.of(node)
+    doc_ids, mask, causal, window = call.doc_ids, call.mask, call.causal, call.window
     if mask is not None:
         raise LccError(f"{where}: an arbitrary mask tensor cannot follow evicted keys; evict needs causal attention")
     if not causal:

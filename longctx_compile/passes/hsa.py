@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 
 from ..errors import LccError
+from ..fx import fake_call, val
+from ..ops.schema import Call
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import fake_call, val
 from .rope import pre_rope
 
 CANONICAL = torch.ops.longctx.attention.default
@@ -79,7 +80,8 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             continue
         facts = node.meta["lcc"]
         _check(node, f"layer {facts['layer']} ({facts['module']})")
-        q, k, v, key_padding = node.args[:4]
+        call = Call.of(node)
+        q, k = call.q, call.k
         projections = (None, None)
         if cfg.score == "learned":  # per KV head [D, D], the identity: training starts from landmark scores
             hkv, d = facts["hkv"], facts["head_dim"]
@@ -91,8 +93,9 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             scoring = tuple(pre_rope(t) for t in (q, k))
             if None in scoring or any(val(a).shape != val(b).shape for a, b in zip(scoring, (q, k), strict=True)):
                 raise LccError(f"layer {facts['layer']} ({facts['module']}): --opt nope=true found no rotary embedding on its q and k to leave out")
-        statics = (node.args[6], cfg.chunk, topk, cfg.window, cfg.score, cfg.select, cfg.sink, cfg.fusion)
-        args = (q, k, v, key_padding, *projections, *statics, *scoring)
+        options = {"chunk": cfg.chunk, "topk": topk, "window": cfg.window, "mode": cfg.score, "select": cfg.select, "sink": cfg.sink, "fusion": cfg.fusion}
+        retrieval = dict(zip(("retrieval_q", "retrieval_k"), projections, strict=True))
+        args = call.to(HSA, **retrieval, **options, **dict(zip(("score_q", "score_k"), scoring, strict=True))).args()
         node.target, node.args = HSA, args
         node.meta["val"] = fake_call(HSA, *args)
         facts.update(
@@ -110,7 +113,8 @@ def _check(node: torch.fx.Node, where: str) -> None:
     """HSA is defined for causal self-attention with at most key padding: refuse the rest in one line."""
     if node.target is not CANONICAL:
         raise LccError(f"{where}: hsa rewrites canonical attention; this site is already {node.target.name()}")
-    _, _, _, _, doc_ids, mask, _, causal, window = node.args
+    call = Call.of(node)
+    doc_ids, mask, causal, window = call.doc_ids, call.mask, call.causal, call.window
     if mask is not None:
         raise LccError(f"{where}: an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding")
     if not causal:

@@ -1,8 +1,8 @@
 """``kv_cache``: turn a canonical program into *prefill* and *decode* programs with explicit caches.
 
-Cache layout (owned here; a form that changes the cache supplies its own ``extend`` hook, which
-rewrites each attention's K, V and masks): one (K, V) pair per attention site in graph order, each
-``[batch, kv_heads, keys, head_dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
+Cache layout (owned here; how each attention op extends it is declared beside the op, ``ops.cache``):
+per attention site in graph order, the tensors its op stores per key (K and V; HSA with NoPE also its
+score keys), each ``[batch, kv_heads, keys, head_dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
 being the ``j``-th token fed (left padding included). ``past_mask`` ``[batch, keys]`` marks real
 tokens (1) and padding or empty slots (0). ``state`` is the model program's weights by name.
 
@@ -18,7 +18,6 @@ tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -26,11 +25,10 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import LccError
-from ..ops import ATTENTION_OPS
+from ..ops.cache import rule_of
+from ..ops.schema import Call
 from ..pipeline import Program
-from .graph import CASTS, CLONES, aten, is_call, val
-
-_END = 2**63 - 1  # slice end meaning "to the last position"
+from ..runtime.interpret import attention_sites, last_position_logits, step_state, with_site_hooks
 
 
 @dataclass
@@ -43,87 +41,11 @@ class CacheLayout:
     v_dims: list[int]
     has_mask: bool
     max_len: int
+    stored: list[list[str]]  # per site, the arguments its op keeps per key (``ops.cache``), one cache tensor each
+    shapes: list[list[list[int]]]  # per site and stored tensor: [heads, dim]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _CacheInterpreter(torch.fx.Interpreter):
-    """Runs the canonical graph, letting ``extend`` rewrite each attention's K, V and masks and collecting K and V."""
-
-    def __init__(self, gm: torch.fx.GraphModule, extend: Callable[[int, tuple], tuple] | None):
-        super().__init__(gm)
-        self.extend = extend
-        self.collected: list[torch.Tensor] = []
-
-    def call_function(self, target, args, kwargs):
-        if target not in ATTENTION_OPS:
-            return super().call_function(target, args, kwargs)
-        if self.extend is not None:
-            args = self.extend(len(self.collected) // 2, args)
-        self.collected += [args[1], args[2]]
-        return super().call_function(target, args, kwargs)
-
-
-def _grow(caches: list[torch.Tensor], past_mask: torch.Tensor | None) -> Callable[[int, tuple], tuple]:
-    """Growing cache: append the new tokens' K and V (and padding) after the cached ones."""
-
-    def extend(site: int, args: tuple) -> tuple:
-        q, k, v, key_padding = args[:4]
-        k = torch.cat([caches[2 * site], k], dim=2)
-        v = torch.cat([caches[2 * site + 1], v], dim=2)
-        if key_padding is not None:
-            key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
-        return (q, k, v, key_padding, *args[4:])
-
-    return extend
-
-
-def _write_slot(caches: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor) -> Callable[[int, tuple], tuple]:
-    """Static cache: write the new token's K and V into slot ``slots[b]`` of a fixed-length cache.
-
-    Keys past the slot are empty (``past_mask`` 0), so causality is a padding mask; a window becomes
-    "slot - key < window". The attention then runs unmasked by position (causal False, window 0).
-    """
-    keys = torch.arange(past_mask.shape[1], device=past_mask.device)
-
-    def extend(site: int, args: tuple) -> tuple:
-        q, k, v, key_padding, doc_ids, mask, scale, causal, window = args[:9]
-        B, H, _, _ = k.shape
-        k = caches[2 * site].scatter(2, slots.view(B, 1, 1, 1).expand(B, H, 1, k.shape[-1]), k)
-        v = caches[2 * site + 1].scatter(2, slots.view(B, 1, 1, 1).expand(B, H, 1, v.shape[-1]), v)
-        new = key_padding.to(torch.bool) if key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
-        visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
-        if window > 0:
-            visible = visible & (keys[None, :] > slots[:, None] - window)
-        return (q, k, v, visible, doc_ids, mask, scale, False, 0, *args[9:])
-
-    return extend
-
-
-# ops that map each position on its own and read no other tensor: a last-position slice can move past them
-_POSITIONWISE = (*CASTS, *CLONES, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.tanh.default)
-
-
-def last_position_logits(gm: torch.fx.GraphModule, index: int) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose output ``index`` (the logits) keeps only the last position.
-
-    When the logits come from a ``linear`` through position-wise ops only, the slice goes before the
-    linear, so the LM head runs on one position, not all T (at 100K tokens and a 128K vocabulary full
-    logits would be 51 GB in fp32); otherwise the logits are sliced after the fact.
-    """
-    graph = torch.fx.Graph()
-    outputs = graph.graph_copy(gm.graph, {})
-    out = graph.output(outputs)
-    node = outputs[index]
-    while is_call(node, *_POSITIONWISE) and len(node.users) == 1 and not any(isinstance(a, torch.fx.Node) for a in node.args[1:]):
-        node = node.args[0]
-    head = is_call(node, aten.linear) and len(node.users) == 1 and getattr(val(node.args[0]), "ndim", 0) == 3
-    target = node.args[0] if head else outputs[index]
-    with graph.inserting_before(node if head else out):
-        last = graph.call_function(aten.slice.Tensor, (target, 1, -1, _END))
-    (node if head else out).replace_input_with(target, last)
-    return torch.fx.GraphModule(gm, graph)
 
 
 class CacheStep(torch.nn.Module):
@@ -131,14 +53,29 @@ class CacheStep(torch.nn.Module):
 
     Weights are an input (``state``, keyed as in the model program's state dict and constants), so
     the step programs carry no copy of them: an artifact stores the weights once, in ``model.pt2``.
+    Each attention site extends its cache as its op declares (``ops.cache``) and returns what it stored.
     """
 
     def __init__(self, ep: torch.export.ExportedProgram, mode: str):
         super().__init__()
         self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
-        self.graph_module = last_position_logits(ep.graph_module, self.user_outputs[0])
         self.mode = mode
         self.specs = ep.graph_signature.input_specs
+        self._step: tuple | None = None
+        self.graph_module = with_site_hooks(last_position_logits(ep.graph_module, self.user_outputs[0]), self._site)
+        counts = [len(names) for names in stored_per_site(ep.graph_module)]
+        self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]  # site i's caches: offsets[i] .. offsets[i + 1]
+
+    def _site(self, site: int, call: Call):
+        caches, past_mask, slots, collected = self._step
+        rule = rule_of(call.op)
+        if self.mode == "prefill":
+            collected += [call[name] for name in rule.stored(call)]
+            return call()
+        cached = caches[self.offsets[site] : self.offsets[site + 1]]
+        call = rule.grow(call, cached, past_mask) if self.mode == "decode" else rule.write(call, cached, past_mask, slots)
+        collected += [call[name] for name in rule.stored(call)]
+        return rule.run(call)
 
     def forward(
         self,
@@ -149,26 +86,13 @@ class CacheStep(torch.nn.Module):
         slots: torch.Tensor | None = None,
     ):
         flat = [inputs[spec.arg.name] if spec.kind == InputKind.USER_INPUT else state[spec.target] for spec in self.specs]
-        extend = None
-        if self.mode == "decode":
-            extend = _grow(caches, past_mask)
-        elif self.mode == "static":
-            extend = _write_slot(caches, past_mask, slots)
-        runner = _CacheInterpreter(self.graph_module, extend)
-        outputs = runner.run(*flat)
-        return (outputs[self.user_outputs[0]], *runner.collected)
-
-
-def step_state(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
-    """The tensors the step programs take as ``state``: the model program's parameters, buffers and constants."""
-    state = {}
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
-            if not isinstance(value, torch.Tensor):
-                raise LccError(f"cannot build a KV cache: the program's constant '{spec.target}' is not a tensor")
-            state[spec.target] = value
-    return state
+        collected: list[torch.Tensor] = []
+        self._step = (caches, past_mask, slots, collected)
+        try:
+            outputs = self.graph_module(*flat)
+        finally:
+            self._step = None
+        return (outputs[self.user_outputs[0]], *collected)
 
 
 def check_generatable(program: Program) -> None:
@@ -178,25 +102,31 @@ def check_generatable(program: Program) -> None:
     for node in program.attention_nodes():
         facts = node.meta["lcc"]
         where = f"cannot build a KV cache for layer {facts['layer']} ({facts['module']})"
-        if node.target not in (torch.ops.longctx.attention.default, torch.ops.longctx.flash_attention.default):
+        rule = rule_of(node.target)
+        if rule is None:
             raise LccError(f"{where}: its {facts['form']} attention has no cached decode step yet")
-        if not node.args[7]:
-            raise LccError(f"{where}: its attention is not causal ({facts['mask']})")
-        if node.args[4] is not None:
-            raise LccError(f"{where}: packed-document masks need each key's document; capture with attention_mask")
-        if node.args[5] is not None:
-            raise LccError(f"{where}: an arbitrary mask tensor cannot be extended to cached keys")
+        reason = rule.refuse(Call.of(node))
+        if reason:
+            raise LccError(f"{where}: {reason} ({facts['mask']})")
+
+
+def stored_per_site(gm: torch.fx.GraphModule) -> list[tuple[str, ...]]:
+    """What each attention site of ``gm`` keeps per key, in graph order, as its op declares."""
+    return [rule_of(n.target).stored(Call.of(n)) for n in attention_sites(gm)]
 
 
 def layout(program: Program) -> CacheLayout:
     nodes = program.attention_nodes()
+    stored = stored_per_site(program.gm)
     return CacheLayout(
         layers=len(nodes),
         kv_heads=[n.meta["lcc"]["hkv"] for n in nodes],
-        head_dims=[int(n.args[1].meta["val"].shape[-1]) for n in nodes],
-        v_dims=[int(n.args[2].meta["val"].shape[-1]) for n in nodes],
+        head_dims=[int(Call.of(n).k.meta["val"].shape[-1]) for n in nodes],
+        v_dims=[int(Call.of(n).v.meta["val"].shape[-1]) for n in nodes],
         has_mask="attention_mask" in program.signature["inputs"],
         max_len=int(program.signature["max_len"]),
+        stored=[list(names) for names in stored],
+        shapes=[[[int(d) for d in Call.of(n)[name].meta["val"].shape[1::2]] for name in names] for n, names in zip(nodes, stored, strict=True)],
     )
 
 
@@ -233,11 +163,8 @@ def export_steps(program: Program) -> Steps:
     prefill = _export(CacheStep(program.ep, "prefill"), (state, inputs), {"state": static_state, "inputs": input_dims})
 
     def cache_examples(length: int) -> list[torch.Tensor]:
-        dtype = program.attention_nodes()[0].args[0].meta["val"].dtype
-        caches = []
-        for hkv, d, dv in zip(cache.kv_heads, cache.head_dims, cache.v_dims, strict=True):
-            caches += [torch.zeros(2, hkv, length, d, dtype=dtype), torch.zeros(2, hkv, length, dv, dtype=dtype)]
-        return caches
+        dtype = Call.of(program.attention_nodes()[0]).q.meta["val"].dtype
+        return [torch.zeros(2, heads, length, dim, dtype=dtype) for site in cache.shapes for heads, dim in site]
 
     # decode feeds one token per step (its length is static: export would otherwise guard on T != 1)
     step = {name: t[:, :1] for name, t in inputs.items()}
@@ -268,4 +195,6 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: dict) -> torch
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
     ep.example_inputs = None  # they hold the weights (``state``), which a saved program must not copy
+    for node in ep.graph.nodes:  # lines of lcc's own step wrapper: nothing a user reads, and most of a small program's file
+        node.meta.pop("stack_trace", None)
     return ep

@@ -15,11 +15,12 @@ from typing import Literal
 import torch
 
 from ..errors import LccError
-from ..kernels.tiles import hsa_smem_bytes, hsa_tiles, hsa_unsupported
+from ..fx import COPIED_META, fake_call, val
+from ..ops.schema import Call
 from ..pipeline import PassResult, Program, Stage, register
 from ..targets import Target, get_target
 from ..targets.configs import REPRESENTATIVE_LENGTH, AttentionConfigs, Shape, choose, override, unsupported
-from .graph import COPIED_META, fake_call, val
+from ..targets.tiles import hsa_smem_bytes, hsa_tiles, hsa_unsupported
 
 REFERENCE = "longctx.attention/reference"
 TRITON = "longctx.flash_attention/triton"
@@ -82,7 +83,8 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
     lowered = 0
     for node in nodes:
         facts = node.meta["lcc"]
-        q, v = val(node.args[0]), val(node.args[2])
+        call = Call.of(node)
+        q, v = val(call.q), val(call.v)
         length = min(int(program.signature["max_len"]), REPRESENTATIVE_LENGTH)
         shape = Shape(q.shape[-1], v.shape[-1], q.dtype, facts["hq"] // facts["hkv"], facts["hkv"], length)
         reason = unsupported(shape)
@@ -92,12 +94,13 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
             facts.update(target=target.name, kernel=REFERENCE, fallback=reason)
             notes.append(f"site {facts['site']} ({facts['module']}): reference op kept: {reason}")
             continue
-        causal, window = node.args[7], node.args[8]
+        causal, window = call.causal, call.window
         key = (shape, causal, window, facts["mask"])
         if key not in chosen:
             chosen[key] = _configs(target, shape, cfg, causal, window, facts["mask"], notes)
         configs = chosen[key]
-        _bind(program.gm.graph, node, torch.ops.longctx.flash_attention.default, (*node.args[:9], configs.fwd.as_list(), configs.bwd.as_list()))
+        flash = torch.ops.longctx.flash_attention.default
+        _bind(program.gm.graph, node, flash, call.to(flash, fwd_config=configs.fwd.as_list(), bwd_config=configs.bwd.as_list()).args())
         facts.update(target=target.name, kernel=TRITON, config=chosen[key].to_json(shape))
         lowered += 1
     notes.insert(0, f"{lowered + hsa_lowered} of {len(nodes) + len(hsa_nodes)} sites bound to Triton kernels for {target.name}")
@@ -107,8 +110,9 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
 def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: LowerConfig) -> str | None:
     """Bind one ``hsa_attention`` site to ``hsa_flash(..., tiles)[0]``, or keep the reference (fallback) and say why."""
     facts = node.meta["lcc"]
-    q, v = val(node.args[0]), val(node.args[2])
-    chunk, topk, mode, select = node.args[7], node.args[8], node.args[10], node.args[11]
+    call = Call.of(node)
+    q, v = val(call.q), val(call.v)
+    chunk, topk, mode, select = call.chunk, call.topk, call.mode, call.select
     groups = facts["hq"] // facts["hkv"]
     tiles = hsa_tiles(chunk, groups, select)
     reason = hsa_unsupported(chunk, topk, mode, q.shape[-1], v.shape[-1], q.dtype)
@@ -120,7 +124,7 @@ def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: 
             raise LccError(f"layer {facts['layer']} ({facts['module']}): {reason}; pass --opt fallback=reference to keep the reference op there")
         facts.update(target=target.name, kernel=HSA_REFERENCE, fallback=reason)
         return f"site {facts['site']} ({facts['module']}): reference op kept: {reason}"
-    _bind(graph, node, torch.ops.longctx.hsa_flash.default, (*node.args, tiles))
+    _bind(graph, node, torch.ops.longctx.hsa_flash.default, (*call.args(), tiles))
     facts.update(target=target.name, kernel=HSA_TRITON, config={"hsa": {"block_q": tiles[0], "block_l": tiles[1], "num_warps": tiles[2], "smem": smem}})
     return None
 

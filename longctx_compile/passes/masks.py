@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from ..fx import ancestors
 from ..ops.reference import allowed_mask, doc_ids_from_positions
-from .graph import ancestors
 
 # how a mask tensor acts on the scores
 KEEP = "keep"  # bool, True = attend (sdpa attn_mask, where(cond, scores, -inf))

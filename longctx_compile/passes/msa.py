@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 
 from ..errors import LccError
+from ..fx import aten, fake_call, is_call, val
+from ..ops.schema import Call
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import aten, fake_call, is_call, val
 from .hsa import parse_layers, parse_topk
 
 CANONICAL = torch.ops.longctx.attention.default
@@ -86,7 +87,8 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         facts = node.meta["lcc"]
         where = f"layer {facts['layer']} ({facts['module']})"
         _check(node, where)
-        q, k = node.args[:2]
+        call = Call.of(node)
+        q, k = call.q, call.k
         q_proj, k_proj = projection(q), projection(k)
         if q_proj is None or k_proj is None or q_proj.args[0] is not k_proj.args[0]:
             raise LccError(
@@ -105,7 +107,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
             router = [graph.call_function(aten.linear.default, (hidden, weights[side])) for side in "qk"]
         for r in router:
             r.meta["val"] = fake_call(aten.linear.default, hidden, weights["q" if r is router[0] else "k"])
-        args = (*node.args[:9], *router)
+        args = call.to(MSA, router_q=router[0], router_k=router[1]).args()
         node.target, node.args = MSA, args
         node.meta["val"] = fake_call(MSA, *args)
         facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, loaded_router=bool(source))
@@ -131,7 +133,8 @@ def _check(node: torch.fx.Node, where: str) -> None:
     """Documents are encoded with causal attention: refuse sites that are not plain causal self-attention."""
     if node.target is not CANONICAL:
         raise LccError(f"{where}: msa rewrites canonical attention; this site is already {node.target.name()}")
-    _, _, _, _, doc_ids, mask, _, causal, window = node.args
+    call = Call.of(node)
+    doc_ids, mask, causal, window = call.doc_ids, call.mask, call.causal, call.window
     if mask is not None:
         raise LccError(f"{where}: an arbitrary mask tensor cannot be extended over pooled memory; msa needs causal attention")
     if not causal:

@@ -23,8 +23,9 @@ import torch
 
 from ..distributed.layout import Layout
 from ..errors import LccError
+from ..fx import fake_call, is_call, val
+from ..ops.schema import Call
 from ..pipeline import PassResult, Program, Stage, register
-from .graph import fake_call, is_call, val
 from .lower import COPIED_META
 
 A2A = torch.ops.longctx.seq_all_to_all.default
@@ -122,7 +123,7 @@ def _sites(program: Program) -> list[torch.fx.Node]:
         where = f"layer {facts['layer']} ({facts['module']})"
         if node.target is not CANONICAL:
             raise LccError(f"{where}: sequence parallelism rewrites canonical attention; this site is already {node.target.name()}")
-        if node.args[5] is not None:
+        if Call.of(node).mask is not None:
             raise LccError(f"{where}: an arbitrary mask tensor cannot be sharded over the sequence")
     return nodes
 
@@ -225,7 +226,8 @@ def choose(nodes: list[torch.fx.Node], cfg: SpConfig) -> tuple[Layout, str]:
     """
     if not nodes:
         raise LccError("the model has no attention to make sequence-parallel")
-    facts = [dict(n.meta["lcc"], v_dim=int(val(n.args[2]).shape[-1]), dtype_bytes=val(n.args[0]).element_size()) for n in nodes]
+    calls = [Call.of(n) for n in nodes]
+    facts = [dict(n.meta["lcc"], v_dim=int(val(c.v).shape[-1]), dtype_bytes=val(c.q).element_size()) for n, c in zip(nodes, calls, strict=True)]
     hq, hkv = facts[0]["hq"], facts[0]["hkv"]
     if cfg.hybrid:
         U, R = parse_hybrid(cfg.hybrid)

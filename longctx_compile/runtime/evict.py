@@ -23,11 +23,10 @@ import torch.nn.functional as F
 
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
-from ..ops.evict import dropped_positions, indexer_importance, keep_positions, memory_readout, memory_write, teacher_importance
-from ..passes.eviction import POLICIES, parse_budget
-from ..passes.kv_cache import last_position_logits, step_state
+from ..ops.evict import POLICIES, dropped_positions, indexer_importance, keep_positions, memory_readout, memory_write, parse_budget, teacher_importance
+from ..ops.schema import Call
 from .generate import Sampling, collect, pad_prompts, token_steps
-from .interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
+from .interpret import attention_sites, flat_inputs, last_position_logits, logits_index, step_state, with_site_hooks
 from .model import default_positions
 
 EVICT = torch.ops.longctx.evict_attention.default
@@ -181,9 +180,10 @@ class EvictModel:
         self.evicting = {i for i, n in enumerate(sites) if n.target is EVICT}
         self.groups = {}
         for i, node in enumerate(sites):
-            if node.args[4] is not None or node.args[5] is not None or not node.args[7]:
+            call = Call.of(node)
+            if call.get("doc_ids") is not None or call.get("mask") is not None or not call.causal:
                 raise LccError(f"attention site {i} is not plain causal attention: it cannot be continued from a cache")
-            hkv, heads = int(node.args[1].meta["val"].shape[1]), int(node.args[9].meta["val"].shape[1]) if i in self.evicting else 0
+            hkv, heads = int(call.k.meta["val"].shape[1]), int(call.idx_q.meta["val"].shape[1]) if i in self.evicting else 0
             self.groups[i] = 1 if self.policy.granularity == "layer" else hkv
             if i in self.evicting and heads % self.groups[i]:
                 raise LccError(f"per-KV-head eviction needs the indexer's {heads} heads split evenly over the {hkv} KV heads; convert with granularity=kv_head")
@@ -205,11 +205,11 @@ class EvictModel:
         cache.next_positions = positions[:, -1] + 1
         return logits
 
-    def _site(self, site: int, target, args: tuple) -> torch.Tensor:
-        return self._attend(*self._step, site, target, args)
+    def _site(self, site: int, call: Call) -> torch.Tensor:
+        return self._attend(*self._step, site, call)
 
-    def _attend(self, cache: EvictCache, positions: torch.Tensor, site: int, target, args: tuple) -> torch.Tensor:
-        q, k, v, key_padding = args[:4]
+    def _attend(self, cache: EvictCache, positions: torch.Tensor, site: int, call: Call) -> torch.Tensor:
+        q, k, v, key_padding = call.q, call.k, call.v, call.key_padding
         B, Hq, T, _ = q.shape
         new_real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding.bool()
         c = cache.sites.get(site)
@@ -218,25 +218,25 @@ class EvictModel:
         parts = {"k": k, "v": v, "real": new_real}
         if site not in self.evicting:
             c.append(parts)
-            return target(q, c.k, c.v, c.real, *args[4:])
+            return call.replace(k=c.k, v=c.v, key_padding=c.real)()
         G = self.groups[site]
         parts.update(pos=positions[:, None].expand(B, G, T), score=torch.full((B, G, T), float("-inf"), device=q.device))
         if self.policy.policy == "learned":
-            idx_k = args[10]
+            idx_k = call.idx_k
             parts["idx_k"] = idx_k[:, None].expand(B, G, *idx_k.shape[1:])
         c.append(parts)
-        out = ATTENTION(q, c.k, c.v, c.real, None, None, args[6], True, 0)
-        c.params, c.scale = args[12:17], args[6]
+        out = ATTENTION(q, c.k, c.v, c.real, None, None, call.scale, True, 0)
+        c.params, c.scale = (call.phi, call.gate_w, call.gate_b, call.decay, call.strength), call.scale
         if self.policy.memory and c.M is not None:
             total = empty_sdpa_layout(q, v)
             total.copy_(out + memory_readout(q, c.M, c.b, *c.params[:3]).to(out.dtype))
             out = total
-        self._observe(c, site, args, new_real)
+        self._observe(c, site, call, new_real)
         return out
 
-    def _observe(self, c: SiteCache, site: int, args: tuple, new_real: torch.Tensor) -> None:
+    def _observe(self, c: SiteCache, site: int, call: Call, new_real: torch.Tensor) -> None:
         """Update what the policy will rank the keys by with the new queries."""
-        q, idx_q, idx_w = args[0], args[9], args[11]
+        q, idx_q, idx_w = call.q, call.idx_q, call.idx_w
         G = self.groups[site]
         policy = self.policy.policy
         if policy == "learned":

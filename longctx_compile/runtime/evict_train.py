@@ -37,11 +37,20 @@ from ..ops.evict import (
     student_importance,
     teacher_importance,
 )
+from ..ops.schema import Call
 from .evict import EVICT, Policy, take
-from .interpret import SiteInterpreter, attention_sites, flat_inputs, logits_index
+from .interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
 
 ATTENTION = torch.ops.longctx.attention.default
 INDEXER = torch.ops.longctx.evict_indexer.default
+
+
+def _indexer_with_grad(*args):
+    """The indexer's reference with autograd on: the graph runs under no_grad, the indexer's weights train."""
+    with torch.enable_grad():
+        return indexer_ref(*args)
+
+
 STAGES = ("indexer", "memory")
 
 
@@ -96,7 +105,7 @@ class Trainer:
     """The frozen program with its indexer (stage 1) or memory (stage 2) parameters as trainable leaves."""
 
     def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any]):
-        from ..passes.kv_cache import step_state
+        from .interpret import step_state
 
         if "evict" not in signature:
             raise LccError("this artifact has no eviction indexers to train; convert it with --to evict")
@@ -105,7 +114,11 @@ class Trainer:
         self.state = dict(step_state(ep))
         self.index = logits_index(ep)
         sites = attention_sites(ep)
-        self.groups = {i: 1 if self.config["granularity"] == "layer" else int(n.args[1].meta["val"].shape[1]) for i, n in enumerate(sites) if n.target is EVICT}
+        self.groups = {
+            i: 1 if self.config["granularity"] == "layer" else int(Call.of(n).k.meta["val"].shape[1]) for i, n in enumerate(sites) if n.target is EVICT
+        }
+        self.graph = with_site_hooks(ep.graph_module, lambda site, call: self._hook(site, call), replace={INDEXER: _indexer_with_grad})
+        self._hook: Any = None
 
     def names(self, stage: str) -> list[str]:
         """The state names a stage trains."""
@@ -124,35 +137,35 @@ class Trainer:
         """(the stage's loss over every evicting layer, its value) for a batch of full sequences."""
         losses = []
 
-        def hook(site, target, args):
+        def hook(site, call):
             if site in self.groups:
                 with torch.enable_grad():
-                    losses.append((self._indexer_loss if stage == "indexer" else self._memory_loss)(site, args))
-                return ATTENTION(*args[:9])
-            return target(*args)
-
-        def indexer(*args):
-            with torch.enable_grad():
-                return indexer_ref(*args)
+                    losses.append((self._indexer_loss if stage == "indexer" else self._memory_loss)(site, call))
+                return call.run(ATTENTION)
+            return call()
 
         B, T = ids.shape
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(T).expand(B, T)}
-        with torch.no_grad():
-            SiteInterpreter(self.ep.graph_module, hook, {INDEXER: indexer}).run(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))
+        self._hook = hook
+        try:
+            with torch.no_grad():
+                self.graph(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))
+        finally:
+            self._hook = None
         total = torch.stack(losses).mean()
         return total, total.detach().item()
 
-    def _indexer_loss(self, site: int, args: tuple) -> torch.Tensor:
-        q, k, scale, (idx_q, idx_k, idx_w) = args[0], args[1], args[6], args[9:12]
+    def _indexer_loss(self, site: int, call: Call) -> torch.Tensor:
+        q, k, scale, idx_q, idx_k, idx_w = call.q, call.k, call.scale, call.idx_q, call.idx_k, call.idx_w
         G = self.groups[site]
         with torch.no_grad():
             teacher = teacher_importance(q, k, scale, G)
         return importance_kl(teacher, student_importance(idx_q, idx_k, idx_w, G), self.config["sinks"])
 
-    def _memory_loss(self, site: int, args: tuple) -> torch.Tensor:
-        q, k, v, scale = args[0], args[1], args[2], args[6]
-        idx_q, idx_k, idx_w = (t.detach() for t in args[9:12])
-        phi, gate_w, gate_b, decay, strength = args[12:17]
+    def _memory_loss(self, site: int, call: Call) -> torch.Tensor:
+        q, k, v, scale = call.q, call.k, call.v, call.scale
+        idx_q, idx_k, idx_w = (t.detach() for t in (call.idx_q, call.idx_k, call.idx_w))
+        phi, gate_w, gate_b, decay, strength = call.phi, call.gate_w, call.gate_b, call.decay, call.strength
         B, _, T, _ = q.shape
         G = self.groups[site]
         context = T - max(1, T // 4)

@@ -76,29 +76,37 @@ class LoadedModel:
     def loss(self, input_ids: torch.Tensor, shift_labels: torch.Tensor, attention_mask=None, position_ids=None, tile: int | None = None):
         """(summed cross-entropy, valid-token count), the LM head and loss computed ``tile`` rows at a time (``tile_loss``)."""
         if self._loss is None:
-            from ..passes.tile_loss import TiledLoss
+            from .tile_loss import TiledLoss
 
             self._loss = TiledLoss(self.module, self.signature)
         return self._loss(input_ids, shift_labels, attention_mask, position_ids, tile)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
-        """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", bank=None, **sampling: Any) -> list[list[int]]:
+        """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`.
+
+        ``bank`` (an msa artifact's :class:`~.memory_bank.MemoryBank` or its folder): each prompt is an MSA query
+        routed over the bank, then decoded over the context it assembled.
+        """
         from .generate import generate
 
+        if bank is not None:
+            from .msa import generate_with_bank
+
+            return generate_with_bank(self.program, self.signature, bank, prompts, max_new_tokens, pad_id, stream, **sampling)
         if "evict" in self.signature:  # the evicting cache is the runtime's own, not the step programs'
             from .evict import EvictModel
 
             return EvictModel(self.program, self.signature).generate(prompts, max_new_tokens, pad_id, stream, **sampling)
         if self._steps is None:
             from .. import artifact
-            from ..passes.kv_cache import Steps, step_state
+            from .interpret import step_state
             from .steps import bind
 
-            if "decode" not in self.manifest["programs"]:
+            steps = self.manifest["programs"].get("kv_cache")
+            if not steps:
                 raise LccError(f"artifact '{self.path}' has no decode program: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
-            names = [name for name in Steps.PROGRAMS if name in self.manifest["programs"]]
-            steps = {name: artifact.read_program(self.path, self.manifest, name, self.device) for name in names}
-            self._steps = bind(steps, step_state(self.program))
+            programs = {name: artifact.read_program(self.path, self.manifest, f"kv_cache.{name}", self.device) for name in steps}
+            self._steps = bind(programs, step_state(self.program))
         return generate(self._steps, self.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@
   positions are baked in), the prefix rows not seeing the memory. Other layers attend over
   ``[prefix ; query]`` only. Query positions start at ``prefix + k`` (Global RoPE) unless given.
 
-Both run the program's graph with an interpreter that intercepts ``longctx::msa_attention``.
+Both run the program's graph with hooks at its attention sites (``runtime.interpret``).
 """
 
 from __future__ import annotations
@@ -22,38 +22,13 @@ from typing import Any
 import torch
 
 from ..errors import LccError
-from ..ops import ATTENTION_OPS
 from ..ops.msa import msa_pool, msa_route
-from ..passes.kv_cache import step_state
-from .interpret import attention_sites, flat_inputs, logits_index
+from ..ops.schema import Call
+from .interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
 from .memory_bank import PARTS, MemoryBank
 
 MSA = torch.ops.longctx.msa_attention.default
 ATTENTION = torch.ops.longctx.attention.default
-
-
-class _Routed(torch.fx.Interpreter):
-    """Runs a graph, handing each routed attention site (every site with ``every``: a lowered one runs its own
-    kernel) to ``hook(site index, op, args)``."""
-
-    def __init__(self, gm: torch.fx.GraphModule, hook, every: bool = False, hidden: list | None = None):
-        super().__init__(gm)
-        self.hook, self.every, self.site, self.hidden = hook, every, -1, hidden
-        # each routed layer's input h: what its router projections read (args[9] is router_q = linear(h, W))
-        self.inputs_of_routers = {n.args[9].args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is MSA}
-
-    def run_node(self, n: torch.fx.Node):
-        value = super().run_node(n)
-        if self.hidden is not None and n in self.inputs_of_routers:
-            self.hidden.append(value)
-        return value
-
-    def call_function(self, target, args, kwargs):
-        if target in ATTENTION_OPS:
-            self.site += 1
-            if target is MSA or self.every:
-                return self.hook(self.site, target, args)
-        return super().call_function(target, args, kwargs)
 
 
 @dataclasses.dataclass
@@ -127,9 +102,14 @@ class MsaModel:
         self.logits_index = logits_index(ep)
         sites = attention_sites(ep)
         self.layers = [i for i, n in enumerate(sites) if n.target is MSA]
-        first = sites[self.layers[0]]
-        self.kv_heads, self.head_dim = int(first.args[1].meta["val"].shape[1]), int(first.args[1].meta["val"].shape[-1])
-        self.v_dim = int(first.args[2].meta["val"].shape[-1])
+        first = Call.of(sites[self.layers[0]])
+        self.kv_heads, self.head_dim = int(first.k.meta["val"].shape[1]), int(first.k.meta["val"].shape[-1])
+        self.v_dim = int(first.v.meta["val"].shape[-1])
+        # each routed layer's input h: what its router projections read (router_q = linear(h, W))
+        routers = [Call.of(n).router_q.args[0].name for n in sites if n.target is MSA]
+        self._hook: Any = None
+        self._hidden: list | None = None
+        self.graph = with_site_hooks(ep.graph_module, lambda site, call: self._hook(site, call), taps=routers, tap=self._tap)
         self.facts = {"weights": self._fingerprint(), "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "pool": self.config["pool"]}
 
     def _fingerprint(self) -> str:
@@ -141,10 +121,21 @@ class MsaModel:
             digest.update(self.state[name].detach().float().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def _tap(self, name: str, value: torch.Tensor) -> None:
+        if self._hidden is not None:
+            self._hidden.append(value)
+
     def _run(self, hook, inputs: dict[str, torch.Tensor], every: bool = False, hidden: list | None = None) -> torch.Tensor:
+        """Logits of the graph over ``inputs``, ``hook(site, call)`` at each routed site (at every site with ``every``:
+        the others run their own op, a lowered kernel included); ``hidden`` receives the routed layers' inputs."""
         flat = flat_inputs(self.ep, self.signature["inputs"], self.state, inputs)
-        with torch.no_grad():
-            return _Routed(self.ep.graph_module, hook, every, hidden).run(*flat)[self.logits_index]
+        self._hook = hook if every else (lambda site, call: hook(site, call) if call.op is MSA else call())
+        self._hidden = hidden
+        try:
+            with torch.no_grad():
+                return self.graph(*flat)[self.logits_index]
+        finally:
+            self._hook, self._hidden = None, None
 
     def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": input_ids, "position_ids": positions}
@@ -193,12 +184,11 @@ class MsaModel:
         pool = pool_fn(self.kernels)
         pooled = {name: {} for name in PARTS}
 
-        def hook(site, target, args):
-            k = args[1]
-            router_k = args[10].view(N, L, k.shape[1], -1).transpose(1, 2)
-            for name, t in zip(PARTS, (k, args[2], router_k), strict=True):
+        def hook(site, call):
+            router_k = call.router_k.view(N, L, call.k.shape[1], -1).transpose(1, 2)
+            for name, t in zip(PARTS, (call.k, call.v, router_k), strict=True):
                 pooled[name][site] = pool(t, real, self.config["pool"])
-            return ATTENTION(*args[:9])
+            return call.run(ATTENTION)
 
         self._run(hook, self._inputs(input_ids, real, torch.arange(L, device=input_ids.device).expand(N, L)))
         return pooled
@@ -231,21 +221,21 @@ class MsaModel:
         chosen, scored, context = {}, {}, []
         own_keys = mask.bool()
 
-        def hook(site, target, args):
-            q, k_self, v_self = args[:3]
-            if args[4] is not None or args[5] is not None:
+        def hook(site, call):
+            q, k_self, v_self = call.q, call.k, call.v
+            if call.get("doc_ids") is not None or call.get("mask") is not None:
                 raise LccError("msa queries take plain causal attention with padding; this program has document or arbitrary masks")
             if site not in memory.layers:  # a layer without memory: [prefix ; query] as the graph has it
                 context.append((k_self, v_self, own_keys))
-                return target(*args)
+                return call()
             Hq, D = q.shape[1], q.shape[-1]
-            router_q = args[9].view(B, T, Hq, D).transpose(1, 2)
+            router_q = call.router_q.view(B, T, Hq, D).transpose(1, 2)
             chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"] == "cosine")
             keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
             padding = torch.cat([valid, own_keys], dim=1)
             context.append((keys, values, padding))
             memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool, device=q.device)], dim=2)
-            return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], args[6], True, 0)
+            return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], call.scale, True, 0)
 
         logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True, hidden=hidden)
         return QueryResult(logits, chosen, scored, context, position_ids)
@@ -256,7 +246,7 @@ class MsaModel:
         for doc in docs:
             ids = torch.tensor([doc])
             hidden: list = []
-            self._run(lambda site, target, args: ATTENTION(*args[:9]), self._inputs(ids, torch.ones_like(ids), torch.arange(len(doc))[None]), hidden=hidden)
+            self._run(lambda site, call: call.run(ATTENTION), self._inputs(ids, torch.ones_like(ids), torch.arange(len(doc))[None]), hidden=hidden)
             out.append([h[0] for h in hidden])
         return out
 
@@ -270,39 +260,41 @@ class MsaModel:
         result.positions = result.positions[:, -1:] + 1
         ones = torch.ones(B, 1, dtype=torch.bool, device=tokens.device)
 
-        def hook(site, target, args):
-            q, k_new, v_new = args[:3]
+        def hook(site, call):
             keys, values, real = result.context[site]
-            keys, values, real = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2), torch.cat([real, ones], 1)
+            keys, values, real = torch.cat([keys, call.k], 2), torch.cat([values, call.v], 2), torch.cat([real, ones], 1)
             result.context[site] = (keys, values, real)
-            return target(q, keys, values, real, None, None, args[6], True, 0, *args[9:])
+            return call.replace(k=keys, v=values, key_padding=real, doc_ids=None, mask=None, causal=True, window=0)()
 
         return self._run(hook, self._inputs(tokens.view(B, 1), ones.long(), result.positions), every=True)
 
     def generate(
         self,
-        bank: MemoryBank,
+        bank: MemoryBank | Any,
         input_ids: torch.Tensor,
         max_new_tokens: int,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        stream=None,
         **sampling,
-    ) -> tuple[torch.Tensor, QueryResult]:
-        """New tokens [B, n] after the query rows (greedy unless ``sampling`` — keys of
-        :class:`runtime.generate.Sampling` — says otherwise) and the query's result."""
-        from .generate import Sampling, pick
+    ) -> tuple[list[list[int]], QueryResult]:
+        """New tokens of each query row (greedy unless ``sampling`` — keys of :class:`runtime.generate.Sampling` —
+        says otherwise; a stop id, when hit, is the last) and the query's result, through the one generation loop."""
+        from .generate import Sampling, collect, token_steps
 
-        rule = Sampling(**sampling)
-        generator = None if rule.seed is None else torch.Generator().manual_seed(rule.seed)
         result = self.query(bank, input_ids, attention_mask, position_ids)
-        logits, out = result.logits[:, -1], []
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        stops = torch.tensor(list(rule.stop_ids), dtype=torch.long, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            token = pick(logits, rule, generator)
-            out.append(token)
-            done |= torch.isin(token, stops)
-            if bool(done.all()) or len(out) == max_new_tokens:
-                break
-            logits = self.decode(result, token)[:, -1]
-        return torch.stack(out, dim=1), result
+        steps = token_steps(result.logits[:, -1], lambda token: self.decode(result, token)[:, -1], max_new_tokens, Sampling(**sampling))
+        return collect(steps, input_ids.shape[0], stream), result
+
+
+def generate_with_bank(ep: torch.export.ExportedProgram, signature: dict[str, Any], bank, prompts, max_new_tokens: int, pad_id: int, stream, **sampling):
+    """New tokens of each prompt (``[prefix ; question]`` token ids) routed over ``bank`` (a :class:`MemoryBank` or its
+    folder), prompts left-padded to one batch."""
+    from . import memory_bank
+    from .generate import pad_prompts
+
+    model = MsaModel(ep, signature)
+    if not isinstance(bank, MemoryBank):
+        bank = memory_bank.load(bank, model=model.facts)
+    ids, mask = pad_prompts(prompts, max_new_tokens, pad_id, signature["inputs"], signature["max_len"], signature["vocab_size"])
+    return model.generate(bank, ids, max_new_tokens, attention_mask=mask, stream=stream, **sampling)[0]

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..fx import ASSERTS, aten, is_call, val
 from ..ops.attention import sdpa_layout_forward
-from ..passes.graph import ASSERTS, aten, is_call, val
 
 STEP_NAMES = {"prefill": "prefill", "decode": "growing", "static": "static"}
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.tiles import TileConfig
 from . import Target
 from .configs import KINDS, AttentionConfigs, Shape, candidates, choose
+from .tiles import TileConfig
 
 TOP_CANDIDATES = 8  # configs timed per pass, best-ranked first
 

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from ..errors import LccError
-from ..kernels import tiles
-from ..kernels.tiles import MAX_REGISTERS, TileConfig, padded_dim, registers_per_thread, smem_bytes
-from . import Target
+from . import Target, tiles
+from .tiles import MAX_REGISTERS, TileConfig, padded_dim, registers_per_thread, smem_bytes
 
 BLOCKS = (128, 64, 32, 16)
 WARPS = (4, 8)

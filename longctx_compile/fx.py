@@ -1,4 +1,4 @@
-"""Small helpers shared by passes: matching aten nodes, reading call arguments, fake values, dead code."""
+"""Small torch.fx helpers shared by passes and runtimes: matching aten nodes, reading call arguments, fake values, dead code."""
 
 from __future__ import annotations
 

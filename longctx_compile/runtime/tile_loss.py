@@ -18,8 +18,8 @@ import torch
 
 from ..distributed import IGNORE
 from ..errors import LccError
+from ..fx import CASTS, CLONES, is_call
 from ..ops.loss import default_tile, lm_head_loss
-from .graph import CASTS, CLONES, is_call
 
 aten = torch.ops.aten
 

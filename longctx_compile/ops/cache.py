@@ -1,0 +1,109 @@
+"""How each attention op is cached: what it stores per key, how new tokens extend it, what a decode step runs.
+
+``passes.kv_cache`` reads these declarations to turn any form's program into prefill and decode
+programs; an op without one has no cached decode step (the pass says so, naming the form). A rule is
+given the site's :class:`~.schema.Call` (arguments by schema name) and the cached tensors, one
+``[batch, heads, keys, dim]`` tensor per stored argument, in :meth:`KeyValueCache.stored` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .schema import Call
+
+
+def _scatter(old: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``old`` [B, H, S, D] with ``new`` [B, H, 1, D] written at key ``slots[b]``."""
+    B, H = new.shape[:2]
+    return old.scatter(2, slots.view(B, 1, 1, 1).expand(B, H, 1, new.shape[-1]), new)
+
+
+@dataclass(frozen=True)
+class KeyValueCache:
+    """An op with the canonical masking arguments (``key_padding doc_ids mask scale causal window``) that
+    reads only its keys and values from the past: it stores K and V per key.
+
+    A growing step appends the new keys and runs the op with queries as the last T of S keys (the
+    canonical offsets give causality and the window); a static step writes the new key at ``slots[b]``
+    of a fixed-length cache and runs it with causality and the window turned into a key mask.
+    """
+
+    def stored(self, call: Call) -> tuple[str, ...]:
+        """The arguments kept per key (each a [batch, heads, keys, dim] tensor)."""
+        return ("k", "v")
+
+    def refuse(self, call: Call) -> str | None:
+        """Why this call cannot be continued token by token, or None."""
+        if not call.causal:
+            return "its attention is not causal"
+        if call.doc_ids is not None:
+            return "packed-document masks need each key's document; capture with attention_mask"
+        if call.mask is not None:
+            return "an arbitrary mask tensor cannot be extended to cached keys"
+        return None
+
+    def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
+        """The call over the cached keys followed by the new ones."""
+        grown = {name: torch.cat([old, call[name]], dim=2) for name, old in zip(self.stored(call), cached, strict=True)}
+        key_padding = call.key_padding
+        if key_padding is not None:
+            key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
+        return call.replace(**grown, key_padding=key_padding)
+
+    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor) -> Call:
+        """The call over a fixed-length cache with the one new key written at ``slots[b]``."""
+        written = {name: _scatter(old, call[name], slots) for name, old in zip(self.stored(call), cached, strict=True)}
+        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
+        visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
+        if call.window > 0:
+            keys = torch.arange(past_mask.shape[1], device=past_mask.device)
+            visible = visible & (keys[None, :] > slots[:, None] - call.window)
+        return call.replace(**written, key_padding=visible, causal=False, window=0)
+
+    def run(self, call: Call) -> Any:
+        """The op's output over the extended call, in the structure the graph reads."""
+        return call()
+
+
+@dataclass(frozen=True)
+class HsaCache(KeyValueCache):
+    """HSA (``hsa_attention``, or ``hsa_flash`` bound by ``lower``): keys, values and the NoPE score keys when it
+    has them. A decode step runs the reference op with the new tokens as the last queries of all the keys, each
+    selecting its chunks as in the whole sequence; the static step's filled prefix ends at the slot (the
+    Generator passes it so), which keeps that so. Landmarks are recomputed from the cached keys each step.
+    """
+
+    def stored(self, call: Call) -> tuple[str, ...]:
+        return ("k", "v") if call.score_k is None else ("k", "v", "score_k")
+
+    def refuse(self, call: Call) -> str | None:
+        if call.select == "block" and call.topk >= 0:
+            return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
+        return None
+
+    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor) -> Call:
+        written = {name: _scatter(old, call[name], slots) for name, old in zip(self.stored(call), cached, strict=True)}
+        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
+        return call.replace(**written, key_padding=past_mask.to(torch.bool).scatter(1, slots[:, None], new))
+
+    def run(self, call: Call) -> Any:
+        reference = torch.ops.longctx.hsa_attention.default
+        out = call.to(reference).run()
+        return out if call.op is reference else (out, None, None, None)  # hsa_flash: (out, lse, score, indices)
+
+
+RULES: dict[Any, KeyValueCache] = {}
+
+
+def declare(op: Any, rule: KeyValueCache) -> None:
+    """Declare how ``op`` (an OpOverload) is cached."""
+    RULES[op] = rule
+
+
+def rule_of(op: Any) -> KeyValueCache | None:
+    """The cache declaration of ``op``, or None when it has no cached decode step."""
+    return RULES.get(op)

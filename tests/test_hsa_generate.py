@@ -1,0 +1,117 @@
+"""HSA generates: the op's queries may be the last T of its keys, its cache is declared (``ops.cache.HsaCache``), and an
+hsa artifact's prefill/decode programs continue the full-sequence HSA program token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longctx_compile as lcc
+from longctx_compile.errors import LccError
+from longctx_compile.ops import hsa as hsa_ops
+
+PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 9, 11, 13, 40, 41, 2], [12, 8], [200, 201, 3, 4, 5]]
+
+
+def qkv(T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, T, 8, generator=g)
+    k, v = torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
+    key_padding = torch.ones(2, T, dtype=torch.long)
+    key_padding[1, :5] = 0
+    return q, k, v, key_padding
+
+
+@pytest.mark.parametrize(
+    "mode,K,w,variant",
+    [
+        ("landmark", 2, 1, None),
+        ("exact", 2, 0, None),
+        ("exact", -1, 1, None),
+        ("learned", 1, 0, None),
+        ("landmark", 2, 1, "sink"),
+        ("landmark", 1, 0, "stick"),
+        ("landmark", 2, 0, "nope"),
+    ],
+)
+@pytest.mark.parametrize("new", [1, 3, 6])
+def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, new):
+    """Queries that are the last T of S keys get exactly the rows the whole sequence gives them (per-token selection)."""
+    T, chunk = 23, 4
+    q, k, v, key_padding = qkv(T)
+    g = torch.Generator().manual_seed(1)
+    wq, wk = (torch.randn(2, 8, 8, generator=g) for _ in range(2)) if mode == "learned" else (None, None)
+    sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant == "nope" else (None, None)
+    sink, fusion = variant == "sink", "stick" if variant == "stick" else "softmax"
+    full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk)
+    tail = hsa_ops.hsa_ref(
+        q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk
+    )
+    torch.testing.assert_close(tail, full[:, :, -new:])
+    op = torch.ops.longctx.hsa_attention(
+        q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk
+    )
+    torch.testing.assert_close(op, full[:, :, -new:])
+
+
+def test_last_queries_refuse_a_shared_chunk_selection():
+    q, k, v, _ = qkv(12)
+    with pytest.raises(ValueError, match="select=block"):
+        hsa_ops.hsa_ref(q[:, :, -1:], k, v, None, 0.3, 4, 1, 0, "landmark", "block")
+    every = hsa_ops.hsa_ref(q[:, :, -2:], k, v, None, 0.3, 4, -1, 0, "exact", "block")  # all chunks: nothing to share
+    torch.testing.assert_close(every, hsa_ops.hsa_ref(q, k, v, None, 0.3, 4, -1, 0, "exact", "block")[:, :, -2:])
+
+
+def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
+    dense = lcc.compile("tiny-llama").generate(PROMPTS, max_new_tokens=12)
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="all", window=1, score="exact")
+    assert compiled.generate(PROMPTS, max_new_tokens=12) == dense
+    assert compiled.generate(PROMPTS, max_new_tokens=12, cache="growing") == dense
+
+
+@pytest.mark.parametrize("options", [{"score": "landmark", "topk": "1"}, {"score": "learned", "topk": "2", "nope": "true", "fusion": "stick"}])
+def test_sparse_decode_logits_equal_the_full_sequence_program(options):
+    """Both cache modes, stepped as the Generator steps them: each step's logits equal the HSA program over the whole
+    sequence so far (left-padded prompts; the static cache passed as its filled prefix)."""
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, window=0, **options)
+    programs = compiled._step_programs
+    if options.get("nope"):
+        assert len(compiled.steps.layout.stored[0]) == 3  # keys, values and the NoPE score keys
+    longest = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(p) for p in PROMPTS])[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps, prompt = 7, ids.shape[1]
+    with torch.no_grad():
+        logits, *caches = programs["prefill"]({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+        torch.testing.assert_close(logits[:, -1], compiled(ids, attention_mask=mask, position_ids=positions)[:, -1])
+        static = [torch.nn.functional.pad(c, (0, 0, 0, steps)) for c in caches]
+        past_static = torch.nn.functional.pad(mask, (0, steps))
+        for i in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            ids, past = torch.cat([ids, token], 1), mask
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+            step = {"input_ids": token, "attention_mask": torch.ones_like(token), "position_ids": positions[:, -1:]}
+            logits, *caches = programs["growing"](step, past, caches)
+            slot = prompt + i
+            static_logits, *_ = programs["static"](step, past_static[:, : slot + 1], [c[:, :, : slot + 1] for c in static], torch.full((3,), slot))
+            past_static[:, slot] = 1
+            full = compiled(ids, attention_mask=mask, position_ids=positions)
+            torch.testing.assert_close(logits[:, -1], full[:, -1])
+            torch.testing.assert_close(static_logits[:, -1], full[:, -1])
+    # and the Generator's tokens are that greedy continuation
+    assert compiled.generate(PROMPTS, max_new_tokens=steps) == compiled.generate(PROMPTS, max_new_tokens=steps, cache="growing")
+
+
+def test_a_saved_hsa_artifact_generates(tmp_path):
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", window=0)
+    loaded = lcc.load(compiled.save(tmp_path / "h.lcc"))
+    assert set(loaded.manifest["programs"]["kv_cache"]) == {"prefill", "decode", "static"}
+    assert loaded.generate(PROMPTS, max_new_tokens=6) == compiled.generate(PROMPTS, max_new_tokens=6)
+
+
+def test_shared_chunk_selection_has_no_cache_and_says_why():
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", select="block")
+    with pytest.raises(LccError, match="select=block.*--opt select=token"):
+        compiled.generate(PROMPTS, max_new_tokens=2)

@@ -1,0 +1,80 @@
+"""Imports point down: what each layer may not import, read from every module's import statements (lazy ones too),
+and importing the package or any subpackage changes no environment variable and loads no Triton kernel."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "longctx_compile"
+
+# layer -> modules of ours it must never import (a module is its dotted path under longctx_compile)
+FORBIDDEN = {
+    "runtime": ("passes", "pipeline", "compiler", "api", "cli", "forms", "verify"),
+    "artifact": ("runtime", "passes", "compiler", "api", "cli", "forms"),
+    "passes": ("kernels", "api", "cli", "compiler"),
+    "ops": ("passes", "runtime", "pipeline", "compiler", "api", "cli", "artifact", "forms"),
+    "fx": ("ops", "passes", "runtime", "pipeline", "kernels"),
+    "targets": ("ops", "passes", "runtime", "pipeline", "compiler", "api", "cli"),  # autotune launches kernels to time them
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, at the top or inside a function, as a dotted path."""
+    here = path.relative_to(PACKAGE).with_suffix("").parts
+    package = here[:-1] if here[-1] != "__init__" else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[: len(package) - node.level + 1])
+            stem = [*base, *(node.module.split(".") if node.module else [])]
+            found |= {".".join(stem)} if node.module else {".".join([*stem, alias.name]) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("longctx_compile."):
+            found.add(node.module.removeprefix("longctx_compile."))
+    return found
+
+
+def modules(layer: str) -> list[Path]:
+    folder = PACKAGE / layer
+    return sorted(folder.rglob("*.py")) if folder.is_dir() else [PACKAGE / f"{layer}.py"]
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_imports_point_down(layer):
+    bad = []
+    for path in modules(layer):
+        for target in imports_of(path):
+            top = target.split(".")[0]
+            if top in FORBIDDEN[layer]:
+                bad.append(f"{path.relative_to(PACKAGE)} imports {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
+    """The rule above can fail: imports inside functions and relative ones are both found."""
+    found = imports_of(PACKAGE / "runtime" / "model.py")
+    assert "artifact" in found and "runtime.tile_loss" in found  # `from .. import artifact` inside a method; `from .tile_loss import`
+
+
+SUBPACKAGES = ["longctx_compile", *(f"longctx_compile.{p.name}" for p in sorted(PACKAGE.iterdir()) if (p / "__init__.py").is_file() and p.name != "kernels")]
+
+
+def test_importing_changes_no_environment_variable_and_loads_no_kernel():
+    script = (
+        "import importlib, json, os, sys\n"
+        "before = dict(os.environ)\n"
+        f"for name in {SUBPACKAGES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+        "kernels = sorted(m for m in sys.modules if m.startswith('longctx_compile.kernels'))\n"
+        "print(json.dumps({'changed': changed, 'kernels': kernels}))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"changed": [], "kernels": []}
