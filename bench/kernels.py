@@ -9,7 +9,7 @@ bf16 peak. Before timing, each shape checks our output against the baseline's.
 
     python bench/kernels.py               # on a GPU: the table; paste it into bench/RESULTS.md
     python bench/kernels.py --autotune    # time candidate tile configs first (cached per shape)
-    python bench/kernels.py --smoke       # tiny shapes on CPU under TRITON_INTERPRET=1: checks the harness only
+    python bench/kernels.py --smoke       # tiny shapes on CPU under Triton's interpreter: checks the harness only
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main() -> int:
         target, lengths, dims, window, tokens, hidden = TARGETS["interpret"], (64,), (16,), 32, 64, 32
     elif not torch.cuda.is_available():
         console.print("bench/kernels.py needs a CUDA GPU and none is present; nothing measured.")
-        console.print("(The kernels' correctness is checked on CPU by tests/test_kernels.py under TRITON_INTERPRET=1.)")
+        console.print("(The kernels' correctness is checked on CPU by tests/test_kernels.py under Triton's interpreter.)")
         return 0
     else:
         target, lengths, dims, window, tokens, hidden = detect(), LENGTHS, HEAD_DIMS, WINDOW, TOKENS, HIDDEN

@@ -22,7 +22,8 @@ import torch
 from . import __version__
 from .errors import LccError
 
-# 2: programs in per-purpose namespaces (``kv_cache/``, ``msa/``), each in a folder of that name
+# 2: programs in per-purpose namespaces (``kv_cache``, ``msa``): stored in a folder of that name, or ``derived`` from
+# model.pt2 on demand (the runtime runs its steps from model.pt2's graph; only a portable export needs them as programs)
 FORMAT_VERSION = 2
 MANIFEST = "lcc.json"
 PROGRAM = "model.pt2"
@@ -69,7 +70,7 @@ def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any
         "sites": program.sites(),
         "history": [dataclasses.asdict(r) for r in program.history],
         "stages": list(program.snapshots),
-        "programs": {"model": PROGRAM},  # + one namespace per purpose: {"kv_cache": {"prefill": "kv_cache/prefill.pt2", ...}}
+        "programs": {"model": PROGRAM},  # stored files; namespaced ones as {"kv_cache": {"decode": "kv_cache/decode.pt2"}}
         "equivalence": report,
     }
 
@@ -96,12 +97,7 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
         torch.export.save(compiled.program.ep, tmp / PROGRAM)
         (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
         manifest = manifest_of(compiled, report)
-        for namespace, (programs, facts) in compiled.step_programs().items():
-            manifest.update(facts)
-            for name, ep in programs.items():
-                (tmp / namespace).mkdir(exist_ok=True)
-                torch.export.save(ep, tmp / namespace / f"{name}.pt2")
-                manifest["programs"].setdefault(namespace, {})[name] = f"{namespace}/{name}.pt2"
+        manifest.update(compiled.derived())
         manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *program_files(manifest).values())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out
@@ -191,9 +187,15 @@ def program_files(manifest: dict[str, Any]) -> dict[str, str]:
     return files
 
 
+def program_names(manifest: dict[str, Any]) -> list[str]:
+    """Every program an artifact offers by qualified name: those stored, then those derived from model.pt2 on demand."""
+    derived = [f"{namespace}.{name}" for namespace, names in manifest.get("derived", {}).items() for name in names]
+    return [*program_files(manifest), *(name for name in derived if name not in program_files(manifest))]
+
+
 def resolve_program(manifest: dict[str, Any], name: str) -> str:
     """The qualified name of program ``name``: itself, or the one namespace holding a program of that short name."""
-    files = program_files(manifest)
+    files = program_names(manifest)
     if name in files:
         return name
     matches = [qualified for qualified in files if qualified.rsplit(".", 1)[-1] == name]

@@ -51,33 +51,23 @@ class Compiled:
 
     @functools.cached_property
     def steps(self) -> Any:
-        """The prefill and decode programs with explicit KV caches, and their cache layout (built once)."""
+        """The prefill and decode programs exported with explicit KV caches (portable), and their cache layout."""
         from .passes.kv_cache import export_steps
 
         return export_steps(self.program)
 
     @functools.cached_property
     def _step_programs(self) -> dict[str, Any]:
+        from .passes.kv_cache import check_generatable
         from .runtime.interpret import step_state
         from .runtime.steps import bind
 
-        return bind({name: getattr(self.steps, name) for name in self.steps.PROGRAMS}, step_state(self.program.ep))
+        check_generatable(self.program)
+        return bind(self.program.ep, step_state(self.program.ep))
 
-    def step_programs(self) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-        """What an artifact saves beside model.pt2, by namespace: (programs by name, manifest entries).
-
-        ``kv_cache``: prefill and decode with explicit caches (or none, and the manifest says why);
-        the form's own namespace (``msa``: encode, query, decode) when it has programs of its own.
-        """
-        try:
-            steps = self.steps
-            out = {"kv_cache": ({name: getattr(steps, name) for name in steps.PROGRAMS}, {"cache": steps.layout.to_json()})}
-        except LccError as e:
-            out = {"kv_cache": ({}, {"cache": None, "cache_note": str(e)})}
-        form = get_form(self.program.form)
-        if form.programs is not None:
-            out[form.name] = (form.programs(self.program), {})
-        return out
+    def derived(self) -> dict[str, Any]:
+        """What the artifact's manifest says of the programs derived from model.pt2 (:func:`derived_entries`)."""
+        return derived_entries(self.program)
 
     def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
@@ -130,3 +120,49 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
     step(f"lowering for {target}")
     run_stage(program, Stage.LOWER, [("lower", lower_cfg)])
     return Compiled(program, module, form_cfg, capture_cfg)
+
+
+def derived_entries(program: Program) -> dict[str, Any]:
+    """The manifest entries of the programs derived from ``model.pt2`` on demand (not stored): ``derived``, by
+    namespace, and the KV-cache layout (``cache``, or None and ``cache_note`` saying why there is none)."""
+    from .passes.kv_cache import check_generatable, layout
+
+    entries: dict[str, Any] = {"derived": {}}
+    try:
+        check_generatable(program)
+        entries["cache"] = layout(program).to_json()
+        entries["derived"]["kv_cache"] = ["prefill", "decode", "static"]
+    except LccError as e:
+        entries.update(cache=None, cache_note=str(e))
+    form = get_form(program.form)
+    if form.program_names:
+        entries["derived"][form.name] = list(form.program_names)
+    return entries
+
+
+def derive(program: Program, name: str) -> torch.export.ExportedProgram:
+    """Export derived program ``name`` (``kv_cache.decode``, ``msa.query`` …) of ``program``, weights taken as ``state``."""
+    namespace, _, short = name.partition(".")
+    if namespace == "kv_cache":
+        from .passes.kv_cache import export_steps
+
+        return getattr(export_steps(program), short)
+    form = get_form(program.form)
+    if namespace != form.name or short not in form.program_names:
+        raise LccError(f"no derived program '{name}' for a {program.form} program")
+    return form.programs(program)[short]
+
+
+def artifact_program(path: Path, manifest: dict[str, Any]) -> Program:
+    """An artifact's model program as a :class:`Program`, each attention site's facts restored from the manifest
+    (a saved program keeps the graph, not the facts the passes recorded on its nodes)."""
+    from . import artifact
+
+    ep = artifact.read_program(path, manifest, "model")
+    program = Program(ep, manifest["signature"], manifest["source"], form=manifest["form"], target=manifest["target"])
+    nodes = program.attention_nodes()
+    if len(nodes) != len(manifest["sites"]):
+        raise LccError(f"corrupt artifact '{path}': {len(nodes)} attention sites in model.pt2, {len(manifest['sites'])} in its manifest")
+    for node, facts in zip(nodes, manifest["sites"], strict=True):
+        node.meta["lcc"] = {k: v for k, v in facts.items() if k != "node"}
+    return program

@@ -21,8 +21,9 @@ class FormSpec:
     passes: list[str] = field(default_factory=list)
     doc: str = ""
     exact: bool = True  # whether the form (as configured) must equal the dense model
-    # the form's own step programs, saved under the artifact's namespace of the form's name: program -> {name: ExportedProgram}
+    # the form's own step programs (namespace: the form's name), exported on demand: program -> {name: ExportedProgram}
     programs: Callable[[Any], dict[str, Any]] | None = None
+    program_names: tuple[str, ...] = ()
 
 
 def _msa_programs(program: Any) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def _forms() -> dict[str, FormSpec]:
             ["msa", "doc_rope"],
             "memory sparse attention: routed layers pool documents into a memory bank and attend over the top-k",
             programs=_msa_programs,
+            program_names=("encode", "query", "decode"),
         ),
         "evict": FormSpec(
             "evict",

@@ -107,7 +107,7 @@ def test_sparse_decode_logits_equal_the_full_sequence_program(options):
 def test_a_saved_hsa_artifact_generates(tmp_path):
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", window=0)
     loaded = lcc.load(compiled.save(tmp_path / "h.lcc"))
-    assert set(loaded.manifest["programs"]["kv_cache"]) == {"prefill", "decode", "static"}
+    assert loaded.manifest["derived"] == {"kv_cache": ["prefill", "decode", "static"]} and loaded.manifest["cache"]["stored"][0] == ["k", "v"]
     assert loaded.generate(PROMPTS, max_new_tokens=6) == compiled.generate(PROMPTS, max_new_tokens=6)
 
 

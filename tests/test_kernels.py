@@ -1,6 +1,6 @@
 """The Triton attention kernels against the reference op, forward and gradients (lse included).
 
-On a CPU-only machine they run under TRITON_INTERPRET=1 (set by ``longctx_compile.kernels``); with
+On a CPU-only machine they run under Triton's interpreter (a launch on CPU tensors, ``kernels/launch.py``); with
 CUDA they run compiled. Every output buffer is filled with NaN before the launch, so a tile the
 kernel forgets to write fails the comparison.
 """
@@ -17,7 +17,7 @@ from longctx_compile.ops import attention_ref, doc_ids_from_positions
 from longctx_compile.ops.reference import allowed_mask
 from longctx_compile.targets.tiles import TileConfig
 
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = TileConfig(16, 16, 4, 1)
 MASKS = ["causal", "full", "window", "window_full", "padding", "documents", "all", "bool", "additive"]
 # (Hkv, T, S) per GQA group: square, cache (T < S), one query, and a longer square run

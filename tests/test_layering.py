@@ -78,3 +78,22 @@ def test_importing_changes_no_environment_variable_and_loads_no_kernel():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=True)
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {"changed": [], "kernels": []}
+
+
+def test_a_kernel_launched_on_cpu_tensors_is_interpreted_without_the_variable():
+    """Triton imported first (as torch and onnx do), then a kernel launched on CPU tensors: it runs under the
+    interpreter, equals the reference, and the environment is untouched."""
+    script = (
+        "import json, os, triton.language, torch\n"
+        "from longctx_compile.kernels.msa import pool\n"
+        "from longctx_compile.ops.msa import pool_ref\n"
+        "x, real = torch.randn(2, 3, 8, 4), torch.ones(2, 8, dtype=torch.long)\n"
+        "real[1, 5:] = 0\n"
+        "got, want = pool(x, real, 4), pool_ref(x, real, 4)\n"
+        "same = all(torch.allclose(a, b) for a, b in zip(got, want))\n"
+        "print(json.dumps({'same': same, 'variable': os.environ.get('TRITON_INTERPRET')}))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"same": True, "variable": None}

@@ -117,7 +117,7 @@ def test_an_msa_artifact_generates_with_and_without_a_bank(artifact, tmp_path):
 
     model = str(artifact / "model.lcc")
     loaded = lcc_api.load(model)
-    assert set(loaded.manifest["programs"]) == {"model", "kv_cache", "msa"}  # namespaces: both have a decode program
+    assert loaded.manifest["derived"] == {"kv_cache": ["prefill", "decode", "static"], "msa": ["encode", "query", "decode"]}  # both have a decode
     dense = lcc_api.compile("tiny-llama").generate([[1, 2, 3]], max_new_tokens=5)[0]
     plain = lcc("generate", model, "--prompt-ids", "1,2,3", "-n", "5")
     assert plain.returncode == 0, plain.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import longctx_compile as lcc
-from longctx_compile import artifact
+from longctx_compile.compiler import artifact_program, derive
 from longctx_compile.runtime.memory_bank import PARTS
 from longctx_compile.runtime.msa import MsaModel
 from longctx_compile.runtime.msa_programs import padded_table
@@ -15,9 +15,10 @@ def test_saved_programs_equal_the_eager_runtime(tmp_path):
     compiled = lcc.compile("tiny-llama", to="msa", pool=2, topk="2", routed_layers="all")
     path = compiled.save(tmp_path / "model.lcc")
     loaded = lcc.load(path)
-    assert set(loaded.manifest["programs"]["msa"]) == {"encode", "query", "decode"}
+    assert loaded.manifest["derived"]["msa"] == ["encode", "query", "decode"]
     model = MsaModel(loaded.program, loaded.signature)
-    encode, query, decode = (artifact.read_program(path, loaded.manifest, f"msa.{name}").module() for name in ("encode", "query", "decode"))
+    program = artifact_program(path, loaded.manifest)
+    encode, query, decode = (derive(program, f"msa.{name}").module() for name in ("encode", "query", "decode"))
     g = torch.Generator().manual_seed(0)
 
     # encode: rows of other lengths (a multiple of the pool) and padding than the export example

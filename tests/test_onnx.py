@@ -18,6 +18,7 @@ from test_custom import PrefixLM
 
 import longctx_compile as lcc
 from longctx_compile import artifact
+from longctx_compile.compiler import artifact_program, derive
 from longctx_compile.onnx import check
 from longctx_compile.onnx.export import export_onnx
 from longctx_compile.runtime.msa import MsaModel
@@ -116,7 +117,7 @@ def test_msa_model_and_query_time_routing(tmp_path):
     assert list(report.outputs)[:3] == ["logits", "docs_0", "scores_0"]
     loaded = lcc.load(path)
     model = MsaModel(loaded.program, loaded.signature)
-    query = artifact.read_program(path, loaded.manifest, "query").module()
+    query = derive(artifact_program(path, loaded.manifest), "msa.query").module()
     session = onnxruntime.InferenceSession(str(query_onnx))
     names = [i.name for i in session.get_inputs()]
     g = torch.Generator().manual_seed(0)
@@ -142,7 +143,7 @@ def test_msa_encode(tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     assert report.inputs["input_ids"] == ["docs", "chunks", 2] and list(report.outputs)[:2] == ["keys_0", "keys_count_0"]
     loaded = lcc.load(path)
-    encode = artifact.read_program(path, loaded.manifest, "encode").module()
+    encode = derive(artifact_program(path, loaded.manifest), "msa.encode").module()
     state = MsaModel(loaded.program, loaded.signature).state
     session = onnxruntime.InferenceSession(str(out))
     for docs, chunks in ((3, 5), (1, 2)):

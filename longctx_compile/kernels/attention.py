@@ -12,7 +12,6 @@ applies element masks only on the tiles that need them.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -21,6 +20,7 @@ import triton.language as tl
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
 from ..targets.tiles import TileConfig, padded_dim, smem_bytes, unsupported
+from .launch import launch, on_cpu
 
 LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -364,10 +364,6 @@ def _bwd_dq_kernel(
 # launchers
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.cache
 def _max_shared_memory(device: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
@@ -385,8 +381,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, cfg: Ti
     reason = unsupported(q.shape[-1], v.shape[-1], q.dtype)
     if reason:
         raise LccError(reason)
-    if q.device.type == "cpu" and not interpreting():
-        raise LccError("the Triton attention kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     if q.device.type == "cuda":
         limit = _max_shared_memory(q.device.index or 0)
         need = smem_bytes(kind, cfg, q.shape[-1], v.shape[-1], q.dtype)
@@ -446,7 +440,7 @@ def _flags(q, causal: bool, window: int, pad, docs, kind: int) -> dict:
         MASK_KIND=kind,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter multiplies bfloat16 as raw integers: there, round to bf16 and multiply in fp32
-        DOT_DTYPE=tl.float32 if q.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[q.dtype],
+        DOT_DTYPE=tl.float32 if q.dtype == torch.bfloat16 and on_cpu(q) else _TL_DTYPES[q.dtype],
     )
 
 
@@ -476,7 +470,7 @@ def attention_fwd(
     ranges = _doc_ranges(doc_ids, T, S, cfg.block_m, queries=True) if docs is not None else dummy
     m = mask if mask is not None else dummy
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid, 
         q, k, v, out, lse, pad if pad is not None else dummy, docs if docs is not None else dummy, ranges, m,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         pad.stride(0) if pad is not None else 0, docs.stride(0) if docs is not None else 0, *ms,
@@ -515,7 +509,7 @@ def attention_bwd(
     pad, docs, mask, kind, dummy = _aux(q, k, key_padding, doc_ids, mask)
     delta = torch.empty_like(lse)
     grid = (triton.cdiv(T, cfg.block_m), B * Hq)
-    _delta_kernel[grid](
+    launch(_delta_kernel, grid, 
         out, grad_out, grad_lse.contiguous() if grad_lse is not None else dummy, delta,
         *out.stride()[:3], *grad_out.stride()[:3], T, Hq,
         V_DIM=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=padded_dim(Dv), HAS_DLSE=grad_lse is not None,
@@ -529,14 +523,14 @@ def attention_bwd(
     aux_strides = (pad.stride(0) if pad is not None else 0, docs.stride(0) if docs is not None else 0, *ms)
     pad, docs_arg = (pad if pad is not None else dummy), (docs if docs is not None else dummy)
     q_ranges = _doc_ranges(doc_ids, T, S, cfg.block_m, queries=False) if doc_ids is not None else dummy
-    _bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_m), B * Hkv)](
+    launch(_bwd_dkdv_kernel, (triton.cdiv(S, cfg.block_m), B * Hkv), 
         q, k, v, grad_out, lse, delta, dk, dv, pad, docs_arg, q_ranges, m,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *aux_strides,
         T, S, Hq, Hkv, Hq // Hkv, scale * LOG2E, scale, window, **common,
     )  # fmt: skip
     kv_ranges = _doc_ranges(doc_ids, T, S, cfg.block_m, queries=True) if doc_ids is not None else dummy
-    _bwd_dq_kernel[(triton.cdiv(T, cfg.block_m), B * Hq)](
+    launch(_bwd_dq_kernel, (triton.cdiv(T, cfg.block_m), B * Hq), 
         q, k, v, grad_out, lse, delta, dq, pad, docs_arg, kv_ranges, m,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3], *aux_strides,
         T, S, Hq, Hq // Hkv, scale * LOG2E, scale, window, **common,

@@ -26,7 +26,8 @@ import triton.language as tl
 from ..errors import LccError
 from ..ops.attention import empty_sdpa_layout
 from ..targets.tiles import hsa_rows, hsa_unsupported, padded_dim
-from .attention import _TL_DTYPES, _dot, interpreting
+from .attention import _TL_DTYPES, _dot
+from .launch import launch, on_cpu
 
 
 # Kernel argument lists stay packed (pointers, strides, sizes, compile-time flags) rather than one per line.
@@ -418,7 +419,7 @@ def _dkdv_kernel(
 def _new(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """An output buffer; NaN-filled under the interpreter, so a value a kernel forgets to write shows in the tests."""
     buf = torch.empty(shape, dtype=dtype, device=like.device)
-    return buf.fill_(float("nan")) if interpreting() and dtype.is_floating_point else buf
+    return buf.fill_(float("nan")) if on_cpu(like) and dtype.is_floating_point else buf
 
 
 def _strides(*tensors: torch.Tensor, n: int = 3) -> list[int]:
@@ -434,8 +435,6 @@ def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk:
     reason = hsa_unsupported(chunk, -1, "landmark", q.shape[-1], v.shape[-1], q.dtype)  # what lower checks, again at launch
     if reason:
         raise LccError(reason)
-    if q.device.type == "cpu" and not interpreting():
-        raise LccError("the Triton HSA kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     return dict(
         HEAD_DIM=q.shape[-1],
         V_DIM=v.shape[-1],
@@ -448,7 +447,7 @@ def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk:
         EXACT=exact,
         SINK=sink,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_DTYPE=tl.float32 if q.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[q.dtype],
+        DOT_DTYPE=tl.float32 if q.dtype == torch.bfloat16 and on_cpu(q) else _TL_DTYPES[q.dtype],
     )
 
 
@@ -462,7 +461,9 @@ def select(su: torch.Tensor, lk: torch.Tensor, lb: torch.Tensor, unit: int, chun
     idx = torch.empty(B, Hkv, n_units, slots, dtype=torch.int32, device=su.device)
     block_u = 16
     grid = (triton.cdiv(n_units, block_u), B * Hkv)
-    _select_kernel[grid](
+    launch(
+        _select_kernel,
+        grid,
         su,
         lk,
         lb,
@@ -504,12 +505,14 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
     )
     flags = _flags(q, k, v, 16 if exact else sq.shape[-1], chunk, pad, exact, sink)
     out = empty_sdpa_layout(q, v)
-    if interpreting():
+    if on_cpu(q):
         out.fill_(float("nan"))
     lse, score = _new((B, Hq, T, slots + 1), q), _new((B, Hq, T, slots + 1), q)
     block_q, _, warps = tiles
     grid = (triton.cdiv(T, block_q), B * Hkv)
-    _fwd_kernel[grid](
+    launch(
+        _fwd_kernel,
+        grid,
         q,
         k,
         v,
@@ -572,7 +575,9 @@ def hsa_bwd(
     dsq = _new(sq.shape, q) if not exact else dummy
     wt, dd, ds = (_new(lse.shape, q) for _ in range(3))
     block_q, block_l, warps = tiles
-    _dq_kernel[(triton.cdiv(T, block_q), B * Hkv)](
+    launch(
+        _dq_kernel,
+        (triton.cdiv(T, block_q), B * Hkv),
         q,
         k,
         v,
@@ -609,7 +614,9 @@ def hsa_bwd(
     dk, dv = _new(k.shape, q), _new(v.shape, q)
     dlk = _new(lk.shape, q) if not exact else dummy
     block_r = block_q if unit > 1 else 1
-    _dkdv_kernel[(C, B * Hkv)](
+    launch(
+        _dkdv_kernel,
+        (C, B * Hkv),
         q,
         k,
         v,

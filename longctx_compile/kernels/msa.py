@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import interpreting
+from .launch import launch, on_cpu
 
 
 # fmt: off
@@ -86,7 +86,7 @@ def pool(x: torch.Tensor, real: torch.Tensor, pool_size: int) -> tuple[torch.Ten
     count = torch.full((N, n_chunks), float("nan"), device=x.device)
     if out.numel():
         grid = (N * H * n_chunks,)
-        _pool_kernel[grid](
+        launch(_pool_kernel, grid, 
             x, real.contiguous(), out, count, H, L, n_chunks, D, x.stride(0), x.stride(1), x.stride(2), pool_size,
             BLOCK_P=triton.next_power_of_2(pool_size), BLOCK_D=triton.next_power_of_2(D),
         )  # fmt: skip
@@ -105,9 +105,9 @@ def route(
     out = torch.full((B, n_docs), float("-inf"), device=q.device)  # the atomic max's identity (not a poison: every cell may stay -inf)
     if C and T and B:
         scale = (1.0 if cosine else 1.0 / math.sqrt(D)) / Hq
-        block_t = 16 if not interpreting() else max(1, min(16, triton.next_power_of_2(T)))
+        block_t = 16 if not on_cpu(q) else max(1, min(16, triton.next_power_of_2(T)))
         grid = (B, triton.cdiv(C, block_c))
-        _route_kernel[grid](
+        launch(_route_kernel, grid, 
             q, query_mask.to(torch.int32).contiguous(), k, chunk_doc.to(torch.int64).contiguous(), out, T, C, n_docs, Hkv, D,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), scale,
             G=G, COSINE=cosine, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)),

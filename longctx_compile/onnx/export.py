@@ -65,8 +65,14 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
     manifest = artifact.read_manifest(path)
     program = artifact.resolve_program(manifest, program)  # its qualified name: model, kv_cache.decode, msa.query …
     _check_out(path, manifest, out, force)
-    progress(f"loading {program}")
-    ep = artifact.read_program(path, manifest, program)
+    if program in artifact.program_files(manifest):
+        progress(f"loading {program}")
+        ep = artifact.read_program(path, manifest, program)
+    else:  # a step program the runtime runs from model.pt2's graph: exported now, from it
+        from ..compiler import artifact_program, derive
+
+        progress(f"exporting {program} from model.pt2")
+        ep = derive(artifact_program(path, manifest), program)
     state_keys = _state_keys(ep)
     extra = []
     if program == "msa.encode":

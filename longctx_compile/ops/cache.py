@@ -16,10 +16,11 @@ import torch
 from .schema import Call
 
 
-def _scatter(old: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``old`` [B, H, S, D] with ``new`` [B, H, 1, D] written at key ``slots[b]``."""
+def _scatter(old: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``old`` [B, H, S, D] with ``new`` [B, H, 1, D] written at key ``slots[b]`` (into ``old`` itself with ``in_place``)."""
     B, H = new.shape[:2]
-    return old.scatter(2, slots.view(B, 1, 1, 1).expand(B, H, 1, new.shape[-1]), new)
+    index = slots.view(B, 1, 1, 1).expand(B, H, 1, new.shape[-1])
+    return old.scatter_(2, index, new) if in_place else old.scatter(2, index, new)
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,10 @@ class KeyValueCache:
             key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
         return call.replace(**grown, key_padding=key_padding)
 
-    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor) -> Call:
-        """The call over a fixed-length cache with the one new key written at ``slots[b]``."""
-        written = {name: _scatter(old, call[name], slots) for name, old in zip(self.stored(call), cached, strict=True)}
+    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
+        """The call over a fixed-length cache with the one new key written at ``slots[b]`` (in place: the
+        runtime owns its caches; an exported program stays functional)."""
+        written = {name: _scatter(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
         new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
         visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
         if call.window > 0:
@@ -85,8 +87,8 @@ class HsaCache(KeyValueCache):
             return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
         return None
 
-    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor) -> Call:
-        written = {name: _scatter(old, call[name], slots) for name, old in zip(self.stored(call), cached, strict=True)}
+    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
+        written = {name: _scatter(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
         new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
         return call.replace(**written, key_padding=past_mask.to(torch.bool).scatter(1, slots[:, None], new))
 

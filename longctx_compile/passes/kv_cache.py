@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import LccError
 from ..ops.cache import rule_of
 from ..ops.schema import Call
 from ..pipeline import Program
-from ..runtime.interpret import attention_sites, last_position_logits, step_state, with_site_hooks
+from ..runtime.interpret import export_program, step_state
+from ..runtime.steps import CacheStep, stored_per_site
 
 
 @dataclass
@@ -48,53 +48,6 @@ class CacheLayout:
         return asdict(self)
 
 
-class CacheStep(torch.nn.Module):
-    """The canonical program as a prefill, a growing-cache decode or a static-cache decode step.
-
-    Weights are an input (``state``, keyed as in the model program's state dict and constants), so
-    the step programs carry no copy of them: an artifact stores the weights once, in ``model.pt2``.
-    Each attention site extends its cache as its op declares (``ops.cache``) and returns what it stored.
-    """
-
-    def __init__(self, ep: torch.export.ExportedProgram, mode: str):
-        super().__init__()
-        self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
-        self.mode = mode
-        self.specs = ep.graph_signature.input_specs
-        self._step: tuple | None = None
-        self.graph_module = with_site_hooks(last_position_logits(ep.graph_module, self.user_outputs[0]), self._site)
-        counts = [len(names) for names in stored_per_site(ep.graph_module)]
-        self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]  # site i's caches: offsets[i] .. offsets[i + 1]
-
-    def _site(self, site: int, call: Call):
-        caches, past_mask, slots, collected = self._step
-        rule = rule_of(call.op)
-        if self.mode == "prefill":
-            collected += [call[name] for name in rule.stored(call)]
-            return call()
-        cached = caches[self.offsets[site] : self.offsets[site + 1]]
-        call = rule.grow(call, cached, past_mask) if self.mode == "decode" else rule.write(call, cached, past_mask, slots)
-        collected += [call[name] for name in rule.stored(call)]
-        return rule.run(call)
-
-    def forward(
-        self,
-        state: dict[str, torch.Tensor],
-        inputs: dict[str, torch.Tensor],
-        past_mask: torch.Tensor | None = None,
-        caches: list[torch.Tensor] | None = None,
-        slots: torch.Tensor | None = None,
-    ):
-        flat = [inputs[spec.arg.name] if spec.kind == InputKind.USER_INPUT else state[spec.target] for spec in self.specs]
-        collected: list[torch.Tensor] = []
-        self._step = (caches, past_mask, slots, collected)
-        try:
-            outputs = self.graph_module(*flat)
-        finally:
-            self._step = None
-        return (outputs[self.user_outputs[0]], *collected)
-
-
 def check_generatable(program: Program) -> None:
     """Refuse programs whose attention cannot be continued token by token, saying why."""
     if program.signature.get("sequence_parallel"):
@@ -108,11 +61,6 @@ def check_generatable(program: Program) -> None:
         reason = rule.refuse(Call.of(node))
         if reason:
             raise LccError(f"{where}: {reason} ({facts['mask']})")
-
-
-def stored_per_site(gm: torch.fx.GraphModule) -> list[tuple[str, ...]]:
-    """What each attention site of ``gm`` keeps per key, in graph order, as its op declares."""
-    return [rule_of(n.target).stored(Call.of(n)) for n in attention_sites(gm)]
 
 
 def layout(program: Program) -> CacheLayout:
@@ -160,7 +108,7 @@ def export_steps(program: Program) -> Steps:
     if "position_ids" in names:
         inputs["position_ids"] = torch.arange(example_new).expand(2, example_new).clone()
     input_dims = {name: {0: batch, 1: new} for name in names}
-    prefill = _export(CacheStep(program.ep, "prefill"), (state, inputs), {"state": static_state, "inputs": input_dims})
+    prefill = export_program(CacheStep(program.ep, "prefill"), (state, inputs), {"state": static_state, "inputs": input_dims})
 
     def cache_examples(length: int) -> list[torch.Tensor]:
         dtype = Call.of(program.attention_nodes()[0]).q.meta["val"].dtype
@@ -177,7 +125,7 @@ def export_steps(program: Program) -> Steps:
         "past_mask": {0: batch, 1: past} if cache.has_mask else None,
         "caches": [{0: batch, 2: past}] * len(caches),
     }
-    decode = _export(CacheStep(program.ep, "decode"), (state, step, past_mask, caches), dims)
+    decode = export_program(CacheStep(program.ep, "decode"), (state, step, past_mask, caches), dims)
     length = min(example_past + 2, max_len)
     static_args = (state, step, torch.ones(2, length, dtype=torch.long), cache_examples(length), torch.full((2,), length - 1))
     static_dims = {
@@ -187,14 +135,5 @@ def export_steps(program: Program) -> Steps:
         "caches": [{0: batch, 2: slots}] * len(caches),
         "slots": {0: batch},
     }
-    static = _export(CacheStep(program.ep, "static"), static_args, static_dims)
+    static = export_program(CacheStep(program.ep, "static"), static_args, static_dims)
     return Steps(prefill, decode, static, cache)
-
-
-def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: dict) -> torch.export.ExportedProgram:
-    with torch.no_grad():
-        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-    ep.example_inputs = None  # they hold the weights (``state``), which a saved program must not copy
-    for node in ep.graph.nodes:  # lines of lcc's own step wrapper: nothing a user reads, and most of a small program's file
-        node.meta.pop("stack_trace", None)
-    return ep

@@ -145,3 +145,14 @@ def last_position_logits(gm: torch.fx.GraphModule, index: int) -> torch.fx.Graph
         last = graph.call_function(aten.slice.Tensor, (target, 1, -1, _END))
     (node if head else out).replace_input_with(target, last)
     return torch.fx.GraphModule(gm, graph)
+
+
+def export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: dict) -> torch.export.ExportedProgram:
+    """Export a step module whose first argument is the weights (``state``): the saved program keeps no copy of them
+    (no example inputs) and no stack traces of lcc's own wrappers (nothing a user reads; most of a small file)."""
+    with torch.no_grad():
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    ep.example_inputs = None
+    for node in ep.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    return ep

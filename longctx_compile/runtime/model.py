@@ -98,15 +98,12 @@ class LoadedModel:
 
             return EvictModel(self.program, self.signature).generate(prompts, max_new_tokens, pad_id, stream, **sampling)
         if self._steps is None:
-            from .. import artifact
             from .interpret import step_state
             from .steps import bind
 
-            steps = self.manifest["programs"].get("kv_cache")
-            if not steps:
-                raise LccError(f"artifact '{self.path}' has no decode program: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
-            programs = {name: artifact.read_program(self.path, self.manifest, f"kv_cache.{name}", self.device) for name in steps}
-            self._steps = bind(programs, step_state(self.program))
+            if not self.manifest.get("cache"):
+                raise LccError(f"artifact '{self.path}' has no KV cache: {self.manifest.get('cache_note', 're-convert it with this lcc')}")
+            self._steps = bind(self.program, step_state(self.program))
         return generate(self._steps, self.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)
 
     def __repr__(self) -> str:

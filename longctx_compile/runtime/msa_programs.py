@@ -1,9 +1,9 @@
 """The MSA stages as exported programs: *encode*, *query* and *decode* (``torch.export``, weights as an input).
 
 Each wraps the same interpreter run as :class:`runtime.msa.MsaModel` (so their semantics are its
-semantics) in a module and exports it with dynamic batch, lengths and bank sizes; an msa artifact
-stores them as ``encode.pt2``, ``query.pt2`` and ``decode.pt2`` beside ``model.pt2``, whose weights
-they take as ``state``.
+semantics) in a module and exports it with dynamic batch, lengths and bank sizes: portable programs
+that take ``model.pt2``'s weights as ``state``, derived from an artifact when asked (ONNX export); the
+runtime itself runs :class:`~.msa.MsaModel` over ``model.pt2`` directly.
 
 - encode(state, input_ids [N, L], real [N, L]) -> per routed layer (K̄, count, V̄, count, K̄ᴿ, count),
   L a multiple of the pool size; positions restart at 0 per row.
@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch.export import Dim
 
+from .interpret import export_program
 from .memory_bank import PARTS
 from .msa import LocalMemory, MsaModel, QueryResult
 
@@ -89,7 +90,7 @@ def export_programs(model: MsaModel) -> dict[str, torch.export.ExportedProgram]:
     state = model.state
     static_state = {name: None for name in state}
     n, chunks = Dim("n", max=4096), Dim("chunks", max=4096)
-    encode = _export(
+    encode = export_program(
         EncodeStep(model),
         (state, torch.zeros(2, 2 * P, dtype=torch.long), torch.ones(2, 2 * P, dtype=torch.long)),
         {"state": static_state, "input_ids": {0: n, 1: P * chunks}, "real": {0: n, 1: P * chunks}},
@@ -104,7 +105,7 @@ def export_programs(model: MsaModel) -> dict[str, torch.export.ExportedProgram]:
     ids = torch.zeros(2, 3, dtype=torch.long)
     query_args = (state, ids, torch.ones_like(ids), torch.arange(3).expand(2, 3).clone(), *bank, torch.arange(C) // M, table)
     per_layer = [{1: bank_chunks}] * len(model.layers)
-    query = _export(
+    query = export_program(
         QueryStep(model),
         query_args,
         {
@@ -125,16 +126,9 @@ def export_programs(model: MsaModel) -> dict[str, torch.export.ExportedProgram]:
     context_dims = [
         [{0: batch, 2: Dim(f"keys_{i}", min=2)}, {0: batch, 2: Dim(f"keys_{i}", min=2)}, {0: batch, 1: Dim(f"keys_{i}", min=2)}] for i in range(len(contexts))
     ]
-    decode = _export(
+    decode = export_program(
         DecodeStep(model),
         (state, torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), 2), contexts),
         {"state": static_state, "tokens": {0: batch}, "positions": {0: batch}, "contexts": context_dims},
     )
     return {"encode": encode, "query": query, "decode": decode}
-
-
-def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: dict) -> torch.export.ExportedProgram:
-    with torch.no_grad():
-        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-    ep.example_inputs = None  # they hold the weights (``state``), which a saved program must not copy
-    return ep

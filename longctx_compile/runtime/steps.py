@@ -1,9 +1,11 @@
-"""Binding the exported KV-cache step programs for running: weights bound, small run-time rewrites applied.
+"""A program's prefill and decode steps with explicit caches, run straight from its graph (no export needed).
 
-The saved programs stay portable and functional, as export requires. The module that runs them in
-the :class:`~.generate.Generator` (always under ``inference_mode``, inputs built by the Generator
-after it checked the prompts) gets a few named rewrites, each a small pattern → replacement over
-its FX graph that removes per-step overhead without changing a value.
+:class:`CacheStep` is the model program's graph with a hook at each attention site that extends the
+site's cache as its op declares (``ops.cache``): *prefill* returns the last position's logits and
+every stored tensor; *decode* appends one token to caches that grow; *static* writes it at
+``slots[b]`` of caches allocated once. Weights are an input (``state``), so nothing is copied.
+``passes.kv_cache`` exports these same modules as portable programs; the runtime runs them directly
+(``fast``), with a few named rewrites that remove per-step overhead without changing a value.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch.export.graph_signature import InputKind, OutputKind
 
 from ..fx import ASSERTS, aten, is_call, val
 from ..ops.attention import sdpa_layout_forward
+from ..ops.cache import rule_of
+from ..ops.schema import Call
+from .interpret import attention_sites, last_position_logits, with_site_hooks
 
-STEP_NAMES = {"prefill": "prefill", "decode": "growing", "static": "static"}
+ATTENTION = torch.ops.longctx.attention.default
+MODES = {"prefill": "prefill", "growing": "decode", "static": "static"}  # the Generator's names -> step modes
 
 
 def drop_asserts(gm: torch.fx.GraphModule) -> int:
@@ -39,53 +46,62 @@ def drop_noop_casts(gm: torch.fx.GraphModule) -> int:
     return changed
 
 
-def call_attention_directly(gm: torch.fx.GraphModule) -> int:
-    """Call ``longctx::attention``'s forward as a function: no dispatcher or autograd is needed to decode."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.longctx.attention.default]
-    for node in nodes:
-        node.target = sdpa_layout_forward
-    return len(nodes)
+def stored_per_site(gm: torch.fx.GraphModule) -> list[tuple[str, ...]]:
+    """What each attention site of ``gm`` keeps per key, in graph order, as its op declares."""
+    return [rule_of(n.target).stored(Call.of(n)) for n in attention_sites(gm)]
 
 
-def write_caches_in_place(gm: torch.fx.GraphModule) -> int:
-    """Turn the static program's cache writes (``scatter`` into a ``caches`` input) in place.
+class CacheStep(torch.nn.Module):
+    """The model program as a prefill, a growing-cache decode or a static-cache decode step.
 
-    The Generator owns the caches and never reads a step's old ones again, so writing the new
-    token's slot in place makes a step cost O(1) cache writes instead of a copy of every cache.
+    ``fast`` (the runtime's own use): capture-time asserts and no-op casts are dropped, the canonical
+    attention runs its forward without the dispatcher, and static writes go into the caches in place
+    (their owner, the Generator, never reads a step's old caches again). Exported, it stays functional.
     """
-    changed = 0
-    for node in gm.graph.nodes:
-        cache = node.args[0] if node.op == "call_function" and node.target is aten.scatter.src else None
-        if cache is None or cache.op != "placeholder" or not cache.name.startswith("caches"):
-            continue
-        if all(user is node or user.target is aten.sym_size.int for user in cache.users):
-            node.target = aten.scatter_.src
-            changed += 1
-    return changed
+
+    def __init__(self, ep: torch.export.ExportedProgram, mode: str, fast: bool = False):
+        super().__init__()
+        self.user_outputs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
+        self.mode, self.fast = mode, fast
+        self.specs = ep.graph_signature.input_specs
+        self._step: tuple | None = None
+        gm = last_position_logits(ep.graph_module, self.user_outputs[0])
+        if fast:
+            drop_asserts(gm)
+            drop_noop_casts(gm)
+        self.graph_module = with_site_hooks(gm, self._site)
+        counts = [len(names) for names in stored_per_site(ep.graph_module)]
+        self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]  # site i's caches: offsets[i] .. offsets[i + 1]
+
+    def _site(self, site: int, call: Call):
+        caches, past_mask, slots, collected = self._step
+        rule = rule_of(call.op)
+        if self.mode != "prefill":
+            cached = caches[self.offsets[site] : self.offsets[site + 1]]
+            call = rule.grow(call, cached, past_mask) if self.mode == "decode" else rule.write(call, cached, past_mask, slots, self.fast)
+        collected += [call[name] for name in rule.stored(call)]
+        if self.fast and call.op is ATTENTION:
+            return sdpa_layout_forward(*call.args())
+        return call() if self.mode == "prefill" else rule.run(call)
+
+    def forward(
+        self,
+        state: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor],
+        past_mask: torch.Tensor | None = None,
+        caches: list[torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
+    ):
+        flat = [inputs[spec.arg.name] if spec.kind == InputKind.USER_INPUT else state[spec.target] for spec in self.specs]
+        collected: list[torch.Tensor] = []
+        self._step = (caches, past_mask, slots, collected)
+        try:
+            outputs = self.graph_module(*flat)
+        finally:
+            self._step = None
+        return (outputs[self.user_outputs[0]], *collected)
 
 
-REWRITES: dict[str, tuple[Callable[[torch.fx.GraphModule], int], ...]] = {
-    "prefill": (drop_asserts, drop_noop_casts, call_attention_directly),
-    "decode": (drop_asserts, drop_noop_casts, call_attention_directly),
-    "static": (drop_asserts, drop_noop_casts, call_attention_directly, write_caches_in_place),
-}
-
-
-def runnable(ep: torch.export.ExportedProgram, name: str) -> torch.fx.GraphModule:
-    """The module of step program ``name`` with its run-time rewrites applied.
-
-    The exported module's per-call input checks (symbolic shape guards evaluated with sympy) are off
-    too: they cost more than a small model's decode step, and the Generator builds every input.
-    """
-    module = ep.module()
-    module.validate_inputs = False
-    for rewrite in REWRITES[name]:
-        rewrite(module)
-    module.graph.lint()
-    module.recompile()
-    return module
-
-
-def bind(steps: dict[str, torch.export.ExportedProgram], state: dict[str, torch.Tensor]) -> dict[str, Callable]:
-    """Runnable step programs with the weights bound, keyed prefill, growing and static."""
-    return {STEP_NAMES[name]: functools.partial(runnable(ep, name), state) for name, ep in steps.items()}
+def bind(ep: torch.export.ExportedProgram, state: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """The model program's steps for the Generator, keyed prefill, growing and static, with the weights bound."""
+    return {name: functools.partial(CacheStep(ep, mode, fast=True), state) for name, mode in MODES.items()}

@@ -43,7 +43,7 @@ def _register() -> dict[str, Target]:
     # it are as constrained as the smallest GPU's
     interpret = Target(
         "interpret",
-        "Triton kernels under TRITON_INTERPRET=1 on CPU tensors (slow; for tests)",
+        "Triton kernels under Triton's interpreter on CPU tensors (slow; for tests)",
         "triton",
         smem_per_block=101376,
         smem_per_sm=102400,
