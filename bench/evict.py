@@ -87,7 +87,7 @@ def main() -> None:
         b: EvictModel(compiled.program.ep, compiled.program.signature, budget=str(10**9) if b == "dense" else b, prefill_chunk=args.chunk) for b in budgets
     }
     dense_steps = lcc.compile(original, max_len=str(args.prompt + args.new + 1))
-    dense_steps.generate([prompt[0].tolist()], 2)  # exports and binds the step programs
+    dense_steps.generate([prompt[0].tolist()], 2)  # builds and binds the steps (warm-up)
     runs: dict[str, list] = {b: [] for b in [*budgets, "steps"]}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every row alike
         for budget in budgets:

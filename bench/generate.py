@@ -104,7 +104,6 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         start = time.perf_counter()
         compiled = lcc.compile(model, max_len=max_len)
-        compiled.steps  # noqa: B018  (export the KV-cache programs before timing)
         compile_s = time.perf_counter() - start
         ids = torch.randint(0, sizes["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
         contenders = {
@@ -152,7 +151,9 @@ def main() -> None:
         )
     console.print(table)
     best = max(rows[1:], key=lambda r: r["ratio"])
-    console.print(f"lcc compile (capture, passes, KV-cache export): {compile_s:.1f} s; torch threads {torch.get_num_threads()}")
+    console.print(
+        f"lcc compile (capture, passes; the steps run from its graph, built at the warm-up): {compile_s:.1f} s; torch threads {torch.get_num_threads()}"
+    )
     console.print(f"goal lcc/HF tokens per second ≥ 1.0: {'met' if best['ratio'] >= 1.0 else 'NOT met'} ({best['name']}, {best['ratio']:.2f}×)")
     if args.json:
         args.json.write_text(json.dumps({"params": params, "prompt": args.prompt, "new": args.new, "batch": args.batch, "rows": rows}, indent=2))

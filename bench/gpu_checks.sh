@@ -11,7 +11,7 @@ export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/device.txt" 2>&1
 status=0
 python -m pytest -q -x tests/test_kernels.py tests/test_hsa_kernels.py tests/test_msa_kernels.py > "$out/kernel_tests.txt" 2>&1 || status=1
-python bench/kernels.py --json "$out/kernels.json" > "$out/kernels.txt" 2>&1 || status=1
+python bench/attention_kernels.py --json "$out/kernels.json" > "$out/kernels.txt" 2>&1 || status=1
 python bench/hsa_kernels.py --json "$out/hsa_kernels.json" > "$out/hsa_kernels.txt" 2>&1 || status=1
 python bench/msa.py --lengths 1e6,1e7,1e8 --json "$out/msa.json" > "$out/msa.txt" 2>&1 || status=1
 tail -n 3 "$out"/*.txt

@@ -218,7 +218,7 @@ def verify_files(path: Path, manifest: dict[str, Any], only: str | None = None) 
             raise LccError(f"corrupt artifact '{path}': {name} does not match its checksum")
 
 
-def read_program(path: Path, manifest: dict[str, Any], name: str = "model", device: Any = None) -> torch.export.ExportedProgram:
+def read_program(path: Path, manifest: dict[str, Any], name: str = "model", device: Any = None, progress=None) -> torch.export.ExportedProgram:
     """One program of the artifact (a qualified name, or a short one that names a single program), checksums checked
     first; ``device`` moves weights and graph device literals."""
     from torch.export.passes import move_to_device_pass
@@ -226,8 +226,12 @@ def read_program(path: Path, manifest: dict[str, Any], name: str = "model", devi
     from . import ops  # noqa: F401  (the longctx ops must be registered before deserializing)
 
     relative = program_files(manifest)[resolve_program(manifest, name)]
+    if progress is not None:
+        progress(f"checking {relative}")
     verify_files(path, manifest, only=relative)
     file = Path(path) / relative
+    if progress is not None:
+        progress(f"loading {relative}")
     try:
         ep = torch.export.load(file)
     except Exception as e:

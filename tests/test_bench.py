@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).parent.parent / "bench" / "kernels.py"
+BENCH = Path(__file__).parent.parent / "bench" / "attention_kernels.py"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -137,3 +137,13 @@ def test_onnx_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["form"], r["length"]) for r in rows] == [("dense", 96), ("dense", 200)]
     assert all(r["max_abs_diff"] < 1e-4 and r["onnx_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+
+
+def test_artifact_bench_smoke():
+    """bench/artifact.py on a 2-layer model: every ratio is measured and the artifact holds the weights about once."""
+    bench = BENCH.parent / "artifact.py"
+    result = subprocess.run([sys.executable, str(bench), "--layers", "2", "--forms", "dense", "--json"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["form"] == "dense" and row["convert_s"] > 0 and row["baseline_s"] > 0 and row["first_token_s"] >= row["load_s"] > 0
+    assert 1.0 <= row["size_ratio"] < 1.5  # model.pt2 holds the weights; nothing holds them twice

@@ -76,6 +76,15 @@ def _progress():
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
+def load_artifact(path: str):
+    """``api.load`` with its steps shown (checksums and program loading take seconds on a real model)."""
+    from .. import api
+
+    with _progress() as progress:
+        task = progress.add_task("reading the manifest", total=None)
+        return api.load(path, progress=lambda m: progress.update(task, description=m))
+
+
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="preset (tiny-llama …), Hugging Face folder, or file.py:factory")],
@@ -252,12 +261,11 @@ def generate(
 
     Example: lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16
     """
-    from .. import api
     from ..runtime.tokenizer import tokenizer_for
 
     if bool(prompt) == bool(prompt_ids):
         raise LccError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
-    model = api.load(path)
+    model = load_artifact(path)
     if bank is not None and model.manifest["form"] != "msa":
         raise LccError(f"--bank routes over a memory bank: '{path}' is a {model.manifest['form']} artifact, not msa")
     tokenizer = tokenizer_for(model.manifest)

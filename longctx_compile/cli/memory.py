@@ -28,11 +28,11 @@ def _console():
 
 
 def _model(path: str):
-    from .. import api
     from ..runtime.msa import MsaModel
     from ..runtime.tokenizer import tokenizer_for
+    from .app import load_artifact
 
-    loaded = api.load(path)
+    loaded = load_artifact(path)
     return MsaModel(loaded.program, loaded.signature), tokenizer_for(loaded.manifest)
 
 

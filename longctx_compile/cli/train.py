@@ -47,12 +47,12 @@ def train_indexers(
 
     Example: lcc train-indexers model.evict.lcc --data synthetic --steps 200 --length 1024
     """
-    from .. import api, artifact
+    from .. import artifact
     from ..runtime.evict_train import TrainConfig, Trainer, token_stream, train
     from ..runtime.tokenizer import tokenizer_for
-    from .app import err, out
+    from .app import err, load_artifact, out
 
-    loaded = api.load(path)
+    loaded = load_artifact(path)
     signature = loaded.signature
     trainer = Trainer(loaded.program, signature)
     length = min(1024, signature["max_len"]) if length is None else length

@@ -7,9 +7,9 @@ forward 4·B·H·D·pairs, backward 2.5x the forward. Causal rows compare with
 since SDPA's flash backend has no window. TFLOP/s are also shown as a share of the target's dense
 bf16 peak. Before timing, each shape checks our output against the baseline's.
 
-    python bench/kernels.py               # on a GPU: the table; paste it into bench/RESULTS.md
-    python bench/kernels.py --autotune    # time candidate tile configs first (cached per shape)
-    python bench/kernels.py --smoke       # tiny shapes on CPU under Triton's interpreter: checks the harness only
+    python bench/attention_kernels.py               # on a GPU: the table; paste it into bench/RESULTS.md
+    python bench/attention_kernels.py --autotune    # time candidate tile configs first (cached per shape)
+    python bench/attention_kernels.py --smoke       # tiny shapes on CPU under Triton's interpreter: checks the harness only
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> int:
     if args.smoke:
         target, lengths, dims, window, tokens, hidden = TARGETS["interpret"], (64,), (16,), 32, 64, 32
     elif not torch.cuda.is_available():
-        console.print("bench/kernels.py needs a CUDA GPU and none is present; nothing measured.")
+        console.print("bench/attention_kernels.py needs a CUDA GPU and none is present; nothing measured.")
         console.print("(The kernels' correctness is checked on CPU by tests/test_kernels.py under Triton's interpreter.)")
         return 0
     else:
