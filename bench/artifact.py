@@ -76,7 +76,7 @@ def first_token(out: Path, form: str) -> dict:
     bank = ""
     if form == "msa":  # route the prompt over a bank of 4 documents, encoded beforehand (not timed)
         bank = (
-            "from longctx_compile.runtime.msa import MsaModel\n"
+            "from longctx_compile.forms.msa.runtime import MsaModel\n"
             f"m = lcc.load({str(out)!r}); msa = MsaModel(m.program, m.signature)\n"
             f"msa.encode([list(range(10 + d, 200 + d)) for d in range(4)]).save({str(out) + '.bank'!r}, force=True)\n"
             "del m, msa\n"

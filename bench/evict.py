@@ -77,7 +77,7 @@ def main() -> None:
         args.prompt, args.new, args.interval, args.budgets, args.layers, args.hidden, args.chunk, args.repeats = 512, 8, 4, "0.25,200", 2, 64, 128, 1
     console = Console(stderr=args.json)
     import longctx_compile as lcc
-    from longctx_compile.runtime.evict import EvictModel
+    from longctx_compile.forms.evict.runtime import EvictModel
 
     original = build(args)
     compiled = lcc.compile(original, to="evict", window="128", interval=str(args.interval), max_len=str(args.prompt + args.new + 1))

@@ -100,7 +100,7 @@ def main() -> None:
     import transformers
 
     import longctx_compile as lcc
-    from longctx_compile.runtime.evict import EvictModel
+    from longctx_compile.forms.evict.runtime import EvictModel
 
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()

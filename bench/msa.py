@@ -29,7 +29,7 @@ MSA_4B = dict(kv_heads=8, head_dim=128, pool=64, routed_layers=18, q_heads=32)
 
 
 def memory_bytes() -> dict:
-    from longctx_compile.runtime.memory_bank import MemoryBank
+    from longctx_compile.forms.msa.bank import MemoryBank
 
     s = MSA_4B
     bank = MemoryBank.empty(s["pool"], {}, [0], s["kv_heads"], s["head_dim"], s["head_dim"], dtype=torch.bfloat16)
@@ -46,7 +46,7 @@ def memory_bytes() -> dict:
 
 def encode_throughput(smoke: bool) -> dict:
     import longctx_compile as lcc
-    from longctx_compile.runtime.msa import MsaModel
+    from longctx_compile.forms.msa.runtime import MsaModel
 
     if smoke:
         model, docs, length = "tiny-llama", 4, 64

@@ -84,8 +84,8 @@ def train(args, console: Console):
 
 def evaluate(model_dir: str, args) -> list[dict]:
     import longctx_compile as lcc
-    from longctx_compile.runtime.msa import MsaModel
-    from longctx_compile.runtime.msa_router import train_router
+    from longctx_compile.forms.msa.router import train_router
+    from longctx_compile.forms.msa.runtime import MsaModel
 
     g = torch.Generator().manual_seed(args.seed + 1)
     docs, keys, values = documents(args.docs, args.doc_len, g)

@@ -109,7 +109,7 @@ def collectives(args) -> list[dict]:
     """One SP training step per (form, P): collective calls and bytes per layer per rank, peak memory."""
     import longctx_compile as lcc
     from longctx_compile.distributed import Layout, ranks
-    from longctx_compile.passes.sequence_parallel import step_bytes
+    from longctx_compile.forms.sp.rewrite import step_bytes
 
     runs = [(form, P) for form in args.forms.split(",") for P in map(int, args.degrees.split(",")) if form != "ring" or P > 1]
     model = build(args.seq)

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 import longctx_compile as lcc
-from longctx_compile.runtime import memory_bank
-from longctx_compile.runtime.memory_parallel import ParallelMemory
-from longctx_compile.runtime.msa import MsaModel
+from longctx_compile.forms.msa import bank as memory_bank
+from longctx_compile.forms.msa.parallel import ParallelMemory
+from longctx_compile.forms.msa.runtime import MsaModel
 
 
 def main() -> None:

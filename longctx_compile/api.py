@@ -14,9 +14,9 @@ from .compiler import Compiled, compile_model
 from .errors import LccError
 from .forms import get_form
 from .inspect.diff import GraphDiff, diff_snapshots
+from .loaded import LoadedModel
+from .loaded import load as _load
 from .options import build
-from .runtime.model import LoadedModel
-from .runtime.model import load as _load
 from .targets import TARGETS, Target
 from .verify import ATOL, LENGTHS, RTOL, Report
 from .verify import verify as _verify
@@ -93,42 +93,13 @@ def verify(
         exact = True
     runnable, signature = _as_runnable(converted)
     exact = signature.get("exact", exact)  # a form whose exactness depends on its options records it
-    if "msa" in signature:  # the query program over an encoded bank, against [document ; query]
-        from .verify import verify_msa
-
+    form = get_form(converted.program.form if isinstance(converted, Compiled) else converted.manifest["form"])
+    if form.verify is not None:  # the form's own check (msa: routed over an encoded bank; evict: a compacted prompt)
         ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
-        return verify_msa(original, ep, signature, lengths, rtol, atol)
-    if "evict" in signature:  # a prompt compacted to the budget, then the rest fed after it
-        from .verify import verify_evict
-
-        ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
-        return verify_evict(original, ep, signature, lengths, rtol, atol)
-    if signature.get("sequence_parallel"):
-        runnable, lengths = _on_ranks(converted, signature, lengths)
+        return form.verify(original, ep, signature, lengths, rtol, atol)
+    if form.verify_runnable is not None:  # the form's own way to run (sequence parallel: on its ranks)
+        runnable, lengths = form.verify_runnable(converted, signature, lengths)
     return _verify(original, runnable, signature, lengths, rtol, atol, exact)
-
-
-def _on_ranks(converted: Any, signature: dict[str, Any], lengths) -> tuple[Callable[..., torch.Tensor], tuple[int, ...]]:
-    """A sequence-parallel program run on its P local gloo ranks for every verify batch, in one launch.
-
-    Lengths are rounded down to what the layout splits evenly (P, or 2·ring·Ulysses when zigzag).
-    """
-    import tempfile
-
-    from .distributed import Layout, ranks
-    from .verify import batches
-
-    layout = Layout.of(signature)
-    rounded = {max(1, n // layout.multiple) * layout.multiple for n in lengths}
-    lengths = tuple(sorted(n for n in rounded if n <= signature["max_len"]))
-    degree = layout.degree
-    with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(converted, Compiled):
-            path = converted.save(Path(tmp) / "sp.lcc")
-        else:
-            path = converted.path if isinstance(converted, LoadedModel) else Path(converted)
-        outputs = iter(ranks.forward(path, degree, [inputs for inputs, _, _ in batches(signature, lengths)]))
-    return (lambda **_: next(outputs)), lengths
 
 
 def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = None, layer: int | None = None) -> GraphDiff:

@@ -62,6 +62,9 @@ class Compiled:
         from .runtime.interpret import step_state
         from .runtime.steps import bind
 
+        note = get_form(self.program.form).cache_note
+        if note:
+            raise LccError(note)
         check_generatable(self.program)
         return bind(self.program.ep, step_state(self.program.ep))
 
@@ -69,14 +72,15 @@ class Compiled:
         """What the artifact's manifest says of the programs derived from model.pt2 (:func:`derived_entries`)."""
         return derived_entries(self.program)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", **sampling: Any) -> list[list[int]]:
-        """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`."""
+    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", bank=None, **sampling: Any) -> list[list[int]]:
+        """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`;
+        ``bank`` (msa): route each prompt over a memory bank first."""
+        from .loaded import form_generate
         from .runtime.generate import generate
 
-        if "evict" in self.program.signature:  # the evicting cache is the runtime's own, not the step programs'
-            from .runtime.evict import EvictModel
-
-            return EvictModel(self.program.ep, self.program.signature).generate(prompts, max_new_tokens, pad_id, stream, **sampling)
+        tokens = form_generate(self.program.form, self.program.ep, self.program.signature, prompts, max_new_tokens, pad_id, stream, bank, sampling)
+        if tokens is not None:
+            return tokens
         return generate(self._step_programs, self.program.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)
 
     def save(self, out: str | Path, force: bool = False, report: Any = None) -> Path:
@@ -128,13 +132,15 @@ def derived_entries(program: Program) -> dict[str, Any]:
     from .passes.kv_cache import check_generatable, layout
 
     entries: dict[str, Any] = {"derived": {}}
+    form = get_form(program.form)
     try:
+        if form.cache_note:
+            raise LccError(form.cache_note)
         check_generatable(program)
         entries["cache"] = layout(program).to_json()
         entries["derived"]["kv_cache"] = ["prefill", "decode", "static"]
     except LccError as e:
         entries.update(cache=None, cache_note=str(e))
-    form = get_form(program.form)
     if form.program_names:
         entries["derived"][form.name] = list(form.program_names)
     return entries

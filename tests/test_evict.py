@@ -7,9 +7,9 @@ import torch
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
+from longctx_compile.forms.evict.runtime import EvictModel
 from longctx_compile.ops import evict as ops
 from longctx_compile.presets import PRESETS
-from longctx_compile.runtime.evict import EvictModel
 
 WINDOWED = {"tiny-mistral", "tiny-mixtral"}
 SMALL = dict(sinks="2", window="4", interval="4")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import longctx_compile as lcc
-from longctx_compile.runtime.evict_train import TrainConfig, Trainer, token_stream, train
+from longctx_compile.forms.evict.train import TrainConfig, Trainer, token_stream, train
 
 SMALL = ["--opt", "sinks=2", "--opt", "window=4", "--opt", "budget=24"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from longctx_compile.errors import LccError
-from longctx_compile.runtime import memory_bank
-from longctx_compile.runtime.memory_bank import MemoryBank
+from longctx_compile.forms.msa import bank as memory_bank
+from longctx_compile.forms.msa.bank import MemoryBank
 
 MODEL = {"source": "tiny-llama", "kv_heads": 2, "head_dim": 4, "score": "cosine"}
 

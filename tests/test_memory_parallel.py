@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import longctx_compile as lcc
-from longctx_compile.distributed import ranks
-from longctx_compile.runtime.msa import MsaModel
+from longctx_compile.forms.msa.parallel import msa_query
+from longctx_compile.forms.msa.runtime import MsaModel
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 def test_memory_parallel_equals_one_rank(setup, world):
     folder, model, bank, batches = setup
-    results = ranks.msa_query(folder / "model.lcc", folder / "bank", batches[:world])
+    results = msa_query(folder / "model.lcc", folder / "bank", batches[:world])
     owned = [r["owned"] for r in results]
     assert sorted(d for o in owned for d in o) == list(range(7)) and len({len(o) for o in owned}) > 1
     for batch, got in zip(batches[:world], results, strict=True):

@@ -7,9 +7,9 @@ import torch
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
+from longctx_compile.forms.msa import bank as memory_bank
+from longctx_compile.forms.msa.runtime import MsaModel
 from longctx_compile.ops import msa as msa_ops
-from longctx_compile.runtime import memory_bank
-from longctx_compile.runtime.msa import MsaModel
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -132,7 +132,7 @@ def test_verify_checks_the_query_program_against_dense():
 def test_router_training_with_the_auxiliary_loss_fixes_routing():
     """Copied routers miss; after InfoNCE on the document scores (backbone frozen) each question routes to its
     document in every routed layer, and a bank encoded with the old router keys is refused."""
-    from longctx_compile.runtime.msa_router import train_router
+    from longctx_compile.forms.msa.router import train_router
 
     compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="1")
     model = MsaModel(compiled.program.ep, compiled.program.signature)

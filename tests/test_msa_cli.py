@@ -112,8 +112,8 @@ def test_an_msa_artifact_generates_with_and_without_a_bank(artifact, tmp_path):
     import torch
 
     import longctx_compile as lcc_api
-    from longctx_compile.runtime import memory_bank
-    from longctx_compile.runtime.msa import MsaModel
+    from longctx_compile.forms.msa import bank as memory_bank
+    from longctx_compile.forms.msa.runtime import MsaModel
 
     model = str(artifact / "model.lcc")
     loaded = lcc_api.load(model)

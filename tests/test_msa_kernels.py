@@ -47,7 +47,7 @@ def test_route_kernel_with_no_routing_token():
 def test_interpret_target_runs_the_kernels_end_to_end(monkeypatch):
     """Lowered for a Triton target, encode pools and query routes with the kernels: same bank, routing and logits as cpu."""
     import longctx_compile as lcc
-    from longctx_compile.runtime.msa import MsaModel
+    from longctx_compile.forms.msa.runtime import MsaModel
 
     calls = []
     for name in ("pool", "route"):

@@ -6,9 +6,9 @@ import torch
 
 import longctx_compile as lcc
 from longctx_compile.compiler import artifact_program, derive
-from longctx_compile.runtime.memory_bank import PARTS
-from longctx_compile.runtime.msa import MsaModel
-from longctx_compile.runtime.msa_programs import padded_table
+from longctx_compile.forms.msa.bank import PARTS
+from longctx_compile.forms.msa.programs import padded_table
+from longctx_compile.forms.msa.runtime import MsaModel
 
 
 def test_saved_programs_equal_the_eager_runtime(tmp_path):

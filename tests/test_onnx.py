@@ -19,10 +19,10 @@ from test_custom import PrefixLM
 import longctx_compile as lcc
 from longctx_compile import artifact
 from longctx_compile.compiler import artifact_program, derive
+from longctx_compile.forms.msa.programs import padded_table
+from longctx_compile.forms.msa.runtime import MsaModel
 from longctx_compile.onnx import check
 from longctx_compile.onnx.export import export_onnx
-from longctx_compile.runtime.msa import MsaModel
-from longctx_compile.runtime.msa_programs import padded_table
 
 
 def exported(tmp_path, model, name="m", custom=False, program="model", opset=18, **options):

@@ -70,7 +70,7 @@ def test_send_recv_per_layer(tmp_path):
     assert [n.meta["lcc"]["collectives"]["all_gather"] for n in nodes] == [1] + [0] * (layers - 1)  # the key padding, once
     path = compiled.save(tmp_path / "sp.lcc")
     result = profile(path, 4, {"input_ids": torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(3))})
-    from longctx_compile.passes.sequence_parallel import step_bytes
+    from longctx_compile.forms.sp.rewrite import step_bytes
 
     site = compiled.program.sites()[0]
     for info in result["ranks"]:

@@ -55,10 +55,10 @@ def test_a_node_is_read_by_name_too():
     assert call.k is k and call.window == 7 and call.causal is False
 
 
-def test_cache_rules_are_declared_by_the_ops_that_decode_from_k_and_v():
+def test_every_attention_op_but_ring_declares_its_cache():
     declared = {op for op in ATTENTION_OPS if rule_of(op) is not None}
-    assert declared == {ATTENTION, torch.ops.longctx.flash_attention.default, MSA, torch.ops.longctx.evict_attention.default}
-    assert rule_of(torch.ops.longctx.ring_attention.default) is None
+    assert declared == set(ATTENTION_OPS) - {torch.ops.longctx.ring_attention.default}
+    assert type(rule_of(HSA)).__name__ == "HsaCache" and type(rule_of(MSA)).__name__ == "KeyValueCache"
 
 
 @pytest.mark.parametrize("window", [0, 3])

@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..errors import LccError
+from .common import err, load_artifact, out, parse_ids, progress_bar
 
 app = typer.Typer(
     help="longctx_compile: capture a decoder with torch.export and rewrite its attention into long-context forms.\n\n"
@@ -31,26 +31,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
 
 
-def _add_memory() -> None:
-    from .memory import memory_app
+def _add_form_commands() -> None:
+    """Each form's own commands (msa: ``memory``; evict: ``train-indexers``)."""
+    from ..forms import FORMS
 
-    app.add_typer(memory_app, name="memory")
-
-
-_add_memory()
-
-
-def _add_train() -> None:
-    from .train import train_indexers
-
-    app.command("train-indexers")(train_indexers)
+    for form in FORMS.values():
+        if form.cli is not None:
+            form.cli(app)
 
 
-_add_train()
+_add_form_commands()
 
 
 def _add_export() -> None:
@@ -70,19 +62,6 @@ def _options(opt: list[str] | None) -> dict[str, str]:
     from ..options import parse_pairs
 
     return parse_pairs(opt)
-
-
-def _progress():
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
-
-
-def load_artifact(path: str):
-    """``api.load`` with its steps shown (checksums and program loading take seconds on a real model)."""
-    from .. import api
-
-    with _progress() as progress:
-        task = progress.add_task("reading the manifest", total=None)
-        return api.load(path, progress=lambda m: progress.update(task, description=m))
 
 
 @app.command()
@@ -105,7 +84,7 @@ def convert(
     options = _options(opt)
     output = output or Path(f"{Path(model).name.split(':')[0].removesuffix('.py')}.{to}.lcc")
     artifact.check_destination(output, force, [Path(model)] if Path(model).is_dir() else [])
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("starting", total=None)
         compiled = api.compile_model(model, to=to, target=target, options=options, progress=lambda m: progress.update(task, description=m))
         report = None
@@ -131,7 +110,7 @@ def _write_onnx(output: Path) -> None:
     from ..onnx.export import export_onnx
 
     try:
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("exporting to ONNX", total=None)
             onnx_report = export_onnx(output, output / artifact.ONNX, force=True, progress=lambda m: progress.update(task, description=m))
     except LccError as e:
@@ -220,7 +199,7 @@ def verify(
     """
     from .. import api
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         progress.add_task("verifying", total=None)
         report = api.verify(path, to=to, target=target, **_options(opt))
     if as_json:
@@ -229,13 +208,6 @@ def verify(
         _print_report(report)
     if report.exact and not report.passed:
         raise typer.Exit(1)
-
-
-def _ids(text: str, what: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise LccError(f"invalid {what} '{text}': expected comma-separated integers") from None
 
 
 @app.command()
@@ -271,8 +243,8 @@ def generate(
     tokenizer = tokenizer_for(model.manifest)
     if prompt and tokenizer is None:
         raise LccError(f"no tokenizer for '{path}': its source has none saved; use --prompt-ids")
-    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompt] if prompt else [_ids(p, "--prompt-ids") for p in prompt_ids]
-    sampling = dict(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=_ids(stop_ids or "", "--stop-ids"))
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompt] if prompt else [parse_ids(p, "--prompt-ids") for p in prompt_ids]
+    sampling = dict(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=parse_ids(stop_ids or "", "--stop-ids"))
     live = len(prompts) == 1 and not as_json and out.is_terminal
 
     def show(step: list) -> None:

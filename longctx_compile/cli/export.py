@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)
+from .common import out, progress_bar
 
 
 def export_onnx(
@@ -50,7 +47,7 @@ def export_onnx(
             picked = tuple(int(x) for x in lengths.split(","))
         except ValueError:
             raise LccError(f"--lengths takes comma-separated integers, not '{lengths}'") from None
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("starting", total=None)
         report = run(Path(path), output, program=program, custom=custom_ops, force=force, progress=lambda m: bar.update(task, description=m), opset=opset)
         rows = None

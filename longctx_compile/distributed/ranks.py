@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,13 +28,13 @@ def _free_port() -> int:
 def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload, out: str) -> None:
     import torch.distributed as dist
 
-    from ..runtime.model import load
+    from ..loaded import load
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=degree)
     try:
-        result = TASKS[task](load(path), payload, degree, rank)
+        result = task(load(path), payload, degree, rank)
         if rank == 0:
             torch.save(result, out)
         dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks to it can abort the peer
@@ -99,39 +100,9 @@ def _profile(model, batch: dict, degree: int, rank: int) -> dict:
     return {"ranks": per_rank}
 
 
-def _parallel_msa(model, bank: str):
-    """The msa runtime of a loaded artifact and this rank's shard of the bank at ``bank``."""
-    from ..runtime import memory_bank
-    from ..runtime.memory_parallel import ParallelMemory
-    from ..runtime.msa import MsaModel
-
-    msa = MsaModel(model.program, model.signature)
-    return msa, ParallelMemory(memory_bank.load(bank, model=msa.facts), kernels=msa.kernels)
-
-
-def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
-    """Memory Parallel: every rank serves its own batch over its shard of the bank; rank 0 gets every rank's routing and logits."""
-    import torch.distributed as dist
-
-    msa, memory = _parallel_msa(model, payload["bank"])
-    result = msa.query(memory, payload["batches"][rank])
-    mine = {"docs": result.docs, "logits": result.logits, "owned": memory.owned, "sent_bytes": memory.sent_bytes}
-    every = [None] * degree
-    dist.all_gather_object(every, mine)
-    return every
-
-
-def _msa_generate(model, payload: dict, degree: int, rank: int) -> dict:
-    """Memory Parallel generation of one batch that every rank serves (rank 0 returns it): routing collectives, local decode."""
-    msa, memory = _parallel_msa(model, payload["bank"])
-    tokens, result = msa.generate(memory, payload["input_ids"], payload["max_new_tokens"])
-    return {"tokens": tokens, "docs": result.docs}
-
-
-TASKS = {"train_step": _train_step, "forward": _forward, "profile": _profile, "msa_query": _msa_query, "msa_generate": _msa_generate}
-
-
-def _spawn(task: str, path: str | Path, degree: int, payload):
+def spawn(task: Callable, path: str | Path, degree: int, payload):
+    """``task(loaded artifact, payload, degree, rank)`` on ``degree`` local gloo ranks; rank 0's result (a module-level
+    function, so each rank's process can import it)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,24 +113,14 @@ def _spawn(task: str, path: str | Path, degree: int, payload):
 
 def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
     """Logits [B, T, V], loss and summed parameter gradients of one step on ``degree`` local ranks."""
-    return _spawn("train_step", path, degree, batch)
+    return spawn(_train_step, path, degree, batch)
 
 
 def profile(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
     """Per rank: collective calls and bytes sent in one training step, and peak resident memory (KiB)."""
-    return _spawn("profile", path, degree, batch)
-
-
-def msa_query(path: str | Path, bank: str | Path, batches: list[torch.Tensor]) -> list[dict]:
-    """Per rank (one per batch): routed documents per layer, logits, owned documents and bytes sent, with Memory Parallel."""
-    return _spawn("msa_query", path, len(batches), {"bank": str(bank), "batches": batches})
-
-
-def msa_generate(path: str | Path, bank: str | Path, degree: int, input_ids: torch.Tensor, max_new_tokens: int) -> dict:
-    """New tokens and routed document indices of ``input_ids`` with the bank sharded over ``degree`` ranks."""
-    return _spawn("msa_generate", path, degree, {"bank": str(bank), "input_ids": input_ids, "max_new_tokens": max_new_tokens})
+    return spawn(_profile, path, degree, batch)
 
 
 def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Full logits of each batch (full-length inputs, sliced per rank) on ``degree`` local ranks."""
-    return _spawn("forward", path, degree, batches)
+    return spawn(_forward, path, degree, batches)

@@ -25,20 +25,13 @@ def kernel_name(site: dict[str, Any]) -> str:
 
 
 def form_detail(site: dict[str, Any]) -> str:
-    """The site's form, with its chunk size S, top-K, window w and score mode for hsa, its pool P, top-k documents and score for msa,
-    its budget, policy and indexer heads × dims for evict."""
-    if site.get("form") == "evict":
-        memory = " +memory" if site["memory"] else ""
-        return f"evict {site['budget']} {site['policy']} idx {site['indexer_heads']}×{site['indexer_dim']}{memory}"
-    if site.get("form") == "msa":
-        topk = "all" if site["topk"] < 0 else site["topk"]
-        return f"msa P={site['pool']} top-{topk} docs {site['score']}" + (" (router loaded)" if site.get("loaded_router") else "")
-    if site.get("form") != "hsa":
+    """The site's form and its settings, as the form describes them (hsa: S, K, w, score; msa: pool, top-k; evict: budget …)."""
+    from ..forms import FORMS
+
+    form = FORMS.get(site.get("form", ""))
+    if form is None or form.describe is None or site.get("form") in (None, "dense"):
         return site.get("form", "")
-    topk = "all" if site["topk"] < 0 else site["topk"]
-    extras = (" per block" if site.get("select") == "block" else "") + (" sink" if site.get("sink") else "")
-    extras += (" stick" if site.get("fusion") == "stick" else "") + (" nope" if site.get("nope") else "")
-    return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{extras}"
+    return form.describe(site)
 
 
 def tiles(site: dict[str, Any]) -> str:
@@ -55,7 +48,7 @@ def tiles(site: dict[str, Any]) -> str:
 def communication(sites: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
     """Per sequence-parallel site: the collectives inserted and the bytes a rank sends for ``tokens`` tokens."""
     from ..distributed.layout import Layout
-    from ..passes.sequence_parallel import forward_bytes, step_bytes
+    from ..forms.sp.rewrite import forward_bytes, step_bytes
 
     rows = []
     for s in sites:

@@ -22,6 +22,7 @@ import torch
 
 from .. import artifact
 from ..errors import LccError
+from ..forms import get_form
 from . import translate
 
 OPSET = 18  # the default; from 23 the attention ops become ONNX's Attention operator
@@ -78,10 +79,10 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
     if program == "msa.encode":
         progress("binding the encode program to chunked inputs")
         ep, state_keys = _encode_in_chunks(ep, manifest, artifact.read_program(path, manifest, "model")), []
-    if program == "model" and "evict" in manifest["signature"]:
-        progress("adding the indexer importance outputs")
-        ep, layers = _with_importance(ep, manifest)
-        extra = [f"importance_{layer}" for layer in layers]
+    form = get_form(manifest["form"])
+    if program == "model" and form.onnx_model is not None:  # what the form adds to its model program (evict: importance)
+        progress(f"adding the {form.name} outputs")
+        ep, extra = form.onnx_model(ep, manifest)
     translate.check(ep)
     nodes = translate.longctx_nodes(ep)
     report = Report(str(out), program, custom, opset=opset)
@@ -202,53 +203,6 @@ def _state_keys(ep: torch.export.ExportedProgram) -> list[str]:
 
 def _children(spec) -> list:
     return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)  # torch < 2.10: children_specs
-
-
-def _with_importance(ep: torch.export.ExportedProgram, manifest: dict[str, Any]) -> tuple[torch.export.ExportedProgram, list[int]]:
-    """The evict model program re-exported so that it also returns the indexer importance [B, groups, S] of each evicting site."""
-    from ..ops.schema import Call
-    from ..runtime.interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
-
-    signature = manifest["signature"]
-    evict = torch.ops.longctx.evict_attention.default
-    sites = attention_sites(ep)
-    layers = [int(n.meta.get("lcc", {}).get("layer", i)) for i, n in enumerate(sites) if n.target is evict]
-    per_head = signature["evict"].get("granularity") != "layer"
-    groups = {i: int(Call.of(n).k.meta["val"].shape[1]) if per_head else 1 for i, n in enumerate(sites)}
-
-    scores: list[torch.Tensor] = []  # filled by the sites during one forward (not a module attribute: export would warn)
-
-    class WithImportance(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.names = list(signature["inputs"])
-            self.keys = list(step_state(ep))
-            for i, value in enumerate(step_state(ep).values()):
-                self.register_buffer(f"w{i}", value)
-            self.graph, self.index = with_site_hooks(ep.graph_module, self.site), logits_index(ep)
-
-        def site(self, i, call):
-            if call.op is evict:
-                scores.append(torch.ops.longctx.evict_importance(call.idx_q, call.idx_k, call.idx_w, call.key_padding, groups[i]))
-            return call()
-
-        def forward(self, input_ids, attention_mask, position_ids):
-            state = {k: getattr(self, f"w{i}") for i, k in enumerate(self.keys)}
-            scores.clear()
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-            logits = self.graph(*flat_inputs(ep, self.names, state, inputs))[self.index]
-            return (logits, *scores)
-
-    if signature["inputs"] != ["input_ids", "attention_mask", "position_ids"]:
-        raise LccError(f"cannot export this evict program: it takes {signature['inputs']}, not (input_ids, attention_mask, position_ids)")
-    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=1, max=int(signature.get("max_len", 4096)))
-    example = torch.zeros(2, 8, dtype=torch.long)
-    dims = {name: {0: batch, 1: seq} for name in signature["inputs"]}
-    with torch.no_grad():
-        wrapped = torch.export.export(
-            WithImportance(), (example, torch.ones_like(example), torch.arange(8).expand(2, 8).clone()), dynamic_shapes=dims, strict=False
-        )
-    return wrapped, layers
 
 
 def _encode_in_chunks(ep: torch.export.ExportedProgram, manifest: dict[str, Any], model: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

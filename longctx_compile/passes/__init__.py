@@ -1,3 +1,3 @@
-"""Graph passes; importing this registers them all with the pipeline."""
+"""Graph passes every form shares; importing this registers them (each form registers its own, ``forms/``)."""
 
-from . import canonicalize, doc_rope, eviction, hsa, lower, msa, sequence_parallel  # noqa: F401
+from . import canonicalize, lower  # noqa: F401

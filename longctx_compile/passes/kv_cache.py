@@ -50,8 +50,6 @@ class CacheLayout:
 
 def check_generatable(program: Program) -> None:
     """Refuse programs whose attention cannot be continued token by token, saying why."""
-    if program.signature.get("sequence_parallel"):
-        raise LccError("sequence-parallel programs have no KV cache: generate with a dense artifact of the same model")
     for node in program.attention_nodes():
         facts = node.meta["lcc"]
         where = f"cannot build a KV cache for layer {facts['layer']} ({facts['module']})"

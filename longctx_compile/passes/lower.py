@@ -63,8 +63,8 @@ def lower(program: Program, cfg: LowerConfig) -> PassResult:
     """Bind each longctx op to the target's kernel and tile configs (cpu: the reference op) and record them per site."""
     target = get_target(cfg.target)
     program.target = target.name
-    if "msa" in program.signature:  # the MSA runtime's pooling and routing: ops.msa on cpu, kernels.msa on Triton targets
-        program.signature["msa"]["kernels"] = "reference" if target.kernels == "reference" else "triton"
+    # what a form's runtime runs beside the graph (msa's pooling and routing): the reference ops on cpu, kernels elsewhere
+    program.signature["kernels"] = "reference" if target.kernels == "reference" else "triton"
     nodes, hsa_nodes = [], []
     for node in program.attention_nodes():
         if node.target in FORM_OPS:

@@ -21,12 +21,12 @@ from typing import Any, Literal
 
 import torch
 
-from ..distributed.layout import Layout
-from ..errors import LccError
-from ..fx import fake_call, is_call, val
-from ..ops.schema import Call
-from ..pipeline import PassResult, Program, Stage, register
-from .lower import COPIED_META
+from ...distributed.layout import Layout
+from ...errors import LccError
+from ...fx import fake_call, is_call, val
+from ...ops.schema import Call
+from ...passes.lower import COPIED_META
+from ...pipeline import PassResult, Program, Stage, register
 
 A2A = torch.ops.longctx.seq_all_to_all.default
 GATHER = torch.ops.longctx.seq_all_gather.default

@@ -13,11 +13,11 @@ from typing import Literal
 
 import torch
 
-from ..errors import LccError
-from ..fx import fake_call, val
-from ..ops.schema import Call
-from ..pipeline import PassResult, Program, Stage, register
-from .rope import pre_rope
+from ...errors import LccError
+from ...fx import fake_call, val
+from ...ops.schema import Call
+from ...passes.rope import pre_rope
+from ...pipeline import PassResult, Program, Stage, register
 
 CANONICAL = torch.ops.longctx.attention.default
 HSA = torch.ops.longctx.hsa_attention.default

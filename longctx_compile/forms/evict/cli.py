@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import LccError
+from ...errors import LccError
 
 
 def _tokens(data: str, tokenizer) -> list[list[int]] | None:
@@ -21,7 +21,7 @@ def _tokens(data: str, tokenizer) -> list[list[int]] | None:
     if not path.is_file():
         raise LccError(f"no training data file '{data}' (give a .jsonl or text file, or 'synthetic')")
     if path.suffix == ".jsonl":
-        from .memory import read_docs
+        from ..msa.cli import read_docs
 
         return read_docs(path, tokenizer)[1]
     if tokenizer is None:
@@ -47,10 +47,10 @@ def train_indexers(
 
     Example: lcc train-indexers model.evict.lcc --data synthetic --steps 200 --length 1024
     """
-    from .. import artifact
-    from ..runtime.evict_train import TrainConfig, Trainer, token_stream, train
-    from ..runtime.tokenizer import tokenizer_for
-    from .app import err, load_artifact, out
+    from ... import artifact
+    from ...cli.common import err, load_artifact, out
+    from ...runtime.tokenizer import tokenizer_for
+    from .train import TrainConfig, Trainer, token_stream, train
 
     loaded = load_artifact(path)
     signature = loaded.signature

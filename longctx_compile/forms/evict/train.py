@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import LccError
-from ..ops.evict import (
+from ...errors import LccError
+from ...ops.evict import (
     dropped_positions,
     importance_kl,
     indexer_importance,
@@ -37,9 +37,9 @@ from ..ops.evict import (
     student_importance,
     teacher_importance,
 )
-from ..ops.schema import Call
-from .evict import EVICT, Policy, take
-from .interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
+from ...ops.schema import Call
+from ...runtime.interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
+from .runtime import EVICT, Policy, take
 
 ATTENTION = torch.ops.longctx.attention.default
 INDEXER = torch.ops.longctx.evict_indexer.default
@@ -105,7 +105,7 @@ class Trainer:
     """The frozen program with its indexer (stage 1) or memory (stage 2) parameters as trainable leaves."""
 
     def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any]):
-        from .interpret import step_state
+        from ...runtime.interpret import step_state
 
         if "evict" not in signature:
             raise LccError("this artifact has no eviction indexers to train; convert it with --to evict")

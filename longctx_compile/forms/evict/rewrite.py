@@ -19,13 +19,13 @@ from typing import Literal
 
 import torch
 
-from ..errors import LccError
-from ..fx import CASTS, COPIED_META, aten, fake_call, is_call, val
-from ..ops.evict import POLICIES, parse_budget
-from ..ops.schema import Call
-from ..pipeline import PassResult, Program, Stage, register
-from .hsa import parse_layers
-from .rope import pre_rope
+from ...errors import LccError
+from ...fx import CASTS, COPIED_META, aten, fake_call, is_call, val
+from ...ops.evict import POLICIES, parse_budget
+from ...ops.schema import Call
+from ...passes.rope import pre_rope
+from ...pipeline import PassResult, Program, Stage, register
+from ..hsa.rewrite import parse_layers
 
 CANONICAL = torch.ops.longctx.attention.default
 EVICT = torch.ops.longctx.evict_attention.default

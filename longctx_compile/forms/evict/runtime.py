@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import LccError
-from ..ops.attention import empty_sdpa_layout
-from ..ops.evict import POLICIES, dropped_positions, indexer_importance, keep_positions, memory_readout, memory_write, parse_budget, teacher_importance
-from ..ops.schema import Call
-from .generate import Sampling, collect, pad_prompts, token_steps
-from .interpret import attention_sites, flat_inputs, last_position_logits, logits_index, step_state, with_site_hooks
-from .model import default_positions
+from ...errors import LccError
+from ...ops.attention import empty_sdpa_layout
+from ...ops.evict import POLICIES, dropped_positions, indexer_importance, keep_positions, memory_readout, memory_write, parse_budget, teacher_importance
+from ...ops.schema import Call
+from ...runtime.generate import Sampling, collect, pad_prompts, token_steps
+from ...runtime.interpret import attention_sites, flat_inputs, last_position_logits, logits_index, step_state, with_site_hooks
+from ...runtime.model import default_positions
 
 EVICT = torch.ops.longctx.evict_attention.default
 ATTENTION = torch.ops.longctx.attention.default

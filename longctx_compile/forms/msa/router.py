@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.msa import pool_ref, route_ref
-from .msa import MsaModel
+from ...ops.msa import pool_ref, route_ref
+from .runtime import MsaModel
 
 
 def _router_weights(model: MsaModel, layer: int) -> tuple[str, str]:

@@ -9,11 +9,11 @@ dependency for each routed site (refusing otherwise) and records the position sc
 
 from __future__ import annotations
 
-from ..errors import LccError
-from ..fx import aten, is_call
-from ..ops.schema import Call
-from ..pipeline import PassResult, Program, Stage, register
-from .msa import MSA, MsaConfig
+from ...errors import LccError
+from ...fx import aten, is_call
+from ...ops.schema import Call
+from ...pipeline import PassResult, Program, Stage, register
+from .rewrite import MSA, MsaConfig
 
 
 def _reads(node, target) -> bool:

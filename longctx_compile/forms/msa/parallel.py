@@ -17,11 +17,14 @@ Results equal one rank's up to the order of keys in the softmax and ties in scor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
-from .memory_bank import MemoryBank, partition
-from .msa import route_fn
+from ...distributed import ranks
+from .bank import MemoryBank, partition
+from .runtime import route_fn
 
 
 class ParallelMemory:
@@ -119,3 +122,42 @@ class ParallelMemory:
             out_v[b, :, j * M : j * M + n] = cv.transpose(0, 1)
             valid[b, j * M : j * M + n] = True
         return docs, best.values, out_k, out_v, valid
+
+
+# Memory Parallel on local gloo ranks (``lcc memory query --nproc N``, the tests): tasks for ``distributed.ranks.spawn``
+
+
+def _parallel_msa(model, bank: str):
+    """The msa runtime of a loaded artifact and this rank's shard of the bank at ``bank``."""
+    from . import bank as memory_bank
+    from .runtime import MsaModel
+
+    msa = MsaModel(model.program, model.signature)
+    return msa, ParallelMemory(memory_bank.load(bank, model=msa.facts), kernels=msa.kernels)
+
+
+def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
+    """Memory Parallel: every rank serves its own batch over its shard of the bank; rank 0 gets every rank's routing and logits."""
+    msa, memory = _parallel_msa(model, payload["bank"])
+    result = msa.query(memory, payload["batches"][rank])
+    mine = {"docs": result.docs, "logits": result.logits, "owned": memory.owned, "sent_bytes": memory.sent_bytes}
+    every = [None] * degree
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _msa_generate(model, payload: dict, degree: int, rank: int) -> dict:
+    """Memory Parallel generation of one batch that every rank serves (rank 0 returns it): routing collectives, local decode."""
+    msa, memory = _parallel_msa(model, payload["bank"])
+    tokens, result = msa.generate(memory, payload["input_ids"], payload["max_new_tokens"])
+    return {"tokens": tokens, "docs": result.docs}
+
+
+def msa_query(path: str | Path, bank: str | Path, batches: list[torch.Tensor]) -> list[dict]:
+    """Per rank (one per batch): routed documents per layer, logits, owned documents and bytes sent, with Memory Parallel."""
+    return ranks.spawn(_msa_query, path, len(batches), {"bank": str(bank), "batches": batches})
+
+
+def msa_generate(path: str | Path, bank: str | Path, degree: int, input_ids: torch.Tensor, max_new_tokens: int) -> dict:
+    """New tokens and routed document indices of ``input_ids`` with the bank sharded over ``degree`` ranks."""
+    return ranks.spawn(_msa_generate, path, degree, {"bank": str(bank), "input_ids": input_ids, "max_new_tokens": max_new_tokens})

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import LccError
+from ...errors import LccError
 
 memory_app = typer.Typer(
     help="The memory bank of an msa artifact: encode documents, add or remove some, show it, and query it.\n\n"
@@ -22,15 +22,15 @@ memory_app = typer.Typer(
 
 
 def _console():
-    from .app import err, out
+    from ...cli.common import err, out
 
     return out, err
 
 
 def _model(path: str):
-    from ..runtime.msa import MsaModel
-    from ..runtime.tokenizer import tokenizer_for
-    from .app import load_artifact
+    from ...cli.common import load_artifact
+    from ...runtime.tokenizer import tokenizer_for
+    from .runtime import MsaModel
 
     loaded = load_artifact(path)
     return MsaModel(loaded.program, loaded.signature), tokenizer_for(loaded.manifest)
@@ -92,7 +92,7 @@ def encode(
     force: Annotated[bool, typer.Option("--force", help="replace an existing bank folder")] = False,
 ) -> None:
     """Encode documents into a new memory bank."""
-    from ..artifact import check_destination
+    from ...artifact import check_destination
 
     out, _ = _console()
     check_destination(output, force, [Path(artifact), docs])
@@ -115,7 +115,7 @@ def add(
     force: Annotated[bool, typer.Option("--force", help="replace an existing -o folder")] = False,
 ) -> None:
     """Add documents to a bank; only the new ones are encoded."""
-    from ..runtime import memory_bank
+    from . import bank as memory_bank
 
     out, _ = _console()
     model, tokenizer = _model(artifact)
@@ -135,7 +135,7 @@ def remove(
     force: Annotated[bool, typer.Option("--force", help="replace an existing -o folder")] = False,
 ) -> None:
     """Remove documents from a bank by id."""
-    from ..runtime import memory_bank
+    from . import bank as memory_bank
 
     out, _ = _console()
     bank = memory_bank.load(bank_path)
@@ -151,7 +151,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Summarise a bank: documents, tokens, chunks, bytes, and what it was encoded with."""
-    from ..runtime import memory_bank
+    from . import bank as memory_bank
 
     out, _ = _console()
     bank = memory_bank.load(bank_path)
@@ -189,8 +189,8 @@ def query(
     """Route a question over the bank, print the documents each routed layer chose, and generate the answer."""
     import torch
 
-    from ..runtime import memory_bank
-    from .app import _ids
+    from ...cli.common import parse_ids
+    from . import bank as memory_bank
 
     out, _ = _console()
     if bool(question) == bool(question_ids):
@@ -198,10 +198,10 @@ def query(
     model, tokenizer = _model(artifact)
     if question and tokenizer is None:
         raise LccError(f"no tokenizer for '{artifact}': its source has none saved; use --question-ids")
-    prefix = _ids(prefix_ids or "", "--prefix-ids")
+    prefix = parse_ids(prefix_ids or "", "--prefix-ids")
     if len(prefix) != model.config["prefix"]:
         raise LccError(f"the artifact was converted with --opt prefix={model.config['prefix']}; give that many --prefix-ids (got {len(prefix)})")
-    asked = tokenizer.encode(question, add_special_tokens=False) if question else _ids(question_ids, "--question-ids")
+    asked = tokenizer.encode(question, add_special_tokens=False) if question else parse_ids(question_ids, "--question-ids")
     if not asked:
         raise LccError("the question is empty")
     if nproc < 1:
@@ -214,9 +214,9 @@ def query(
         tokens, routing = model.generate(bank, ids, max_new_tokens)
         docs = routing.docs
     else:
-        from ..distributed import ranks
+        from .parallel import msa_generate
 
-        done = ranks.msa_generate(artifact, bank_path, nproc, ids, max_new_tokens)
+        done = msa_generate(artifact, bank_path, nproc, ids, max_new_tokens)
         tokens, docs = done["tokens"], done["docs"]
     routed = {layer: [bank.docs[d] for d in docs[layer][0].tolist()] for layer in bank.layers}
     answer = list(tokens[0])

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ..errors import LccError
-from ..ops.msa import msa_pool, msa_route
-from ..ops.schema import Call
-from .interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
-from .memory_bank import PARTS, MemoryBank
+from ...errors import LccError
+from ...ops.msa import msa_pool, msa_route
+from ...ops.schema import Call
+from ...runtime.interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
+from .bank import PARTS, MemoryBank
 
 MSA = torch.ops.longctx.msa_attention.default
 ATTENTION = torch.ops.longctx.attention.default
@@ -47,7 +47,7 @@ class QueryResult:
 def pool_fn(kernels: str):
     """Chunk pooling as the artifact's target runs it: the reference op, or the Triton kernel."""
     if kernels == "triton":
-        from ..kernels.msa import pool
+        from ...kernels.msa import pool
 
         return pool
     return msa_pool
@@ -56,7 +56,7 @@ def pool_fn(kernels: str):
 def route_fn(kernels: str):
     """Routing ``(router_q, routes, router_keys, chunk_doc, table, cosine) -> [B, n_docs]`` on the artifact's target."""
     if kernels == "triton":
-        from ..kernels.msa import route
+        from ...kernels.msa import route
 
         return lambda q, routes, keys, chunk_doc, table, cosine: route(q, routes, keys, chunk_doc, table.shape[0], cosine)
     return msa_route
@@ -97,7 +97,7 @@ class MsaModel:
         if "msa" not in signature:
             raise LccError("this program is not an msa form; convert it with --to msa")
         self.ep, self.signature, self.config = ep, signature, signature["msa"]
-        self.kernels = self.config.get("kernels", "reference")
+        self.kernels = signature.get("kernels", "reference")  # lower records what the target runs beside the graph
         self.state = step_state(ep)
         self.logits_index = logits_index(ep)
         sites = attention_sites(ep)
@@ -204,7 +204,7 @@ class MsaModel:
         """Logits of ``[prefix ; query]`` rows (left padding allowed) routed over ``bank``: a :class:`MemoryBank`,
         or a memory with the same ``select`` as :class:`LocalMemory` (``runtime.memory_parallel.ParallelMemory``).
         ``hidden``, when given, receives each routed layer's input hidden states (what the routers project)."""
-        from .memory_bank import check_matches
+        from .bank import check_matches
 
         memory = LocalMemory.of(bank, self.kernels) if isinstance(bank, MemoryBank) else bank
         check_matches(memory.model, self.facts, "given")
@@ -280,7 +280,7 @@ class MsaModel:
     ) -> tuple[list[list[int]], QueryResult]:
         """New tokens of each query row (greedy unless ``sampling`` — keys of :class:`runtime.generate.Sampling` —
         says otherwise; a stop id, when hit, is the last) and the query's result, through the one generation loop."""
-        from .generate import Sampling, collect, token_steps
+        from ...runtime.generate import Sampling, collect, token_steps
 
         result = self.query(bank, input_ids, attention_mask, position_ids)
         steps = token_steps(result.logits[:, -1], lambda token: self.decode(result, token)[:, -1], max_new_tokens, Sampling(**sampling))
@@ -290,8 +290,8 @@ class MsaModel:
 def generate_with_bank(ep: torch.export.ExportedProgram, signature: dict[str, Any], bank, prompts, max_new_tokens: int, pad_id: int, stream, **sampling):
     """New tokens of each prompt (``[prefix ; question]`` token ids) routed over ``bank`` (a :class:`MemoryBank` or its
     folder), prompts left-padded to one batch."""
-    from . import memory_bank
-    from .generate import pad_prompts
+    from ...runtime.generate import pad_prompts
+    from . import bank as memory_bank
 
     model = MsaModel(ep, signature)
     if not isinstance(bank, MemoryBank):

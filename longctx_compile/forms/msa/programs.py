@@ -21,9 +21,9 @@ import contextlib
 import torch
 from torch.export import Dim
 
-from .interpret import export_program
-from .memory_bank import PARTS
-from .msa import LocalMemory, MsaModel, QueryResult
+from ...runtime.interpret import export_program
+from .bank import PARTS
+from .runtime import LocalMemory, MsaModel, QueryResult
 
 PROGRAMS = ("encode", "query", "decode")
 

@@ -18,11 +18,11 @@ from typing import Literal
 
 import torch
 
-from ..errors import LccError
-from ..fx import aten, fake_call, is_call, val
-from ..ops.schema import Call
-from ..pipeline import PassResult, Program, Stage, register
-from .hsa import parse_layers, parse_topk
+from ...errors import LccError
+from ...fx import aten, fake_call, is_call, val
+from ...ops.schema import Call
+from ...pipeline import PassResult, Program, Stage, register
+from ..hsa.rewrite import parse_layers, parse_topk
 
 CANONICAL = torch.ops.longctx.attention.default
 MSA = torch.ops.longctx.msa_attention.default

@@ -22,8 +22,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..artifact import atomic_folder, check_destination, sha256
-from ..errors import LccError
+from ...artifact import atomic_folder, check_destination, sha256
+from ...errors import LccError
 
 FORMAT = "lcc-msa-bank"
 FORMAT_VERSION = 1

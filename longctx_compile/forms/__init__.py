@@ -1,0 +1,60 @@
+"""Forms as slices over the core: each ``forms/<form>/`` holds its rewrite passes, runtime, verification, CLI
+additions and a :class:`Form` that the core (api, artifact, verify, onnx, inspect, cli) calls instead of asking
+which form it holds. The ops the forms emit live in ``ops/`` (registered before any program loads) and their
+kernels in ``kernels/``. Adding a form is a new folder and one line in :func:`_load`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LccError
+
+
+@dataclass
+class Form:
+    """What the core needs to know of a form; every hook is optional (None: the core's generic behaviour).
+
+    - ``programs(program) -> {name: ExportedProgram}``: the form's own portable step programs, derived from the
+      model program on demand (listed in the manifest under the form's name, ``program_names``);
+    - ``generate(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=None, **sampling)``: the new tokens,
+      or None to use the KV-cache steps;
+    - ``verify(original, ep, signature, lengths, rtol, atol) -> Report``: how ``lcc verify`` checks the form;
+    - ``verify_runnable(converted, signature, lengths) -> (runnable, lengths)``: how the generic check runs it;
+    - ``cache_note``: why the form has no KV cache at all;
+    - ``onnx_model(ep, manifest) -> (ep, extra output names)``: what the model program exports as;
+    - ``describe(site facts) -> str``: a site's settings in ``lcc inspect``;
+    - ``cli(app)``: adds the form's commands to ``lcc``.
+    """
+
+    name: str
+    config_cls: type
+    passes: list[str] = field(default_factory=list)
+    doc: str = ""
+    exact: bool = True  # whether the form (as configured) must equal the dense model
+    programs: Callable[[Any], dict[str, Any]] | None = None
+    program_names: tuple[str, ...] = ()
+    generate: Callable[..., list[list[int]] | None] | None = None
+    verify: Callable[..., Any] | None = None
+    verify_runnable: Callable[..., Any] | None = None
+    cache_note: str | None = None
+    onnx_model: Callable[..., Any] | None = None
+    describe: Callable[[dict[str, Any]], str] | None = None
+    cli: Callable[[Any], None] | None = None
+
+
+def _load() -> dict[str, Form]:
+    from . import dense, evict, hsa, msa, sp
+
+    return {form.name: form for module in (dense, sp, hsa, msa, evict) for form in module.FORMS}
+
+
+FORMS: dict[str, Form] = _load()
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise LccError(f"unknown form '{name}'; known forms: {', '.join(FORMS)}")
+    return FORMS[name]

@@ -1,0 +1,56 @@
+"""``evict``: learned KV eviction (IndexMem) — per-layer indexers keep the budget's most important keys, a latent
+memory the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import Form
+from .rewrite import EvictConfig
+
+
+def generate(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=None, **sampling):
+    """Through the evicting cache (the runtime's own, compacted between steps)."""
+    from .runtime import EvictModel
+
+    return EvictModel(ep, signature).generate(prompts, max_new_tokens, pad_id, stream, **sampling)
+
+
+def verify(original, ep, signature, lengths, rtol, atol):
+    from .verify import verify_evict
+
+    return verify_evict(original, ep, signature, lengths, rtol, atol)
+
+
+def onnx_model(ep, manifest):
+    from .onnx import with_importance
+
+    ep, layers = with_importance(ep, manifest)
+    return ep, [f"importance_{layer}" for layer in layers]
+
+
+def describe(site: dict[str, Any]) -> str:
+    memory = " +memory" if site["memory"] else ""
+    return f"evict {site['budget']} {site['policy']} idx {site['indexer_heads']}×{site['indexer_dim']}{memory}"
+
+
+def cli(app: Any) -> None:
+    from .cli import train_indexers
+
+    app.command("train-indexers")(train_indexers)
+
+
+FORMS = [
+    Form(
+        "evict",
+        EvictConfig,
+        ["evict"],
+        "learned KV eviction (IndexMem): per-layer indexers keep the budget's most important keys, a latent memory the rest",
+        exact=False,
+        generate=generate,
+        verify=verify,
+        onnx_model=onnx_model,
+        describe=describe,
+        cli=cli,
+    )
+]
