@@ -18,7 +18,7 @@ FORBIDDEN = {
     "runtime": ("passes", "pipeline", "compiler", "api", "cli", "forms", "loaded", "verify"),
     "artifact": ("runtime", "passes", "compiler", "api", "cli", "forms", "loaded"),
     "passes": ("kernels", "api", "cli", "compiler", "forms", "loaded"),
-    "ops": ("passes", "runtime", "pipeline", "compiler", "api", "cli", "artifact", "forms", "loaded"),
+    "ops": ("passes", "runtime", "pipeline", "compiler", "api", "cli", "artifact", "forms", "loaded", "distributed"),
     "fx": ("ops", "passes", "runtime", "pipeline", "kernels", "forms"),
     "targets": ("ops", "passes", "runtime", "pipeline", "compiler", "api", "cli", "forms"),  # autotune launches kernels to time them
     "forms": ("api", "cli.app", "compiler", "loaded"),  # a form builds on the core (its commands on cli.common), never on what calls it

@@ -47,8 +47,8 @@ def tiles(site: dict[str, Any]) -> str:
 
 def communication(sites: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
     """Per sequence-parallel site: the collectives inserted and the bytes a rank sends for ``tokens`` tokens."""
-    from ..distributed.layout import Layout
     from ..forms.sp.rewrite import forward_bytes, step_bytes
+    from ..ops.layout import Layout
 
     rows = []
     for s in sites:

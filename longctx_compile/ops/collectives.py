@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import distributed
-from ..distributed.layout import Layout
+from . import groups
 from .attention import new_sdpa_layout
+from .layout import Layout
 
 
 def _chunked_shape(x: torch.Tensor, scatter_dim: int, gather_dim: int, degree: int) -> list[int]:
@@ -30,12 +30,12 @@ def _chunked_shape(x: torch.Tensor, scatter_dim: int, gather_dim: int, degree: i
 def seq_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, layout: list[int]) -> torch.Tensor:
     """All-to-all over the Ulysses group: scatter ``scatter_dim``, gather ``gather_dim``."""
     lay = Layout.from_list(layout)
-    group, _ = distributed.subgroups(lay)
+    group, _ = groups.subgroups(lay)
     U = lay.ulysses
     send = torch.stack(x.chunk(U, dim=scatter_dim))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
-    distributed.record("all_to_all", send[0].numel() * send.element_size() * (U - 1))  # chunk i stays when i is this rank
+    groups.record("all_to_all", send[0].numel() * send.element_size() * (U - 1))  # chunk i stays when i is this rank
     out = new_sdpa_layout(x, _chunked_shape(x, scatter_dim, gather_dim, U))
     out.copy_(torch.cat(received.unbind(0), dim=gather_dim))
     return out
@@ -61,9 +61,9 @@ seq_all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 def seq_all_gather(x: torch.Tensor, dim: int, layout: list[int]) -> torch.Tensor:
     """Every rank's shard of ``x`` along ``dim``, in global token order."""
     lay = Layout.from_list(layout)
-    distributed.check_degree(lay.degree)
-    distributed.record("all_gather", x.numel() * x.element_size() * (lay.degree - 1))
-    return distributed.gather(x, dim, lay)
+    groups.check_degree(lay.degree)
+    groups.record("all_gather", x.numel() * x.element_size() * (lay.degree - 1))
+    return groups.gather(x, dim, lay)
 
 
 @seq_all_gather.register_fake

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import distributed
-from ..distributed.layout import Layout
+from . import groups
 from .attention import empty_sdpa_layout
+from .layout import Layout
 from .reference import attention_ref, visible
 
 SKIP = "skip"
@@ -61,7 +61,7 @@ class _Ring:
 
     def __init__(self, q: torch.Tensor, layout: list[int]):
         self.layout = Layout.from_list(layout)
-        _, self.group = distributed.subgroups(self.layout)
+        _, self.group = groups.subgroups(self.layout)
         self.R = self.layout.ring
         self.me = dist.get_rank(self.group)
         self.size = q.shape[2] // len(self.layout.ring_chunks(0))
@@ -84,7 +84,7 @@ class _Ring:
         received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for tag, t in enumerate(tensors)]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for tag, r in enumerate(received)]
-        distributed.record("send_recv", sum(t.numel() * t.element_size() for t in tensors))
+        groups.record("send_recv", sum(t.numel() * t.element_size() for t in tensors))
         return received, dist.batch_isend_irecv(ops)
 
 

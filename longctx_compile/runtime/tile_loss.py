@@ -16,10 +16,9 @@ import warnings
 
 import torch
 
-from ..distributed import IGNORE
 from ..errors import LccError
 from ..fx import CASTS, CLONES, is_call
-from ..ops.loss import default_tile, lm_head_loss
+from ..ops.loss import IGNORE, default_tile, lm_head_loss
 
 aten = torch.ops.aten
 

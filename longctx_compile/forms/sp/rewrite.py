@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import torch
 
-from ...distributed.layout import Layout
 from ...errors import LccError
 from ...fx import fake_call, is_call, val
+from ...ops.layout import Layout
 from ...ops.schema import Call
 from ...passes.lower import COPIED_META
 from ...pipeline import PassResult, Program, Stage, register
