@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -108,3 +109,17 @@ def eliminate_dead_code(gm: torch.fx.GraphModule) -> int:
             removed += 1
             changed = True
     return removed
+
+
+def nearest_upstream(node: torch.fx.Node, matches: Callable[[torch.fx.Node], bool]) -> torch.fx.Node | None:
+    """The nearest node upstream of ``node`` (itself included, breadth first, not through placeholders) that ``matches``."""
+    queue, seen = deque([node]), {node}
+    while queue:
+        current = queue.popleft()
+        if matches(current):
+            return current
+        for arg in current.all_input_nodes:
+            if arg not in seen and arg.op != "placeholder":
+                seen.add(arg)
+                queue.append(arg)
+    return None

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ...errors import LccError
-from ...fx import CASTS, COPIED_META, aten, fake_call, is_call, val
+from ...fx import CASTS, COPIED_META, aten, fake_call, is_call, nearest_upstream, val
 from ...ops.evict import POLICIES, parse_budget
 from ...ops.schema import Call
+from ...passes.refuse import plain_causal
 from ...passes.rope import pre_rope
 from ...pipeline import PassResult, Program, Stage, register
 from ..hsa.rewrite import parse_layers
@@ -75,16 +75,10 @@ def check_config(cfg: EvictConfig) -> float | int:
 
 def attention_input(node: torch.fx.Node) -> torch.fx.Node | None:
     """The input of the nearest projection upstream of ``node`` (breadth first): ``linear``'s or ``matmul``'s first argument, ``addmm``'s second."""
-    queue, seen = deque([node]), {node}
-    while queue:
-        current = queue.popleft()
-        if current.op == "call_function" and current.target in (aten.linear.default, aten.matmul.default, aten.addmm.default):
-            return current.args[1] if current.target is aten.addmm.default else current.args[0]
-        for arg in current.all_input_nodes:
-            if arg not in seen and arg.op != "placeholder":
-                seen.add(arg)
-                queue.append(arg)
-    return None
+    found = nearest_upstream(node, lambda n: is_call(n, aten.linear.default, aten.matmul.default, aten.addmm.default))
+    if found is None:
+        return None
+    return found.args[1] if found.target is aten.addmm.default else found.args[0]
 
 
 @register("evict", Stage.FORM, EvictConfig)
@@ -188,15 +182,14 @@ def _uncast(node: torch.fx.Node) -> torch.fx.Node:
 
 def _check(node: torch.fx.Node, where: str) -> None:
     """A compacted cache is read by plain causal attention: refuse the sites that are not that."""
-    if node.target is not CANONICAL:
-        raise LccError(f"{where}: evict rewrites canonical attention; this site is already {node.target.name()}")
-    call = Call.of(node)
-    doc_ids, mask, causal, window = call.doc_ids, call.mask, call.causal, call.window
-    if mask is not None:
-        raise LccError(f"{where}: an arbitrary mask tensor cannot follow evicted keys; evict needs causal attention")
-    if not causal:
-        raise LccError(f"{where}: evict needs causal attention")
-    if window:
-        raise LccError(f"{where}: the model's sliding window ({window}) already bounds its cache; evict refuses sliding-window layers rather than mix the two")
-    if doc_ids is not None:
-        raise LccError(f"{where}: packed-document masks are not supported by evict; capture with attention_mask")
+    plain_causal(
+        node,
+        where,
+        "evict",
+        {
+            "mask": "an arbitrary mask tensor cannot follow evicted keys; evict needs causal attention",
+            "causal": "evict needs causal attention",
+            "window": "the model's sliding window ({window}) already bounds its cache; evict refuses sliding-window layers rather than mix the two",
+            "documents": "packed-document masks are not supported by evict; capture with attention_mask",
+        },
+    )

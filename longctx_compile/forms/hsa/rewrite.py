@@ -16,6 +16,7 @@ import torch
 from ...errors import LccError
 from ...fx import fake_call, val
 from ...ops.schema import Call
+from ...passes.refuse import plain_causal
 from ...passes.rope import pre_rope
 from ...pipeline import PassResult, Program, Stage, register
 
@@ -111,15 +112,14 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
 
 def _check(node: torch.fx.Node, where: str) -> None:
     """HSA is defined for causal self-attention with at most key padding: refuse the rest in one line."""
-    if node.target is not CANONICAL:
-        raise LccError(f"{where}: hsa rewrites canonical attention; this site is already {node.target.name()}")
-    call = Call.of(node)
-    doc_ids, mask, causal, window = call.doc_ids, call.mask, call.causal, call.window
-    if mask is not None:
-        raise LccError(f"{where}: an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding")
-    if not causal:
-        raise LccError(f"{where}: hsa needs causal attention")
-    if doc_ids is not None:
-        raise LccError(f"{where}: packed-document masks are not supported by hsa yet; capture with attention_mask")
-    if window:
-        raise LccError(f"{where}: the model's own sliding window ({window}) would be widened by retrieval; hsa needs full causal attention")
+    plain_causal(
+        node,
+        where,
+        "hsa",
+        {
+            "mask": "an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding",
+            "causal": "hsa needs causal attention",
+            "documents": "packed-document masks are not supported by hsa yet; capture with attention_mask",
+            "window": "the model's own sliding window ({window}) would be widened by retrieval; hsa needs full causal attention",
+        },
+    )

@@ -11,7 +11,6 @@ programs (pool documents, route, attend over the selected memory).
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,8 +18,9 @@ from typing import Literal
 import torch
 
 from ...errors import LccError
-from ...fx import aten, fake_call, is_call, val
+from ...fx import aten, fake_call, is_call, nearest_upstream, val
 from ...ops.schema import Call
+from ...passes.refuse import plain_causal
 from ...pipeline import PassResult, Program, Stage, register
 from ..hsa.rewrite import parse_layers, parse_topk
 
@@ -52,18 +52,9 @@ def parse_routed(text: str, count: int) -> list[int]:
     return parse_layers(text, count, option="routed_layers", named="'upper', 'all'")
 
 
-def projection(node: torch.fx.Node) -> torch.fx.Node:
+def projection(node: torch.fx.Node) -> torch.fx.Node | None:
     """The nearest ``linear`` upstream of ``node`` (breadth first): the projection that q or k came from."""
-    queue, seen = deque([node]), {node}
-    while queue:
-        current = queue.popleft()
-        if is_call(current, aten.linear):
-            return current
-        for arg in current.all_input_nodes:
-            if arg not in seen and arg.op != "placeholder":
-                seen.add(arg)
-                queue.append(arg)
-    return None
+    return nearest_upstream(node, lambda n: is_call(n, aten.linear))
 
 
 @register("msa", Stage.FORM, MsaConfig)
@@ -131,18 +122,17 @@ def _initial_router(program: Program, state: dict[str, str], proj: torch.fx.Node
 
 def _check(node: torch.fx.Node, where: str) -> None:
     """Documents are encoded with causal attention: refuse sites that are not plain causal self-attention."""
-    if node.target is not CANONICAL:
-        raise LccError(f"{where}: msa rewrites canonical attention; this site is already {node.target.name()}")
-    call = Call.of(node)
-    doc_ids, mask, causal, window = call.doc_ids, call.mask, call.causal, call.window
-    if mask is not None:
-        raise LccError(f"{where}: an arbitrary mask tensor cannot be extended over pooled memory; msa needs causal attention")
-    if not causal:
-        raise LccError(f"{where}: msa needs causal attention")
-    if window:
-        raise LccError(f"{where}: the model's sliding window ({window}) has no meaning over pooled memory; msa needs full causal attention")
-    if doc_ids is not None:
-        raise LccError(f"{where}: packed-document masks are not supported by msa; capture with attention_mask")
+    plain_causal(
+        node,
+        where,
+        "msa",
+        {
+            "mask": "an arbitrary mask tensor cannot be extended over pooled memory; msa needs causal attention",
+            "causal": "msa needs causal attention",
+            "window": "the model's sliding window ({window}) has no meaning over pooled memory; msa needs full causal attention",
+            "documents": "packed-document masks are not supported by msa; capture with attention_mask",
+        },
+    )
 
 
 def _source_router_weights(program: Program) -> dict[str, torch.Tensor]:
