@@ -72,6 +72,7 @@ def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any
         "stages": list(program.snapshots),
         "programs": {"model": PROGRAM},  # stored files; namespaced ones as {"kv_cache": {"decode": "kv_cache/decode.pt2"}}
         "equivalence": report,
+        **compiled.derived(),  # the programs derived from model.pt2 on demand, and the KV-cache layout or why none
     }
 
 
@@ -97,7 +98,6 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
         torch.export.save(compiled.program.ep, tmp / PROGRAM)
         (tmp / GRAPHS).write_text(json.dumps(compiled.program.snapshots))
         manifest = manifest_of(compiled, report)
-        manifest.update(compiled.derived())
         manifest["files"] = {name: sha256(tmp / name) for name in (PROGRAM, GRAPHS, *program_files(manifest).values())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out

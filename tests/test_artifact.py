@@ -146,3 +146,15 @@ def test_programs_live_in_namespaces_and_short_names_resolve_when_unique(artifac
         art.resolve_program(ambiguous, "decode")
     with pytest.raises(LccError, match="no program 'query'"):
         art.resolve_program(manifest, "query")
+
+
+def test_inspect_shows_the_programs_and_the_kv_cache(artifact):
+    import lcc_cli
+
+    result = lcc_cli.run("inspect", str(artifact), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["programs"] == {"stored": ["model"], "derived": {"kv_cache": ["prefill", "decode", "static"]}}
+    assert info["cache"] == {"stored": [["k", "v"], ["k", "v"]]} and info["cache_note"] is None
+    text = lcc_cli.run("inspect", str(artifact)).stdout
+    assert "KV cache: k+v per key at each of 2 sites" in " ".join(text.split())

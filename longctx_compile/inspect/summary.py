@@ -87,6 +87,9 @@ def summary(manifest: dict[str, Any], snapshots: dict[str, Any], tokens: int | N
         "ops": dict(op_counts(last).most_common()),
         "history": manifest["history"],
         "equivalence": manifest.get("equivalence"),
+        "programs": {"stored": list(manifest.get("programs", {})), "derived": manifest.get("derived", {})},
+        "cache": manifest.get("cache") and {"stored": manifest["cache"]["stored"]},
+        "cache_note": manifest.get("cache_note"),
         "communication": {"tokens": tokens, "sites": communication(manifest["sites"], tokens)},
     }
 
@@ -103,6 +106,13 @@ def render(info: dict[str, Any], console: Console) -> None:
     for s in info["sites"]:
         sites.add_row(str(s["layer"]), s["module"], f"{s['hq']}/{s['hkv']}", str(s["head_dim"]), s["mask"], form_detail(s), kernel_name(s), tiles(s))
     console.print(sites)
+    derived = ", ".join(f"{namespace}.{name}" for namespace, names in info["programs"]["derived"].items() for name in names)
+    console.print(f"programs: {', '.join(info['programs']['stored'])}" + (f"; derived from model.pt2 when asked: {derived}" if derived else ""))
+    if info["cache"]:
+        kinds = sorted({"+".join(names) for names in info["cache"]["stored"]})
+        console.print(f"KV cache: {' / '.join(kinds)} per key at each of {len(info['cache']['stored'])} sites (lcc generate)")
+    else:
+        console.print(f"no KV cache: {escape(info['cache_note'] or 'not recorded')}")
     comm = info["communication"]
     if comm["sites"]:
         why = sig.get("sequence_parallel", {}).get("why")
