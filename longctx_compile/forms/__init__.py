@@ -54,6 +54,14 @@ def _load() -> dict[str, Form]:
 FORMS: dict[str, Form] = _load()
 
 
+def register_form(form: Form) -> None:
+    """Make ``form`` known (its passes registered with ``pipeline.register`` first); a form outside this package,
+    or in it, needs nothing else from the core."""
+    if form.name in FORMS:
+        raise LccError(f"a form named '{form.name}' exists already")
+    FORMS[form.name] = form
+
+
 def get_form(name: str) -> Form:
     if name not in FORMS:
         raise LccError(f"unknown form '{name}'; known forms: {', '.join(FORMS)}")
