@@ -2,21 +2,12 @@
 
 import pytest
 import torch
+from decode_steps import check_decode_steps, left_padded
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 9, 11, 13], [12, 8], [200, 201, 3, 4, 5]]
-
-
-def left_padded(prompts):
-    longest = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p) :] = torch.tensor(p)
-        mask[row, longest - len(p) :] = 1
-    return ids, mask
 
 
 def hf_greedy(model, prompts, new):
@@ -55,36 +46,7 @@ def test_artifact_generates_after_loading(tmp_path):
 
 def test_decode_logits_equal_full_recompute():
     """Both cache modes, stepped by hand: every step's logits equal recomputing the whole sequence."""
-    compiled = lcc.compile("tiny-llama")
-    programs = compiled._step_programs
-    ids, mask = left_padded(PROMPTS)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    steps, prompt = 6, ids.shape[1]
-    with torch.no_grad():
-        logits, *caches = programs["prefill"]({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
-        assert logits.shape[1] == 1  # prefill returns the last position's logits only
-        torch.testing.assert_close(logits[:, -1], compiled(ids, attention_mask=mask, position_ids=positions)[:, -1])
-        # empty slots hold garbage (finite: a masked key's probability is 0, and 0 * NaN would be NaN)
-        static = [torch.nn.functional.pad(c, (0, 0, 0, steps)).uniform_(-1e3, 1e3) for c in caches]
-        for c, full in zip(static, caches, strict=True):
-            c[:, :, :prompt] = full
-        past_static = torch.nn.functional.pad(mask, (0, steps))
-        for i in range(steps):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            ids, past = torch.cat([ids, token], 1), mask
-            mask = torch.cat([mask, torch.ones_like(token)], 1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
-            step = {"input_ids": token, "attention_mask": torch.ones_like(token), "position_ids": positions[:, -1:]}
-            logits, *caches = programs["growing"](step, past, caches)
-            slots = torch.full((3,), prompt + i)
-            pointers = [c.data_ptr() for c in static]
-            static_logits, *static = programs["static"](step, past_static, static, slots)
-            assert [c.data_ptr() for c in static] == pointers  # the runtime writes the static cache in place
-            past_static[:, prompt + i] = 1
-            full = compiled(ids, attention_mask=mask, position_ids=positions)
-            torch.testing.assert_close(logits[:, -1], full[:, -1])
-            torch.testing.assert_close(static_logits[:, -1], full[:, -1])
-            assert caches[0].shape[2] == ids.shape[1] and static[0].shape[2] == prompt + steps
+    check_decode_steps(lcc.compile("tiny-llama"), PROMPTS, 6, prefix_views=False)
 
 
 def test_sampling_is_seeded_and_stop_ids_end_rows():

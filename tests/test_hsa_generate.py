@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_steps import check_decode_steps
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
@@ -74,34 +75,11 @@ def test_sparse_decode_logits_equal_the_full_sequence_program(options):
     """Both cache modes, stepped as the Generator steps them: each step's logits equal the HSA program over the whole
     sequence so far (left-padded prompts; the static cache passed as its filled prefix)."""
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, window=0, **options)
-    programs = compiled._step_programs
     if options.get("nope"):
         assert len(compiled.steps.layout.stored[0]) == 3  # keys, values and the NoPE score keys
-    longest = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(p) for p in PROMPTS])[:, None]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    steps, prompt = 7, ids.shape[1]
-    with torch.no_grad():
-        logits, *caches = programs["prefill"]({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
-        torch.testing.assert_close(logits[:, -1], compiled(ids, attention_mask=mask, position_ids=positions)[:, -1])
-        static = [torch.nn.functional.pad(c, (0, 0, 0, steps)) for c in caches]
-        past_static = torch.nn.functional.pad(mask, (0, steps))
-        for i in range(steps):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            ids, past = torch.cat([ids, token], 1), mask
-            mask = torch.cat([mask, torch.ones_like(token)], 1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
-            step = {"input_ids": token, "attention_mask": torch.ones_like(token), "position_ids": positions[:, -1:]}
-            logits, *caches = programs["growing"](step, past, caches)
-            slot = prompt + i
-            static_logits, *_ = programs["static"](step, past_static[:, : slot + 1], [c[:, :, : slot + 1] for c in static], torch.full((3,), slot))
-            past_static[:, slot] = 1
-            full = compiled(ids, attention_mask=mask, position_ids=positions)
-            torch.testing.assert_close(logits[:, -1], full[:, -1])
-            torch.testing.assert_close(static_logits[:, -1], full[:, -1])
-    # and the Generator's tokens are that greedy continuation
-    assert compiled.generate(PROMPTS, max_new_tokens=steps) == compiled.generate(PROMPTS, max_new_tokens=steps, cache="growing")
+    check_decode_steps(compiled, PROMPTS, 7, prefix_views=True)
+    # and the Generator's two cache modes pick the same tokens
+    assert compiled.generate(PROMPTS, max_new_tokens=7) == compiled.generate(PROMPTS, max_new_tokens=7, cache="growing")
 
 
 def test_a_saved_hsa_artifact_generates(tmp_path):
