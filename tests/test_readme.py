@@ -1,4 +1,5 @@
-"""The README runs as written: its ```bash blocks line by line, then its ```python blocks, in a fresh folder.
+"""The README and the docs run as written: each page's ```bash blocks line by line, then its ```python blocks, in a
+fresh folder of its own.
 
 Plain ``` blocks are synopses (placeholders, the CI set-up lines) and are not run.
 """
@@ -13,21 +14,18 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+def blocks(page: Path, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", page.read_text(), flags=re.S | re.M)
 
 
-def test_the_readme_has_runnable_blocks():
-    assert len(blocks("bash")) >= 2 and len(blocks("python")) >= 1
-    assert len(README.read_text().splitlines()) <= 200
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("readme")
+def test_the_readme_is_short_and_runnable():
+    readme = ROOT / "README.md"
+    assert len(blocks(readme, "bash")) >= 2 and len(blocks(readme, "python")) >= 1
+    assert len(readme.read_text().splitlines()) <= 200
 
 
 def _env() -> dict[str, str]:
@@ -36,16 +34,14 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs(folder):
-    for block in blocks("bash"):
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p, "bash") or blocks(p, "python")], ids=lambda p: p.name)
+def test_every_command_and_python_block_runs(page, tmp_path):
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # pages may run the repository's examples
+    for block in blocks(page, "bash"):
         for line in block.strip().splitlines():
-            result = subprocess.run(["bash", "-c", line], cwd=folder, env=_env(), capture_output=True, text=True, timeout=900)
-            assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
-            assert "Traceback" not in result.stderr, line
-
-
-@pytest.mark.slow
-def test_every_readme_python_block_runs(folder):
-    for block in blocks("python"):
-        result = subprocess.run([sys.executable, "-c", block], cwd=folder, env=_env(), capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
+            result = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, f"{page.name}: {line}\n{result.stderr[-2000:]}"
+            assert "Traceback" not in result.stderr, f"{page.name}: {line}"
+    for block in blocks(page, "python"):
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{page.name}\n{result.stderr[-3000:]}"
