@@ -17,9 +17,9 @@ from .inspect.diff import GraphDiff, diff_snapshots
 from .loaded import LoadedModel
 from .loaded import load as _load
 from .options import build
+from .runtime.verify import ATOL, LENGTHS, RTOL, Report
+from .runtime.verify import verify as _verify
 from .targets import TARGETS, Target
-from .verify import ATOL, LENGTHS, RTOL, Report
-from .verify import verify as _verify
 
 
 def compile(model: Any, to: str = "dense", target: str = "cpu", **options: Any) -> Compiled:

@@ -245,3 +245,18 @@ def read_graphs(path: Path) -> dict[str, Any]:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LccError(f"corrupt artifact '{path}': cannot read {GRAPHS} ({e})") from None
+
+
+def read_model_program(path: Path, manifest: dict[str, Any]):
+    """An artifact's model program as a :class:`Program`, each attention site's facts restored from the manifest
+    (a saved program keeps the graph, not the facts the passes recorded on its nodes)."""
+    from .pipeline import Program
+
+    ep = read_program(path, manifest, "model")
+    program = Program(ep, manifest["signature"], manifest["source"], form=manifest["form"], target=manifest["target"])
+    nodes = program.attention_nodes()
+    if len(nodes) != len(manifest["sites"]):
+        raise LccError(f"corrupt artifact '{path}': {len(nodes)} attention sites in model.pt2, {len(manifest['sites'])} in its manifest")
+    for node, facts in zip(nodes, manifest["sites"], strict=True):
+        node.meta["lcc"] = {k: v for k, v in facts.items() if k != "node"}
+    return program

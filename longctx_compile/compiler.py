@@ -52,20 +52,16 @@ class Compiled:
     @functools.cached_property
     def steps(self) -> Any:
         """The prefill and decode programs exported with explicit KV caches (portable), and their cache layout."""
-        from .passes.kv_cache import export_steps
+        from .runtime.kv_cache import export_steps
 
         return export_steps(self.program)
 
     @functools.cached_property
     def _step_programs(self) -> dict[str, Any]:
-        from .passes.kv_cache import check_generatable
         from .runtime.interpret import step_state
         from .runtime.steps import bind
 
-        note = get_form(self.program.form).cache_note
-        if note:
-            raise LccError(note)
-        check_generatable(self.program)
+        check_cache(self.program)
         return bind(self.program.ep, step_state(self.program.ep))
 
     def derived(self) -> dict[str, Any]:
@@ -126,17 +122,26 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
     return Compiled(program, module, form_cfg, capture_cfg)
 
 
+def check_cache(program: Program) -> None:
+    """Refuse, in one line, a program that cannot be continued token by token: its form has no cache, or a site
+    cannot be cached (``runtime.kv_cache.check_generatable``)."""
+    from .runtime.kv_cache import check_generatable
+
+    note = get_form(program.form).cache_note
+    if note:
+        raise LccError(note)
+    check_generatable(program)
+
+
 def derived_entries(program: Program) -> dict[str, Any]:
     """The manifest entries of the programs derived from ``model.pt2`` on demand (not stored): ``derived``, by
     namespace, and the KV-cache layout (``cache``, or None and ``cache_note`` saying why there is none)."""
-    from .passes.kv_cache import check_generatable, layout
+    from .runtime.kv_cache import layout
 
     entries: dict[str, Any] = {"derived": {}}
     form = get_form(program.form)
     try:
-        if form.cache_note:
-            raise LccError(form.cache_note)
-        check_generatable(program)
+        check_cache(program)
         entries["cache"] = layout(program).to_json()
         entries["derived"]["kv_cache"] = ["prefill", "decode", "static"]
     except LccError as e:
@@ -144,31 +149,3 @@ def derived_entries(program: Program) -> dict[str, Any]:
     if form.program_names:
         entries["derived"][form.name] = list(form.program_names)
     return entries
-
-
-def derive(program: Program, name: str) -> torch.export.ExportedProgram:
-    """Export derived program ``name`` (``kv_cache.decode``, ``msa.query`` …) of ``program``, weights taken as ``state``."""
-    namespace, _, short = name.partition(".")
-    if namespace == "kv_cache":
-        from .passes.kv_cache import export_steps
-
-        return getattr(export_steps(program), short)
-    form = get_form(program.form)
-    if namespace != form.name or short not in form.program_names:
-        raise LccError(f"no derived program '{name}' for a {program.form} program")
-    return form.programs(program)[short]
-
-
-def artifact_program(path: Path, manifest: dict[str, Any]) -> Program:
-    """An artifact's model program as a :class:`Program`, each attention site's facts restored from the manifest
-    (a saved program keeps the graph, not the facts the passes recorded on its nodes)."""
-    from . import artifact
-
-    ep = artifact.read_program(path, manifest, "model")
-    program = Program(ep, manifest["signature"], manifest["source"], form=manifest["form"], target=manifest["target"])
-    nodes = program.attention_nodes()
-    if len(nodes) != len(manifest["sites"]):
-        raise LccError(f"corrupt artifact '{path}': {len(nodes)} attention sites in model.pt2, {len(manifest['sites'])} in its manifest")
-    for node, facts in zip(nodes, manifest["sites"], strict=True):
-        node.meta["lcc"] = {k: v for k, v in facts.items() if k != "node"}
-    return program

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .errors import LccError
-from .inspect.snapshot import snapshot
 from .ops import ATTENTION_OPS
+from .snapshot import snapshot
 
 
 class Stage(str, enum.Enum):

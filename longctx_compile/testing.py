@@ -6,14 +6,14 @@ from typing import Any
 
 import torch
 
-from .verify import ATOL, LENGTHS, RTOL, verify
+from .runtime.verify import ATOL, LENGTHS, RTOL, verify
 
 
 def assert_equivalent(original: torch.nn.Module, converted: Any, lengths=LENGTHS, rtol: float = RTOL, atol: float = ATOL):
     """Raise AssertionError unless ``converted`` (compiled, loaded artifact or path) matches ``original``.
 
     Compares logits at every real token on seeded batches of several lengths, padded where the program
-    takes a mask; returns the :class:`~longctx_compile.verify.Report` on success.
+    takes a mask; returns the :class:`~longctx_compile.runtime.verify.Report` on success.
     """
     from .api import _as_runnable
 

@@ -38,7 +38,8 @@ def test_artifact_generates_after_loading(tmp_path):
     assert loaded.generate(PROMPTS, max_new_tokens=12) == expected
     assert loaded.generate(PROMPTS, max_new_tokens=12, cache="growing") == expected
     # exported on demand, a step program takes model.pt2's weights as an input instead of carrying a copy
-    from longctx_compile.compiler import artifact_program, derive
+    from longctx_compile.artifact import read_model_program as artifact_program
+    from longctx_compile.forms import derive
 
     decode = derive(artifact_program(path, loaded.manifest), "kv_cache.decode")
     assert not decode.state_dict and not decode.constants

@@ -15,9 +15,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "longctx_compile"
 
 # layer -> modules of ours it must never import (a module is its dotted path under longctx_compile)
 FORBIDDEN = {
-    "runtime": ("passes", "pipeline", "compiler", "api", "cli", "forms", "loaded", "verify"),
+    "runtime": ("passes", "pipeline", "compiler", "api", "cli", "forms", "loaded"),
     "artifact": ("runtime", "passes", "compiler", "api", "cli", "forms", "loaded"),
-    "passes": ("kernels", "api", "cli", "compiler", "forms", "loaded"),
+    "passes": ("kernels", "runtime", "inspect", "api", "cli", "compiler", "forms", "loaded"),
+    "pipeline": ("passes", "runtime", "inspect", "forms", "compiler", "api", "cli", "loaded"),
+    "onnx": ("compiler", "api", "cli", "loaded"),
     "ops": ("passes", "runtime", "pipeline", "compiler", "api", "cli", "artifact", "forms", "loaded", "distributed"),
     "fx": ("ops", "passes", "runtime", "pipeline", "kernels", "forms"),
     "targets": ("ops", "passes", "runtime", "pipeline", "compiler", "api", "cli", "forms"),  # autotune launches kernels to time them

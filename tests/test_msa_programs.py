@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import longctx_compile as lcc
-from longctx_compile.compiler import artifact_program, derive
+from longctx_compile.artifact import read_model_program as artifact_program
+from longctx_compile.forms import derive
 from longctx_compile.forms.msa.bank import PARTS
 from longctx_compile.forms.msa.programs import padded_table
 from longctx_compile.forms.msa.runtime import MsaModel

@@ -18,7 +18,8 @@ from test_custom import PrefixLM
 
 import longctx_compile as lcc
 from longctx_compile import artifact
-from longctx_compile.compiler import artifact_program, derive
+from longctx_compile.artifact import read_model_program as artifact_program
+from longctx_compile.forms import derive
 from longctx_compile.forms.msa.programs import padded_table
 from longctx_compile.forms.msa.runtime import MsaModel
 from longctx_compile.onnx import check

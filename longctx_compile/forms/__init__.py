@@ -66,3 +66,16 @@ def get_form(name: str) -> Form:
     if name not in FORMS:
         raise LccError(f"unknown form '{name}'; known forms: {', '.join(FORMS)}")
     return FORMS[name]
+
+
+def derive(program: Any, name: str) -> Any:
+    """Export derived program ``name`` (``kv_cache.decode``, ``msa.query`` …) of ``program``, weights taken as ``state``."""
+    namespace, _, short = name.partition(".")
+    if namespace == "kv_cache":
+        from ..runtime.kv_cache import export_steps
+
+        return getattr(export_steps(program), short)
+    form = get_form(program.form)
+    if namespace != form.name or short not in form.program_names:
+        raise LccError(f"no derived program '{name}' for a {program.form} program")
+    return form.programs(program)[short]

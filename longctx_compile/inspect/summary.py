@@ -29,7 +29,7 @@ def form_detail(site: dict[str, Any]) -> str:
     from ..forms import FORMS
 
     form = FORMS.get(site.get("form", ""))
-    if form is None or form.describe is None or site.get("form") in (None, "dense"):
+    if form is None or form.describe is None:
         return site.get("form", "")
     return form.describe(site)
 

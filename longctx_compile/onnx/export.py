@@ -70,10 +70,10 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
         progress(f"loading {program}")
         ep = artifact.read_program(path, manifest, program)
     else:  # a step program the runtime runs from model.pt2's graph: exported now, from it
-        from ..compiler import artifact_program, derive
+        from ..forms import derive
 
         progress(f"exporting {program} from model.pt2")
-        ep = derive(artifact_program(path, manifest), program)
+        ep = derive(artifact.read_model_program(path, manifest), program)
     state_keys = _state_keys(ep)
     extra = []
     if program == "msa.encode":
@@ -119,7 +119,7 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
 
 
 def output_names(manifest: dict[str, Any], program: str) -> list[str]:
-    """The ONNX output names of an artifact's program, from what the program returns (``runtime.msa_programs``, ``passes.kv_cache``)."""
+    """The ONNX output names of an artifact's program, from what the program returns (``forms.msa.programs``, ``runtime.kv_cache``)."""
     sites = range(len(manifest.get("sites", [])))
     routed = manifest["signature"].get("msa", {}).get("routed", [])
     context = [f"context_{part}_{i}" for i in sites for part in ("keys", "values", "mask")]

@@ -1,6 +1,6 @@
 """How each attention op is cached: what it stores per key, how new tokens extend it, what a decode step runs.
 
-``passes.kv_cache`` reads these declarations to turn any form's program into prefill and decode
+``runtime.kv_cache`` reads these declarations to turn any form's program into prefill and decode
 programs; an op without one has no cached decode step (the pass says so, naming the form). A rule is
 given the site's :class:`~.schema.Call` (arguments by schema name) and the cached tensors, one
 ``[batch, heads, keys, dim]`` tensor per stored argument, in :meth:`KeyValueCache.stored` order.
@@ -55,12 +55,16 @@ class KeyValueCache:
             key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
         return call.replace(**grown, key_padding=key_padding)
 
+    def written(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool) -> tuple[dict, torch.Tensor]:
+        """(the stored tensors with the new key written at ``slots[b]``, which keys are real now)."""
+        written = {name: _scatter(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
+        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
+        return written, past_mask.to(torch.bool).scatter(1, slots[:, None], new)
+
     def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
         """The call over a fixed-length cache with the one new key written at ``slots[b]`` (in place: the
         runtime owns its caches; an exported program stays functional)."""
-        written = {name: _scatter(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
-        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
-        visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
+        written, visible = self.written(call, cached, past_mask, slots, in_place)
         if call.window > 0:
             keys = torch.arange(past_mask.shape[1], device=past_mask.device)
             visible = visible & (keys[None, :] > slots[:, None] - call.window)
@@ -88,9 +92,8 @@ class HsaCache(KeyValueCache):
         return None
 
     def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
-        written = {name: _scatter(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
-        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
-        return call.replace(**written, key_padding=past_mask.to(torch.bool).scatter(1, slots[:, None], new))
+        written, visible = self.written(call, cached, past_mask, slots, in_place)
+        return call.replace(**written, key_padding=visible)
 
     def run(self, call: Call) -> Any:
         reference = torch.ops.longctx.hsa_attention.default

@@ -17,8 +17,8 @@ import torch
 
 from ..errors import RefusedError
 from ..fx import ASSERTS, CASTS, CLONES, RESHAPES, aten, call_args, eliminate_dead_code, fake_call, is_call, strip, val
-from ..inspect.snapshot import layer_of, module_path
 from ..pipeline import PassResult, Program, Stage, register
+from ..snapshot import layer_of, module_path
 from .masks import ADD, FILL, KEEP, MaskSpec, SubgraphEvaluator, classify
 
 IDENTITY_SLICE_END = 2**62

@@ -1,4 +1,4 @@
-"""Token generation over an artifact's prefill and decode programs (cache layout in ``passes.kv_cache``).
+"""Token generation over an artifact's prefill and decode programs (cache layout in ``runtime.kv_cache``).
 
 Prompts of different lengths are left-padded; positions count real tokens, as Hugging Face's
 ``generate`` does. Greedy by default; temperature, top-k and top-p sampling with a seed; stop ids end

@@ -4,7 +4,7 @@
 site's cache as its op declares (``ops.cache``): *prefill* returns the last position's logits and
 every stored tensor; *decode* appends one token to caches that grow; *static* writes it at
 ``slots[b]`` of caches allocated once. Weights are an input (``state``), so nothing is copied.
-``passes.kv_cache`` exports these same modules as portable programs; the runtime runs them directly
+``runtime.kv_cache`` exports these same modules as portable programs; the runtime runs them directly
 (``fast``), with a few named rewrites that remove per-step overhead without changing a value.
 """
 
@@ -70,12 +70,13 @@ class CacheStep(torch.nn.Module):
             drop_asserts(gm)
             drop_noop_casts(gm)
         self.graph_module = with_site_hooks(gm, self._site)
+        self.rules = [rule_of(n.target) for n in attention_sites(ep.graph_module)]  # looked up once, not per step
         counts = [len(names) for names in stored_per_site(ep.graph_module)]
         self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]  # site i's caches: offsets[i] .. offsets[i + 1]
 
     def _site(self, site: int, call: Call):
         caches, past_mask, slots, collected = self._step
-        rule = rule_of(call.op)
+        rule = self.rules[site]
         if self.mode != "prefill":
             cached = caches[self.offsets[site] : self.offsets[site + 1]]
             call = rule.grow(call, cached, past_mask) if self.mode == "decode" else rule.write(call, cached, past_mask, slots, self.fast)

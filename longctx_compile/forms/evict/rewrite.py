@@ -27,11 +27,19 @@ from ...passes.rope import pre_rope
 from ...pipeline import PassResult, Program, Stage, register
 from ..hsa.rewrite import parse_layers
 
-CANONICAL = torch.ops.longctx.attention.default
 EVICT = torch.ops.longctx.evict_attention.default
 INDEXER = torch.ops.longctx.evict_indexer.default
 GATE_BIAS = -5.0  # the memory starts nearly closed (g ≈ 0.007): an untrained memory barely changes plain eviction
 DECAY, STRENGTH = 0.99, 1e-3  # λ and η at the start (IndexMem's code defaults), stored as a logit and an inverse softplus
+
+
+# why evict refuses a site (``passes.refuse.plain_causal``): a compacted cache is read by plain causal attention
+REFUSALS = {
+    "mask": "an arbitrary mask tensor cannot follow evicted keys; evict needs causal attention",
+    "causal": "evict needs causal attention",
+    "window": "the model's sliding window ({window}) already bounds its cache; evict refuses sliding-window layers rather than mix the two",
+    "documents": "packed-document masks are not supported by evict; capture with attention_mask",
+}
 
 
 @dataclass
@@ -97,7 +105,7 @@ def evict(program: Program, cfg: EvictConfig) -> PassResult:
         node = nodes[i]
         facts = node.meta["lcc"]
         where = f"layer {facts['layer']} ({facts['module']})"
-        _check(node, where)
+        plain_causal(node, where, "evict", REFUSALS)
         call = Call.of(node)
         q = call.q
         hq, hkv, d = facts["hq"], facts["hkv"], facts["head_dim"]
@@ -178,18 +186,3 @@ def _uncast(node: torch.fx.Node) -> torch.fx.Node:
     while is_call(node, *CASTS):
         node = node.args[0]
     return node
-
-
-def _check(node: torch.fx.Node, where: str) -> None:
-    """A compacted cache is read by plain causal attention: refuse the sites that are not that."""
-    plain_causal(
-        node,
-        where,
-        "evict",
-        {
-            "mask": "an arbitrary mask tensor cannot follow evicted keys; evict needs causal attention",
-            "causal": "evict needs causal attention",
-            "window": "the model's sliding window ({window}) already bounds its cache; evict refuses sliding-window layers rather than mix the two",
-            "documents": "packed-document masks are not supported by evict; capture with attention_mask",
-        },
-    )

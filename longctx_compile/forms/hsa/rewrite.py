@@ -20,8 +20,16 @@ from ...passes.refuse import plain_causal
 from ...passes.rope import pre_rope
 from ...pipeline import PassResult, Program, Stage, register
 
-CANONICAL = torch.ops.longctx.attention.default
 HSA = torch.ops.longctx.hsa_attention.default
+
+
+# why hsa refuses a site (``passes.refuse.plain_causal``): HSA is defined for causal self-attention with at most key padding
+REFUSALS = {
+    "mask": "an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding",
+    "causal": "hsa needs causal attention",
+    "documents": "packed-document masks are not supported by hsa yet; capture with attention_mask",
+    "window": "the model's own sliding window ({window}) would be widened by retrieval; hsa needs full causal attention",
+}
 
 
 @dataclass
@@ -80,7 +88,7 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
         if i not in chosen:
             continue
         facts = node.meta["lcc"]
-        _check(node, f"layer {facts['layer']} ({facts['module']})")
+        plain_causal(node, f"layer {facts['layer']} ({facts['module']})", "hsa", REFUSALS)
         call = Call.of(node)
         q, k = call.q, call.k
         projections = (None, None)
@@ -107,19 +115,4 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
     program.signature["exact"] = cfg.score == "exact" and topk < 0 and not cfg.sink and cfg.fusion == "softmax"
     return PassResult(
         matches=len(chosen), notes=[f"{len(chosen)} of {len(nodes)} layers: chunk {cfg.chunk}, top-{cfg.topk}, window {cfg.window}, {cfg.score} scores"]
-    )
-
-
-def _check(node: torch.fx.Node, where: str) -> None:
-    """HSA is defined for causal self-attention with at most key padding: refuse the rest in one line."""
-    plain_causal(
-        node,
-        where,
-        "hsa",
-        {
-            "mask": "an arbitrary mask tensor has no chunked form; hsa needs causal attention with at most padding",
-            "causal": "hsa needs causal attention",
-            "documents": "packed-document masks are not supported by hsa yet; capture with attention_mask",
-            "window": "the model's own sliding window ({window}) would be widened by retrieval; hsa needs full causal attention",
-        },
     )

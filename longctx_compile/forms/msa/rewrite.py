@@ -24,8 +24,16 @@ from ...passes.refuse import plain_causal
 from ...pipeline import PassResult, Program, Stage, register
 from ..hsa.rewrite import parse_layers, parse_topk
 
-CANONICAL = torch.ops.longctx.attention.default
 MSA = torch.ops.longctx.msa_attention.default
+
+
+# why msa refuses a site (``passes.refuse.plain_causal``): documents are encoded with causal attention, so a site must be plain causal self-attention
+REFUSALS = {
+    "mask": "an arbitrary mask tensor cannot be extended over pooled memory; msa needs causal attention",
+    "causal": "msa needs causal attention",
+    "window": "the model's sliding window ({window}) has no meaning over pooled memory; msa needs full causal attention",
+    "documents": "packed-document masks are not supported by msa; capture with attention_mask",
+}
 
 
 @dataclass
@@ -77,7 +85,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         node = nodes[i]
         facts = node.meta["lcc"]
         where = f"layer {facts['layer']} ({facts['module']})"
-        _check(node, where)
+        plain_causal(node, where, "msa", REFUSALS)
         call = Call.of(node)
         q, k = call.q, call.k
         q_proj, k_proj = projection(q), projection(k)
@@ -118,21 +126,6 @@ def _initial_router(program: Program, state: dict[str, str], proj: torch.fx.Node
     if side == "q" and weight.shape[0] != facts["hq"] * facts["head_dim"]:
         weight = weight.view(facts["hkv"], facts["head_dim"], -1).repeat_interleave(facts["hq"] // facts["hkv"], dim=0).reshape(-1, weight.shape[-1])
     return weight
-
-
-def _check(node: torch.fx.Node, where: str) -> None:
-    """Documents are encoded with causal attention: refuse sites that are not plain causal self-attention."""
-    plain_causal(
-        node,
-        where,
-        "msa",
-        {
-            "mask": "an arbitrary mask tensor cannot be extended over pooled memory; msa needs causal attention",
-            "causal": "msa needs causal attention",
-            "window": "the model's sliding window ({window}) has no meaning over pooled memory; msa needs full causal attention",
-            "documents": "packed-document masks are not supported by msa; capture with attention_mask",
-        },
-    )
 
 
 def _source_router_weights(program: Program) -> dict[str, torch.Tensor]:

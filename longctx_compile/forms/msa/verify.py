@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ...capture import CausalLM
-from ...verify import ATOL, LENGTHS, RTOL, Case, Report, compare
+from ...runtime.verify import ATOL, LENGTHS, RTOL, Case, Report, compare
 from .runtime import MsaModel
 
 

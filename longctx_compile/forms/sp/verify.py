@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...distributed import Layout, ranks
-from ...verify import batches
+from ...runtime.verify import batches
 
 
 def on_ranks(converted: Any, signature: dict[str, Any], lengths) -> tuple[Callable[..., torch.Tensor], tuple[int, ...]]:

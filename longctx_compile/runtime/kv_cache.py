@@ -1,5 +1,7 @@
 """``kv_cache``: turn a canonical program into *prefill* and *decode* programs with explicit caches.
 
+``program`` below is a ``pipeline.Program`` (its ``ep``, ``gm``, ``signature`` and ``attention_nodes()``), passed in.
+
 Cache layout (owned here; how each attention op extends it is declared beside the op, ``ops.cache``):
 per attention site in graph order, the tensors its op stores per key (K and V; HSA with NoPE also its
 score keys), each ``[batch, kv_heads, keys, head_dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
@@ -26,9 +28,8 @@ import torch
 from ..errors import LccError
 from ..ops.cache import rule_of
 from ..ops.schema import Call
-from ..pipeline import Program
-from ..runtime.interpret import export_program, step_state
-from ..runtime.steps import CacheStep, stored_per_site
+from .interpret import export_program, step_state
+from .steps import CacheStep, stored_per_site
 
 
 @dataclass
@@ -48,7 +49,7 @@ class CacheLayout:
         return asdict(self)
 
 
-def check_generatable(program: Program) -> None:
+def check_generatable(program: Any) -> None:
     """Refuse programs whose attention cannot be continued token by token, saying why."""
     for node in program.attention_nodes():
         facts = node.meta["lcc"]
@@ -61,7 +62,7 @@ def check_generatable(program: Program) -> None:
             raise LccError(f"{where}: {reason} ({facts['mask']})")
 
 
-def layout(program: Program) -> CacheLayout:
+def layout(program: Any) -> CacheLayout:
     nodes = program.attention_nodes()
     stored = stored_per_site(program.gm)
     return CacheLayout(
@@ -88,7 +89,7 @@ class Steps:
     PROGRAMS: ClassVar[tuple[str, ...]] = ("prefill", "decode", "static")
 
 
-def export_steps(program: Program) -> Steps:
+def export_steps(program: Any) -> Steps:
     """Export prefill, growing decode and static decode of ``program`` (dynamic batch, new tokens and cache length)."""
     from torch.export import Dim
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .capture import CausalLM, example_inputs
-from .runtime.model import default_positions
+from ..capture import CausalLM, example_inputs
+from .model import default_positions
 
 # torch.testing.assert_close's fp32 defaults
 RTOL, ATOL = 1.3e-6, 1e-5
