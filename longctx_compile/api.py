@@ -31,10 +31,9 @@ def compile(model: Any, to: str = "dense", target: str = "cpu", **options: Any) 
     return compile_model(model, to=to, target=target, options=options)
 
 
-def load(path: str | Path, device: str | torch.device | None = None, progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load an artifact folder (onto ``device``, e.g. ``"cuda"``); the result is callable like a causal LM and returns logits.
-    ``progress(message)`` hears each step of the load."""
-    return _load(path, device, progress)
+def load(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+    """Load an artifact folder (onto ``device``, e.g. ``"cuda"``); the result is callable like a causal LM and returns logits."""
+    return _load(path, device)
 
 
 def targets() -> dict[str, Target]:

@@ -71,8 +71,7 @@ class LoadedModel:
         return f"LoadedModel({str(self.path)!r}, form={self.manifest['form']!r}, target={self.manifest['target']!r})"
 
 
-def load(path, device: str | torch.device | None = None, progress=None) -> LoadedModel:
-    """Load an artifact folder written by ``lcc convert``; ``device`` moves its weights and the devices its graph names;
-    ``progress(message)`` hears each step (checksums, loading the program)."""
+def load(path, device: str | torch.device | None = None) -> LoadedModel:
+    """Load an artifact folder written by ``lcc convert``; ``device`` moves its weights and the devices its graph names."""
     manifest = artifact.read_manifest(Path(path))
-    return LoadedModel(Path(path), manifest, artifact.read_program(Path(path), manifest, "model", device, progress), device)
+    return LoadedModel(Path(path), manifest, artifact.read_program(Path(path), manifest, "model", device), device)

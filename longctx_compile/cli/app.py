@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..console import err, out, parse_ids, progress_bar, read_artifact
 from ..errors import LccError
-from .common import err, load_artifact, out, parse_ids, progress_bar
 
 app = typer.Typer(
     help="longctx_compile: capture a decoder with torch.export and rewrite its attention into long-context forms.\n\n"
@@ -237,7 +237,9 @@ def generate(
 
     if bool(prompt) == bool(prompt_ids):
         raise LccError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
-    model = load_artifact(path)
+    from ..loaded import LoadedModel
+
+    model = LoadedModel(Path(path), *read_artifact(path))
     if bank is not None and model.manifest["form"] != "msa":
         raise LccError(f"--bank routes over a memory bank: '{path}' is a {model.manifest['form']} artifact, not msa")
     tokenizer = tokenizer_for(model.manifest)

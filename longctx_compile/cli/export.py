@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import out, progress_bar
+from ..console import out, progress_bar
 
 
 def export_onnx(

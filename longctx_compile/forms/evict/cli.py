@@ -48,13 +48,13 @@ def train_indexers(
     Example: lcc train-indexers model.evict.lcc --data synthetic --steps 200 --length 1024
     """
     from ... import artifact
-    from ...cli.common import err, load_artifact, out
+    from ...console import err, out, read_artifact
     from ...runtime.tokenizer import tokenizer_for
     from .train import TrainConfig, Trainer, token_stream, train
 
-    loaded = load_artifact(path)
-    signature = loaded.signature
-    trainer = Trainer(loaded.program, signature)
+    manifest, program = read_artifact(path)
+    signature = manifest["signature"]
+    trainer = Trainer(program, signature)
     length = min(1024, signature["max_len"]) if length is None else length
     cfg = TrainConfig(steps=steps, memory_steps=memory_steps, length=length, batch=batch, lr=lr, memory_lr=memory_lr, seed=seed)
     evict = signature["evict"]
@@ -63,9 +63,9 @@ def train_indexers(
         raise LccError("--steps, --batch and --save-every must be at least 1")
     if not pinned < length <= signature["max_len"]:
         raise LccError(f"--length {length} must exceed sinks + window ({pinned}) and stay within the program's maximum length {signature['max_len']}")
-    stream = token_stream(_tokens(data, tokenizer_for(loaded.manifest) if data != "synthetic" else None), signature["vocab_size"], length, batch, seed)
+    stream = token_stream(_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], length, batch, seed)
     checkpoint = checkpoint or Path(str(Path(path)).rstrip("/") + ".train-indexers.pt")
-    fingerprint = loaded.manifest["files"][artifact.PROGRAM]
+    fingerprint = manifest["files"][artifact.PROGRAM]
     state = None
     if resume:
         if not checkpoint.is_file():
@@ -86,9 +86,8 @@ def train_indexers(
             progress.update(tasks[stage], completed=step, description=f"{stage} loss {loss:.4f}")
 
         result = train(trainer, stream, cfg, checkpoint, state, save_every, show, fingerprint)
-    manifest = loaded.manifest
     manifest["signature"]["evict"]["trained"] = {**result["done"], "data": data, "length": length, "batch": batch, "seed": seed}
-    artifact.rewrite_weights(Path(path), manifest, loaded.program, result["trained"])
+    artifact.rewrite_weights(Path(path), manifest, program, result["trained"])
     checkpoint.unlink(missing_ok=True)
     table = Table(title=f"trained {path}")
     for column in ("stage", "steps", "loss", "first", "last"):

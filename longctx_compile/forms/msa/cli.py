@@ -22,18 +22,18 @@ memory_app = typer.Typer(
 
 
 def _console():
-    from ...cli.common import err, out
+    from ...console import err, out
 
     return out, err
 
 
 def _model(path: str):
-    from ...cli.common import load_artifact
+    from ...console import read_artifact
     from ...runtime.tokenizer import tokenizer_for
     from .runtime import MsaModel
 
-    loaded = load_artifact(path)
-    return MsaModel(loaded.program, loaded.signature), tokenizer_for(loaded.manifest)
+    manifest, program = read_artifact(path)
+    return MsaModel(program, manifest["signature"]), tokenizer_for(manifest)
 
 
 def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
@@ -189,7 +189,7 @@ def query(
     """Route a question over the bank, print the documents each routed layer chose, and generate the answer."""
     import torch
 
-    from ...cli.common import parse_ids
+    from ...console import parse_ids
     from . import bank as memory_bank
 
     out, _ = _console()

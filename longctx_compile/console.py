@@ -1,11 +1,15 @@
-"""What every ``lcc`` command shares, the forms' own commands included: the consoles, progress, id lists, loading."""
+"""What every ``lcc`` command shares, the forms' own commands included: the consoles, progress, id lists, reading an
+artifact with its steps shown. Below the forms, so a form's commands need nothing from ``cli/``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..errors import LccError
+from . import artifact
+from .errors import LccError
 
 out = Console()
 err = Console(stderr=True)
@@ -24,10 +28,9 @@ def parse_ids(text: str, what: str) -> list[int]:
         raise LccError(f"invalid {what} '{text}': expected comma-separated integers") from None
 
 
-def load_artifact(path: str):
-    """``lcc.load`` with its steps shown (checksums and program loading take seconds on a real model)."""
-    from ..loaded import load
-
+def read_artifact(path: str):
+    """(manifest, model program) of the artifact at ``path``, its steps shown (checksums and loading take seconds on a real model)."""
     with progress_bar() as progress:
         task = progress.add_task("reading the manifest", total=None)
-        return load(path, progress=lambda m: progress.update(task, description=m))
+        manifest = artifact.read_manifest(Path(path))
+        return manifest, artifact.read_program(Path(path), manifest, "model", progress=lambda m: progress.update(task, description=m))
