@@ -142,7 +142,7 @@ def test_programs_live_in_namespaces_and_short_names_resolve_when_unique(artifac
     assert art.program_names(manifest) == ["model", "kv_cache.prefill", "kv_cache.decode", "kv_cache.static"]
     assert art.resolve_program(manifest, "decode") == "kv_cache.decode"
     ambiguous = {**manifest, "programs": {**manifest["programs"], "msa": {"decode": "msa/decode.pt2"}}}
-    with pytest.raises(LccError, match="several programs named 'decode': say which \(msa.decode, kv_cache.decode\)"):
+    with pytest.raises(LccError, match=r"several programs named 'decode': say which \(msa.decode, kv_cache.decode\)"):
         art.resolve_program(ambiguous, "decode")
     with pytest.raises(LccError, match="no program 'query'"):
         art.resolve_program(manifest, "query")

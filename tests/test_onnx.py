@@ -20,6 +20,8 @@ import longctx_compile as lcc
 from longctx_compile import artifact
 from longctx_compile.artifact import read_model_program as artifact_program
 from longctx_compile.forms import derive
+from longctx_compile.forms.evict.runtime import EvictModel
+from longctx_compile.forms.evict.step import EvictStep
 from longctx_compile.forms.msa.programs import padded_table
 from longctx_compile.forms.msa.runtime import MsaModel
 from longctx_compile.onnx import check
@@ -106,6 +108,29 @@ def test_evict_returns_indexer_importance(tmp_path):
     assert report.outputs["importance_0"] == ["batch", 1, "sequence"]
     rows = assert_equal_at_two_lengths(path, out)
     assert {r["output"] for r in rows} == {"logits", "importance_0", "importance_1"}
+
+
+def test_evict_decode_step(tmp_path):
+    """The evict decode step program in onnxruntime equals the runtime's step over caches it compacted."""
+    path = lcc.compile("tiny-llama", to="evict", budget="12", sinks="2", window="4", interval="4").save(tmp_path / "e.lcc")
+    out = tmp_path / "decode.onnx"
+    report = export_onnx(path, out, program="evict.decode")
+    assert list(report.outputs)[:6] == ["logits", "k_0", "v_0", "real_0", "score_0", "idx_k_0"]
+    loaded = lcc.load(path)
+    model = EvictModel(loaded.program, loaded.signature)
+    session = onnxruntime.InferenceSession(str(out))
+    names = [i.name for i in session.get_inputs()]
+    _, cache = model.prefill(torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0)))
+    for token in range(3):  # the first step meets a cache compacted by the prefill; the others a growing one
+        inputs, caches, slots = model.step_inputs(cache, torch.tensor([[token], [token + 7]]))
+        functional = EvictStep(model.ep, model.names, model.policy.policy, model.policy.memory, model.groups)
+        want = functional(model.state, inputs, [c.clone() for c in caches], slots)
+        flat = [*inputs.values(), *caches, *slots]
+        got = session.run(None, dict(zip(names, [t.contiguous().numpy() for t in flat], strict=True)))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(a), b)
+        model.extend(cache, inputs["input_ids"])
 
 
 def test_msa_model_and_query_time_routing(tmp_path):

@@ -39,8 +39,10 @@ def export_onnx(
     from ..onnx import check
     from ..onnx.export import export_onnx as run
 
-    if verify and (custom_ops or program != "model"):
+    if verify and custom_ops:
         raise LccError("--verify runs the model program in onnxruntime, which has no kernels for custom-domain nodes; drop --custom-ops")
+    if verify and program != "model":
+        raise LccError(f"--verify checks the model program against PyTorch; drop it to export '{program}'")
     picked = None
     if lengths:
         try:

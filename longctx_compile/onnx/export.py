@@ -133,6 +133,13 @@ def output_names(manifest: dict[str, Any], program: str) -> list[str]:
         return ["logits", *(f"{name}_{layer}" for layer in routed for name in ("docs", "scores")), *context]
     if program == "msa.decode":
         return ["logits", *context]
+    if program == "evict.decode":
+        from ..forms.evict.step import WRITTEN, parts
+
+        evict = manifest["signature"]["evict"]
+        evicting = [site["layer"] in evict["layers"] for site in manifest["sites"]]
+        written = [f"{name}_{i}" for i, e in enumerate(evicting) for name in parts(evict["policy"], evict["memory"], e) if name in WRITTEN]
+        return ["logits", *written, *(f"query_{i}" for i, e in enumerate(evicting) if e and evict["policy"] == "snapkv")]
     return []
 
 

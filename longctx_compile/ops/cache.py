@@ -16,11 +16,11 @@ import torch
 from .schema import Call
 
 
-def _scatter(old: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``old`` [B, H, S, D] with ``new`` [B, H, 1, D] written at key ``slots[b]`` (into ``old`` itself with ``in_place``)."""
-    B, H = new.shape[:2]
-    index = slots.view(B, 1, 1, 1).expand(B, H, 1, new.shape[-1])
-    return old.scatter_(2, index, new) if in_place else old.scatter(2, index, new)
+def scatter_key(old: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, in_place: bool, dim: int = 2) -> torch.Tensor:
+    """``old`` with ``new`` (one key: size 1 along ``dim``, the keys' dimension) written at key ``slots[b]`` of row b
+    (into ``old`` itself with ``in_place``). K and V are [B, H, S, D]; masks [B, S] and scores [B, G, S] work alike."""
+    index = slots.view(-1, *[1] * (new.dim() - 1)).expand(new.shape)
+    return old.scatter_(dim, index, new) if in_place else old.scatter(dim, index, new)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class KeyValueCache:
 
     def written(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool) -> tuple[dict, torch.Tensor]:
         """(the stored tensors with the new key written at ``slots[b]``, which keys are real now)."""
-        written = {name: _scatter(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
+        written = {name: scatter_key(old, call[name], slots, in_place) for name, old in zip(self.stored(call), cached, strict=True)}
         new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
         return written, past_mask.to(torch.bool).scatter(1, slots[:, None], new)
 

@@ -129,6 +129,8 @@ def _stream_max(
     score_tile, B: int, G: int, T: int, S: int, causal: bool, query_real, device, need_arg: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(max over queries of ``score_tile(q0, q1, k0, k1)`` [B, G, q1-q0, k1-k0], the query attaining it or None): [B, G, S] each."""
+    if not need_arg and query_real is None and (T == 1 or not causal) and T * S <= BLOCK * BLOCK:  # one tile, every score seen: a decode step
+        return score_tile(0, T, 0, S).amax(2), None
     best = torch.full((B, G, S), float("-inf"), device=device)
     arg = torch.zeros(B, G, S, dtype=torch.long, device=device) if need_arg else None
     for q0 in range(0, T, BLOCK):
@@ -215,6 +217,18 @@ def evict_importance(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Te
 @evict_importance.register_fake
 def _(q_idx, k_idx, weights, query_real, groups):
     return q_idx.new_empty(q_idx.shape[0], groups, k_idx.shape[-2], dtype=torch.float32)
+
+
+@torch.library.custom_op("longctx::evict_teacher_importance", mutates_args=())
+def evict_teacher_importance(q: torch.Tensor, k: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+    """The true logits' importance [B, groups, S] of each key over causal queries, as :func:`teacher_importance` (the
+    ``oracle`` policy's ranking): one node in an exported decode step."""
+    return teacher_importance(q, k, scale, groups)
+
+
+@evict_teacher_importance.register_fake
+def _(q, k, scale, groups):
+    return q.new_empty(q.shape[0], groups, k.shape[2], dtype=torch.float32)
 
 
 def importance_kl(teacher: torch.Tensor, student: torch.Tensor, sinks: int) -> torch.Tensor:

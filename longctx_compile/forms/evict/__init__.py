@@ -9,6 +9,14 @@ from .. import Form
 from .rewrite import EvictConfig
 
 
+def programs(program: Any) -> dict[str, Any]:
+    """The decode step over explicit per-layer caches (``step.py``), weights taken from model.pt2."""
+    from .runtime import EvictModel
+    from .step import export_decode
+
+    return {"decode": export_decode(EvictModel(program.ep, program.signature))}
+
+
 def generate(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=None, **sampling):
     """Through the evicting cache (the runtime's own, compacted between steps)."""
     from .runtime import EvictModel
@@ -47,6 +55,8 @@ FORMS = [
         ["evict"],
         "learned KV eviction (IndexMem): per-layer indexers keep the budget's most important keys, a latent memory the rest",
         exact=False,
+        programs=programs,
+        program_names=("decode",),
         generate=generate,
         verify=verify,
         onnx_model=onnx_model,

@@ -28,6 +28,7 @@ from ...ops.schema import Call
 from ...runtime.generate import Sampling, collect, pad_prompts, token_steps
 from ...runtime.interpret import attention_sites, flat_inputs, last_position_logits, logits_index, step_state, with_site_hooks
 from ...runtime.model import default_positions
+from .step import EvictStep, written_parts
 
 EVICT = torch.ops.longctx.evict_attention.default
 ATTENTION = torch.ops.longctx.attention.default
@@ -106,25 +107,30 @@ class SiteCache:
     idx_k = property(lambda self: self.part("idx_k"))  # [B, G, n, Di] indexer keys (learned policy)
     score = property(lambda self: self.part("score"))  # [B, G, n] running importance since the last eviction
 
-    def append(self, parts: dict[str, torch.Tensor]) -> None:
-        """Write new keys' parts after the filled ones, growing the buffers when full (by ``headroom`` keys beyond a single token)."""
-        count = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
+    def reserve(self, count: int, like: dict[str, torch.Tensor]) -> None:
+        """Room for ``count`` more keys, growing the buffers when full (by ``headroom`` keys beyond a single token)."""
         room = min((b.shape[KEYED[name]] for name, b in self.buffers.items()), default=0)
         if self.n + count > room:
-            self.reset({name: self.part(name) for name in self.buffers} or {name: t.narrow(KEYED[name], 0, 0) for name, t in parts.items()}, extra=count)
+            self.reset({name: self.part(name) for name in self.buffers} or {name: t.narrow(KEYED[name], 0, 0) for name, t in like.items()}, extra=count)
+
+    def append(self, parts: dict[str, torch.Tensor]) -> None:
+        """Write new keys' parts after the filled ones."""
+        count = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
+        self.reserve(count, parts)
         for name, t in parts.items():
             self.buffers[name].narrow(KEYED[name], self.n, count).copy_(t)
         self.n += count
 
     def reset(self, parts: dict[str, torch.Tensor], extra: int = 0) -> None:
-        """New buffers holding ``parts`` with room for ``extra`` more keys plus the headroom (what compaction keeps)."""
+        """New buffers holding ``parts`` with room for ``extra`` more keys plus the headroom (what compaction keeps).
+        The room is zeros, not garbage: a decode step reads it (masked, but NaN times a zero weight is NaN)."""
         n = next(iter(parts.values())).shape[KEYED[next(iter(parts))]]
         room = n + extra + (self.headroom if extra < self.headroom else 0)  # a whole chunk is compacted right after: no spare room
         buffers = {}
         for name, t in parts.items():
             shape = list(t.shape)
             shape[KEYED[name]] = room
-            buffers[name] = t.new_empty(shape)
+            buffers[name] = t.new_zeros(shape)
             buffers[name].narrow(KEYED[name], 0, n).copy_(t)
         self.buffers, self.n = buffers, n
 
@@ -189,6 +195,7 @@ class EvictModel:
                 raise LccError(f"per-KV-head eviction needs the indexer's {heads} heads split evenly over the {hkv} KV heads; convert with granularity=kv_head")
         if self.policy.memory and not signature["evict"]["memory"]:
             raise LccError("this artifact was converted with memory=off: it has no latent memory to turn on")
+        self.step = EvictStep(ep, self.names, self.policy.policy, self.policy.memory, self.groups, fast=True)
 
     # one forward over new tokens
 
@@ -205,6 +212,40 @@ class EvictModel:
         cache.next_positions = positions[:, -1] + 1
         return logits
 
+    def step_inputs(self, cache: EvictCache, ids: torch.Tensor) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+        """(inputs, caches, slots) of :class:`EvictStep` for one new token per row ``ids`` [B, 1]: every site's buffers
+        (with room for the token) and where it goes."""
+        B = ids.shape[0]
+        caches, slots = [], []
+        for site, names in enumerate(self.step.parts):
+            c = cache.sites[site]
+            c.reserve(1, {})
+            if "M" in names and c.M is None:  # no memory written yet: reading an empty one adds exactly zero
+                Hkv, m = c.k.shape[1], c.params[0].shape[0]
+                c.M, c.b = c.k.new_zeros(B, Hkv, m, c.v.shape[-1], dtype=torch.float32), c.k.new_zeros(B, Hkv, m, dtype=torch.float32)
+            caches += [c.buffers[name].narrow(KEYED[name], 0, c.n + 1) if name in KEYED else getattr(c, name) for name in names]  # filled keys + the new one
+            slots.append(torch.full((B,), c.n, dtype=torch.long, device=ids.device))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": cache.next_positions[:, None]}
+        return inputs, caches, slots
+
+    def decode(self, cache: EvictCache, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, V] of one new token per row ``ids`` [B, 1] through the decode step (:class:`EvictStep`), which
+        writes it into the caches in place."""
+        inputs, caches, slots = self.step_inputs(cache, ids)
+        with torch.no_grad():
+            outputs = self.step(self.state, inputs, caches, slots)
+        B, positions = ids.shape[0], inputs["position_ids"]
+        observed = iter(outputs[1 + sum(len(written_parts(self.step, i)) for i in range(len(self.step.parts))) :])
+        for site, c in sorted(cache.sites.items()):
+            if "pos" in c.buffers:
+                c.buffers["pos"].narrow(2, c.n, 1).copy_(positions[:, None].expand(B, c.buffers["pos"].shape[1], 1))
+            c.n += 1
+            if self.policy.policy == "snapkv" and site in self.evicting:
+                self._remember(c, next(observed), torch.ones(B, 1, dtype=torch.bool, device=ids.device))
+        cache.peak_bytes = max(cache.peak_bytes, cache.bytes())
+        cache.next_positions = positions[:, -1] + 1
+        return outputs[0]
+
     def _site(self, site: int, call: Call) -> torch.Tensor:
         return self._attend(*self._step, site, call)
 
@@ -220,7 +261,9 @@ class EvictModel:
             c.append(parts)
             return call.replace(k=c.k, v=c.v, key_padding=c.real)()
         G = self.groups[site]
-        parts.update(pos=positions[:, None].expand(B, G, T), score=torch.full((B, G, T), float("-inf"), device=q.device))
+        parts["pos"] = positions[:, None].expand(B, G, T)
+        if self.policy.policy in ("learned", "oracle"):  # what they rank by; snapkv and streaming keep no score
+            parts["score"] = torch.full((B, G, T), float("-inf"), device=q.device)
         if self.policy.policy == "learned":
             idx_k = call.idx_k
             parts["idx_k"] = idx_k[:, None].expand(B, G, *idx_k.shape[1:])
@@ -244,17 +287,22 @@ class EvictModel:
         elif policy == "oracle":
             c.score.copy_(torch.maximum(c.score, teacher_importance(q, c.k, c.scale, G, query_real=new_real)))
         elif policy == "snapkv":
-            keep = self.policy.observation
-            c.obs_q = q[:, :, -keep:] if c.obs_q is None else torch.cat([c.obs_q, q], 2)[:, :, -keep:]
-            c.obs_real = new_real[:, -keep:] if c.obs_real is None else torch.cat([c.obs_real, new_real], 1)[:, -keep:]
+            self._remember(c, q, new_real)
+
+    def _remember(self, c: SiteCache, q: torch.Tensor, new_real: torch.Tensor) -> None:
+        """Keep the last ``observation`` queries (snapkv ranks the keys by their attention)."""
+        keep = self.policy.observation
+        c.obs_q = q[:, :, -keep:] if c.obs_q is None else torch.cat([c.obs_q, q], 2)[:, :, -keep:]
+        c.obs_real = new_real[:, -keep:] if c.obs_real is None else torch.cat([c.obs_real, new_real], 1)[:, -keep:]
 
     # eviction
 
     def evict(self, cache: EvictCache) -> None:
         """Compact every evicting layer holding more than the budget (writing what leaves into its memory)."""
-        for site, c in cache.sites.items():
-            if site in self.evicting and c.k.shape[2] > cache.budget:
-                self._compact(c, site, cache.budget)
+        with torch.no_grad():  # the memory's weights are parameters: no autograd graph may grow across compactions
+            for site, c in cache.sites.items():
+                if site in self.evicting and c.k.shape[2] > cache.budget:
+                    self._compact(c, site, cache.budget)
         cache.since = 0
 
     def _ranking(self, c: SiteCache, site: int) -> torch.Tensor:
@@ -288,7 +336,9 @@ class EvictModel:
                 c.M = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0], c.v.shape[-1])
                 c.b = phi_k.new_zeros(B, c.k.shape[1], phi.shape[0])
             c.M, c.b = memory_write(c.M, c.b, phi_k, take(c.v, gone), torch.sigmoid(decay.float()), F.softplus(strength.float()))
-        kept = {"k": take(c.k, keep), "v": take(c.v, keep), "pos": c.pos.gather(2, keep), "score": torch.full_like(keep, float("-inf"), dtype=torch.float32)}
+        kept = {"k": take(c.k, keep), "v": take(c.v, keep), "pos": c.pos.gather(2, keep)}
+        if c.score is not None:
+            kept["score"] = torch.full_like(keep, float("-inf"), dtype=torch.float32)
         kept["real"] = c.real.gather(1, keep[:, 0])  # padding leaves first in every head, so the real keys line up across heads
         if c.idx_k is not None:
             kept["idx_k"] = take(c.idx_k, keep)
@@ -316,8 +366,11 @@ class EvictModel:
     def extend(self, cache: EvictCache, ids: torch.Tensor, last: bool = False) -> torch.Tensor:
         """Logits of more tokens fed after the cache (one decode step, or several); evicts every ``interval`` tokens."""
         B, T = ids.shape
-        positions = cache.next_positions[:, None] + torch.arange(T, device=ids.device)
-        logits = self.forward(cache, ids, torch.ones_like(ids), positions, last=last)
+        if T == 1:
+            logits = self.decode(cache, ids)
+        else:
+            positions = cache.next_positions[:, None] + torch.arange(T, device=ids.device)
+            logits = self.forward(cache, ids, torch.ones_like(ids), positions, last=last)
         cache.since += T
         if cache.since >= self.policy.interval:
             self.evict(cache)
