@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import longctx_compile as lcc
+from longctx_compile import distributed as sp
 from longctx_compile.forms.msa import bank as memory_bank
 from longctx_compile.forms.msa.parallel import ParallelMemory
 from longctx_compile.forms.msa.runtime import MsaModel
@@ -34,8 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
+    rank = sp.init()  # torch.distributed, gloo on CPU and NCCL with CUDA (see sp.init for why not init_process_group)
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     loaded = lcc.load(args.artifact, device=device if cuda else None)
     model = MsaModel(loaded.program, loaded.signature)

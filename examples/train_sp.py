@@ -29,8 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
+    rank = sp.init()  # torch.distributed, gloo on CPU and NCCL with CUDA (see sp.init for why not init_process_group)
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     model = lcc.load(args.artifact, device=device if cuda else None)
     params = list(model.module.parameters())

@@ -101,3 +101,14 @@ def test_targets_and_triton_lowering(tmp_path):
     assert site["kernel"] == "longctx.flash_attention/triton" and site["config"]["fwd"][0] == 64 and site["config"]["source"] == "override"
     rc, stdout, _ = lcc("inspect", str(out))
     assert rc == 0 and "triton" in stdout and "64x" in stdout
+
+
+def test_a_commands_exit_status_reaches_the_shell(tmp_path):
+    """``lcc launch`` exits with its ranks' failure (typer.Exit's status was dropped, so a failed launch exited 0)."""
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    rc, _, _ = lcc("launch", "--nproc", "1", str(script))
+    assert rc != 0
+    script.write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
+    rc, _, _ = lcc("launch", "--nproc", "1", str(script), str(tmp_path / "ran"))
+    assert rc == 0 and (tmp_path / "ran").read_text() == "ran"

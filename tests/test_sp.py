@@ -173,5 +173,36 @@ def test_example_training_script_under_torchrun(tmp_path):
     command = [sys.executable, "-m", "longctx_compile", "launch", "--nproc", "2", str(script), str(path), "--steps", "6", "--tile", "16"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, result.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
+
+
+GROUP_AFTER_DESTROY = """
+import os, sys
+import torch.distributed as dist
+import longctx_compile as lcc
+from longctx_compile import distributed as sp
+
+sp.init("gloo")
+lcc.load(sys.argv[1])  # imports torch._dynamo (torch.export.load)
+dist.destroy_process_group()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sum(name.startswith(("gloo", "pt_gloo")) for name in threads))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="reads the process's threads from /proc (Linux)")
+def test_the_process_group_ends_with_destroy_after_a_load(tmp_path):
+    """After ``sp.init`` and ``lcc.load``, ``destroy_process_group`` stops gloo's threads: none is left to abort the exit."""
+    import os
+    import subprocess
+    import sys
+
+    from longctx_compile.distributed.ranks import _free_port
+
+    path = lcc.compile("tiny-llama").save(tmp_path / "d.lcc")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    result = subprocess.run([sys.executable, "-c", GROUP_AFTER_DESTROY, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "0"

@@ -370,7 +370,8 @@ def targets(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here, not raised
+        sys.exit(code if isinstance(code, int) else 0)
     except LccError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -16,6 +16,21 @@ from ..ops.layout import Layout
 from ..ops.loss import IGNORE
 
 
+def init(backend: str | None = None) -> int:
+    """Start torch.distributed for a sharded program (gloo on CPU, NCCL with CUDA; torchrun's environment) and return
+    this rank. Use it instead of ``dist.init_process_group``, or import ``torch._dynamo`` before that call.
+
+    ``lcc.load`` imports ``torch._dynamo`` (through ``torch.export.load``). When that import follows
+    ``init_process_group``, the default group outlives ``destroy_process_group``, so its gloo threads are still
+    running at interpreter exit, and about one run in eight aborts there (SIGABRT, "terminate called without an
+    active exception"). Importing it first avoids this.
+    """
+    import torch._dynamo  # noqa: F401  (before the group exists: see above)
+
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return dist.get_rank()
+
+
 def shard_batch(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None = None,
