@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the slow tier: python -m pytest -m 'not slow' leaves it out
+
 BENCH = Path(__file__).parent.parent / "bench" / "attention_kernels.py"
 
 

@@ -27,6 +27,8 @@ from longctx_compile.forms.msa.runtime import MsaModel
 from longctx_compile.onnx import check
 from longctx_compile.onnx.export import export_onnx
 
+pytestmark = pytest.mark.slow  # the slow tier: python -m pytest -m 'not slow' leaves it out
+
 
 def exported(tmp_path, model, name="m", custom=False, program="model", opset=18, **options):
     """(artifact folder, .onnx file, report) of ``model`` compiled with ``options`` and exported."""
