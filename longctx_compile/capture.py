@@ -108,6 +108,10 @@ def _from_factory(path: Path, factory: str) -> torch.nn.Module:
 
 def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
     if not (path / "config.json").is_file():
+        from .artifact import GRAPHS, PROGRAM
+
+        if (path / PROGRAM).is_file() or (path / GRAPHS).is_file():
+            raise LccError(f"'{path}' is an lcc artifact without its manifest (lcc.json): re-convert the model, or restore the file")
         raise LccError(f"'{path}' has no config.json: not a Hugging Face model folder")
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -112,3 +112,44 @@ def test_a_commands_exit_status_reaches_the_shell(tmp_path):
     script.write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
     rc, _, _ = lcc("launch", "--nproc", "1", str(script), str(tmp_path / "ran"))
     assert rc == 0 and (tmp_path / "ran").read_text() == "ran"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["convert", "tiny-llama", "--bogus"], "the options of 'lcc convert' are --force, --onnx, --opt"),
+        (["convrt", "tiny-llama"], "Did you mean 'convert'"),
+        (["frob"], "the commands are "),
+        (["verify", "x.lcc", "--nproc", "3"], "the options of 'lcc verify' are"),
+        (["convert", "tiny-llama", "--to"], "requires an argument"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_choices_with_exit_2(args, message):
+    rc, _, stderr = lcc(*args)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and message in lines[0] and "internal error" not in stderr, stderr
+
+
+def test_version():
+    from longctx_compile import __version__
+
+    rc, stdout, _ = lcc("--version")
+    assert rc == 0 and stdout.strip() == f"lcc {__version__}"
+
+
+def test_inspect_checks_the_checksums_and_a_missing_manifest_is_named(tmp_path):
+    import longctx_compile as lcc_api
+
+    path = lcc_api.compile("tiny-llama").save(tmp_path / "m.lcc")
+    rc, stdout, _ = lcc("inspect", str(path))
+    assert rc == 0 and "tiny-llama" in stdout
+    program = path / "model.pt2"
+    data = bytearray(program.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    program.write_bytes(bytes(data))
+    rc, _, stderr = lcc("inspect", str(path))
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc != 0 and len(lines) == 1 and "model.pt2 does not match its checksum" in lines[0]
+    (path / "lcc.json").unlink()
+    rc, _, stderr = lcc("inspect", str(path))
+    assert rc != 0 and "an lcc artifact without its manifest (lcc.json)" in stderr

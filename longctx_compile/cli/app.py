@@ -33,6 +33,34 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"lcc {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = None,  # noqa: UP045
+) -> None:
+    """longctx_compile: capture a decoder with torch.export and rewrite its attention into long-context forms."""
+
+
+def _usage(e: Exception) -> str:
+    """A usage error (unknown command or option, a bad value) as one line that names the valid choices."""
+    message = e.format_message().rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    command = getattr(ctx, "command", None)
+    if command is not None and type(e).__name__ == "NoSuchOption" and not getattr(e, "possibilities", None):
+        options = sorted({o for param in command.params for o in getattr(param, "opts", ()) if o.startswith("--")})
+        message += f"; the options of {ctx.command_path!r} are {', '.join(options)}"
+    elif command is not None and "No such command" in message and "Did you mean" not in message and hasattr(command, "list_commands"):
+        message += f"; the commands are {', '.join(command.list_commands(ctx))}"
+    return " ".join(message.split())
+
+
 def _add_form_commands() -> None:
     """Each form's own commands (msa: ``memory``; evict: ``train-indexers``)."""
     from ..forms import FORMS
@@ -136,6 +164,9 @@ def inspect(
 
     if api.is_artifact(path):
         manifest = artifact.read_manifest(Path(path))
+        with progress_bar() as bar:  # what inspect reports (the equivalence, the sites) is about these very files
+            bar.add_task("checking the artifact's checksums", total=None)
+            artifact.verify_files(Path(path), manifest)
         snapshots = artifact.read_graphs(Path(path))
     else:
         compiled = api.compile_model(path, to=to, options=_options(opt))
@@ -370,7 +401,7 @@ def targets(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here, not raised
+        code = app(prog_name="lcc", standalone_mode=False)  # a command's typer.Exit(n) comes back as n here, not raised
         sys.exit(code if isinstance(code, int) else 0)
     except LccError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
@@ -380,11 +411,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors and internal faults: still one line
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
+    except Exception as e:  # usage errors (typer's click exceptions) and internal faults: still one line
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            err.print(f"[red]error:[/red] {_usage(e)}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if os.environ.get("LCC_DEBUG"):
             raise
