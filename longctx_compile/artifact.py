@@ -103,11 +103,35 @@ def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | Non
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders of earlier writes of ``out`` whose writer is gone (killed before it could clean up)."""
+    swept = []
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+            swept.append(stale)
+    return swept
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` to fill; on success it replaces ``out`` by renames, on failure it is removed."""
+    """A temporary folder beside ``out`` to fill; on success it replaces ``out`` by renames, on failure (an exception,
+    or an interrupt the CLI turns into one) it is removed. Its name holds the writer's pid, so a later write of the
+    same ``out`` removes what a killed writer left (:func:`sweep_stale`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    sweep_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp

@@ -153,3 +153,48 @@ def test_inspect_checks_the_checksums_and_a_missing_manifest_is_named(tmp_path):
     (path / "lcc.json").unlink()
     rc, _, stderr = lcc("inspect", str(path))
     assert rc != 0 and "an lcc artifact without its manifest (lcc.json)" in stderr
+
+
+SLOW_MODEL = """
+import pathlib, time
+def make():
+    pathlib.Path(__file__).with_name("started").write_text("1")  # the test sends its signal once this exists
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_convert_says_so_writes_nothing_and_exits_with_the_signals_code(tmp_path, signame, code):
+    """Also where SIGINT was ignored when lcc started (a shell's background job): it used to run on and exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slow.py").write_text(SLOW_MODEL)
+    out = tmp_path / "m.lcc"
+    ignore = signal.SIGINT if signame == "SIGINT" else signal.SIGTERM
+    command = [sys.executable, "-c", "from longctx_compile.cli.app import main; main()", "convert", f"{tmp_path / 'slow.py'}:make", "-o", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(ignore, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while not (tmp_path / "started").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signame))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code and stderr.strip() == "interrupted; nothing written", stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.py", "started"]
+
+
+def test_a_write_sweeps_the_temporary_folders_a_killed_writer_left(tmp_path):
+    import os
+
+    import longctx_compile as lcc_api
+
+    dead = tmp_path / ".m.lcc.tmp-999999999-abcd1234"  # no such pid
+    old_style = tmp_path / ".m.lcc.tmp-abcd1234"
+    live = tmp_path / f".m.lcc.tmp-{os.getppid()}-abcd1234"  # a writer that is still running: left alone
+    for folder in (dead, old_style, live):
+        folder.mkdir()
+        (folder / "model.pt2").write_bytes(b"x" * 1000)
+    lcc_api.compile("tiny-llama").save(tmp_path / "m.lcc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.lcc", live.name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -398,19 +399,55 @@ def targets(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     out.print(table)
 
 
+INTERRUPTED = 130  # the shell's status for SIGINT (128 + 2); SIGTERM's is 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that the same unwinding as Ctrl-C removes half-written output."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """Ctrl-C and SIGTERM as exceptions while a command runs (even where the shell started lcc with SIGINT ignored,
+    as it does for background jobs); the previous handlers come back after it (lcc may run inside another program)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    with _interrupts():
+        _main()
+
+
+def _main() -> None:
     try:
         code = app(prog_name="lcc", standalone_mode=False)  # a command's typer.Exit(n) comes back as n here, not raised
+        if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
+            err.print("interrupted; nothing written")
         sys.exit(code if isinstance(code, int) else 0)
     except LccError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt, Terminated) as e:  # every write is atomic: what was there is intact
+        err.print("interrupted; nothing written")
+        sys.exit(143 if isinstance(e, Terminated) else INTERRUPTED)
     except Exception as e:  # usage errors (typer's click exceptions) and internal faults: still one line
         if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
             err.print(f"[red]error:[/red] {_usage(e)}", highlight=False, soft_wrap=True)
