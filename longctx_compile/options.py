@@ -64,6 +64,9 @@ def build(cls: type, values: dict[str, Any]) -> Any:
         instance = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise LccError(f"invalid options for {cls.__name__}: {e}") from None
+    check = getattr(instance, "check", None)
+    if callable(check):  # a config checks the values that need no model here: before the model loads (seconds to minutes)
+        check()
     return instance
 
 

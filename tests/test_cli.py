@@ -198,3 +198,30 @@ def test_a_write_sweeps_the_temporary_folders_a_killed_writer_left(tmp_path):
         (folder / "model.pt2").write_bytes(b"x" * 1000)
     lcc_api.compile("tiny-llama").save(tmp_path / "m.lcc")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.lcc", live.name])
+
+
+MARKED_MODEL = """
+import pathlib
+from longctx_compile.presets import build_preset
+def make():
+    pathlib.Path(__file__).with_name("loaded").write_text("1")
+    return build_preset("tiny-llama")
+"""
+
+
+@pytest.mark.parametrize(
+    "form,option,message",
+    [
+        ("msa", "pool=0", "a pooled chunk holds at least 1 token"),
+        ("msa", "topk=-1", "expected a number of chunks"),
+        ("hsa", "chunk=0", "a chunk holds at least 1 key"),
+        ("hsa", "window=-1", "0 or more"),
+        ("evict", "budget=1.5", "a ratio lies in [0, 1)"),
+        ("evict", "interval=0", "evict every 1 or more"),
+    ],
+)
+def test_bad_option_values_are_refused_before_the_model_loads(tmp_path, form, option, message):
+    (tmp_path / "marked.py").write_text(MARKED_MODEL)
+    rc, _, stderr = lcc("convert", f"{tmp_path / 'marked.py'}:make", "--to", form, "--opt", option, "-o", str(tmp_path / "m.lcc"))
+    assert rc == 2 and message in stderr
+    assert not (tmp_path / "loaded").exists()  # refused before the (possibly minutes-long) load and capture

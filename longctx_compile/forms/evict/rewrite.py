@@ -66,6 +66,10 @@ class EvictConfig:
     indexer_dim: int = 0
     memory_dim: int = 0
 
+    def check(self) -> None:
+        """The values that need no graph (``options.build`` calls this before the model loads)."""
+        check_config(self)
+
 
 def check_config(cfg: EvictConfig) -> float | int:
     """Validate the options that need no graph; returns the parsed budget."""

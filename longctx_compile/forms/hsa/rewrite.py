@@ -47,6 +47,16 @@ class HsaConfig:
     nope: bool = False
     layers: str = "all"
 
+    def check(self) -> None:
+        """The values that need no graph (``options.build`` calls this before the model loads)."""
+        if self.chunk < 1:
+            raise LccError(f"invalid --opt chunk={self.chunk}: a chunk holds at least 1 key")
+        if self.window < 0:
+            raise LccError(f"invalid --opt window={self.window}: the local window counts complete chunks, 0 or more")
+        parse_topk(self.topk)
+        if self.nope and self.score == "exact":
+            raise LccError("--opt nope=true changes landmark and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
+
 
 def parse_topk(text: str) -> int:
     """``"all"`` -> -1 (every older chunk), else a count of at least 1."""
@@ -74,13 +84,8 @@ def parse_layers(text: str, count: int, option: str = "layers", named: str = "'a
 @register("hsa", Stage.FORM, HsaConfig)
 def hsa(program: Program, cfg: HsaConfig) -> PassResult:
     """Replace the chosen layers' attention by hierarchical sparse attention."""
-    if cfg.chunk < 1:
-        raise LccError(f"invalid --opt chunk={cfg.chunk}: a chunk holds at least 1 key")
-    if cfg.window < 0:
-        raise LccError(f"invalid --opt window={cfg.window}: the local window counts complete chunks, 0 or more")
+    cfg.check()
     topk = parse_topk(cfg.topk)
-    if cfg.nope and cfg.score == "exact":
-        raise LccError("--opt nope=true changes landmark and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
     nodes = program.attention_nodes()
     chosen = set(parse_layers(cfg.layers, len(nodes)))
     graph = program.gm.graph

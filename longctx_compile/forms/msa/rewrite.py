@@ -52,6 +52,14 @@ class MsaConfig:
     prefix: int = 0
     router_init: Literal["qk", "k"] = "qk"
 
+    def check(self) -> None:
+        """The values that need no graph (``options.build`` calls this before the model loads)."""
+        if self.pool < 1:
+            raise LccError(f"invalid --opt pool={self.pool}: a pooled chunk holds at least 1 token")
+        if self.prefix < 0:
+            raise LccError(f"invalid --opt prefix={self.prefix}: the template prefix is 0 or more tokens")
+        parse_topk(self.topk)
+
 
 def parse_routed(text: str, count: int) -> list[int]:
     """``upper`` (the upper half, as MSA-4B), ``all``, or comma-separated layer indices checked against ``count``."""
@@ -68,10 +76,7 @@ def projection(node: torch.fx.Node) -> torch.fx.Node | None:
 @register("msa", Stage.FORM, MsaConfig)
 def msa(program: Program, cfg: MsaConfig) -> PassResult:
     """Give the routed layers router projections and the ``msa_attention`` op."""
-    if cfg.pool < 1:
-        raise LccError(f"invalid --opt pool={cfg.pool}: a pooled chunk holds at least 1 token")
-    if cfg.prefix < 0:
-        raise LccError(f"invalid --opt prefix={cfg.prefix}: the template prefix is 0 or more tokens")
+    cfg.check()
     topk = parse_topk(cfg.topk)
     if "position_ids" not in program.signature["inputs"]:
         raise LccError("msa needs position_ids as a program input (documents restart their positions); capture with --opt position_ids=true")
