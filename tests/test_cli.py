@@ -225,3 +225,15 @@ def test_bad_option_values_are_refused_before_the_model_loads(tmp_path, form, op
     rc, _, stderr = lcc("convert", f"{tmp_path / 'marked.py'}:make", "--to", form, "--opt", option, "-o", str(tmp_path / "m.lcc"))
     assert rc == 2 and message in stderr
     assert not (tmp_path / "loaded").exists()  # refused before the (possibly minutes-long) load and capture
+
+
+def test_a_non_utf8_prompt_and_an_unwritable_onnx_path_are_one_line(tmp_path):
+    import longctx_compile as lcc_api
+
+    path = lcc_api.compile("tiny-llama").save(tmp_path / "m.lcc")
+    rc, _, stderr = lcc("generate", str(path), "--prompt", "\udcff\udcfe abc", "-n", "2")  # what Python makes of bytes that are not UTF-8
+    assert rc == 2 and stderr.strip() == "error: --prompt is not UTF-8 text; re-encode it, or give token ids with --prompt-ids"
+    blocked = tmp_path / "file"
+    blocked.write_text("x")  # a file where the output's folder should be
+    rc, _, stderr = lcc("export-onnx", str(path), "-o", str(blocked / "m.onnx"))  # checked before the export, not after it
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1 and f"cannot write '{blocked / 'm.onnx'}'" in stderr, stderr

@@ -269,6 +269,11 @@ def generate(
 
     if bool(prompt) == bool(prompt_ids):
         raise LccError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    for text in prompt or []:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates
+            raise LccError("--prompt is not UTF-8 text; re-encode it, or give token ids with --prompt-ids") from None
     from ..loaded import LoadedModel
 
     model = LoadedModel(Path(path), *read_artifact(path))

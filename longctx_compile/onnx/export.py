@@ -200,6 +200,19 @@ def _check_out(path: Path, manifest: dict[str, Any], out: Path, force: bool) -> 
         raise LccError(f"'{out}' is a folder; give the .onnx file to write")
     if out.exists() and not force:
         raise LccError(f"'{out}' already exists; pass --force to replace it")
+    writable(out)
+
+
+def writable(out: Path) -> None:
+    """Refuse, before any work, an output whose folder cannot be made or written (by trying: root passes os.access)."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.probe-"):
+            pass
+    except OSError as e:
+        raise LccError(f"cannot write '{out}': {e.strerror or type(e).__name__}") from None
 
 
 def _state_keys(ep: torch.export.ExportedProgram) -> list[str]:
