@@ -119,19 +119,26 @@ def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
         raise LccError(f"cannot read '{path / 'config.json'}': {str(e).splitlines()[0]}") from e
+    if getattr(config, "is_encoder_decoder", False):
+        raise LccError(f"'{path}' is an encoder-decoder model ({config.model_type}); lcc converts decoder language models")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             local_files_only=True,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn,
             dtype=torch.float32,
+            output_loading_info=True,
         )
     except ValueError as e:
         raise LccError(f"'{path}' is not a decoder language model: {str(e).splitlines()[0]}") from e
     except Exception as e:
         raise LccError(f"cannot load '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:  # e.g. an encoder's or a base model's checkpoint: the LM head would be random
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LccError(f"'{path}' lacks weights its {type(model).__name__} needs ({shown}): they would be initialised at random")
     return model.eval()
 
 

@@ -237,3 +237,26 @@ def test_a_non_utf8_prompt_and_an_unwritable_onnx_path_are_one_line(tmp_path):
     blocked.write_text("x")  # a file where the output's folder should be
     rc, _, stderr = lcc("export-onnx", str(path), "-o", str(blocked / "m.onnx"))  # checked before the export, not after it
     assert rc == 2 and len(stderr.strip().splitlines()) == 1 and f"cannot write '{blocked / 'm.onnx'}'" in stderr, stderr
+
+
+def test_folders_that_are_not_decoder_lm_checkpoints_are_refused(tmp_path):
+    """An encoder-decoder, and a checkpoint without the LM head's weights (a base model's), used to convert with a random head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, T5ForConditionalGeneration
+
+    t5 = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)
+    T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
+    rc, _, stderr = lcc("convert", str(tmp_path / "t5"), "-o", str(tmp_path / "a.lcc"))
+    assert rc == 2 and "is an encoder-decoder model (t5)" in stderr
+    llama = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, vocab_size=64, tie_word_embeddings=False
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("lm_head")}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    rc, _, stderr = lcc("convert", str(tmp_path / "base"), "-o", str(tmp_path / "b.lcc"))
+    assert rc == 2 and "lacks weights its LlamaForCausalLM needs (lm_head.weight)" in stderr, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "t5"]
