@@ -118,6 +118,8 @@ def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise LccError(f"'{path}' runs its own model code; to allow it, pass --opt trust_remote_code=true") from None
         raise LccError(f"cannot read '{path / 'config.json'}': {str(e).splitlines()[0]}") from e
     if getattr(config, "is_encoder_decoder", False):
         raise LccError(f"'{path}' is an encoder-decoder model ({config.model_type}); lcc converts decoder language models")
@@ -132,6 +134,8 @@ def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
             output_loading_info=True,
         )
     except ValueError as e:
+        if cfg.attn == "sdpa" and "scaled_dot_product_attention" in str(e):
+            raise LccError(f"'{path}': the model's code does not support sdpa attention; convert with --opt attn=eager") from None
         raise LccError(f"'{path}' is not a decoder language model: {str(e).splitlines()[0]}") from e
     except Exception as e:
         raise LccError(f"cannot load '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from e

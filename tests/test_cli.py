@@ -260,3 +260,59 @@ def test_folders_that_are_not_decoder_lm_checkpoints_are_refused(tmp_path):
     rc, _, stderr = lcc("convert", str(tmp_path / "base"), "-o", str(tmp_path / "b.lcc"))
     assert rc == 2 and "lacks weights its LlamaForCausalLM needs (lm_head.weight)" in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "t5"]
+
+
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "tiny_remote"
+
+    def __init__(self, vocab_size=32, hidden=16, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.hidden = vocab_size, hidden
+"""
+
+REMOTE_MODEL = """
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyLM(PreTrainedModel):  # no sdpa support declared
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden)
+        self.head = torch.nn.Linear(config.hidden, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids, **kwargs):
+        return (self.head(self.embed(input_ids)),)
+"""
+
+
+def test_remote_code_models_name_the_option_they_need(tmp_path):
+    import subprocess
+    import sys
+
+    package = tmp_path / "remote_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (package / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    save = (
+        "from remote_pkg.configuration_tiny import TinyConfig\n"
+        "from remote_pkg.modeling_tiny import TinyLM\n"
+        "TinyConfig.register_for_auto_class()\n"
+        "TinyLM.register_for_auto_class('AutoModelForCausalLM')\n"
+        "TinyLM(TinyConfig()).save_pretrained('remote')\n"
+    )
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True, capture_output=True)  # a folder with its own code
+    rc, _, stderr = lcc("convert", str(tmp_path / "remote"), "-o", str(tmp_path / "r.lcc"))
+    assert rc == 2 and "runs its own model code; to allow it, pass --opt trust_remote_code=true" in stderr, stderr
+    rc, _, stderr = lcc("convert", str(tmp_path / "remote"), "-o", str(tmp_path / "r.lcc"), "--opt", "trust_remote_code=true")
+    assert rc == 2 and "the model's code does not support sdpa attention; convert with --opt attn=eager" in stderr, stderr
