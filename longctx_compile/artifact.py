@@ -141,6 +141,41 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def write_lock(path: Path, timeout: float = 600.0, waiting=None) -> Iterator[None]:
+    """Hold the lock of ``path`` (``.NAME.lock`` beside it) while reading, changing and replacing it, so that two
+    writers of one folder run one after the other instead of the second overwriting the first's work. The lock is
+    the OS's (``flock``): a killed holder releases it. ``waiting(pid)`` is told once when another process holds it."""
+    import fcntl
+    import time
+
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a+") as handle:
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "?"
+                if time.monotonic() > deadline:
+                    raise LccError(f"'{path}' is being written by another process (pid {holder}); waited {timeout:.0f} s, try again later") from None
+                if waiting is not None and not told:
+                    waiting(holder)
+                    told = True
+                time.sleep(0.1)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)

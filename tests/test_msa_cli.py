@@ -142,3 +142,40 @@ def test_generate_refuses_a_bank_for_other_forms(tmp_path):
     assert lcc("convert", "tiny-llama", "-o", str(dense)).returncode == 0
     result = lcc("generate", str(dense), "--bank", str(tmp_path), "--prompt-ids", "1,2")
     assert result.returncode == 2 and "not msa" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_concurrent_adds_to_one_bank_both_land(artifact, tmp_path):
+    """Two ``lcc memory add`` processes on one bank: the second waits for the first, so no acknowledged document is lost
+    (each used to read the same bank and the last write won)."""
+    model, bank = str(artifact / "model.lcc"), str(tmp_path / "bank")
+    assert lcc("memory", "encode", model, "--docs", write_docs(tmp_path / "d.jsonl", [{"id": "base", "tokens": [1, 2, 3]}]), "-o", bank).returncode == 0
+    batches = [
+        [{"id": f"{side}{i}", "tokens": [(i + j) % 200 + 1 for j in range(96)]} for i in range(150)] for side in "xy"
+    ]  # seconds of encoding: the two overlap
+    command = [sys.executable, "-c", "from longctx_compile.cli.app import main; main()", "memory", "add", model, bank, "--docs"]
+    procs = [
+        subprocess.Popen([*command, write_docs(tmp_path / f"{i}.jsonl", b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, b in enumerate(batches)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    assert all("150 documents added" in stdout for stdout, _ in results)
+    info = json.loads(lcc("memory", "info", bank, "--json").stdout)
+    assert info["documents"] == 301  # 1 + 150 + 150
+
+
+def test_a_held_write_lock_times_out_in_one_line(tmp_path):
+    import os
+
+    from longctx_compile.artifact import write_lock
+    from longctx_compile.errors import LccError
+
+    (tmp_path / "bank").mkdir()
+    told = []
+    with write_lock(tmp_path / "bank"):
+        with pytest.raises(LccError, match=rf"being written by another process \(pid {os.getpid()}\); waited 0 s"):
+            with write_lock(tmp_path / "bank", timeout=0.3, waiting=told.append):
+                pass
+    assert told == [str(os.getpid())]
+    with write_lock(tmp_path / "bank", timeout=0.3):  # released: the next writer gets it at once
+        pass

@@ -76,6 +76,16 @@ def _encode(model, ids, docs, bank=None, batch_size: int = 8):
         return model.encode(docs, ids, batch_size=batch_size, bank=bank, progress=lambda n: progress.advance(task, n))
 
 
+def _locked(bank_path: Path):
+    """The bank's write lock; says once that it waits for another writer."""
+    from ...artifact import write_lock
+
+    if not Path(bank_path).is_dir():
+        raise LccError(f"'{bank_path}' is not a memory bank (no such folder); write one with `lcc memory encode`")
+    _, err = _console()
+    return write_lock(bank_path, waiting=lambda pid: err.print(f"waiting for another writer of {bank_path} (pid {pid})", highlight=False))
+
+
 def _write(bank, bank_path: Path, output: Path | None, force: bool) -> Path:
     """Save an edited bank: over BANK itself (atomically: a new folder renamed into place), or to ``-o``."""
     target = output or bank_path
@@ -119,11 +129,12 @@ def add(
 
     out, _ = _console()
     model, tokenizer = _model(artifact)
-    bank = memory_bank.load(bank_path, model=model.facts)
     ids, tokens = read_docs(docs, tokenizer)
-    before = len(bank.docs)
-    bank = _encode(model, ids, tokens, bank=bank, batch_size=batch_size)
-    target = _write(bank, bank_path, output, force)
+    with _locked(bank_path):  # from reading the bank to replacing it: a concurrent add waits, nothing is lost
+        bank = memory_bank.load(bank_path, model=model.facts)
+        before = len(bank.docs)
+        bank = _encode(model, ids, tokens, bank=bank, batch_size=batch_size)
+        target = _write(bank, bank_path, output, force)
     out.print(f"wrote {target}: {len(bank.docs) - before} documents added, {len(bank.docs)} in all, {bank.chunks:,} chunks", soft_wrap=True)
 
 
@@ -138,10 +149,11 @@ def remove(
     from . import bank as memory_bank
 
     out, _ = _console()
-    bank = memory_bank.load(bank_path)
     gone = [i for i in ids.split(",") if i]
-    bank.remove(gone)
-    target = _write(bank, bank_path, output, force)
+    with _locked(bank_path):
+        bank = memory_bank.load(bank_path)
+        bank.remove(gone)
+        target = _write(bank, bank_path, output, force)
     out.print(f"wrote {target}: {len(gone)} documents removed, {len(bank.docs)} left, {bank.chunks:,} chunks", soft_wrap=True)
 
 
