@@ -1,6 +1,7 @@
 """The lcc command line: the main job works, and bad input is one line, a non-zero exit, nothing written."""
 
 import json
+import re
 from pathlib import Path
 
 import lcc_cli
@@ -107,8 +108,12 @@ def test_a_commands_exit_status_reaches_the_shell(tmp_path):
     """``lcc launch`` exits with its ranks' failure (typer.Exit's status was dropped, so a failed launch exited 0)."""
     script = tmp_path / "fails.py"
     script.write_text("import sys\nsys.exit(3)\n")
-    rc, _, _ = lcc("launch", "--nproc", "1", str(script))
-    assert rc != 0
+    rc, _, stderr = lcc("launch", "--nproc", "1", str(script))
+    assert rc == 3 and "rank 0 failed: exit status 3" in stderr
+    script.write_text("from longctx_compile.errors import LccError\nraise LccError('the group has 2 ranks, the program 3')\n")
+    rc, _, stderr = lcc("launch", "--nproc", "2", str(script))  # every rank fails alike: one line, not a traceback per rank
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 1 and len(lines) == 1 and re.search(r"rank [01] failed: the group has 2 ranks, the program 3$", lines[0]), stderr
     script.write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
     rc, _, _ = lcc("launch", "--nproc", "1", str(script), str(tmp_path / "ran"))
     assert rc == 0 and (tmp_path / "ran").read_text() == "ran"

@@ -309,18 +309,14 @@ def launch(
     script: Annotated[Path, typer.Argument(help="Python script every rank runs; the arguments after it are passed on")],
     nproc: Annotated[int, typer.Option("--nproc", help="processes (ranks) on this machine")] = 2,
 ) -> None:
-    """Run SCRIPT on N local ranks under torchrun (standalone rendezvous); exits with its status.
+    """Run SCRIPT on N local ranks (torch's elastic launcher, standalone rendezvous). When ranks fail, the first
+    one's error is one line and lcc exits with its status.
 
     Example: lcc launch --nproc 2 examples/train_sp.py tiny-llama.sp.lcc --steps 20
     """
-    import subprocess
+    from ..distributed.launch import launch as run
 
-    if not script.is_file():
-        raise LccError(f"no script at '{script}'")
-    if nproc < 1:
-        raise LccError(f"--nproc must be at least 1, got {nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script), *ctx.args]
-    raise typer.Exit(subprocess.run(command).returncode)
+    run(script, list(ctx.args), nproc)
 
 
 def _print_report(report) -> None:
