@@ -158,3 +158,42 @@ def test_inspect_shows_the_programs_and_the_kv_cache(artifact):
     assert info["cache"] == {"stored": [["k", "v"], ["k", "v"]]} and info["cache_note"] is None
     text = lcc_cli.run("inspect", str(artifact)).stdout
     assert "KV cache: k+v per key at each of 2 sites" in " ".join(text.split())
+
+
+PLAIN_TORCH = """
+import sys
+import torch
+ep = torch.export.load(sys.argv[1])
+inputs = torch.load(sys.argv[2])
+torch.save(ep.module()(**inputs), sys.argv[3])
+assert not any(name.startswith("longctx_compile") for name in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("form,options", [("dense", {}), ("hsa", {"score": "exact", "topk": "all", "chunk": "4"}), ("hsa", {"chunk": "4", "topk": "1"})])
+def test_a_portable_pt2_runs_in_plain_torch_and_equals_the_artifact(tmp_path, form, options):
+    """``lcc export-pt2``: the model program with aten ops only, loaded by torch.export.load in an interpreter without lcc."""
+    import lcc_cli
+
+    path = lcc.compile("tiny-llama", to=form, **options).save(tmp_path / "m.lcc")
+    result = lcc_cli.run("export-pt2", str(path), "-o", str(tmp_path / "m.pt2"))
+    assert result.returncode == 0, result.stderr
+    ids = torch.randint(0, 256, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    command = [sys.executable, "-c", PLAIN_TORCH, str(tmp_path / "m.pt2"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(got[mask.bool()], lcc.load(path)(**inputs)[mask.bool()])
+
+
+def test_a_program_with_collectives_has_no_portable_form(tmp_path):
+    import lcc_cli
+
+    path = lcc.compile("tiny-llama", to="ring", degree=2).save(tmp_path / "r.lcc")
+    result = lcc_cli.run("export-pt2", str(path), "-o", str(tmp_path / "r.pt2"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "cannot export to a portable program: longctx::seq_all_gather" in lines[0], result.stderr
+    assert not (tmp_path / "r.pt2").exists()

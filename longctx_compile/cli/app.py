@@ -75,9 +75,10 @@ _add_form_commands()
 
 
 def _add_export() -> None:
-    from .export import export_onnx
+    from .export import export_onnx, export_pt2
 
     app.command("export-onnx")(export_onnx)
+    app.command("export-pt2")(export_pt2)
 
 
 _add_export()

@@ -80,3 +80,21 @@ def print_report(report, rows) -> None:
         for r in rows:
             check.add_row(str(r["length"]), r["output"], str(r["shape"]), f"{r['max_abs_diff']:.2e}", "yes" if r["ok"] else "[red]NO[/red]")
         out.print(check)
+
+
+def export_pt2(
+    path: Annotated[str, typer.Argument(help="artifact folder")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .pt2 file to write")],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
+) -> None:
+    """Write the model program with every longctx op in its portable form (aten ops): torch.export.load runs it without lcc.
+
+    Example: lcc export-pt2 tiny-llama.lcc -o tiny-llama.pt2
+    """
+    from ..onnx.portable_pt2 import export_portable
+
+    with progress_bar() as bar:
+        task = bar.add_task("starting", total=None)
+        replaced = export_portable(Path(path), output, force=force, progress=lambda m: bar.update(task, description=m))
+    ops = ", ".join(f"{name} ×{count}" for name, count in sorted(replaced.items())) or "none"
+    out.print(f"wrote [bold]{output}[/bold]: the model program, longctx ops replaced by aten ops ({ops})", soft_wrap=True)

@@ -101,10 +101,10 @@ KERNELS = {
 }
 
 REFUSED = {
-    L.seq_all_to_all.default: "a sequence-parallel collective: ONNX has no collectives; export the dense artifact of the model",
-    L.seq_all_gather.default: "a sequence-parallel collective: ONNX has no collectives; export the dense artifact of the model",
-    L.ring_attention.default: "ring attention exchanges KV blocks between ranks: ONNX has no collectives; export the dense artifact",
-    L.flash_attention_backward.default: "a backward kernel: ONNX graphs here are inference graphs",
+    L.seq_all_to_all.default: "a sequence-parallel collective, which a one-process runtime has not; export the dense artifact of the model",
+    L.seq_all_gather.default: "a sequence-parallel collective, which a one-process runtime has not; export the dense artifact of the model",
+    L.ring_attention.default: "ring attention exchanges KV blocks between ranks; export the dense artifact of the model",
+    L.flash_attention_backward.default: "a backward kernel: exported graphs are inference graphs",
 }
 
 
@@ -117,14 +117,14 @@ def longctx_nodes(ep: torch.export.ExportedProgram) -> list[torch.fx.Node]:
     return [n for n in ep.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "longctx"]
 
 
-def check(ep: torch.export.ExportedProgram) -> None:
+def check(ep: torch.export.ExportedProgram, into: str = "ONNX") -> None:
     """Refuse, in one line, a program holding an op with no translation (or reading a kernel's saved state)."""
     for node in longctx_nodes(ep):
-        what = f"cannot export to ONNX: {node.target.name()} at {node.name}"
+        what = f"cannot export to {into}: {node.target.name()} at {node.name}"
         if node.target in REFUSED:
-            raise LccError(f"{what} has no ONNX translation ({REFUSED[node.target]})")
+            raise LccError(f"{what} has no portable form ({REFUSED[node.target]})")
         if node.target not in TRANSLATIONS and node.target not in KERNELS:
-            raise LccError(f"{what} has no ONNX translation")
+            raise LccError(f"{what} has no portable form")
         if node.target in KERNELS:
             state = [u for u in node.users if u.target is not operator.getitem or (u.args[1] != 0 and u.users)]
             if state:
