@@ -92,7 +92,7 @@ def parameter_stats(ep: torch.export.ExportedProgram) -> dict[str, int]:
 def write(compiled, out: Path, force: bool = False, report: dict[str, Any] | None = None) -> Path:
     """Write the artifact of ``compiled`` to ``out`` atomically; returns the folder."""
     out = Path(out)
-    inputs = [Path(compiled.program.source["spec"])] if compiled.program.source["kind"] == "hf_folder" else []
+    inputs = [Path(compiled.program.source["spec"])] if compiled.program.source["kind"] in ("hf_folder", "gguf") else []
     check_destination(out, force, inputs)
     with atomic_folder(out) as tmp:
         torch.export.save(compiled.program.ep, tmp / PROGRAM)

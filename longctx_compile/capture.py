@@ -69,8 +69,11 @@ def load_model(spec: Any, cfg: CaptureConfig | None = None) -> tuple[torch.nn.Mo
     if Path(text).is_dir():
         model = _from_hf_folder(Path(text), cfg)
         return model, ModelSource("hf_folder", str(Path(text).resolve()), _family(model), _config_dict(model))
+    if Path(text).is_file() and text.lower().endswith(".gguf"):
+        model = _from_gguf(Path(text), cfg)
+        return model, ModelSource("gguf", str(Path(text).resolve()), _family(model), _config_dict(model))
     if Path(text).exists():
-        raise LccError(f"'{text}' is a file; a model is a Hugging Face folder, a preset or 'file.py:factory'")
+        raise LccError(f"'{text}' is a file; a model is a Hugging Face folder, a .gguf file, a preset or 'file.py:factory'")
     if text.startswith("tiny-"):
         raise LccError(f"unknown preset '{text}'; known presets: {', '.join(sorted(presets.PRESETS))}")
     raise LccError(f"no such model: '{text}' is not a folder, a preset ({', '.join(sorted(presets.PRESETS))}) or 'file.py:factory'")
@@ -143,6 +146,21 @@ def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
     if missing:  # e.g. an encoder's or a base model's checkpoint: the LM head would be random
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise LccError(f"'{path}' lacks weights its {type(model).__name__} needs ({shown}): they would be initialised at random")
+    return model.eval()
+
+
+def _from_gguf(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
+    """A GGUF file through transformers (``gguf_file=``): its tensors dequantised to fp32, its config from its metadata."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise LccError("reading a .gguf file needs the gguf package: pip install 'longctx-compile[gguf]'") from None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True, attn_implementation=cfg.attn, dtype=torch.float32)
+    except Exception as e:
+        raise LccError(f"cannot load '{path}' as a GGUF model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return model.eval()
 
 

@@ -197,3 +197,68 @@ def test_a_program_with_collectives_has_no_portable_form(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "cannot export to a portable program: longctx::seq_all_gather" in lines[0], result.stderr
     assert not (tmp_path / "r.pt2").exists()
+
+
+def write_tiny_gguf(path):
+    """A 2-layer Llama written as GGUF with the gguf package (tensor names and metadata as llama.cpp writes them)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, vocab, layers = 32, 64, 64, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(8)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"▁w{i}".encode() for i in range(vocab)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([1] * vocab)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def add(name, *shape):
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0)).astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden)
+    add("output_norm.weight", hidden)
+    add("output.weight", vocab, hidden)
+    for i in range(layers):
+        for name, shape in (
+            ("attn_norm", (hidden,)),
+            ("ffn_norm", (hidden,)),
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (16, hidden)),
+            ("attn_v", (16, hidden)),
+        ):
+            add(f"blk.{i}.{name}.weight", *shape)
+        for name, shape in (("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+            add(f"blk.{i}.{name}.weight", *shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_file_converts_verifies_and_brings_its_tokenizer(tmp_path):
+    import lcc_cli
+    from transformers import AutoModelForCausalLM
+
+    from longctx_compile.runtime.tokenizer import tokenizer_for
+
+    pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package (the [gguf] extra)")
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    result = lcc_cli.run("convert", str(tmp_path / "tiny.gguf"), "-o", str(tmp_path / "g.lcc"), "--verify")
+    assert result.returncode == 0 and "PASS" in result.stdout, result.stderr
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()  # transformers' own reading
+    ids = torch.randint(0, 64, (2, 11))
+    torch.testing.assert_close(lcc.load(tmp_path / "g.lcc")(input_ids=ids), reference(ids).logits)
+    manifest = json.loads((tmp_path / "g.lcc" / "lcc.json").read_text())
+    assert manifest["source"]["kind"] == "gguf"
+    tokenizer = tokenizer_for(manifest)
+    assert tokenizer.decode([5, 6]).strip() == "w5 w6"  # the file's own vocabulary
