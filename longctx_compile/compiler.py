@@ -109,6 +109,9 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
 
     step("loading model")
     module, source = load_model(model, capture_cfg)
+    check_model = getattr(form_cfg, "check_model", None)
+    if callable(check_model) and getattr(module, "config", None) is not None:  # what the config decides, before capture
+        check_model(module.config)
     step("capturing with torch.export")
     ep, signature = export(module, capture_cfg)
     program = Program(ep, signature, source.to_json(), getattr(module, "config", None), form=to)

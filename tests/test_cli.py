@@ -223,13 +223,20 @@ def make():
         ("hsa", "window=-1", "0 or more"),
         ("evict", "budget=1.5", "a ratio lies in [0, 1)"),
         ("evict", "interval=0", "evict every 1 or more"),
+        ("ring", "degree=1", "ring degree must be at least 2"),
+        ("sp", "hybrid=2x2 degree=3", "makes 4 ranks, but degree=3"),
+        ("ulysses", "degree=3", "the model: 4 query heads are not divisible by the sequence-parallel degree 3"),  # from its config
     ],
 )
-def test_bad_option_values_are_refused_before_the_model_loads(tmp_path, form, option, message):
+def test_bad_option_values_are_refused_before_the_model_loads_or_before_capture(tmp_path, form, option, message):
     (tmp_path / "marked.py").write_text(MARKED_MODEL)
-    rc, _, stderr = lcc("convert", f"{tmp_path / 'marked.py'}:make", "--to", form, "--opt", option, "-o", str(tmp_path / "m.lcc"))
-    assert rc == 2 and message in stderr
-    assert not (tmp_path / "loaded").exists()  # refused before the (possibly minutes-long) load and capture
+    options = [arg for pair in option.split() for arg in ("--opt", pair)]
+    rc, _, stderr = lcc("convert", f"{tmp_path / 'marked.py'}:make", "--to", form, *options, "-o", str(tmp_path / "m.lcc"))
+    assert rc == 2 and message in stderr, stderr
+    if "the model" not in message:
+        assert not (tmp_path / "loaded").exists()  # refused before the (possibly minutes-long) load and capture
+    else:  # the heads come from the model's config: loaded, refused before the capture
+        assert "layer 0" not in stderr
 
 
 def test_a_non_utf8_prompt_and_an_unwritable_onnx_path_are_one_line(tmp_path):

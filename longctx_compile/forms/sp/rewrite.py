@@ -41,6 +41,17 @@ class UlyssesConfig:
 
     degree: int = 2
 
+    def check(self) -> None:
+        """The values that need no graph (``options.build`` calls this before the model loads)."""
+        if self.degree < 1:
+            raise LccError(f"sequence-parallel degree must be at least 1, got {self.degree}")
+
+    def check_model(self, config: Any) -> None:
+        """Against the model's config, before capture: the degree must fit its heads."""
+        heads = model_heads(config)
+        if heads:
+            check_heads(*heads, self.degree, "the model")
+
 
 @dataclass
 class RingConfig:
@@ -48,6 +59,11 @@ class RingConfig:
 
     degree: int = 2
     zigzag: bool = True
+
+    def check(self) -> None:
+        """The values that need no graph (``options.build`` calls this before the model loads)."""
+        if self.degree < 2:
+            raise LccError(f"ring degree must be at least 2, got {self.degree}")
 
 
 @dataclass
@@ -62,6 +78,30 @@ class SpConfig:
     hybrid: str | None = None
     zigzag: bool = True
     objective: Literal["forward", "step"] = "forward"
+
+    def check(self) -> None:
+        """The values that need no graph (``options.build`` calls this before the model loads)."""
+        if self.hybrid:
+            U, R = parse_hybrid(self.hybrid)
+            if self.degree is not None and self.degree != U * R:
+                raise LccError(f"--opt hybrid={self.hybrid} makes {U * R} ranks, but degree={self.degree}")
+        elif self.degree is not None and self.degree < 2:
+            raise LccError(f"sequence-parallel degree must be at least 2, got {self.degree}")
+
+    def check_model(self, config: Any) -> None:
+        """Against the model's config, before capture: a hybrid's Ulysses degree must fit the heads."""
+        heads = model_heads(config)
+        if heads and self.hybrid:
+            check_heads(*heads, parse_hybrid(self.hybrid)[0], "the model")
+
+
+def model_heads(config: Any) -> tuple[int, int] | None:
+    """(query heads, KV heads) from a Hugging Face config, or None when it does not say."""
+    hq = getattr(config, "num_attention_heads", None)
+    if not isinstance(hq, int):
+        return None
+    hkv = getattr(config, "num_key_value_heads", None)
+    return hq, hkv if isinstance(hkv, int) else hq
 
 
 def check_heads(hq: int, hkv: int, degree: int, where: str) -> None:
@@ -197,14 +237,14 @@ def ulysses(program: Program, cfg: UlyssesConfig) -> PassResult:
 @register("ring", Stage.FORM, RingConfig)
 def ring(program: Program, cfg: RingConfig) -> PassResult:
     """Replace each attention by ring attention over ``degree`` ranks (zigzag shards by default)."""
-    if cfg.degree < 2:
-        raise LccError(f"ring degree must be at least 2, got {cfg.degree}")
+    cfg.check()
     return rewrite(program, Layout(ring=cfg.degree, zigzag=cfg.zigzag), "ring")
 
 
 @register("sp", Stage.FORM, SpConfig)
 def sp(program: Program, cfg: SpConfig) -> PassResult:
     """Pick Ulysses, ring or Ulysses-inside-ring from the heads and the bytes each moves, and say why."""
+    cfg.check()
     layout, why = choose(_sites(program), cfg)
     return rewrite(program, layout, "sp", why)
 
@@ -231,12 +271,8 @@ def choose(nodes: list[torch.fx.Node], cfg: SpConfig) -> tuple[Layout, str]:
     hq, hkv = facts[0]["hq"], facts[0]["hkv"]
     if cfg.hybrid:
         U, R = parse_hybrid(cfg.hybrid)
-        if cfg.degree is not None and cfg.degree != U * R:
-            raise LccError(f"--opt hybrid={cfg.hybrid} makes {U * R} ranks, but degree={cfg.degree}")
         return Layout(U, R, cfg.zigzag and R > 1), f"hybrid {U}x{R} as asked"
     P = 2 if cfg.degree is None else cfg.degree
-    if P < 2:
-        raise LccError(f"sequence-parallel degree must be at least 2, got {P}")
     tokens = 1 << 16  # bytes scale linearly in length: any length ranks the options the same
     options = []
     for U in (u for u in range(P, 0, -1) if P % u == 0):
