@@ -152,9 +152,10 @@ def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
 def _from_gguf(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
     """A GGUF file through transformers (``gguf_file=``): its tensors dequantised to fp32, its config from its metadata."""
     try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading needs both)
         import gguf  # noqa: F401
-    except ImportError:
-        raise LccError("reading a .gguf file needs the gguf package: pip install 'longctx-compile[gguf]'") from None
+    except ImportError as e:
+        raise LccError(f"reading a .gguf file needs the {e.name} package: pip install 'longctx-compile[gguf]'") from None
     from transformers import AutoModelForCausalLM
 
     try:

@@ -13,6 +13,7 @@ from . import ops, passes  # noqa: F401  (registers the ops and the passes)
 from .capture import CaptureConfig, export, load_model
 from .errors import LccError
 from .forms import get_form
+from .ops.schema import Call
 from .options import build, check_known
 from .passes.canonicalize import CanonicalizeConfig
 from .passes.lower import LowerConfig
@@ -118,11 +119,22 @@ def compile_model(model: Any, to: str = "dense", target: str = "cpu", options: d
     run_stage(program, Stage.CAPTURE, [])
     step("canonicalizing attention")
     run_stage(program, Stage.CANONICALIZE, [("canonicalize", canon_cfg)])
+    if source.kind in ("hf_folder", "gguf"):
+        refuse_encoder(program, source.spec)
     step(f"rewriting into {to}")
     run_stage(program, Stage.FORM, [(name, form_cfg) for name in form.passes])
     step(f"lowering for {target}")
     run_stage(program, Stage.LOWER, [("lower", lower_cfg)])
     return Compiled(program, module, form_cfg, capture_cfg)
+
+
+def refuse_encoder(program: Program, spec: str) -> None:
+    """A checkpoint whose every attention sees the whole sequence (no causal mask, no mask tensor) is an encoder
+    (BERT and kin load as a causal-LM class with their heads): lcc converts decoder language models."""
+    calls = [Call.of(n) for n in program.attention_nodes()]
+    if calls and not any(c.causal or c.mask is not None for c in calls):
+        masks = sorted({n.meta["lcc"]["mask"] for n in program.attention_nodes()})
+        raise LccError(f"'{spec}': every attention sees the whole sequence ({', '.join(masks)}): an encoder, not a decoder language model")
 
 
 def check_cache(program: Program) -> None:

@@ -251,7 +251,8 @@ def test_a_gguf_file_converts_verifies_and_brings_its_tokenizer(tmp_path):
 
     from longctx_compile.runtime.tokenizer import tokenizer_for
 
-    pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package (the [gguf] extra)")
+    for package in ("gguf", "accelerate"):
+        pytest.importorskip(package, reason=f"reading GGUF files needs the {package} package (the [gguf] extra)")
     write_tiny_gguf(tmp_path / "tiny.gguf")
     result = lcc_cli.run("convert", str(tmp_path / "tiny.gguf"), "-o", str(tmp_path / "g.lcc"), "--verify")
     assert result.returncode == 0 and "PASS" in result.stdout, result.stderr

@@ -271,7 +271,16 @@ def test_folders_that_are_not_decoder_lm_checkpoints_are_refused(tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     rc, _, stderr = lcc("convert", str(tmp_path / "base"), "-o", str(tmp_path / "b.lcc"))
     assert rc == 2 and "lacks weights its LlamaForCausalLM needs (lm_head.weight)" in stderr, stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "t5"]
+    for name, is_decoder in (("encoder", False), ("decoder", True)):
+        bert = AutoConfig.for_model(
+            "bert", hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, vocab_size=64, is_decoder=is_decoder
+        )
+        AutoModelForCausalLM.from_config(bert).save_pretrained(tmp_path / name)  # BertLMHeadModel, every weight saved
+    rc, _, stderr = lcc("convert", str(tmp_path / "encoder"), "-o", str(tmp_path / "c.lcc"))
+    assert rc == 2 and "every attention sees the whole sequence (full+padding): an encoder" in stderr, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "decoder", "encoder", "t5"]
+    rc, _, stderr = lcc("convert", str(tmp_path / "decoder"), "-o", str(tmp_path / "d.lcc"))  # BERT made causal is a decoder
+    assert rc == 0, stderr
 
 
 REMOTE_CONFIG = """
