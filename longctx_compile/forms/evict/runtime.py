@@ -28,7 +28,7 @@ from ...ops.schema import Call
 from ...runtime.generate import Sampling, collect, pad_prompts, token_steps
 from ...runtime.interpret import attention_sites, flat_inputs, last_position_logits, logits_index, step_state, with_site_hooks
 from ...runtime.model import default_positions
-from .step import EvictStep, written_parts
+from .step import EvictStep
 
 EVICT = torch.ops.longctx.evict_attention.default
 ATTENTION = torch.ops.longctx.attention.default
@@ -235,7 +235,7 @@ class EvictModel:
         with torch.no_grad():
             outputs = self.step(self.state, inputs, caches, slots)
         B, positions = ids.shape[0], inputs["position_ids"]
-        observed = iter(outputs[1 + sum(len(written_parts(self.step, i)) for i in range(len(self.step.parts))) :])
+        observed = iter(outputs[self.step.observed_from :])
         for site, c in sorted(cache.sites.items()):
             if "pos" in c.buffers:
                 c.buffers["pos"].narrow(2, c.n, 1).copy_(positions[:, None].expand(B, c.buffers["pos"].shape[1], 1))

@@ -58,6 +58,8 @@ class EvictStep(torch.nn.Module):
         self.index = logits_index(ep)
         self.parts = [parts(policy, memory, n.target is EVICT) for n in attention_sites(ep)]
         self.offsets = [sum(len(p) for p in self.parts[:i]) for i in range(len(self.parts) + 1)]
+        self.written = [[name for name in p if name in WRITTEN] for p in self.parts]  # what each site returns, in order
+        self.observed_from = 1 + sum(len(w) for w in self.written)  # outputs: logits, the written parts, then the queries
         self._step: tuple | None = None
 
     def _site(self, site: int, call: Call) -> torch.Tensor:
@@ -93,7 +95,7 @@ class EvictStep(torch.nn.Module):
             cache["score"] = cache["score"].copy_(torch.maximum(cache["score"], seen)) if fast else torch.maximum(cache["score"], seen)
         if self.policy == "snapkv" and call.op is EVICT:
             observed.append(q)
-        written += [cache[name] for name in self.parts[site] if name in WRITTEN]
+        written += [cache[name] for name in self.written[site]]
         return out
 
     def forward(self, state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], caches: list[torch.Tensor], slots: list[torch.Tensor]) -> tuple:
@@ -105,11 +107,6 @@ class EvictStep(torch.nn.Module):
         finally:
             self._step = None
         return (logits, *written, *observed)
-
-
-def written_parts(step: EvictStep, site: int) -> list[str]:
-    """The parts of ``site`` the step returns, in order."""
-    return [name for name in step.parts[site] if name in WRITTEN]
 
 
 def export_decode(model: Any) -> torch.export.ExportedProgram:
