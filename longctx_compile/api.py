@@ -17,7 +17,7 @@ from .inspect.diff import GraphDiff, diff_snapshots
 from .loaded import LoadedModel
 from .loaded import load as _load
 from .options import build
-from .runtime.verify import ATOL, LENGTHS, RTOL, Report
+from .runtime.verify import ATOL, FLOOR_FACTOR, LENGTHS, RTOL, Report, in_fp32
 from .runtime.verify import verify as _verify
 from .targets import TARGETS, Target
 
@@ -45,12 +45,12 @@ def is_artifact(path: Any) -> bool:
     return isinstance(path, (str, Path)) and (Path(path) / artifact.MANIFEST).is_file()
 
 
-def source_model(manifest: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the model an artifact was converted from (preset, HF folder or factory file)."""
+def source_model(manifest: dict[str, Any], dtype: str | None = None) -> torch.nn.Module:
+    """Rebuild the model an artifact was converted from (preset, HF folder or factory file), in ``dtype`` (None: the artifact's)."""
     source = manifest["source"]
     if source["kind"] == "module":
         raise LccError("this artifact came from a Python object; verify it in Python with lcc.verify(model, artifact)")
-    capture = build(CaptureConfig, manifest.get("capture", {}))
+    capture = build(CaptureConfig, {**manifest.get("capture", {}), **({"dtype": dtype} if dtype else {})})
     return load_model(source["spec"], capture)[0]
 
 
@@ -81,24 +81,29 @@ def verify(
     """
     if converted is None and is_artifact(model):
         converted = load(model)
-        original = source_model(converted.manifest)
+        original = source_model(converted.manifest, dtype="fp32")  # the checkpoint's weights, compared in fp32
         exact = get_form(converted.manifest["form"]).exact
     elif converted is None:
         converted = compile(model, to=to, target=target, **options)
-        original = converted.original
+        original = model if isinstance(model, torch.nn.Module) else converted.original
         exact = get_form(to).exact
     else:
         original = load_model(model)[0] if not isinstance(model, torch.nn.Module) else model
         exact = True
     runnable, signature = _as_runnable(converted)
     exact = signature.get("exact", exact)  # a form whose exactness depends on its options records it
+    original, floor = in_fp32(original, signature, lengths)
+    tolerance = atol if floor is None else atol + FLOOR_FACTOR * floor
     form = get_form(converted.program.form if isinstance(converted, Compiled) else converted.manifest["form"])
     if form.verify is not None:  # the form's own check (msa: routed over an encoded bank; evict: a compacted prompt)
         ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
-        return form.verify(original, ep, signature, lengths, rtol, atol)
-    if form.verify_runnable is not None:  # the form's own way to run (sequence parallel: on its ranks)
-        runnable, lengths = form.verify_runnable(converted, signature, lengths)
-    return _verify(original, runnable, signature, lengths, rtol, atol, exact)
+        report = form.verify(original, ep, signature, lengths, rtol, tolerance)
+    else:
+        if form.verify_runnable is not None:  # the form's own way to run (sequence parallel: on its ranks)
+            runnable, lengths = form.verify_runnable(converted, signature, lengths)
+        report = _verify(original, runnable, signature, lengths, rtol, tolerance, exact)
+    report.dtype, report.floor = signature.get("dtype", "fp32"), floor
+    return report
 
 
 def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = None, layer: int | None = None) -> GraphDiff:

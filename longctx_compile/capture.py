@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import inspect
@@ -27,6 +28,8 @@ class CaptureConfig:
     ``attention_mask`` / ``position_ids``: include that input in the program (None: when the model's
     forward takes it). ``max_len``: upper bound of the dynamic sequence dimension (None: the model's
     ``max_position_embeddings``, capped at 8192). ``attn``: HF attention implementation to load with.
+    ``dtype``: the weights' and activations' dtype, ``auto`` keeping the checkpoint's (fp32 for a GGUF file,
+    whose quantised tensors are dequantised).
     """
 
     attn: str = "sdpa"
@@ -34,6 +37,28 @@ class CaptureConfig:
     attention_mask: bool | None = None
     position_ids: bool | None = None
     trust_remote_code: bool = False
+    dtype: str = "auto"
+
+    def check(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise LccError(f"dtype must be one of auto, {', '.join(DTYPES)}; got '{self.dtype}'")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` | ``bf16`` | ``fp16`` for a torch dtype lcc runs in."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def dtype_of(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype most of the model's parameters hold (fp32 when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 @dataclass
@@ -50,8 +75,20 @@ class ModelSource:
 
 
 def load_model(spec: Any, cfg: CaptureConfig | None = None) -> tuple[torch.nn.Module, ModelSource]:
-    """Resolve a model spec into an eval-mode module and a description of its source."""
+    """Resolve a model spec into an eval-mode module, in the dtype ``cfg.dtype`` asks, and a description of its source."""
     cfg = cfg or CaptureConfig()
+    cfg.check()
+    model, source = _load(spec, cfg)
+    dtype = dtype_of(model)
+    if cfg.dtype != "auto" and dtype != DTYPES[cfg.dtype]:
+        # a module the caller holds is copied, never cast in place
+        model = (copy.deepcopy(model) if source.kind == "module" else model).to(DTYPES[cfg.dtype])
+    elif dtype not in DTYPES.values():
+        raise LccError(f"the model's weights are {str(dtype).removeprefix('torch.')}; lcc runs fp32, bf16 or fp16: pass --dtype")
+    return model, source
+
+
+def _load(spec: Any, cfg: CaptureConfig) -> tuple[torch.nn.Module, ModelSource]:
     if cfg.attn not in ("sdpa", "eager"):
         raise LccError(f"attn must be 'sdpa' or 'eager', got '{cfg.attn}'")
     if isinstance(spec, torch.nn.Module):
@@ -133,7 +170,7 @@ def _from_hf_folder(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
             local_files_only=True,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn,
-            dtype=torch.float32,
+            dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
             output_loading_info=True,
         )
     except ValueError as e:
@@ -159,7 +196,9 @@ def _from_gguf(path: Path, cfg: CaptureConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True, attn_implementation=cfg.attn, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True, attn_implementation=cfg.attn, dtype=DTYPES.get(cfg.dtype, torch.float32)
+        )
     except Exception as e:
         raise LccError(f"cannot load '{path}' as a GGUF model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return model.eval()
@@ -259,7 +298,7 @@ def export(model: torch.nn.Module, cfg: CaptureConfig | None = None) -> tuple[to
     if out is None or out.dim() != 3:
         shape = None if out is None else list(out.shape)
         raise LccError(f"{type(model).__name__} is not a decoder language model: output shape {shape}, expected [batch, seq, vocab]")
-    signature = {"inputs": list(names), "outputs": ["logits"], "max_len": max_len, "vocab_size": vocab, "notes": notes}
+    signature = {"inputs": list(names), "outputs": ["logits"], "max_len": max_len, "vocab_size": vocab, "dtype": dtype_name(dtype_of(model)), "notes": notes}
     return ep, signature
 
 

@@ -122,7 +122,7 @@ def test_a_commands_exit_status_reaches_the_shell(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["convert", "tiny-llama", "--bogus"], "the options of 'lcc convert' are --force, --onnx, --opt"),
+        (["convert", "tiny-llama", "--bogus"], "the options of 'lcc convert' are --dtype, --force, --onnx, --opt"),
         (["convrt", "tiny-llama"], "Did you mean 'convert'"),
         (["frob"], "the commands are "),
         (["verify", "x.lcc", "--nproc", "3"], "the options of 'lcc verify' are"),

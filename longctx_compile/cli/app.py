@@ -88,10 +88,18 @@ Opt = Annotated[
 ]
 
 
-def _options(opt: list[str] | None) -> dict[str, str]:
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's own)")]
+
+
+def _options(opt: list[str] | None, dtype: str | None = None) -> dict[str, str]:
     from ..options import parse_pairs
 
-    return parse_pairs(opt)
+    options = parse_pairs(opt)
+    if dtype is not None:
+        if "dtype" in options:
+            raise LccError("the dtype is given twice: use --dtype or --opt dtype=, not both")
+        options["dtype"] = dtype
+    return options
 
 
 @app.command()
@@ -101,6 +109,7 @@ def convert(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="artifact folder (default: <model>.<form>.lcc)")] = None,
     target: Annotated[str, typer.Option("--target", help="target GPU or cpu (see lcc targets)")] = "cpu",
     opt: Opt = None,
+    dtype: Dtype = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="check equivalence and record the report in lcc.json")] = False,
     onnx: Annotated[bool, typer.Option("--onnx", help="also write the model program as model.onnx in the artifact (see lcc export-onnx)")] = False,
@@ -111,7 +120,7 @@ def convert(
     """
     from .. import api, artifact
 
-    options = _options(opt)
+    options = _options(opt, dtype)
     output = output or Path(f"{Path(model).name.split(':')[0].removesuffix('.py')}.{to}.lcc")
     artifact.check_destination(output, force, [Path(model)] if Path(model).is_dir() else [])
     with progress_bar() as progress:
@@ -224,6 +233,7 @@ def verify(
     to: Annotated[str, typer.Option("--to", help="form, when PATH is a model")] = "dense",
     target: Annotated[str, typer.Option("--target", help="target GPU, interpret or cpu (see lcc targets)")] = "cpu",
     opt: Opt = None,
+    dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Run original and converted on seeded batches; exit 0 only within tolerance (exact modes).
@@ -234,7 +244,7 @@ def verify(
 
     with progress_bar() as progress:
         progress.add_task("verifying", total=None)
-        report = api.verify(path, to=to, target=target, **_options(opt))
+        report = api.verify(path, to=to, target=target, **_options(opt, dtype))
     if as_json:
         out.print_json(json.dumps(report.to_json()))
     else:
@@ -343,8 +353,15 @@ def _print_report(report) -> None:
         verdict = "[yellow]DIVERGES" if not report.passed else "[yellow]WITHIN TOLERANCE"
         verdict += " (approximate form, not an equivalence check)[/yellow]"
     out.print(
-        f"{verdict} max abs {report.max_abs:.3g}, max rel {report.max_rel:.3g}, top-1 {report.top1:.3f}, KL {report.kl:.3g} (rtol {report.rtol}, atol {report.atol})"
+        f"{verdict} max abs {report.max_abs:.3g}, max rel {report.max_rel:.3g}, top-1 {report.top1:.3f}, KL {report.kl:.3g} (rtol {report.rtol}, atol {report.atol:.3g})"
     )
+    if report.floor is not None:
+        from ..runtime.verify import ATOL, FLOOR_FACTOR
+
+        out.print(
+            f"a {report.dtype} artifact against the original in fp32; the original itself in {report.dtype} differs by {report.floor:.3g} (max abs),"
+            f" so atol is {ATOL:g} + {FLOOR_FACTOR:g} × {report.floor:.3g}"
+        )
 
 
 @app.command()

@@ -101,7 +101,7 @@ def render(info: dict[str, Any], console: Console) -> None:
     console.print(f"form [cyan]{info['form']}[/cyan] {escape(str(info['form_config'] or ''))}  target [cyan]{info['target']}[/cyan]")
     console.print(escape(f"inputs {', '.join(sig['inputs'])} [batch, seq ≤ {sig['max_len']}] → logits [batch, seq, {sig['vocab_size']}]"))
     if params:
-        console.print(f"parameters {params['count']:,} ({params['bytes'] / 2**20:.1f} MiB)")
+        console.print(f"parameters {params['count']:,} ({params['bytes'] / 2**20:.1f} MiB, {sig.get('dtype', 'fp32')})")
     sites = Table("layer", "module", "heads", "D", "mask", "form", "kernel", "tiles (fwd · bwd)", title="attention sites", title_justify="left")
     for s in info["sites"]:
         sites.add_row(str(s["layer"]), s["module"], f"{s['hq']}/{s['hkv']}", str(s["head_dim"]), s["mask"], form_detail(s), kernel_name(s), tiles(s))

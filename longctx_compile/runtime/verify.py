@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from ..capture import CausalLM, example_inputs
+from ..capture import DTYPES, CausalLM, dtype_of, example_inputs
 from .model import default_positions
 
 # torch.testing.assert_close's fp32 defaults
 RTOL, ATOL = 1.3e-6, 1e-5
 LENGTHS = (1, 2, 7, 16, 33)
+# a bf16/fp16 artifact passes when its logits are within this many times the original model's own error in that dtype
+FLOOR_FACTOR = 2.0
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Report:
     rtol: float = RTOL
     atol: float = ATOL
     exact: bool = True
+    dtype: str = "fp32"  # the artifact's; every comparison is against the original run in fp32
+    floor: float | None = None  # below fp32: the original's own max abs error in the artifact's dtype
 
     @property
     def max_abs(self) -> float:
@@ -60,7 +65,15 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         summary = {"max_abs": self.max_abs, "max_rel": self.max_rel, "top1": self.top1, "kl": self.kl, "passed": self.passed}
-        return {**summary, "rtol": self.rtol, "atol": self.atol, "exact": self.exact, "cases": [asdict(c) for c in self.cases]}
+        return {
+            **summary,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "exact": self.exact,
+            "dtype": self.dtype,
+            "floor": self.floor,
+            "cases": [asdict(c) for c in self.cases],
+        }
 
 
 def batches(signature: dict[str, Any], lengths=LENGTHS, batch: int = 3, seed: int = 0):
@@ -92,6 +105,22 @@ def compare(ref: torch.Tensor, out: torch.Tensor, real: torch.Tensor, rtol: floa
     kl = float(torch.nn.functional.kl_div(o.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="none").sum(-1).max())
     ok = bool(torch.isfinite(o).all()) and bool((diff <= atol + rtol * r.abs()).all())
     return max_abs, max_rel, top1, kl, ok
+
+
+def in_fp32(original: torch.nn.Module, signature: dict[str, Any], lengths=LENGTHS) -> tuple[torch.nn.Module, float | None]:
+    """The reference model in fp32 and, for a bf16/fp16 artifact, the noise floor: the largest logit difference
+    (at real tokens, over the verify batches) between the original run in the artifact's dtype and in fp32."""
+    dtype = DTYPES[signature.get("dtype", "fp32")]
+    reference = original if dtype_of(original) == torch.float32 else copy.deepcopy(original).float()
+    if dtype == torch.float32:
+        return reference, None
+    lowered = original if dtype_of(original) == dtype else copy.deepcopy(reference).to(dtype)
+    fp32, low = CausalLM(reference, tuple(signature["inputs"])).eval(), CausalLM(lowered, tuple(signature["inputs"])).eval()
+    floor = 0.0
+    with torch.no_grad():
+        for inputs, real, _ in batches(signature, lengths):
+            floor = max(floor, float((fp32(**inputs)[real].double() - low(**inputs)[real].double()).abs().max()))
+    return reference, floor
 
 
 def verify(
