@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -68,12 +69,43 @@ def manifest_of(compiled, report: dict[str, Any] | None = None) -> dict[str, Any
         "parameters": parameter_stats(program.ep),
         "tied": tied_parameters(program.ep),
         "sites": program.sites(),
+        "op_modules": op_modules(program.ep),
         "history": [dataclasses.asdict(r) for r in program.history],
         "stages": list(program.snapshots),
         "programs": {"model": PROGRAM},  # stored files; namespaced ones as {"kv_cache": {"decode": "kv_cache/decode.pt2"}}
         "equivalence": report,
         **compiled.derived(),  # the programs derived from model.pt2 on demand, and the KV-cache layout or why none
     }
+
+
+BUILTIN_NAMESPACES = {"aten", "prims", "longctx", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"}
+
+
+def op_modules(ep: torch.export.ExportedProgram) -> list[str]:
+    """The Python modules that register the program's custom ops from outside torch and lcc (transformers'
+    ``grouped_mm_fallback`` for mixture-of-experts layers): a fresh process imports them before loading.
+    Ops defined in a script or a ``file.py:factory`` have no importable module: their user imports them first."""
+    from torch._library.custom_ops import OPDEFS
+
+    modules = set()
+    for node in ep.graph_module.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace in BUILTIN_NAMESPACES:
+            continue
+        opdef = OPDEFS.get(f"{target.namespace}::{target._opname}")
+        module = getattr(getattr(opdef, "_init_fn", None), "__module__", None)
+        if module and module != "__main__" and not module.startswith("_lcc_factory_"):
+            modules.add(module)
+    return sorted(modules)
+
+
+def import_op_modules(path: Path, manifest: dict[str, Any]) -> None:
+    """Register the custom ops an artifact's program needs (``op_modules``) before it is deserialized."""
+    for module in manifest.get("op_modules", []):
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise LccError(f"'{path}' needs the ops of the module {module}, which cannot be imported here: {type(e).__name__}: {e}") from None
 
 
 def tied_parameters(ep: torch.export.ExportedProgram) -> list[list[str]]:
@@ -288,6 +320,7 @@ def read_program(path: Path, manifest: dict[str, Any], name: str = "model", devi
     if progress is not None:
         progress(f"checking {relative}")
     verify_files(path, manifest, only=relative)
+    import_op_modules(path, manifest)
     file = Path(path) / relative
     if progress is not None:
         progress(f"loading {relative}")
