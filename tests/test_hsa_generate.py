@@ -10,6 +10,7 @@ from decode_steps import check_decode_steps
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
 from longctx_compile.ops import hsa as hsa_ops
+from longctx_compile.ops import hsa_decode
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 9, 11, 13, 40, 41, 2], [12, 8], [200, 201, 3, 4, 5]]
 
@@ -53,6 +54,47 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
         q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk
     )
     torch.testing.assert_close(op, full[:, :, -new:])
+    # the decode op reads chunk landmarks from cached running sums instead of the keys
+    sums = None if mode == "exact" else hsa_decode.landmark_sums(k if sk is None else sk, key_padding, chunk)
+    step = torch.ops.longctx.hsa_decode(
+        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:]
+    )
+    torch.testing.assert_close(step, full[:, :, -new:])
+
+
+def test_running_sums_extended_key_by_key_equal_the_prompts():
+    """What prefill stores (landmark_sums) extended one key at a time (extend_sums, as a decode step does) equals the
+    sums of the whole sequence; the entry at each chunk's last key is the chunk's sum of real keys and their count."""
+    T, chunk = 23, 4
+    _, k, _, key_padding = qkv(T)
+    sums = hsa_decode.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk)
+    for j in range(9, T):
+        entry = hsa_decode.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], torch.full((2,), j % chunk == 0))
+        sums = torch.cat([sums, entry], dim=2)
+    full = hsa_decode.landmark_sums(k, key_padding, chunk)
+    torch.testing.assert_close(sums, full)
+    ends = full[:, :, chunk - 1 :: chunk]
+    real = key_padding[:, : T // chunk * chunk].view(2, 1, -1, chunk, 1).float()
+    torch.testing.assert_close(
+        ends, torch.cat([(k[:, :, : T // chunk * chunk].reshape(2, 2, -1, chunk, 8) * real).sum(3), real.sum(3).expand(2, 2, -1, 1)], -1)
+    )
+
+
+def test_a_decode_step_reads_landmarks_not_old_keys():
+    """Keys of an older chunk that is neither local nor selected are not read: NaN there changes nothing, while the
+    landmark its sums hold still takes part in the selection (a step costs O(C + (K+w+1)·S) keys, not O(N))."""
+    T, chunk = 40, 4
+    q, k, v, _ = qkv(T)
+    sums = hsa_decode.landmark_sums(k, None, chunk)
+    args = (None, None, 0.3, chunk, 1, 0, "landmark", False, "softmax", None)
+    clean = torch.ops.longctx.hsa_decode(q[:, :, -1:], k, v, None, sums, *args)
+    full = hsa_ops.hsa_ref(q, k, v, None, 0.3, chunk, 1, 0, "landmark")
+    torch.testing.assert_close(clean, full[:, :, -1:])
+    picked = hsa_ops.top_chunks((q[:, :, -1].view(2, 2, 2, 8).sum(2)[:, :, None] * 0.3 * sums[:, :, chunk - 1 : 36 : chunk, :8] / 4).sum(-1), 1)
+    unread = next(c for c in range(9) if not (picked == c).any())
+    poisoned = k.clone()
+    poisoned[:, :, unread * chunk : (unread + 1) * chunk] = float("nan")
+    torch.testing.assert_close(torch.ops.longctx.hsa_decode(q[:, :, -1:], poisoned, v, None, sums, *args), clean)
 
 
 def test_last_queries_refuse_a_shared_chunk_selection():
@@ -75,8 +117,8 @@ def test_sparse_decode_logits_equal_the_full_sequence_program(options):
     """Both cache modes, stepped as the Generator steps them: each step's logits equal the HSA program over the whole
     sequence so far (left-padded prompts; the static cache passed as its filled prefix)."""
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, window=0, **options)
-    if options.get("nope"):
-        assert len(compiled.steps.layout.stored[0]) == 3  # keys, values and the NoPE score keys
+    assert compiled.steps.layout.stored[0] == ["k", "v", "sums"]  # keys, values and the chunks' running landmark sums
+    assert compiled.steps.layout.shapes[0][2] == [2, 16 + 1]  # per KV head: the (NoPE) score key's sum and the count
     check_decode_steps(compiled, PROMPTS, 7, prefix_views=True)
     # and the Generator's two cache modes pick the same tokens
     assert compiled.generate(PROMPTS, max_new_tokens=7) == compiled.generate(PROMPTS, max_new_tokens=7, cache="growing")
@@ -85,7 +127,7 @@ def test_sparse_decode_logits_equal_the_full_sequence_program(options):
 def test_a_saved_hsa_artifact_generates(tmp_path):
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", window=0)
     loaded = lcc.load(compiled.save(tmp_path / "h.lcc"))
-    assert loaded.manifest["derived"] == {"kv_cache": ["prefill", "decode", "static"]} and loaded.manifest["cache"]["stored"][0] == ["k", "v"]
+    assert loaded.manifest["derived"] == {"kv_cache": ["prefill", "decode", "static"]} and loaded.manifest["cache"]["stored"][0] == ["k", "v", "sums"]
     assert loaded.generate(PROMPTS, max_new_tokens=6) == compiled.generate(PROMPTS, max_new_tokens=6)
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import attention, collectives, evict, flash, hsa, hsa_cpu, hsa_flash, loss, msa, ring  # noqa: F401  (registers every longctx op)
+from . import attention, collectives, evict, flash, hsa, hsa_cpu, hsa_decode, hsa_flash, loss, msa, ring  # noqa: F401  (registers every longctx op)
 from .reference import attention_ref, doc_ids_from_positions
 
 # every op that is an attention site: the canonical one, what ``lower`` binds it to, and the forms' own

@@ -34,8 +34,20 @@ class KeyValueCache:
     """
 
     def stored(self, call: Call) -> tuple[str, ...]:
-        """The arguments kept per key (each a [batch, heads, keys, dim] tensor)."""
+        """The tensors kept per key (each [batch, heads, keys, dim]): arguments of the op, or of the call a step runs."""
         return ("k", "v")
+
+    def dims(self, call: Call) -> list[tuple[Any, Any]]:
+        """(heads, dim) of each stored tensor, for a call of graph nodes (their ``val`` metadata)."""
+        return [tuple(call[name].meta["val"].shape[1::2]) for name in self.stored(call)]
+
+    def dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of stored tensor ``name`` in a model computing in ``model_dtype``."""
+        return model_dtype
+
+    def prefill(self, call: Call) -> list[torch.Tensor]:
+        """What a prompt's call stores, in :meth:`stored` order."""
+        return [call[name] for name in self.stored(call)]
 
     def refuse(self, call: Call) -> str | None:
         """Why this call cannot be continued token by token, or None."""
@@ -73,32 +85,6 @@ class KeyValueCache:
     def run(self, call: Call) -> Any:
         """The op's output over the extended call, in the structure the graph reads."""
         return call()
-
-
-@dataclass(frozen=True)
-class HsaCache(KeyValueCache):
-    """HSA (``hsa_attention``, or ``hsa_flash`` bound by ``lower``): keys, values and the NoPE score keys when it
-    has them. A decode step runs the reference op with the new tokens as the last queries of all the keys, each
-    selecting its chunks as in the whole sequence; the static step's filled prefix ends at the slot (the
-    Generator passes it so), which keeps that so. Landmarks are recomputed from the cached keys each step.
-    """
-
-    def stored(self, call: Call) -> tuple[str, ...]:
-        return ("k", "v") if call.score_k is None else ("k", "v", "score_k")
-
-    def refuse(self, call: Call) -> str | None:
-        if call.select == "block" and call.topk >= 0:
-            return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
-        return None
-
-    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
-        written, visible = self.written(call, cached, past_mask, slots, in_place)
-        return call.replace(**written, key_padding=visible)
-
-    def run(self, call: Call) -> Any:
-        reference = torch.ops.longctx.hsa_attention.default
-        out = call.to(reference).run()
-        return out if call.op is reference else (out, None, None, None)  # hsa_flash: (out, lse, score, indices)
 
 
 RULES: dict[Any, KeyValueCache] = {}

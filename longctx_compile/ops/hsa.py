@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cache
 from .attention import empty_sdpa_layout
 
 GROUP_ELEMENTS = 1 << 20  # a group of query chunks is sized so no intermediate exceeds about this many elements
@@ -326,5 +325,4 @@ def _backward(ctx, grad_out):
     return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dsq, dsk
 
 
-hsa_attention.register_autograd(_backward, setup_context=_setup_context)
-cache.declare(hsa_attention._opoverload, cache.HsaCache())  # decodes from cached keys, values (and NoPE keys)
+hsa_attention.register_autograd(_backward, setup_context=_setup_context)  # its cache is declared in ops.hsa_decode

@@ -16,6 +16,7 @@ import torch
 from . import cache
 from .attention import empty_sdpa_layout
 from .hsa import _landmarks
+from .hsa_decode import HsaCache
 
 
 def _slots(T, chunk: int, topk: int):
@@ -149,4 +150,4 @@ def _backward(ctx, grad_out, *_unused):
 
 
 hsa_flash.register_autograd(_backward, setup_context=_setup_context)
-cache.declare(hsa_flash._opoverload, cache.HsaCache())  # decode steps run the reference over the cached keys
+cache.declare(hsa_flash._opoverload, HsaCache(flash=True))  # decode steps run hsa_decode over the cached keys and landmarks

@@ -3,8 +3,8 @@
 ``program`` below is a ``pipeline.Program`` (its ``ep``, ``gm``, ``signature`` and ``attention_nodes()``), passed in.
 
 Cache layout (owned here; how each attention op extends it is declared beside the op, ``ops.cache``):
-per attention site in graph order, the tensors its op stores per key (K and V; HSA with NoPE also its
-score keys), each ``[batch, kv_heads, keys, head_dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
+per attention site in graph order, the tensors its op stores per key (K and V; HSA also its chunks'
+running landmark sums), each ``[batch, kv_heads, keys, dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
 being the ``j``-th token fed (left padding included). ``past_mask`` ``[batch, keys]`` marks real
 tokens (1) and padding or empty slots (0). ``state`` is the model program's weights by name.
 
@@ -73,7 +73,7 @@ def layout(program: Any) -> CacheLayout:
         has_mask="attention_mask" in program.signature["inputs"],
         max_len=int(program.signature["max_len"]),
         stored=[list(names) for names in stored],
-        shapes=[[[int(d) for d in Call.of(n)[name].meta["val"].shape[1::2]] for name in names] for n, names in zip(nodes, stored, strict=True)],
+        shapes=[[[int(d) for d in dims] for dims in rule_of(n.target).dims(Call.of(n))] for n in nodes],
     )
 
 
@@ -111,7 +111,11 @@ def export_steps(program: Any) -> Steps:
 
     def cache_examples(length: int) -> list[torch.Tensor]:
         dtype = Call.of(program.attention_nodes()[0]).q.meta["val"].dtype
-        return [torch.zeros(2, heads, length, dim, dtype=dtype) for site in cache.shapes for heads, dim in site]
+        return [
+            torch.zeros(2, heads, length, dim, dtype=rule_of(node.target).dtype(name, dtype))
+            for node, names, site in zip(program.attention_nodes(), cache.stored, cache.shapes, strict=True)
+            for name, (heads, dim) in zip(names, site, strict=True)
+        ]
 
     # decode feeds one token per step (its length is static: export would otherwise guard on T != 1)
     step = {name: t[:, :1] for name, t in inputs.items()}

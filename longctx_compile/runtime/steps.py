@@ -77,10 +77,12 @@ class CacheStep(torch.nn.Module):
     def _site(self, site: int, call: Call):
         caches, past_mask, slots, collected = self._step
         rule = self.rules[site]
-        if self.mode != "prefill":
+        if self.mode == "prefill":
+            collected += rule.prefill(call)
+        else:
             cached = caches[self.offsets[site] : self.offsets[site + 1]]
             call = rule.grow(call, cached, past_mask) if self.mode == "decode" else rule.write(call, cached, past_mask, slots, self.fast)
-        collected += [call[name] for name in rule.stored(call)]
+            collected += [call[name] for name in rule.stored(call)]
         if self.fast and call.op is ATTENTION:
             return sdpa_layout_forward(*call.args())
         return call() if self.mode == "prefill" else rule.run(call)

@@ -1,0 +1,207 @@
+"""``longctx::hsa_decode``: HSA's rows for new queries over cached keys, from cached chunk landmarks.
+
+A decode step's queries are the last T of the N cached keys. Query t (chunk c = t // S) attends to
+its local keys (chunks c-w .. c, up to t) and to the top-K of the complete chunks 0 .. c-w-1, as
+:func:`.hsa.hsa_ref` defines (per-token selection). What the reference recomputes from every cached
+key — each chunk's mean key — comes here from ``sums``: per key, the running sum over its chunk of
+the scoring keys (the NoPE ones when given) and a last channel counting the real keys, so the entry
+at a chunk's last key is that chunk's landmark sum. A step reads those C entries, the local window
+and the K chosen chunks: O((C + (K+w+1)·S)·D) per query instead of O(N·D). ``exact`` scoring reads
+every older key by definition, and takes no sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import cache
+from .attention import empty_sdpa_layout
+from .hsa import _softmax, fusion_weights, top_chunks
+from .schema import Call
+
+
+def landmark_sums(keys: torch.Tensor, key_padding: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """[B, Hkv, N, D+1]: at key j, the sum of the real keys of j's chunk up to j, and their count (fp32)."""
+    B, H, N, D = keys.shape
+    real = torch.ones(B, N, dtype=torch.float32, device=keys.device) if key_padding is None else (key_padding != 0).float()
+    per_key = torch.cat([keys.float() * real[:, None, :, None], real[:, None, :, None].expand(B, H, N, 1)], dim=-1)
+    # the running sum over all keys less its value before the chunk's first key (in fp64, so no precision is lost
+    # at any length; a reshape into chunks would make torch.export guard on the length)
+    total = per_key.double().cumsum(2)
+    before = torch.arange(N, device=keys.device) // chunk * chunk - 1  # the key before each key's chunk, -1 for the first
+    start = total.index_select(2, before.clamp(min=0)) * (before >= 0)[:, None].double()
+    return (total - start).float()
+
+
+def extend_sums(previous: torch.Tensor, key: torch.Tensor, real: torch.Tensor, starts_chunk: torch.Tensor) -> torch.Tensor:
+    """The sums entry [B, Hkv, 1, D+1] of a new key: the previous key's entry (nothing where the key starts a chunk)
+    plus the key (``real`` [B] 0/1) and its count. ``starts_chunk`` [B] bool: the key's index is a multiple of S."""
+    real = real.float()[:, None, None, None]
+    entry = torch.cat([key.float() * real, real.expand(*key.shape[:-1], 1)], dim=-1)
+    return previous.masked_fill(starts_chunk[:, None, None, None], 0.0) + entry
+
+
+def hsa_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    sums: torch.Tensor | None,
+    retrieval_q: torch.Tensor | None,
+    retrieval_k: torch.Tensor | None,
+    scale: float,
+    chunk: int,
+    topk: int,
+    window: int,
+    mode: str,
+    sink: bool,
+    fusion: str,
+    score_q: torch.Tensor | None,
+) -> torch.Tensor:
+    """out [B, Hq, T, Dv] (fp32): the rows :func:`.hsa.hsa_ref` gives the last T queries of k/v [B, Hkv, N, D]."""
+    B, Hq, T, D = q.shape
+    Hkv, N, S = k.shape[1], k.shape[2], chunk
+    G = Hq // Hkv
+    real = torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
+    rows = []
+    for i in range(T):  # a decode step feeds one token; a few at most
+        t = N - T + i
+        c = t // S
+        lo = max(0, (c - window) * S)
+        qi = q[:, :, i].float().view(B, Hkv, G, D) * scale
+        local, local_lse = _softmax(torch.einsum("bhgd,bhld->bhgl", qi, k[:, :, lo : t + 1].float()), real[:, None, None, lo : t + 1].expand(B, Hkv, G, -1))
+        out = torch.einsum("bhgl,bhld->bhgd", local, v[:, :, lo : t + 1].float())
+        older = c - window  # candidates: the complete chunks 0 .. older-1
+        K = older if topk < 0 else min(topk, older)
+        if older <= 0 or K == 0:
+            rows.append(out * fusion_weights(local_lse[..., None], fusion))
+            continue
+        if mode == "exact":  # each chunk's true LSE per head
+            keys = k[:, :, : older * S].float().reshape(B, Hkv, older, S, D)
+            keep = real[:, : older * S].reshape(B, 1, 1, older, S)
+            score = torch.einsum("bhgd,bhcsd->bhgcs", qi, keys).masked_fill(~keep, float("-inf"))
+            score = torch.logsumexp(score.masked_fill(~keep.any(-1, keepdim=True), 0.0), -1).masked_fill(~keep.any(-1), float("-inf"))
+        else:
+            ends = sums[:, :, S - 1 : older * S : S].float()  # [B, Hkv, older, D+1]: each complete chunk's sum and count
+            count = ends[..., -1]
+            mean, log_count = ends[..., :-1] / count.clamp(min=1)[..., None], torch.log(count)
+            score_rows = qi if score_q is None else score_q[:, :, i].float().view(B, Hkv, G, D) * scale
+            if mode == "learned":
+                score_rows = torch.einsum("bhgd,hde->bhge", score_rows, retrieval_q.float())
+                mean = torch.einsum("bhcd,hde->bhce", mean, retrieval_k.float())
+            score = torch.einsum("bhgd,bhcd->bhgc", score_rows, mean) + log_count[:, :, None]
+        idx = top_chunks(score.sum(2), K)  # [B, Hkv, K], most recent first
+        chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, K))
+        positions = (idx[..., None] * S + torch.arange(S, device=q.device)).flatten(-2)  # [B, Hkv, K·S]
+        ks, vs = (torch.gather(t[:, :, : older * S].float(), 2, positions[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (k, v))
+        keep = torch.gather(real[:, None].expand(B, Hkv, N), 2, positions).view(B, Hkv, 1, K, S)
+        probs, lse = _softmax(torch.einsum("bhgd,bhjd->bhgj", qi, ks).view(B, Hkv, G, K, S), keep.expand(B, Hkv, G, K, S))
+        if sink:  # softmax-off-by-one
+            probs = probs * torch.sigmoid(lse)[..., None]
+        weights = fusion_weights(torch.cat([local_lse[..., None], chosen], dim=-1), fusion)
+        selected = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, G, K·S]
+        rows.append(out * weights[..., :1] + torch.einsum("bhgj,bhjd->bhgd", selected, vs))
+    return torch.stack(rows, dim=3).reshape(B, Hq, T, v.shape[-1])
+
+
+@torch.library.custom_op("longctx::hsa_decode", mutates_args=())
+def hsa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    sums: torch.Tensor | None,
+    retrieval_q: torch.Tensor | None,
+    retrieval_k: torch.Tensor | None,
+    scale: float,
+    chunk: int,
+    topk: int,
+    window: int,
+    mode: str,
+    sink: bool,
+    fusion: str = "softmax",
+    score_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HSA decode rows as :func:`hsa_decode_ref` defines them; output [B, Hq, T, Dv] in SDPA's memory layout."""
+    result = empty_sdpa_layout(q, v)
+    result.copy_(hsa_decode_ref(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion, score_q))
+    return result
+
+
+@hsa_decode.register_fake
+def _(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion="softmax", score_q=None):
+    return empty_sdpa_layout(q, v)
+
+
+DECODE = torch.ops.longctx.hsa_decode.default
+
+
+@dataclass(frozen=True)
+class HsaCache(cache.KeyValueCache):
+    """How HSA (``hsa_attention``, or ``hsa_flash`` bound by ``lower``: ``flash`` says the site reads a tuple) is
+    cached: keys, values and, unless scoring is ``exact``, each key's running landmark sum (:func:`landmark_sums`,
+    fp32, from the NoPE score keys when the site has them). A step runs :data:`DECODE` over them; the static step's
+    filled prefix ends at the slot (the Generator passes it so), so the new queries are the last of the keys."""
+
+    flash: bool = False
+
+    def stored(self, call: Call) -> tuple[str, ...]:
+        return ("k", "v") if call.mode == "exact" else ("k", "v", "sums")
+
+    def dims(self, call: Call) -> list[tuple[Any, Any]]:
+        scored = call.k if call.get("score_k") is None else call.score_k
+        k, v = call.k.meta["val"].shape, call.v.meta["val"].shape
+        return [(k[1], k[3]), (v[1], v[3])] + ([] if call.mode == "exact" else [(k[1], scored.meta["val"].shape[3] + 1)])
+
+    def dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if name == "sums" else model_dtype
+
+    def refuse(self, call: Call) -> str | None:
+        if call.select == "block" and call.topk >= 0:
+            return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
+        return None
+
+    def prefill(self, call: Call) -> list[torch.Tensor]:
+        if call.mode == "exact":
+            return [call.k, call.v]
+        scored = call.k if call.score_k is None else call.score_k
+        return [call.k, call.v, landmark_sums(scored, call.key_padding, call.chunk)]
+
+    def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The new key's sums entry; ``index`` [B]: its position among the keys."""
+        scored = call.k if call.score_k is None else call.score_k
+        real = torch.ones_like(index) if call.key_padding is None else call.key_padding[:, -1]
+        return extend_sums(previous, scored, real, index % call.chunk == 0)
+
+    def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
+        key_padding = call.key_padding
+        if key_padding is not None:
+            key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
+        grown = call.replace(k=torch.cat([cached[0], call.k], dim=2), v=torch.cat([cached[1], call.v], dim=2), key_padding=key_padding)
+        sums = None
+        if call.mode != "exact":
+            n = cached[0].shape[2]
+            index = torch.full((call.k.shape[0],), n, dtype=torch.long, device=call.k.device)
+            sums = torch.cat([cached[2], self._new_sums(call, cached[2][:, :, -1:], index)], dim=2)
+        return grown.to(DECODE, sums=sums)
+
+    def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
+        written = {name: cache.scatter_key(old, call[name], slots, in_place) for name, old in zip(("k", "v"), cached, strict=False)}
+        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
+        visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
+        sums = None
+        if call.mode != "exact":
+            old = cached[2]
+            before = (slots - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, old.shape[1], 1, old.shape[3])
+            sums = cache.scatter_key(old, self._new_sums(call, old.gather(2, before), slots), slots, in_place)
+        return call.replace(**written, key_padding=visible).to(DECODE, sums=sums)
+
+    def run(self, call: Call) -> Any:
+        out = call()
+        return (out, None, None, None) if self.flash else out  # hsa_flash: (out, lse, score, indices)
+
+
+cache.declare(torch.ops.longctx.hsa_attention.default, HsaCache())
