@@ -149,3 +149,12 @@ def test_artifact_bench_smoke():
     (row,) = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["form"] == "dense" and row["convert_s"] > 0 and row["baseline_s"] > 0 and row["first_token_s"] >= row["load_s"] > 0
     assert 1.0 <= row["size_ratio"] < 1.5  # model.pt2 holds the weights; nothing holds them twice
+
+
+def test_hsa_decode_bench_smoke():
+    """bench/hsa_decode.py: the landmark-cache step gives the reference's rows at every length, and both forms decode."""
+    result = subprocess.run([sys.executable, str(BENCH.parent / "hsa_decode.py"), "--smoke", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["keys"] for r in report["ops"]] == [512, 2048] and all(r["equal"] for r in report["ops"])
+    assert [r["form"] for r in report["models"]] == ["dense", "hsa"] and all(r["decode_tokens_per_s"] > 0 for r in report["models"])

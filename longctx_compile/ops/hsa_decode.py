@@ -65,14 +65,17 @@ def hsa_decode_ref(
     B, Hq, T, D = q.shape
     Hkv, N, S = k.shape[1], k.shape[2], chunk
     G = Hq // Hkv
-    real = torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
+
+    def real(lo: int, hi: int) -> torch.Tensor:  # which of keys lo .. hi-1 are real: a slice, never all N flags
+        return torch.ones(B, hi - lo, dtype=torch.bool, device=q.device) if key_padding is None else key_padding[:, lo:hi] != 0
+
     rows = []
     for i in range(T):  # a decode step feeds one token; a few at most
         t = N - T + i
         c = t // S
         lo = max(0, (c - window) * S)
         qi = q[:, :, i].float().view(B, Hkv, G, D) * scale
-        local, local_lse = _softmax(torch.einsum("bhgd,bhld->bhgl", qi, k[:, :, lo : t + 1].float()), real[:, None, None, lo : t + 1].expand(B, Hkv, G, -1))
+        local, local_lse = _softmax(torch.einsum("bhgd,bhld->bhgl", qi, k[:, :, lo : t + 1].float()), real(lo, t + 1)[:, None, None].expand(B, Hkv, G, -1))
         out = torch.einsum("bhgl,bhld->bhgd", local, v[:, :, lo : t + 1].float())
         older = c - window  # candidates: the complete chunks 0 .. older-1
         K = older if topk < 0 else min(topk, older)
@@ -81,7 +84,7 @@ def hsa_decode_ref(
             continue
         if mode == "exact":  # each chunk's true LSE per head
             keys = k[:, :, : older * S].float().reshape(B, Hkv, older, S, D)
-            keep = real[:, : older * S].reshape(B, 1, 1, older, S)
+            keep = real(0, older * S).reshape(B, 1, 1, older, S)
             score = torch.einsum("bhgd,bhcsd->bhgcs", qi, keys).masked_fill(~keep, float("-inf"))
             score = torch.logsumexp(score.masked_fill(~keep.any(-1, keepdim=True), 0.0), -1).masked_fill(~keep.any(-1), float("-inf"))
         else:
@@ -97,7 +100,10 @@ def hsa_decode_ref(
         chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, K))
         positions = (idx[..., None] * S + torch.arange(S, device=q.device)).flatten(-2)  # [B, Hkv, K·S]
         ks, vs = (torch.gather(t[:, :, : older * S].float(), 2, positions[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (k, v))
-        keep = torch.gather(real[:, None].expand(B, Hkv, N), 2, positions).view(B, Hkv, 1, K, S)
+        if key_padding is None:
+            keep = torch.ones(B, Hkv, 1, K, S, dtype=torch.bool, device=q.device)
+        else:
+            keep = torch.gather(real(0, older * S)[:, None].expand(B, Hkv, -1), 2, positions).view(B, Hkv, 1, K, S)
         probs, lse = _softmax(torch.einsum("bhgd,bhjd->bhgj", qi, ks).view(B, Hkv, G, K, S), keep.expand(B, Hkv, G, K, S))
         if sink:  # softmax-off-by-one
             probs = probs * torch.sigmoid(lse)[..., None]
