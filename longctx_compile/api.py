@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from .inspect.diff import GraphDiff, diff_snapshots
 from .loaded import LoadedModel
 from .loaded import load as _load
 from .options import build
-from .runtime.verify import ATOL, FLOOR_FACTOR, LENGTHS, RTOL, Report, in_fp32
+from .runtime.verify import ATOL, FLOOR_FACTOR, LENGTHS, RTOL, Report, reference_and_floor
 from .runtime.verify import verify as _verify
 from .targets import TARGETS, Target
 
@@ -92,9 +93,11 @@ def verify(
         exact = True
     runnable, signature = _as_runnable(converted)
     exact = signature.get("exact", exact)  # a form whose exactness depends on its options records it
-    original, floor = in_fp32(original, signature, lengths)
-    tolerance = atol if floor is None else atol + FLOOR_FACTOR * floor
     form = get_form(converted.program.form if isinstance(converted, Compiled) else converted.manifest["form"])
+    if lengths is LENGTHS and form.verify_lengths is not None:  # the default lengths, plus what the configuration needs
+        lengths = configured_lengths(converted, signature, form)
+    original, floor, against = reference_and_floor(original, signature, lengths)
+    tolerance = atol + FLOOR_FACTOR * floor
     if form.verify is not None:  # the form's own check (msa: routed over an encoded bank; evict: a compacted prompt)
         ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
         report = form.verify(original, ep, signature, lengths, rtol, tolerance)
@@ -102,8 +105,18 @@ def verify(
         if form.verify_runnable is not None:  # the form's own way to run (sequence parallel: on its ranks)
             runnable, lengths = form.verify_runnable(converted, signature, lengths)
         report = _verify(original, runnable, signature, lengths, rtol, tolerance, exact)
-    report.dtype, report.floor = signature.get("dtype", "fp32"), floor
+    report.dtype, report.floor, report.floor_against = signature.get("dtype", "fp32"), floor, against
     return report
+
+
+def configured_lengths(converted: Compiled | LoadedModel, signature: dict[str, Any], form: Any) -> tuple[int, ...]:
+    """:data:`LENGTHS` and the lengths the form's configuration needs (within the program's maximum)."""
+    if isinstance(converted, Compiled):
+        sites, config = converted.program.sites(), dataclasses.asdict(converted.form_config)
+    else:
+        sites, config = converted.manifest["sites"], converted.manifest.get("form_config", {})
+    extra = {n for n in form.verify_lengths(signature, sites, config) if n <= signature["max_len"]}
+    return tuple(sorted(set(LENGTHS) | extra))
 
 
 def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = None, layer: int | None = None) -> GraphDiff:

@@ -11,3 +11,7 @@ class RefusedError(LccError):
     """The compiler cannot prove a rewrite equivalent and refuses, naming the site."""
 
     exit_code = 3
+
+
+class LccWarning(UserWarning):
+    """Something the user asked for that lcc does differently than its words say (the CLI prints one line)."""

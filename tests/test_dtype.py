@@ -37,7 +37,7 @@ def test_a_bf16_checkpoint_converts_to_a_bf16_artifact_and_verifies_in_fp32(bf16
 
     shown = run("verify", out)
     assert shown.returncode == 0, shown.stdout
-    assert "PASS" in shown.stdout and "the original itself in bf16 differs by" in " ".join(shown.stdout.split())
+    assert "PASS" in shown.stdout and "is how far the original in bf16 is from itself in fp32" in " ".join(shown.stdout.split())
     report = json.loads(run("verify", out, "--json").stdout)
     assert report["dtype"] == "bf16" and report["passed"]
     assert 1e-4 < report["floor"] < 0.1  # bf16's own error on these logits: real, and small

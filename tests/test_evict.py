@@ -174,7 +174,8 @@ def test_bad_options_are_one_clear_error(options, message):
 
 
 def test_verify_judges_a_budget_at_least_the_length_and_reports_a_smaller_one():
-    exact = lcc.verify("tiny-llama", to="evict", budget="40", **SMALL)
+    """Lengths come from the configuration too: with sinks 2 and window 4 verify adds a 45-token batch."""
+    exact = lcc.verify("tiny-llama", to="evict", budget="64", **SMALL)
     assert exact.exact and exact.passed
     small = lcc.verify("tiny-llama", to="evict", budget="8", **SMALL)
     assert not small.exact and small.max_abs > 1e-3  # 16- and 33-token prompts lose keys: it really evicts
@@ -186,3 +187,30 @@ def test_an_hf_folder_converts(tmp_path):
     build_preset("tiny-qwen3").save_pretrained(tmp_path / "hf")
     c = lcc.compile(str(tmp_path / "hf"), to="evict", budget="16", **SMALL)
     assert c.program.source["kind"] == "hf_folder" and len(c.generate([[1, 2, 3]], 4)[0]) == 4
+
+
+def test_run_time_settings_are_parsed_as_convert_options():
+    """EvictModel(prefill_chunk="256") was accepted and then failed in prefill with a TypeError."""
+    compiled = lcc.compile("tiny-llama", to="evict", budget="0.25", **SMALL)
+    model = EvictModel(compiled.program.ep, compiled.program.signature, prefill_chunk="8", memory="off", interval="3")
+    assert (model.policy.prefill_chunk, model.policy.memory, model.policy.interval) == (8, False, 3)
+    logits, _ = model.prefill(torch.randint(0, 256, (1, 20)))
+    assert logits.shape[-1] == 256
+    for bad, message in [({"prefill_chunk": "x"}, "expected an integer"), ({"sinks": "-1"}, "0 or more"), ({"memory": "maybe"}, "true or false")]:
+        with pytest.raises(LccError, match=message):
+            EvictModel(compiled.program.ep, compiled.program.signature, **bad)
+
+
+def test_a_ratio_that_keeps_only_sinks_and_window_says_so(tmp_path):
+    """budget=0.1 of a 64-token prompt is 7 keys, not above sinks + window = 10, which are kept: one warning line, not silence."""
+    from longctx_compile.errors import LccWarning
+    from tests.lcc_cli import run
+
+    compiled = lcc.compile("tiny-llama", to="evict", budget="0.1", sinks="2", window="8", interval="4")
+    model = EvictModel(compiled.program.ep, compiled.program.signature)
+    with pytest.warns(LccWarning, match="not more than sinks \\+ window = 10: 10 are kept.*StreamingLLM"):
+        model.prefill(torch.randint(0, 256, (1, 64)))
+    compiled.save(tmp_path / "e.lcc")
+    shown = run("generate", tmp_path / "e.lcc", "--prompt-ids", ",".join(["5"] * 64), "-n", "2")
+    lines = [line for line in shown.stderr.splitlines() if "warning" in line]
+    assert shown.returncode == 0 and len(lines) == 1 and lines[0].startswith("warning: budget 0.1 of a 64-token prompt"), shown.stderr

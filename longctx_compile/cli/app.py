@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..console import err, out, parse_ids, progress_bar, read_artifact
-from ..errors import LccError
+from ..errors import LccError, LccWarning
 
 app = typer.Typer(
     help="longctx_compile: capture a decoder with torch.export and rewrite its attention into long-context forms.\n\n"
@@ -359,8 +360,8 @@ def _print_report(report) -> None:
         from ..runtime.verify import ATOL, FLOOR_FACTOR
 
         out.print(
-            f"a {report.dtype} artifact against the original in fp32; the original itself in {report.dtype} differs by {report.floor:.3g} (max abs),"
-            f" so atol is {ATOL:g} + {FLOOR_FACTOR:g} × {report.floor:.3g}"
+            f"tolerance: atol {ATOL:g} + {FLOOR_FACTOR:g} × {report.floor:.3g}, where {report.floor:.3g} is how far the original in {report.dtype}"
+            f" is from itself in {report.floor_against} on these batches (its own rounding); compared against the original in fp32"
         )
 
 
@@ -449,8 +450,25 @@ def _interrupts():
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
-    with _interrupts():
+    with _interrupts(), _one_line_warnings():
         _main()
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """lcc's own warnings print as one ``warning:`` line each (not Python's file:line and source echo), once per text."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", LccWarning)
+        plain = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, LccWarning):
+                err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            else:
+                plain(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def _main() -> None:

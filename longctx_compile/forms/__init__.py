@@ -23,6 +23,8 @@ class Form:
       or None to use the KV-cache steps;
     - ``verify(original, ep, signature, lengths, rtol, atol) -> Report``: how ``lcc verify`` checks the form;
     - ``verify_runnable(converted, signature, lengths) -> (runnable, lengths)``: how the generic check runs it;
+    - ``verify_lengths(signature, sites, config) -> lengths``: the lengths that exercise the configuration (several
+      chunks, shards, windows or budgets), which ``lcc verify`` adds to its short ones;
     - ``cache_note``: why the form has no KV cache at all;
     - ``onnx_model(ep, manifest) -> (ep, extra output names)``: what the model program exports as;
     - ``describe(site facts) -> str``: a site's settings in ``lcc inspect``;
@@ -39,6 +41,7 @@ class Form:
     generate: Callable[..., list[list[int]] | None] | None = None
     verify: Callable[..., Any] | None = None
     verify_runnable: Callable[..., Any] | None = None
+    verify_lengths: Callable[..., tuple[int, ...]] | None = None
     cache_note: str | None = None
     onnx_model: Callable[..., Any] | None = None
     describe: Callable[[dict[str, Any]], str] | None = None

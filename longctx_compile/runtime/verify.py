@@ -15,7 +15,8 @@ from .model import default_positions
 # torch.testing.assert_close's fp32 defaults
 RTOL, ATOL = 1.3e-6, 1e-5
 LENGTHS = (1, 2, 7, 16, 33)
-# a bf16/fp16 artifact passes when its logits are within this many times the original model's own error in that dtype
+# an artifact passes when its logits are within atol + this many times the original's own error in its dtype
+# (``reference_and_floor``; rtol applies on top)
 FLOOR_FACTOR = 2.0
 
 
@@ -41,7 +42,8 @@ class Report:
     atol: float = ATOL
     exact: bool = True
     dtype: str = "fp32"  # the artifact's; every comparison is against the original run in fp32
-    floor: float | None = None  # below fp32: the original's own max abs error in the artifact's dtype
+    floor: float | None = None  # the original's own max abs error in that dtype (:func:`reference_and_floor`)
+    floor_against: str | None = None  # the precision the floor was measured against: fp64, or fp32 below it
 
     @property
     def max_abs(self) -> float:
@@ -72,6 +74,7 @@ class Report:
             "exact": self.exact,
             "dtype": self.dtype,
             "floor": self.floor,
+            "floor_against": self.floor_against,
             "cases": [asdict(c) for c in self.cases],
         }
 
@@ -107,20 +110,28 @@ def compare(ref: torch.Tensor, out: torch.Tensor, real: torch.Tensor, rtol: floa
     return max_abs, max_rel, top1, kl, ok
 
 
-def in_fp32(original: torch.nn.Module, signature: dict[str, Any], lengths=LENGTHS) -> tuple[torch.nn.Module, float | None]:
-    """The reference model in fp32 and, for a bf16/fp16 artifact, the noise floor: the largest logit difference
-    (at real tokens, over the verify batches) between the original run in the artifact's dtype and in fp32."""
+def reference_and_floor(original: torch.nn.Module, signature: dict[str, Any], lengths=LENGTHS) -> tuple[torch.nn.Module, float, str]:
+    """(the original in fp32, the noise floor, the precision it was measured against).
+
+    The floor is the original's own arithmetic error in the artifact's dtype: the largest logit difference, at
+    real tokens over the verify batches, between the original run in that dtype and in the next precision up
+    (fp64 for an fp32 artifact, fp32 for bf16/fp16). A correct conversion is about as far from that higher
+    precision as the original is, so artifact and original lie within about twice the floor of each other
+    (:data:`FLOOR_FACTOR`); the floor grows with the model's depth and width as its rounding does."""
     dtype = DTYPES[signature.get("dtype", "fp32")]
     reference = original if dtype_of(original) == torch.float32 else copy.deepcopy(original).float()
     if dtype == torch.float32:
-        return reference, None
-    lowered = original if dtype_of(original) == dtype else copy.deepcopy(reference).to(dtype)
-    fp32, low = CausalLM(reference, tuple(signature["inputs"])).eval(), CausalLM(lowered, tuple(signature["inputs"])).eval()
+        lowered, higher, against = reference, copy.deepcopy(reference).double(), "fp64"
+    else:
+        lowered = original if dtype_of(original) == dtype else copy.deepcopy(reference).to(dtype)
+        higher, against = reference, "fp32"
+    names = tuple(signature["inputs"])
+    low, high = CausalLM(lowered, names).eval(), CausalLM(higher, names).eval()
     floor = 0.0
     with torch.no_grad():
         for inputs, real, _ in batches(signature, lengths):
-            floor = max(floor, float((fp32(**inputs)[real].double() - low(**inputs)[real].double()).abs().max()))
-    return reference, floor
+            floor = max(floor, float((high(**inputs)[real].double() - low(**inputs)[real].double()).abs().max()))
+    return reference, floor, against
 
 
 def verify(

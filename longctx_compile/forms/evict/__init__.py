@@ -48,6 +48,11 @@ def cli(app: Any) -> None:
     app.command("train-indexers")(train_indexers)
 
 
+def verify_lengths(signature: dict[str, Any], sites: list[dict[str, Any]], config: dict[str, Any]) -> tuple[int, ...]:
+    """A prompt half longer than the sinks and the recent window, so a budget below it evicts."""
+    return (2 * (config["sinks"] + config["window"] + 16) + 1,)
+
+
 FORMS = [
     Form(
         "evict",
@@ -59,6 +64,7 @@ FORMS = [
         program_names=("decode",),
         generate=generate,
         verify=verify,
+        verify_lengths=verify_lengths,
         onnx_model=onnx_model,
         describe=describe,
         cli=cli,

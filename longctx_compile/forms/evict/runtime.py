@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ...errors import LccError
+from ...errors import LccError, LccWarning
 from ...ops.attention import empty_sdpa_layout
 from ...ops.evict import POLICIES, dropped_positions, indexer_importance, keep_positions, memory_readout, memory_write, parse_budget, teacher_importance
 from ...ops.schema import Call
+from ...options import convert
 from ...runtime.generate import Sampling, collect, pad_prompts, token_steps
 from ...runtime.interpret import attention_sites, flat_inputs, last_position_logits, logits_index, step_state, with_site_hooks
 from ...runtime.model import default_positions
@@ -55,12 +58,19 @@ class Policy:
         if unknown:
             raise LccError(f"unknown eviction setting {sorted(unknown)[0]!r}; settings are {', '.join(f.name for f in dataclasses.fields(cls))}")
         fields = {f.name: recorded[f.name] for f in dataclasses.fields(cls)}
-        fields.update(overrides)
-        if isinstance(fields["memory"], str):
-            fields["memory"] = fields["memory"] == "on"
+        hints = typing.get_type_hints(cls)
+        for name, value in overrides.items():  # typed as --opt values are: "256" is 256, "on" is True
+            if name == "memory" and isinstance(value, str):
+                value = convert(name, {"on": "true", "off": "false"}.get(value, value), bool)
+            elif name != "budget":
+                value = convert(name, value, hints[name])
+            fields[name] = value
         policy = cls(**fields)
         if policy.policy not in POLICIES:
             raise LccError(f"unknown policy {policy.policy!r}; choose one of {', '.join(POLICIES)}")
+        for name in ("sinks", "window", "observation", "prefill_chunk"):
+            if getattr(policy, name) < 0:
+                raise LccError(f"invalid {name}={getattr(policy, name)}: expected 0 or more")
         if "budget" in overrides:
             policy.budget = parse_budget(str(policy.budget), policy.sinks, policy.window)
         if policy.interval < 1:
@@ -68,10 +78,19 @@ class Policy:
         return policy
 
     def resolve(self, prompt: int) -> int:
-        """The kept keys per layer for a prompt of ``prompt`` tokens: the count, or the ratio of it (at least sinks + window)."""
+        """The kept keys per layer for a prompt of ``prompt`` tokens: the count, or the ratio of it (at least sinks + window,
+        with a one-line warning when the ratio asks for no more: then every policy keeps what StreamingLLM keeps)."""
         if isinstance(self.budget, int):
             return self.budget
-        return max(math.ceil(self.budget * prompt), self.sinks + self.window)
+        asked, pinned = math.ceil(self.budget * prompt), self.sinks + self.window
+        if asked <= pinned and prompt > pinned:
+            warnings.warn(
+                f"budget {self.budget:g} of a {prompt:,}-token prompt is {asked} keys, not more than sinks + window = {pinned}: "
+                f"{pinned} are kept, the sinks and the recent window, so every policy evicts as StreamingLLM does here",
+                LccWarning,
+                stacklevel=2,
+            )
+        return max(asked, pinned)
 
 
 # the per-key parts of a layer's cache and the dimension they grow along

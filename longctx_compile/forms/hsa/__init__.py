@@ -16,4 +16,22 @@ def describe(site: dict[str, Any]) -> str:
     return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{extras}"
 
 
-FORMS = [Form("hsa", HsaConfig, ["hsa"], "hierarchical sparse attention: local window + top-K chunks fused by score", exact=False, describe=describe)]
+def verify_lengths(signature: dict[str, Any], sites: list[dict[str, Any]], config: dict[str, Any]) -> tuple[int, ...]:
+    """Past the local window with one older chunk, and with more older chunks than the top-K (a real selection)
+    and a partial last chunk."""
+    S, w = config["chunk"], config["window"]
+    K = max((s["topk"] for s in sites if "topk" in s), default=1)
+    return (S * (w + 1) + 1, S * (w + (K if K > 0 else 2) + 2) + S // 2 + 1)
+
+
+FORMS = [
+    Form(
+        "hsa",
+        HsaConfig,
+        ["hsa"],
+        "hierarchical sparse attention: local window + top-K chunks fused by score",
+        exact=False,
+        describe=describe,
+        verify_lengths=verify_lengths,
+    )
+]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from ...distributed import Layout
 from .. import Form
 from .rewrite import RingConfig, SpConfig, UlyssesConfig
 from .verify import on_ranks
@@ -9,8 +12,14 @@ from .verify import on_ranks
 NO_CACHE = "sequence-parallel programs have no KV cache: generate with a dense artifact of the same model"
 
 
+def verify_lengths(signature: dict[str, Any], sites: list[dict[str, Any]], config: dict[str, Any]) -> tuple[int, ...]:
+    """One, two and five times what the layout splits evenly: a shard of one token, and several per rank."""
+    multiple = Layout.of(signature).multiple
+    return (multiple, 2 * multiple, 5 * multiple)
+
+
 def _form(name: str, config: type, doc: str) -> Form:
-    return Form(name, config, [name], doc, verify_runnable=on_ranks, cache_note=NO_CACHE)
+    return Form(name, config, [name], doc, verify_runnable=on_ranks, verify_lengths=verify_lengths, cache_note=NO_CACHE)
 
 
 FORMS = [

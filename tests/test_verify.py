@@ -1,0 +1,71 @@
+"""``lcc verify``'s tolerance comes from the model's own rounding (its noise floor against fp64), and its lengths from
+the artifact's configuration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import longctx_compile as lcc
+from longctx_compile.runtime.verify import ATOL, FLOOR_FACTOR
+
+
+@pytest.fixture(scope="module")
+def loud():
+    """A 2-layer Llama whose logits are in the thousands: fp32 reordering alone moves them by ~1e-4, above a fixed
+    atol of 1e-5 wherever a logit is near 0 (as a 30-layer pretrained model's noise is)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3000)
+    return model
+
+
+def test_an_exact_conversion_passes_within_the_models_own_noise(loud):
+    converted = lcc.compile(loud, to="hsa", chunk=4, topk="all", score="exact", window=0)  # dense, summed in another order
+    report = lcc.verify(loud, converted)
+    assert report.floor_against == "fp64" and report.floor > ATOL  # the model's own fp32 error exceeds the old fixed atol
+    assert report.atol == pytest.approx(ATOL + FLOOR_FACTOR * report.floor)
+    assert report.max_abs > ATOL and report.passed
+
+
+def test_a_wrong_conversion_still_fails(loud):
+    wrong = copy.deepcopy(loud)
+    with torch.no_grad():
+        wrong.model.layers[1].self_attn.o_proj.weight.mul_(1.001)  # one layer's attention output 0.1 % off
+    report = lcc.verify(loud, lcc.compile(wrong, to="hsa", chunk=4, topk="all", score="exact", window=0))
+    assert not report.passed and report.max_abs > FLOOR_FACTOR * report.floor
+
+
+def test_the_cli_prints_the_tolerance_and_where_it_comes_from(tmp_path):
+    from tests.lcc_cli import run
+
+    assert run("convert", "tiny-llama", "-o", tmp_path / "a.lcc").returncode == 0
+    shown = run("verify", tmp_path / "a.lcc")
+    assert shown.returncode == 0 and "is how far the original in fp32 is from itself in fp64" in " ".join(shown.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("form", "options", "needed"),
+    [
+        ("hsa", dict(chunk="4", topk="2", window="1"), {9, 23}),  # past the window; more older chunks than the top-2
+        ("ulysses", {}, {2, 4, 10}),  # a one-token shard, and several per rank
+        ("evict", dict(budget="0.25", sinks="2", window="4"), {45}),  # a prompt half beyond sinks + window
+    ],
+)
+def test_lengths_come_from_the_configuration(form, options, needed):
+    report = lcc.verify("tiny-llama", to=form, **options)
+    assert needed <= {c.length for c in report.cases} and len({c.length for c in report.cases}) >= len(needed) + 3  # and the short ones
