@@ -18,6 +18,8 @@ from .inspect.diff import GraphDiff, diff_snapshots
 from .loaded import LoadedModel
 from .loaded import load as _load
 from .options import build
+from .runtime.quality import quality
+from .runtime.tokenizer import tokenizer_for
 from .runtime.verify import ATOL, FLOOR_FACTOR, LENGTHS, RTOL, Report, reference_and_floor
 from .runtime.verify import verify as _verify
 from .targets import TARGETS, Target
@@ -105,6 +107,10 @@ def verify(
         if form.verify_runnable is not None:  # the form's own way to run (sequence parallel: on its ranks)
             runnable, lengths = form.verify_runnable(converted, signature, lengths)
         report = _verify(original, runnable, signature, lengths, rtol, tolerance, exact)
+        if not report.exact:  # an approximate form: what it costs on real text, when the source has a tokenizer
+            tokenizer = tokenizer_for({"source": converted.program.source if isinstance(converted, Compiled) else converted.manifest["source"]})
+            if tokenizer is not None:
+                report.quality = quality(original, runnable, signature, tokenizer)
     report.dtype, report.floor, report.floor_against = signature.get("dtype", "fp32"), floor, against
     return report
 

@@ -69,3 +69,26 @@ def test_the_cli_prints_the_tolerance_and_where_it_comes_from(tmp_path):
 def test_lengths_come_from_the_configuration(form, options, needed):
     report = lcc.verify("tiny-llama", to=form, **options)
     assert needed <= {c.length for c in report.cases} and len({c.length for c in report.cases}) >= len(needed) + 3  # and the short ones
+
+
+def test_an_approximate_form_reports_what_it_costs_on_real_text(hf_folder_with_tokenizer, tmp_path):
+    """Instead of a bare DIVERGES: NLL of both models and next-token agreement on the built-in English sample."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longctx_compile.runtime.quality import english_sample
+    from tests.lcc_cli import run
+
+    folder, _ = hf_folder_with_tokenizer
+    out = tmp_path / "h.lcc"
+    assert run("convert", folder, "--to", "hsa", "--opt", "chunk=4", "--opt", "topk=1", "--opt", "window=0", "-o", out).returncode == 0
+    report = lcc.verify(str(out))
+    q = report.quality
+    assert not report.exact and q["tokens"] == 512  # the sample, cut to the program's maximum length
+    ids = torch.tensor([english_sample(AutoTokenizer.from_pretrained(folder), 512)])
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(folder)(ids).logits[0, :-1]
+    assert q["nll_original"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])), rel=1e-5)
+    assert q["nll_converted"] != q["nll_original"] and 0 <= q["top1_agreement"] <= 1
+    shown = " ".join(run("verify", out).stdout.split())
+    assert "DIVERGES" in shown and "tokens of the built-in English sample: NLL" in shown
+    assert lcc.verify(str(folder), to="hsa", chunk="4", topk="all", score="exact").quality is None  # exact: judged, not costed

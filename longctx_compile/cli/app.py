@@ -356,6 +356,12 @@ def _print_report(report) -> None:
     out.print(
         f"{verdict} max abs {report.max_abs:.3g}, max rel {report.max_rel:.3g}, top-1 {report.top1:.3f}, KL {report.kl:.3g} (rtol {report.rtol}, atol {report.atol:.3g})"
     )
+    q = report.quality
+    if q is not None:
+        out.print(
+            f"on {q['tokens']:,} tokens of the built-in English sample: NLL {q['nll_original']:.3f} → {q['nll_converted']:.3f}"
+            f" ({q['nll_change']:+.1%}), next-token agreement {q['top1_agreement']:.3f}"
+        )
     if report.floor is not None:
         from ..runtime.verify import ATOL, FLOOR_FACTOR
 

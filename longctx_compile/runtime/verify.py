@@ -44,6 +44,7 @@ class Report:
     dtype: str = "fp32"  # the artifact's; every comparison is against the original run in fp32
     floor: float | None = None  # the original's own max abs error in that dtype (:func:`reference_and_floor`)
     floor_against: str | None = None  # the precision the floor was measured against: fp64, or fp32 below it
+    quality: dict[str, Any] | None = None  # approximate forms: NLL and top-1 agreement on real text (``runtime.quality``)
 
     @property
     def max_abs(self) -> float:
@@ -75,6 +76,7 @@ class Report:
             "dtype": self.dtype,
             "floor": self.floor,
             "floor_against": self.floor_against,
+            "quality": self.quality,
             "cases": [asdict(c) for c in self.cases],
         }
 
