@@ -158,3 +158,16 @@ def test_hsa_decode_bench_smoke():
     report = json.loads(result.stdout)
     assert [r["keys"] for r in report["ops"]] == [512, 2048] and all(r["equal"] for r in report["ops"])
     assert [r["form"] for r in report["models"]] == ["dense", "hsa"] and all(r["decode_tokens_per_s"] > 0 for r in report["models"])
+
+
+def test_real_model_nll_bench_smoke(hf_folder_with_tokenizer):
+    """bench/real/nll.py runs dense and a converted setting on a folder with a tokenizer (tiny; the numbers mean nothing)."""
+    folder, _ = hf_folder_with_tokenizer
+    script = BENCH.parent / "real" / "nll.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), "hsa:chunk=4,topk=all,fusion=joint", "--tokens", "64", "--json"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["setting"] for r in rows] == ["dense", "hsa:chunk=4,topk=all,fusion=joint"]
+    assert abs(rows[1]["change"]) < 1e-5 and rows[1]["agreement"] == 1.0  # joint over every chunk is the dense model

@@ -58,7 +58,7 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                             keys = [*keys, None]
                         values = torch.stack([v[b, h, j] if j is not None else torch.zeros(v.shape[-1]) for j in keys])
                         parts.append(torch.softmax(logits, 0) @ values)
-                        weights.append(torch.logsumexp(logits, 0) if s is None else s)
+                        weights.append(torch.logsumexp(logits, 0) if s is None or fusion == "joint" else s)  # joint: the true LSE
                     if parts and fusion == "stick":  # σ(s_p) of what the more recent parts left
                         left = 1.0
                         for part, s in zip(parts, weights, strict=True):
@@ -91,6 +91,8 @@ def inputs(T=13, seed=0):
         ("landmark", 2, 1, "sink"),  # per token, softmax-off-by-one in the retrieved chunks
         ("landmark", 2, 1, "stick"),  # per token, stick-breaking fusion
         ("exact", -1, 0, "stick"),
+        ("landmark", 2, 1, "joint"),  # every part weighed by its true LSE: one softmax over the local and chosen keys
+        ("landmark", 1, 0, "joint-block"),
         ("learned", 2, 0, "nope"),  # per token, scores from separate (pre-RoPE) queries and keys
         ("landmark", 1, 1, "nope"),
     ],
@@ -113,7 +115,8 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     nope = [torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)] if select == "nope" else [None, None]
     leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
     refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
-    sink, fusion, select = select == "sink", "stick" if select == "stick" else "softmax", select if select == "block" else "token"
+    fusion = {"stick": "stick", "joint": "joint", "joint-block": "joint"}.get(select, "softmax")
+    sink, select = select == "sink", "block" if select in ("block", "joint-block") else "token"
     got = hsa_attention(*leaves[:3], key_padding, *leaves[3:5], 8**-0.5, 3, K, w, mode, select, sink, fusion, *leaves[5:])
     real = torch.ones(2, 13) if key_padding is None else key_padding
     want = brute_force(*refs[:3], real, 8**-0.5, 3, K, w, mode, select, *refs[3:5], sink, fusion, *refs[5:])
@@ -126,7 +129,8 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
 
 @pytest.mark.parametrize("T", [2, 21, 75])
 @pytest.mark.parametrize(
-    "mode,fusion,sink", [("landmark", "softmax", False), ("learned", "stick", True), ("exact", "softmax", True), ("landmark", "stick", False)]
+    "mode,fusion,sink",
+    [("landmark", "softmax", False), ("learned", "stick", True), ("exact", "softmax", True), ("landmark", "stick", False), ("landmark", "joint", False)],
 )
 def test_cpu_fast_forward_equals_reference(T, mode, fusion, sink):
     """The CPU flash path (per-chunk selection, no padding) equals the reference: T < S, several groups of
@@ -275,3 +279,25 @@ def test_nope_scores_read_the_projections_before_rope(monkeypatch):
     torch.testing.assert_close(score_q, seen["q"].view(1, 21, -1, d).transpose(1, 2))
     torch.testing.assert_close(score_k, seen["k"].view(1, 21, -1, d).transpose(1, 2))
     assert (q - score_q).abs().max() > 1e-3  # attention itself keeps RoPE
+
+
+@pytest.mark.parametrize("score", ["landmark", "exact"])
+def test_joint_fusion_over_every_chunk_is_the_dense_model(score):
+    """fusion=joint weighs each chunk by its true LSE, so with every chunk selected it is dense whatever scores select."""
+    report = lcc.verify("tiny-llama", to="hsa", chunk="4", topk="all", window="1", fusion="joint", score=score)
+    assert report.exact and report.passed
+
+
+@pytest.mark.parametrize("other", [{"sink": "true"}, {"score": "learned"}])
+def test_joint_fusion_refuses_what_it_would_ignore(other):
+    """A sink (+1 per chunk) has no place in one softmax; learned scores train through fusion weights joint does not use."""
+    with pytest.raises(LccError, match="fusion=joint"):
+        lcc.compile("tiny-llama", to="hsa", fusion="joint", **other)
+
+
+def test_joint_fusion_keeps_the_reference_op_on_a_gpu_target():
+    """The HSA kernels fuse by the chunks' scores; joint fusion is refused there in one line, or kept as the reference op."""
+    with pytest.raises(LccError, match="fusion=joint.*fallback=reference"):
+        lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", fusion="joint")
+    compiled = lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", fusion="joint", fallback="reference")
+    assert {s["kernel"] for s in compiled.program.sites()} == {"longctx.hsa_attention/reference"}

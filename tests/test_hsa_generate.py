@@ -34,6 +34,7 @@ def qkv(T, seed=0):
         ("landmark", 2, 1, "sink"),
         ("landmark", 1, 0, "stick"),
         ("landmark", 2, 0, "nope"),
+        ("landmark", 2, 1, "joint"),
     ],
 )
 @pytest.mark.parametrize("new", [1, 3, 6])
@@ -44,7 +45,7 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
     g = torch.Generator().manual_seed(1)
     wq, wk = (torch.randn(2, 8, 8, generator=g) for _ in range(2)) if mode == "learned" else (None, None)
     sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant == "nope" else (None, None)
-    sink, fusion = variant == "sink", "stick" if variant == "stick" else "softmax"
+    sink, fusion = variant == "sink", {"stick": "stick", "joint": "joint"}.get(variant, "softmax")
     full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk)
     tail = hsa_ops.hsa_ref(
         q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk

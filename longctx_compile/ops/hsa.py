@@ -159,7 +159,7 @@ def hsa_ref(
             only = fusion_weights(local_lse[..., None], fusion)  # the local part alone: 1 (softmax) or σ(LSE) (stick)
             outs.append(torch.einsum("bhcgsl,bhcld->bhcgsd", local, p.vwin[:, :, c0:c1]) * only)
             continue
-        probs, scores, vs = _retrieve(p, rows, older, c0, c1, w, min(p.K, older), select, key_padding is None, sink)
+        probs, scores, vs = _retrieve(p, rows, older, c0, c1, w, min(p.K, older), select, key_padding is None, sink, fusion)
         weights = fusion_weights(torch.cat([local_lse[..., None], scores], dim=-1), fusion)
         # the local part's weight scales its output; the selected chunks' weights fold into their
         # probabilities, so all of them are one matmul over their keys
@@ -179,7 +179,7 @@ def unchunk(out: torch.Tensor, T: int) -> torch.Tensor:
     return out.transpose(2, 3).reshape(B, Hkv, G, C * S, Dv)[:, :, :, :T].reshape(B, Hkv * G, T, Dv)
 
 
-def _retrieve(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool, sink: bool):
+def _retrieve(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, select: str, unpadded: bool, sink: bool, fusion: str = "softmax"):
     """Each query's top-K older chunks: (probabilities [B, Hkv, Cg, G, S, K, S] within each chunk, their
     fusion scores [B, Hkv, Cg, G, S, K], their values [B, Hkv, Cg, S|1, K, S, Dv]).
     """
@@ -190,7 +190,7 @@ def _retrieve(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, selec
         scores = torch.einsum("bhcgnd,bhcksd->bhcgnks", rows, ks[:, :, :, 0])
     else:
         scores = torch.einsum("bhcgnd,bhcnksd->bhcgnks", rows, ks)
-    if unpadded and not sink:  # every key of a chunk is real
+    if unpadded and not sink and fusion != "joint":  # every key of a chunk is real
         return torch.softmax(scores, dim=-1), chosen, vs
     keep = torch.ones((), dtype=torch.bool, device=rows.device)
     if not unpadded:
@@ -198,6 +198,8 @@ def _retrieve(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, selec
     probs, lse = _softmax(scores, keep.expand_as(scores))
     if sink:  # softmax-off-by-one: a chunk passes on Σexp / (Σexp + 1) of its mass
         probs = probs * torch.sigmoid(lse)[..., None]
+    if fusion == "joint":  # each chunk weighs in by its true LSE: one softmax over the local keys and the chosen chunks'
+        chosen = lse.masked_fill(~torch.isfinite(chosen), float("-inf"))
     return probs, chosen, vs
 
 

@@ -58,6 +58,9 @@ def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrie
         idx, chosen, flat = select_chunks(p, rows, older, c0, c1, w, K, "block")
         ks, vs = gather_chunks(p, flat, (B * Hkv * (c1 - c0), K))
         part, part_lse = _flash(flat_rows.reshape(-1, 1, G * S, D).expand(-1, K, -1, -1), ks, vs, scale=1.0)  # [·, K, G·S, Dv]
+        if fusion == "joint":  # each chunk weighs in by its true LSE
+            lse = part_lse.reshape(B, Hkv, c1 - c0, K, G, S).permute(0, 1, 2, 4, 5, 3)
+            chosen = lse.masked_fill(~torch.isfinite(chosen), float("-inf"))
         weights = fusion_weights(torch.cat([local_lse, chosen], dim=-1), fusion)  # [B, Hkv, Cg, G, S, 1+K]
         part_weights = weights[..., 1:].reshape(-1, G * S, K).transpose(1, 2)  # [·, K, G·S]
         if sink:  # softmax-off-by-one: a chunk passes on Σexp / (Σexp + 1) of its mass

@@ -107,6 +107,8 @@ def hsa_decode_ref(
         probs, lse = _softmax(torch.einsum("bhgd,bhjd->bhgj", qi, ks).view(B, Hkv, G, K, S), keep.expand(B, Hkv, G, K, S))
         if sink:  # softmax-off-by-one
             probs = probs * torch.sigmoid(lse)[..., None]
+        if fusion == "joint":  # each chunk weighs in by its true LSE
+            chosen = lse.masked_fill(~torch.isfinite(chosen), float("-inf"))
         weights = fusion_weights(torch.cat([local_lse[..., None], chosen], dim=-1), fusion)
         selected = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, G, K·S]
         rows.append(out * weights[..., :1] + torch.einsum("bhgj,bhjd->bhgd", selected, vs))

@@ -178,6 +178,8 @@ def hsa(
     probs, lse = masked_softmax(part, keep.expand_as(part))
     if sink:
         probs = probs * torch.sigmoid(lse)[..., None]
+    if fusion == "joint":  # each chunk weighs in by its true LSE
+        chosen = torch.where(torch.isfinite(chosen), lse, chosen)
     weights = fusion_weights(torch.cat([local_lse[..., None], chosen], dim=-1), fusion)
     out = out * weights[..., :1]
     picked = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, C, G, S, K·S]

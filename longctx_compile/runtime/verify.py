@@ -15,6 +15,7 @@ from .model import default_positions
 # torch.testing.assert_close's fp32 defaults
 RTOL, ATOL = 1.3e-6, 1e-5
 LENGTHS = (1, 2, 7, 16, 33)
+LONG = 64  # longer verify batches (the configuration's own lengths) hold two rows, one of them padded
 # an artifact passes when its logits are within atol + this many times the original's own error in its dtype
 # (``reference_and_floor``; rtol applies on top)
 FLOOR_FACTOR = 2.0
@@ -82,22 +83,27 @@ class Report:
 
 
 def batches(signature: dict[str, Any], lengths=LENGTHS, batch: int = 3, seed: int = 0):
-    """Seeded (inputs, real-token mask) pairs: each length unpadded, and padded when the program takes a mask."""
+    """Seeded (inputs, real-token mask) pairs: each length unpadded, and padded when the program takes a mask (past
+    :data:`LONG` tokens, one batch with an unpadded and a padded row)."""
     names = tuple(signature["inputs"])
     for length in lengths:
         if length > signature["max_len"]:
             continue
-        for padded in (False, True) if "attention_mask" in names and length >= 4 else (False,):
-            inputs = example_inputs(names, signature["vocab_size"], batch, length)
+        variants = (False, True) if "attention_mask" in names and length >= 4 else (False,)
+        rows = batch
+        if length > LONG and variants == (False, True):  # one batch of two: an unpadded row and a left+right padded one
+            variants, rows = (True,), 2
+        for padded in variants:
+            inputs = example_inputs(names, signature["vocab_size"], rows, length)
             g = torch.Generator().manual_seed(seed * 1000 + length)
-            inputs["input_ids"] = torch.randint(0, signature["vocab_size"], (batch, length), generator=g)
-            real = torch.ones(batch, length, dtype=torch.long)
+            inputs["input_ids"] = torch.randint(0, signature["vocab_size"], (rows, length), generator=g)
+            real = torch.ones(rows, length, dtype=torch.long)
             if padded:
                 real[1, : length // 3] = 0  # left padding
                 real[-1, length - length // 4 :] = 0  # right padding
                 inputs["attention_mask"] = real
                 if "position_ids" in names:
-                    inputs["position_ids"] = default_positions(real, batch, length, "cpu")
+                    inputs["position_ids"] = default_positions(real, rows, length, "cpu")
             yield inputs, real.bool(), padded
 
 

@@ -35,7 +35,8 @@ REFUSALS = {
 @dataclass
 class HsaConfig:
     """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|learned select=token|block sink=false
-    fusion=softmax|stick nope=false layers=all|0,2,5``."""
+    fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by its true LSE: one softmax over
+    the local keys and the chosen chunks' keys, so selection alone decides what is lost."""
 
     chunk: int = 64
     topk: str = "16"
@@ -43,7 +44,7 @@ class HsaConfig:
     score: Literal["exact", "landmark", "learned"] = "landmark"
     select: Literal["token", "block"] = "token"
     sink: bool = False
-    fusion: Literal["softmax", "stick"] = "softmax"
+    fusion: Literal["softmax", "stick", "joint"] = "softmax"
     nope: bool = False
     layers: str = "all"
 
@@ -54,6 +55,12 @@ class HsaConfig:
         if self.window < 0:
             raise LccError(f"invalid --opt window={self.window}: the local window counts complete chunks, 0 or more")
         parse_topk(self.topk)
+        if self.fusion == "joint" and self.sink:
+            raise LccError("--opt fusion=joint is one softmax over the local and chosen keys; sink=true (a +1 per chunk) does not apply to it")
+        if self.fusion == "joint" and self.score == "learned":
+            raise LccError(
+                "--opt fusion=joint weighs chunks by their true LSE, so learned scores (trained through the fusion weights) would never train; use score=landmark"
+            )
         if self.nope and self.score == "exact":
             raise LccError("--opt nope=true changes landmark and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
 
@@ -117,7 +124,8 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
         )
     graph.lint()
     # every chunk is selected, whatever ``select`` is, and the parts fuse as one softmax
-    program.signature["exact"] = cfg.score == "exact" and topk < 0 and not cfg.sink and cfg.fusion == "softmax"
+    every = topk < 0 and not cfg.sink  # every older chunk, each under plain softmax: dense when the fusion weighs by true LSEs
+    program.signature["exact"] = every and (cfg.fusion == "joint" or (cfg.score == "exact" and cfg.fusion == "softmax"))
     return PassResult(
         matches=len(chosen), notes=[f"{len(chosen)} of {len(nodes)} layers: chunk {cfg.chunk}, top-{cfg.topk}, window {cfg.window}, {cfg.score} scores"]
     )
