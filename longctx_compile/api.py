@@ -92,6 +92,7 @@ def verify(
         exact = get_form(to).exact
     else:
         original = load_model(model)[0] if not isinstance(model, torch.nn.Module) else model
+        converted = load(converted) if isinstance(converted, (str, Path)) else converted
         exact = True
     runnable, signature = _as_runnable(converted)
     exact = signature.get("exact", exact)  # a form whose exactness depends on its options records it

@@ -92,3 +92,9 @@ def test_an_approximate_form_reports_what_it_costs_on_real_text(hf_folder_with_t
     shown = " ".join(run("verify", out).stdout.split())
     assert "DIVERGES" in shown and "tokens of the built-in English sample: NLL" in shown
     assert lcc.verify(str(folder), to="hsa", chunk="4", topk="all", score="exact").quality is None  # exact: judged, not costed
+
+
+def test_a_model_against_an_artifact_path(tmp_path):
+    """verify(model, "a.lcc") read the path's manifest as an attribute of the string and failed."""
+    out = lcc.compile("tiny-llama").save(tmp_path / "a.lcc")
+    assert lcc.verify("tiny-llama", str(out)).passed
