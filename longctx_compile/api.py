@@ -100,7 +100,7 @@ def verify(
     if lengths is LENGTHS and form.verify_lengths is not None:  # the default lengths, plus what the configuration needs
         lengths = configured_lengths(converted, signature, form)
     original, floor, against = reference_and_floor(original, signature, lengths)
-    tolerance = atol + FLOOR_FACTOR * floor
+    tolerance = atol if floor is None else atol + FLOOR_FACTOR * floor
     if form.verify is not None:  # the form's own check (msa: routed over an encoded bank; evict: a compacted prompt)
         ep = converted.program.ep if isinstance(converted, Compiled) else converted.program
         report = form.verify(original, ep, signature, lengths, rtol, tolerance)

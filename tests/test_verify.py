@@ -98,3 +98,10 @@ def test_a_model_against_an_artifact_path(tmp_path):
     """verify(model, "a.lcc") read the path's manifest as an attribute of the string and failed."""
     out = lcc.compile("tiny-llama").save(tmp_path / "a.lcc")
     assert lcc.verify("tiny-llama", str(out)).passed
+
+
+def test_a_model_without_fp64_kernels_keeps_the_fixed_tolerance():
+    """transformers' grouped-mm experts have no fp64 kernel: no floor, the fixed atol, and the report says why."""
+    report = lcc.verify("tiny-mixtral")
+    assert report.passed and report.floor is None and report.atol == ATOL
+    assert report.floor_against.startswith("the original does not run in fp64")

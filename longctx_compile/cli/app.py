@@ -362,6 +362,8 @@ def _print_report(report) -> None:
             f"on {q['tokens']:,} tokens of the built-in English sample: NLL {q['nll_original']:.3f} → {q['nll_converted']:.3f}"
             f" ({q['nll_change']:+.1%}), next-token agreement {q['top1_agreement']:.3f}"
         )
+    if report.floor is None and report.floor_against:
+        out.print(f"tolerance: the fixed atol, with no noise floor: {report.floor_against}")
     if report.floor is not None:
         from ..runtime.verify import ATOL, FLOOR_FACTOR
 

@@ -44,7 +44,7 @@ class Report:
     exact: bool = True
     dtype: str = "fp32"  # the artifact's; every comparison is against the original run in fp32
     floor: float | None = None  # the original's own max abs error in that dtype (:func:`reference_and_floor`)
-    floor_against: str | None = None  # the precision the floor was measured against: fp64, or fp32 below it
+    floor_against: str | None = None  # what the floor was measured against (fp64, or fp32 below it), or why there is none
     quality: dict[str, Any] | None = None  # approximate forms: NLL and top-1 agreement on real text (``runtime.quality``)
 
     @property
@@ -118,14 +118,15 @@ def compare(ref: torch.Tensor, out: torch.Tensor, real: torch.Tensor, rtol: floa
     return max_abs, max_rel, top1, kl, ok
 
 
-def reference_and_floor(original: torch.nn.Module, signature: dict[str, Any], lengths=LENGTHS) -> tuple[torch.nn.Module, float, str]:
-    """(the original in fp32, the noise floor, the precision it was measured against).
+def reference_and_floor(original: torch.nn.Module, signature: dict[str, Any], lengths=LENGTHS) -> tuple[torch.nn.Module, float | None, str]:
+    """(the original in fp32, the noise floor, the precision it was measured against — or why there is none).
 
     The floor is the original's own arithmetic error in the artifact's dtype: the largest logit difference, at
     real tokens over the verify batches, between the original run in that dtype and in the next precision up
     (fp64 for an fp32 artifact, fp32 for bf16/fp16). A correct conversion is about as far from that higher
     precision as the original is, so artifact and original lie within about twice the floor of each other
-    (:data:`FLOOR_FACTOR`); the floor grows with the model's depth and width as its rounding does."""
+    (:data:`FLOOR_FACTOR`); the floor grows with the model's depth and width as its rounding does. A model
+    with an op that has no fp64 kernel (transformers' grouped-mm experts) has no floor: the fixed atol applies."""
     dtype = DTYPES[signature.get("dtype", "fp32")]
     reference = original if dtype_of(original) == torch.float32 else copy.deepcopy(original).float()
     if dtype == torch.float32:
@@ -138,7 +139,11 @@ def reference_and_floor(original: torch.nn.Module, signature: dict[str, Any], le
     floor = 0.0
     with torch.no_grad():
         for inputs, real, _ in batches(signature, lengths):
-            floor = max(floor, float((high(**inputs)[real].double() - low(**inputs)[real].double()).abs().max()))
+            try:
+                higher_logits = high(**inputs)
+            except (RuntimeError, NotImplementedError) as e:
+                return reference, None, f"the original does not run in {against} ({str(e).splitlines()[0][:120]})"
+            floor = max(floor, float((higher_logits[real].double() - low(**inputs)[real].double()).abs().max()))
     return reference, floor, against
 
 
