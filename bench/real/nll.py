@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("settings", nargs="*", help="form:key=value,key=value (e.g. hsa:topk=8,fusion=joint)")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # settings may come after --tokens
     import longctx_compile as lcc
     from longctx_compile.capture import load_model
     from longctx_compile.runtime.quality import english_sample
