@@ -364,7 +364,7 @@ def _print_report(report) -> None:
         )
     if report.floor is None and report.floor_against:
         out.print(f"tolerance: the fixed atol, with no noise floor: {report.floor_against}")
-    if report.floor is not None:
+    elif report.floor is not None:
         from ..runtime.verify import ATOL, FLOOR_FACTOR
 
         out.print(

@@ -145,14 +145,20 @@ def _(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, 
 
 
 DECODE = torch.ops.longctx.hsa_decode.default
+KEYS_AND_VALUES = cache.KeyValueCache()  # how K and V themselves are extended, as for every attention op
+
+
+def scored_keys(call: Call) -> Any:
+    """The keys the chunks are scored by: the NoPE ones when the site has them, else the keys."""
+    return call.k if call.get("score_k") is None else call.score_k
 
 
 @dataclass(frozen=True)
 class HsaCache(cache.KeyValueCache):
     """How HSA (``hsa_attention``, or ``hsa_flash`` bound by ``lower``: ``flash`` says the site reads a tuple) is
-    cached: keys, values and, unless scoring is ``exact``, each key's running landmark sum (:func:`landmark_sums`,
-    fp32, from the NoPE score keys when the site has them). A step runs :data:`DECODE` over them; the static step's
-    filled prefix ends at the slot (the Generator passes it so), so the new queries are the last of the keys."""
+    cached: keys and values as every attention op's, and, unless scoring is ``exact``, each key's running landmark
+    sum (:func:`landmark_sums`, fp32, from :func:`scored_keys`). A step runs :data:`DECODE` over them; the static
+    step's filled prefix ends at the slot (the Generator passes it so), so the new queries are the last of the keys."""
 
     flash: bool = False
 
@@ -160,9 +166,8 @@ class HsaCache(cache.KeyValueCache):
         return ("k", "v") if call.mode == "exact" else ("k", "v", "sums")
 
     def dims(self, call: Call) -> list[tuple[Any, Any]]:
-        scored = call.k if call.get("score_k") is None else call.score_k
-        k, v = call.k.meta["val"].shape, call.v.meta["val"].shape
-        return [(k[1], k[3]), (v[1], v[3])] + ([] if call.mode == "exact" else [(k[1], scored.meta["val"].shape[3] + 1)])
+        kv = KEYS_AND_VALUES.dims(call)
+        return kv if call.mode == "exact" else [*kv, (kv[0][0], scored_keys(call).meta["val"].shape[3] + 1)]
 
     def dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if name == "sums" else model_dtype
@@ -173,33 +178,23 @@ class HsaCache(cache.KeyValueCache):
         return None
 
     def prefill(self, call: Call) -> list[torch.Tensor]:
-        if call.mode == "exact":
-            return [call.k, call.v]
-        scored = call.k if call.score_k is None else call.score_k
-        return [call.k, call.v, landmark_sums(scored, call.key_padding, call.chunk)]
+        kv = KEYS_AND_VALUES.prefill(call)
+        return kv if call.mode == "exact" else [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk)]
 
     def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The new key's sums entry; ``index`` [B]: its position among the keys."""
-        scored = call.k if call.score_k is None else call.score_k
         real = torch.ones_like(index) if call.key_padding is None else call.key_padding[:, -1]
-        return extend_sums(previous, scored, real, index % call.chunk == 0)
+        return extend_sums(previous, scored_keys(call), real, index % call.chunk == 0)
 
     def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
-        key_padding = call.key_padding
-        if key_padding is not None:
-            key_padding = torch.cat([past_mask.to(key_padding.dtype), key_padding], dim=1)
-        grown = call.replace(k=torch.cat([cached[0], call.k], dim=2), v=torch.cat([cached[1], call.v], dim=2), key_padding=key_padding)
         sums = None
         if call.mode != "exact":
-            n = cached[0].shape[2]
-            index = torch.full((call.k.shape[0],), n, dtype=torch.long, device=call.k.device)
+            index = torch.full((call.k.shape[0],), cached[0].shape[2], dtype=torch.long, device=call.k.device)
             sums = torch.cat([cached[2], self._new_sums(call, cached[2][:, :, -1:], index)], dim=2)
-        return grown.to(DECODE, sums=sums)
+        return KEYS_AND_VALUES.grow(call, cached[:2], past_mask).to(DECODE, sums=sums)
 
     def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
-        written = {name: cache.scatter_key(old, call[name], slots, in_place) for name, old in zip(("k", "v"), cached, strict=False)}
-        new = call.key_padding.to(torch.bool) if call.key_padding is not None else torch.ones_like(slots[:, None], dtype=torch.bool)
-        visible = past_mask.to(torch.bool).scatter(1, slots[:, None], new)
+        written, visible = KEYS_AND_VALUES.written(call, cached[:2], past_mask, slots, in_place)
         sums = None
         if call.mode != "exact":
             old = cached[2]
