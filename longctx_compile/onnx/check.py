@@ -1,8 +1,10 @@
 """Does an exported model compute what the artifact computes? onnxruntime against the PyTorch program, same inputs.
 
-The reference is the artifact's own ``model.pt2`` run by PyTorch (its longctx ops' reference
-implementations), and for an ``evict`` model the streaming ``ops.evict.indexer_importance`` of each
-evicting site: independent of the portable forms the ONNX graph was built from.
+The reference is the artifact's own ``model.pt2`` run by PyTorch with its longctx ops' reference
+implementations (a lowered kernel runs as the op it implements: the kernels are checked against those
+elsewhere, and a Triton kernel on a CPU would run in the interpreter), and for an ``evict`` model the
+streaming ``ops.evict.indexer_importance`` of each evicting site: independent of the portable forms the
+ONNX graph was built from.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def reference(path: Path, manifest: dict[str, Any], feed: dict[str, torch.Tensor
     """The artifact's outputs in PyTorch: logits, then (evict) each evicting site's indexer importance."""
     from ..ops.evict import indexer_importance
     from ..runtime.interpret import flat_inputs, logits_index, step_state, with_site_hooks
+    from .translate import KERNELS
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, raised while unpickling the program
@@ -56,6 +59,11 @@ def reference(path: Path, manifest: dict[str, Any], feed: dict[str, torch.Tensor
         if call.op is evict:
             groups = int(call.k.shape[1]) if per_head else 1
             scores.append(indexer_importance(call.idx_q, call.idx_k, call.idx_w, groups, query_real=call.key_padding, need_arg=False)[0])
+        if call.op in KERNELS:  # the op the kernel implements; its saved state (read by no inference graph) is NaN
+            op, _, state = KERNELS[call.op]
+            out = call.to(op)()
+            B, H, T, _ = call.q.shape
+            return out, *(torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype) for shape, dtype in state(B, H, T))
         return call()
 
     with torch.no_grad():
