@@ -2,10 +2,8 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
+import lcc_cli
 import pytest
 import torch
 
@@ -240,21 +238,19 @@ def test_layers_and_refusals():
 
 
 def test_cli_inspect_and_verify(tmp_path):
-    cli = [sys.executable, "-m", "longctx_compile"]
-    wide = dict(os.environ, COLUMNS="250")
+    wide = {"COLUMNS": "250"}
     exact, sparse = tmp_path / "exact.lcc", tmp_path / "sparse.lcc"
     for path, opts in [(exact, ["chunk=4", "topk=all", "window=0", "score=exact"]), (sparse, ["chunk=4", "topk=1", "window=0"])]:
-        command = [*cli, "convert", "tiny-llama", "--to", "hsa", "-o", str(path)] + [x for o in opts for x in ("--opt", o)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = lcc_cli.run("convert", "tiny-llama", "--to", "hsa", "-o", path, *[x for o in opts for x in ("--opt", o)])
         assert result.returncode == 0, result.stderr
-    result = subprocess.run([*cli, "inspect", str(sparse)], capture_output=True, text=True, env=wide)
+    result = lcc_cli.run("inspect", sparse, env=wide)
     assert "hsa S=4 K=1 w=0 landmark" in result.stdout and "hsa (reference)" in result.stdout
-    result = subprocess.run([*cli, "verify", str(exact), "--json"], capture_output=True, text=True)
+    result = lcc_cli.run("verify", exact, "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["passed"]
-    result = subprocess.run([*cli, "verify", str(sparse), "--json"], capture_output=True, text=True)
+    result = lcc_cli.run("verify", sparse, "--json")
     report = json.loads(result.stdout)
     assert result.returncode == 0 and not report["exact"] and report["max_abs"] > 1e-3  # reported, not failed
-    result = subprocess.run([*cli, "verify", str(sparse)], capture_output=True, text=True, env=wide)
+    result = lcc_cli.run("verify", sparse, env=wide)
     assert result.returncode == 0 and "DIVERGES (approximate form" in result.stdout and "FAIL" not in result.stdout
 
 

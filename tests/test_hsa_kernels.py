@@ -7,9 +7,8 @@ empties a chunk, and both selection units.
 """
 
 import math
-import subprocess
-import sys
 
+import lcc_cli
 import pytest
 import torch
 
@@ -143,11 +142,7 @@ def test_kernel_refusals(tmp_path):
     assert {s["kernel"] for s in kept.program.sites()} == {"longctx.hsa_attention/reference"}
     assert all("chunk 8 is not supported" in s["fallback"] for s in kept.program.sites())
     command = ["convert", "tiny-llama", "--to", "hsa", "--opt", "chunk=24", "--target", "h100", "-o", str(tmp_path / "never.lcc")]
-    result = subprocess.run(
-        [sys.executable, "-m", "longctx_compile", *command],
-        capture_output=True,
-        text=True,
-    )
+    result = lcc_cli.run(*command)
     assert result.returncode == 2 and "chunk 24 is not supported by the HSA kernels" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr and not (tmp_path / "never.lcc").exists()
 

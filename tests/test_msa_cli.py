@@ -49,11 +49,7 @@ def test_encode_add_remove_info_query(artifact, tmp_path):
 
 
 def test_inspect_shows_each_routed_layer(artifact):
-    import os
-
-    result = subprocess.run(
-        [sys.executable, "-m", "longctx_compile", "inspect", str(artifact / "model.lcc")], capture_output=True, text=True, env=dict(os.environ, COLUMNS="250")
-    )
+    result = lcc_cli.run("inspect", artifact / "model.lcc", env={"COLUMNS": "250"})
     assert result.returncode == 0 and "msa P=2 top-2 docs cosine" in result.stdout and "msa (reference)" in result.stdout
 
 
