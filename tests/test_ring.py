@@ -1,10 +1,12 @@
-"""Ring attention and the ``sp`` form on local gloo ranks: logits, loss and gradients equal one process."""
+"""Ring attention and the ``sp`` form on local ranks: logits, loss and gradients equal one process.
+
+The ranks are threads of this process (``ranks="threads"``); the ring and the hybrid each run once on gloo
+processes, and the traffic profile needs processes (one per rank).
+"""
 
 import json
-import os
-import subprocess
-import sys
 
+import lcc_cli
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,20 +25,21 @@ A2A = torch.ops.longctx.seq_all_to_all.default
 
 
 @pytest.mark.parametrize(
-    "preset,form,options",
+    "preset,form,options,ranks",
     [
-        ("tiny-llama", "ring", dict(degree=2)),  # GQA, zigzag
-        ("tiny-llama", "ring", dict(degree=4)),  # GQA with more ranks than KV heads: the ring needs no replication
-        ("tiny-gpt2", "ring", dict(degree=2, zigzag=False)),  # MHA, contiguous shards
-        ("tiny-mistral", "ring", dict(degree=2)),  # sliding window across chunk borders
-        ("tiny-llama", "sp", dict(hybrid="2x2")),  # Ulysses over 2 ranks inside a ring of 2
+        ("tiny-llama", "ring", dict(degree=2), "processes"),  # GQA, zigzag; on gloo processes
+        ("tiny-llama", "ring", dict(degree=4), "threads"),  # GQA with more ranks than KV heads: the ring needs no replication
+        ("tiny-gpt2", "ring", dict(degree=2, zigzag=False), "threads"),  # MHA, contiguous shards
+        ("tiny-mistral", "ring", dict(degree=2), "threads"),  # sliding window across chunk borders
+        ("tiny-llama", "sp", dict(hybrid="2x2"), "processes"),  # Ulysses over 2 ranks inside a ring of 2 (subgroups of gloo)
+        ("tiny-llama", "sp", dict(hybrid="2x2"), "threads"),
     ],
 )
-def test_ring_equals_single_process(tmp_path, preset, form, options):
+def test_ring_equals_single_process(tmp_path, preset, form, options, ranks):
     compiled = lcc.compile(preset, to=form, **options)
     path = compiled.save(tmp_path / "sp.lcc")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    result = train_step(path, Layout.of(compiled.program.signature).degree, {"input_ids": ids})
+    result = train_step(path, Layout.of(compiled.program.signature).degree, {"input_ids": ids}, ranks=ranks)
     check_equal(result, *single_process(compiled.original, ids))
 
 
@@ -47,7 +50,7 @@ def test_ring_with_packed_documents_and_padding(tmp_path):
     path = compiled.save(tmp_path / "sp.lcc")
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     positions = torch.cat([torch.arange(3), torch.arange(9), torch.arange(4)])[None]  # chunks are 4 tokens: every border is crossed
-    result = train_step(path, 2, {"input_ids": ids, "position_ids": positions})
+    result = train_step(path, 2, {"input_ids": ids, "position_ids": positions}, ranks="threads")
     check_equal(result, *single_process(Trainable(dense), ids, position_ids=positions, prefix="inner.model."))
 
     compiled = lcc.compile("tiny-qwen2", to="ring", degree=2)
@@ -56,7 +59,7 @@ def test_ring_with_packed_documents_and_padding(tmp_path):
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    result = train_step(path, 2, {"input_ids": ids, "attention_mask": mask})
+    result = train_step(path, 2, {"input_ids": ids, "attention_mask": mask}, ranks="threads")
     logits, loss, grads = single_process(compiled.original, ids, mask, positions)
     check_equal(result, logits, loss, grads, valid=mask.bool())
 
@@ -154,23 +157,21 @@ def test_bad_options_and_lengths(tmp_path):
         Layout(ring=4, zigzag=True).shard(torch.zeros(1, 12), 0)
     path = lcc.compile("tiny-llama", to="ring", degree=2).save(tmp_path / "sp.lcc")
     with pytest.raises(Exception, match="converted for sequence-parallel degree 2, but the group has 1 ranks"):
-        train_step(path, 1, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+        train_step(path, 1, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, ranks="threads")
 
 
 def test_cli_verify_and_inspect_a_ring_artifact(tmp_path):
     path = tmp_path / "sp.lcc"
-    cli = [sys.executable, "-m", "longctx_compile"]
-    result = subprocess.run([*cli, "convert", "tiny-llama", "--to", "sp", "--opt", "degree=2", "-o", str(path)], capture_output=True, text=True)
+    result = lcc_cli.run("convert", "tiny-llama", "--to", "sp", "--opt", "degree=2", "-o", path)
     assert result.returncode == 0, result.stderr
-    result = subprocess.run([*cli, "verify", str(path), "--json"], capture_output=True, text=True)
+    result = lcc_cli.run("verify", path, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and all(c["length"] % 4 == 0 for c in report["cases"])
-    wide = dict(os.environ, COLUMNS="250")
-    result = subprocess.run([*cli, "inspect", str(path), "--seq-len", "4096"], capture_output=True, text=True, env=wide)
+    result = lcc_cli.run("inspect", path, "--seq-len", "4096", env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
     assert "sequence parallel: ring: Hq=4, Hkv=2 (g=2), P=2" in result.stdout and "ring kv" in result.stdout and "ring (reference)" in result.stdout
-    result = subprocess.run([*cli, "inspect", str(path), "--seq-len", "4096", "--json"], capture_output=True, text=True)
+    result = lcc_cli.run("inspect", path, "--seq-len", "4096", "--json")
     site = json.loads(result.stdout)["communication"]["sites"][0]
     d = 16  # tiny-llama: head dim 16, 2 KV heads, fp32; one pass of the other rank's half: 2048 tokens · 2 heads · (d + d)
     assert site["bytes_forward"] == {"kv": 1 * 2048 * 2 * (d + d) * 4}
@@ -182,10 +183,6 @@ def test_diff_shows_collectives_per_layer():
     ring = "ring attention (K/V send/recv)"
     per_layer = {"all-to-all": 4, ring: 1}
     assert lcc.diff(compiled, "canonicalize", "form").collectives() == {"global": {"all-gather": 1}, "layer 0": per_layer, "layer 1": per_layer}
-    result = subprocess.run(
-        [sys.executable, "-m", "longctx_compile", "diff", "tiny-llama", "--form", "ring", "--opt", "degree=2", "--format", "json"],
-        capture_output=True,
-        text=True,
-    )
+    result = lcc_cli.run("diff", "tiny-llama", "--form", "ring", "--opt", "degree=2", "--format", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["collectives"]["layer 1"] == {ring: 1}

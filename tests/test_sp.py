@@ -1,5 +1,10 @@
-"""Ulysses sequence parallelism on local gloo ranks: logits, loss and gradients equal the single-process model."""
+"""Ulysses sequence parallelism on local ranks: logits, loss and gradients equal the single-process model.
 
+The ranks are threads of this process (``ranks="threads"``: the same program and collectives over an in-process
+world); one case runs on gloo processes, as ``lcc verify`` and users' launchers do.
+"""
+
+import lcc_cli
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,18 +42,18 @@ def check_equal(result, logits, loss, grads, valid=None):
 
 
 @pytest.mark.parametrize(
-    "preset,degree",
+    "preset,degree,ranks",
     [
-        ("tiny-llama", 2),  # GQA, Hkv == P: KV heads scattered
-        ("tiny-llama", 4),  # GQA, Hkv < P: each KV head replicated P / Hkv times
-        ("tiny-gpt2", 2),  # MHA
+        ("tiny-llama", 2, "processes"),  # GQA, Hkv == P: KV heads scattered; on gloo processes
+        ("tiny-llama", 4, "threads"),  # GQA, Hkv < P: each KV head replicated P / Hkv times
+        ("tiny-gpt2", 2, "threads"),  # MHA
     ],
 )
-def test_ulysses_equals_single_process(tmp_path, preset, degree):
+def test_ulysses_equals_single_process(tmp_path, preset, degree, ranks):
     compiled = lcc.compile(preset, to="ulysses", degree=degree)
     path = compiled.save(tmp_path / "sp.lcc")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    result = train_step(path, degree, {"input_ids": ids})
+    result = train_step(path, degree, {"input_ids": ids}, ranks=ranks)
     check_equal(result, *single_process(compiled.original, ids))
 
 
@@ -60,7 +65,7 @@ def test_ulysses_with_padding(tmp_path):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    result = train_step(path, 2, {"input_ids": ids, "attention_mask": mask})
+    result = train_step(path, 2, {"input_ids": ids, "attention_mask": mask}, ranks="threads")
     logits, loss, grads = single_process(compiled.original, ids, mask, positions)
     check_equal(result, logits, loss, grads, valid=mask.bool())
 
@@ -77,7 +82,7 @@ def test_ulysses_with_packed_documents(tmp_path):
     path = compiled.save(tmp_path / "sp.lcc")
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     positions = torch.cat([torch.arange(5), torch.arange(11)])[None]  # the second document crosses the shard border
-    result = train_step(path, 2, {"input_ids": ids, "position_ids": positions})
+    result = train_step(path, 2, {"input_ids": ids, "position_ids": positions}, ranks="threads")
     check_equal(result, *single_process(Trainable(dense), ids, position_ids=positions, prefix="inner.model."))
 
 
@@ -139,21 +144,19 @@ def test_bad_degrees_and_lengths(tmp_path):
         shard(torch.zeros(1, 15), 2, 0)
     path = compiled.save(tmp_path / "sp.lcc")
     with pytest.raises(Exception, match="converted for sequence-parallel degree 2, but the group has 1 ranks"):
-        train_step(path, 1, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+        train_step(path, 1, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, ranks="threads")
 
 
 def test_verify_and_inspect_a_ulysses_artifact(tmp_path):
     """lcc verify starts the P ranks itself; lcc inspect reports the collectives and their bytes."""
     import json
-    import subprocess
-    import sys
 
     path = lcc.compile("tiny-qwen2", to="ulysses", degree=2).save(tmp_path / "sp.lcc")
-    result = subprocess.run([sys.executable, "-m", "longctx_compile", "verify", str(path), "--json"], capture_output=True, text=True)
+    result = lcc_cli.run("verify", path, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and all(c["length"] % 2 == 0 for c in report["cases"]) and any(c["padded"] for c in report["cases"])
-    result = subprocess.run([sys.executable, "-m", "longctx_compile", "inspect", str(path), "--seq-len", "4096", "--json"], capture_output=True, text=True)
+    result = lcc_cli.run("inspect", path, "--seq-len", "4096", "--json")
     comm = json.loads(result.stdout)["communication"]
     assert comm["tokens"] == 4096 and len(comm["sites"]) == 2
     hq, hkv, d = 4, 2, 16  # tiny-qwen2: 4 query heads, 2 KV heads, head dim 16, fp32

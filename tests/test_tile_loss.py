@@ -62,7 +62,7 @@ def test_tiled_loss_under_ring_equals_single_process(tmp_path):
     compiled = lcc.compile("tiny-llama", to="ring", degree=2)
     path = compiled.save(tmp_path / "sp.lcc")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
-    result = train_step(path, 2, {"input_ids": ids, "tile": 3})
+    result = train_step(path, 2, {"input_ids": ids, "tile": 3}, ranks="threads")
     logits, loss, grads = single_process(compiled.original, ids)
     assert result["logits"] is None
     check_equal(dict(result, logits=logits), logits, loss, grads)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.groups import TRAFFIC, gather, group, set_group, shard  # noqa: F401  (the public names of the group state)
+from ..ops.groups import TRAFFIC, all_reduce, gather, group, set_group, shard  # noqa: F401  (the public names of the group state)
 from ..ops.layout import Layout
 from ..ops.loss import IGNORE
 
@@ -76,7 +76,7 @@ def token_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor
 def global_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """This rank's ``loss_sum`` over the valid tokens of the whole group (``model.loss(...)`` gives both)."""
     count = count.detach().clone()
-    dist.all_reduce(count, group=group())
+    all_reduce(count, group())
     return loss_sum / count.clamp(min=1)
 
 
@@ -87,11 +87,11 @@ def reduce_gradients(module: torch.nn.Module) -> None:
     """
     for p in module.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group())
+            all_reduce(p.grad, group())
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """``x`` summed over the group (a copy; no gradient): for reporting the global loss."""
     x = x.detach().clone()
-    dist.all_reduce(x, group=group())
+    all_reduce(x, group())
     return x

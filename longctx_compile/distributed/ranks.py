@@ -1,10 +1,14 @@
-"""Running a sequence-parallel artifact on P local ranks (gloo, one process each) for checks.
+"""Running a sequence-parallel artifact on P local ranks for checks: gloo, one process each, or threads of this process.
 
-:func:`train_step` spawns the ranks, runs one forward and backward of the per-rank program on each
+:func:`train_step` starts the ranks, runs one forward and backward of the per-rank program on each
 rank's slice of a batch (labels shifted before slicing, token-weighted loss, gradients summed over
 the group), and returns what a single process would have computed: full logits, the loss and
 parameter gradients. :func:`forward` returns the full logits of several batches from one launch.
 ``lcc verify`` and the tests compare these with the single-process model.
+
+``ranks="processes"`` (the default) starts P gloo processes from a forkserver that has imported lcc once.
+``ranks="threads"`` runs the same task on P threads over a :class:`~..ops.groups.LocalWorld`: the same
+program, collectives and reductions, without a process, an import or gloo per rank (the tests' fast tier).
 """
 
 from __future__ import annotations
@@ -100,27 +104,60 @@ def _profile(model, batch: dict, degree: int, rank: int) -> dict:
     return {"ranks": per_rank}
 
 
-def spawn(task: Callable, path: str | Path, degree: int, payload):
-    """``task(loaded artifact, payload, degree, rank)`` on ``degree`` local gloo ranks; rank 0's result (a module-level
-    function, so each rank's process can import it)."""
+def spawn(task: Callable, path: str | Path, degree: int, payload, ranks: str = "processes"):
+    """``task(loaded artifact, payload, degree, rank)`` on ``degree`` local ranks; rank 0's result. With processes, ``task``
+    is a module-level function, so each rank's process can import it."""
+    if ranks == "threads":
+        return _in_threads(task, path, degree, payload)
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_rank_main, args=(degree, _free_port(), task, str(path), payload, out), nprocs=degree, join=True)
+        mp.set_forkserver_preload(["longctx_compile.loaded"])  # each rank forks from a process that imported lcc once
+        mp.start_processes(_rank_main, args=(degree, _free_port(), task, str(path), payload, out), nprocs=degree, join=True, start_method="forkserver")
         return torch.load(out)
 
 
-def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
+def _in_threads(task: Callable, path: str | Path, degree: int, payload):
+    import threading
+
+    from ..loaded import load
+    from ..ops import groups
+
+    world = groups.LocalWorld(degree)
+    models = [load(path) for _ in range(degree)]  # each rank holds its own parameters and gradients
+    results, errors = [None] * degree, []
+
+    def rank_main(rank: int) -> None:
+        groups.bind_local(world, rank)
+        try:
+            results[rank] = task(models[rank], payload, degree, rank)
+        except BaseException as e:  # noqa: BLE001  (re-raised below, in the caller's thread)
+            errors.append(e)
+            world.abort()
+        finally:
+            groups.bind_local(None)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,), name=f"lcc-rank-{rank}") for rank in range(degree)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return results[0]
+
+
+def train_step(path: str | Path, degree: int, batch: dict[str, torch.Tensor], ranks: str = "processes") -> dict:
     """Logits [B, T, V], loss and summed parameter gradients of one step on ``degree`` local ranks."""
-    return spawn(_train_step, path, degree, batch)
+    return spawn(_train_step, path, degree, batch, ranks)
 
 
 def profile(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> dict:
-    """Per rank: collective calls and bytes sent in one training step, and peak resident memory (KiB)."""
+    """Per rank: collective calls and bytes sent in one training step, and peak resident memory (KiB): needs processes."""
     return spawn(_profile, path, degree, batch)
 
 
-def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]], ranks: str = "processes") -> list[torch.Tensor]:
     """Full logits of each batch (full-length inputs, sliced per rank) on ``degree`` local ranks."""
-    return spawn(_forward, path, degree, batches)
+    return spawn(_forward, path, degree, batches, ranks)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import groups
 from .attention import new_sdpa_layout
@@ -34,7 +33,7 @@ def seq_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, layout: l
     U = lay.ulysses
     send = torch.stack(x.chunk(U, dim=scatter_dim))
     received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
+    groups.all_to_all(received, send, group)
     groups.record("all_to_all", send[0].numel() * send.element_size() * (U - 1))  # chunk i stays when i is this rank
     out = new_sdpa_layout(x, _chunked_shape(x, scatter_dim, gather_dim, U))
     out.copy_(torch.cat(received.unbind(0), dim=gather_dim))

@@ -15,7 +15,6 @@ of that reference. Key padding and document ids come in global token order (all-
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import groups
 from .attention import empty_sdpa_layout
@@ -63,10 +62,8 @@ class _Ring:
         self.layout = Layout.from_list(layout)
         _, self.group = groups.subgroups(self.layout)
         self.R = self.layout.ring
-        self.me = dist.get_rank(self.group)
+        self.me = groups.rank_of(self.group)
         self.size = q.shape[2] // len(self.layout.ring_chunks(0))
-        self.next = dist.get_global_rank(self.group, (self.me + 1) % self.R)
-        self.prev = dist.get_global_rank(self.group, (self.me - 1) % self.R)
 
     def pairs(self, step: int):
         """(query slot, query chunk, key slot, key chunk) of the block held at ``step``."""
@@ -81,11 +78,8 @@ class _Ring:
     def send(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
         """Start passing ``tensors`` to the next rank and receiving the previous rank's."""
         tensors = [t.contiguous() for t in tensors]
-        received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for tag, t in enumerate(tensors)]
-        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for tag, r in enumerate(received)]
         groups.record("send_recv", sum(t.numel() * t.element_size() for t in tensors))
-        return received, dist.batch_isend_irecv(ops)
+        return groups.shift(tensors, self.group)
 
 
 @torch.library.custom_op("longctx::ring_attention", mutates_args=())
