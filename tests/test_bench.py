@@ -171,3 +171,16 @@ def test_real_model_nll_bench_smoke(hf_folder_with_tokenizer):
     rows = json.loads(result.stdout)["rows"]
     assert [r["setting"] for r in rows] == ["dense", "hsa:chunk=4,topk=all,fusion=joint"]
     assert abs(rows[1]["change"]) < 1e-5 and rows[1]["agreement"] == 1.0  # joint over every chunk is the dense model
+
+
+def test_real_model_passkey_bench_smoke(hf_folder_with_tokenizer):
+    """bench/real/passkey.py builds prompts with the asked key inside, generates, scores and measures every setting
+    (a tiny random model: the accuracies mean nothing)."""
+    folder, _ = hf_folder_with_tokenizer
+    script = BENCH.parent / "real" / "passkey.py"
+    command = [sys.executable, str(script), str(folder), "hsa:chunk=8,topk=2", "--lengths", "96", "--prompts", "2", "--keys", "2", "--new", "3", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)["results"]
+    assert [r["setting"] for r in results] == ["dense", "hsa:chunk=8,topk=2"]
+    assert all(r["peak_mib"] > 0 and r["rows"][0]["length"] == 96 and 0 <= r["rows"][0]["accuracy"] <= 1 for r in results)
