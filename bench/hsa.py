@@ -53,7 +53,7 @@ def measure(op: str, T: int) -> dict:
         return time.perf_counter() - start
 
     with torch.no_grad():
-        run(2 * HSA["chunk"] * (HSA["topk"] + HSA["window"]))  # warm-up, past the point where retrieval starts
+        run(min(T, 2 * HSA["chunk"] * (HSA["topk"] + HSA["window"])))  # warm-up, past the point where retrieval starts
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         seconds = run(T)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

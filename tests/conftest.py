@@ -13,6 +13,12 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tier first: pytest-xdist hands tests out in this order, so the long ones start early and the short
+    ones fill in at the end (no worker idles through a last long test)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -19,6 +19,8 @@ from longctx_compile.ops.hsa import hsa_attention
 from longctx_compile.ops.hsa_flash import hsa_flash
 from longctx_compile.targets.tiles import hsa_tiles
 
+pytestmark = pytest.mark.slow  # the slow tier (the Triton interpreter): python -m pytest -m 'not slow' leaves it out
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S = 16
 

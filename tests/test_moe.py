@@ -26,6 +26,8 @@ IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
 RUN = """
 import json, sys, torch
 import longctx_compile as lcc
+
+pytestmark = pytest.mark.slow  # the slow tier (artifacts run in a fresh interpreter): python -m pytest -m 'not slow' leaves it out
 for path, form in json.loads(sys.argv[1]):
     model = lcc.load(path)  # no transformers import before it: the manifest's op_modules bring the op
     if form != "ulysses":  # a sequence-parallel program runs on its ranks; loading is what is checked here
