@@ -13,6 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import longctx_compile as lcc
 
+pytestmark = pytest.mark.slow  # the slow tier (artifacts run in a fresh interpreter): python -m pytest -m 'not slow' leaves it out
+
 SMALL = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512
 )
@@ -26,8 +28,6 @@ IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
 RUN = """
 import json, sys, torch
 import longctx_compile as lcc
-
-pytestmark = pytest.mark.slow  # the slow tier (artifacts run in a fresh interpreter): python -m pytest -m 'not slow' leaves it out
 for path, form in json.loads(sys.argv[1]):
     model = lcc.load(path)  # no transformers import before it: the manifest's op_modules bring the op
     if form != "ulysses":  # a sequence-parallel program runs on its ranks; loading is what is checked here

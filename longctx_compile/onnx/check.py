@@ -42,15 +42,18 @@ def inputs(manifest: dict[str, Any], batch: int, length: int, seed: int) -> dict
     return {name: values[name] for name in manifest["signature"]["inputs"]}
 
 
-def reference(path: Path, manifest: dict[str, Any], feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The artifact's outputs in PyTorch: logits, then (evict) each evicting site's indexer importance."""
+def model_program(path: Path, manifest: dict[str, Any]) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, raised while unpickling the program
+        return artifact.read_program(path, manifest, "model")
+
+
+def reference(ep: torch.export.ExportedProgram, manifest: dict[str, Any], feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The artifact's outputs in PyTorch (``ep``: its :func:`model_program`): logits, then (evict) each evicting site's indexer importance."""
     from ..ops.evict import indexer_importance
     from ..runtime.interpret import flat_inputs, logits_index, step_state, with_site_hooks
     from .translate import KERNELS
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, raised while unpickling the program
-        ep = artifact.read_program(path, manifest, "model")
     scores: list[torch.Tensor] = []
     evict = torch.ops.longctx.evict_attention.default
     per_head = manifest["signature"].get("evict", {}).get("granularity") != "layer"
@@ -84,11 +87,11 @@ def compare(path: Path, onnx_file: Path, lengths: tuple[int, ...] | None = None,
     names = [i.name for i in session.get_inputs()]
     if names != list(manifest["signature"]["inputs"]):
         raise LccError(f"'{onnx_file}' takes {names}, not the model program's inputs {manifest['signature']['inputs']}: compare checks model programs")
-    rows = []
+    rows, ep = [], model_program(path, manifest)
     for length in lengths or default_lengths(manifest):
         feed = inputs(manifest, batch, length, seed)
         got = session.run(None, {k: v.numpy() for k, v in feed.items()})
-        want = reference(path, manifest, feed)
+        want = reference(ep, manifest, feed)
         if len(got) != len(want):
             raise LccError(f"'{onnx_file}' returns {len(got)} outputs; the artifact's model program {len(want)}: was it exported from this artifact?")
         for out, a, b in zip(session.get_outputs(), got, want, strict=True):
