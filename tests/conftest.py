@@ -24,6 +24,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def dense_artifact(tmp_path_factory):
+    """tiny-llama converted to dense and saved once per session (per xdist worker), for tests that only read it."""
+    import longctx_compile as lcc
+
+    return lcc.compile("tiny-llama").save(tmp_path_factory.mktemp("shared") / "tiny-llama.lcc")
+
+
 @pytest.fixture
 def hf_folder_with_tokenizer(tmp_path):
     """(folder, words): tiny-llama saved with save_pretrained and a whitespace word-level tokenizer (w2 … w255 are ids 2 … 255)."""

@@ -136,9 +136,8 @@ def test_cli_generate_with_the_saved_tokenizer(tmp_path, hf_folder_with_tokenize
         assert rc == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
 
 
-def test_cli_prompt_text_needs_a_tokenizer(tmp_path):
-    out = tmp_path / "m.lcc"
-    lcc.compile("tiny-llama").save(out)
+def test_cli_prompt_text_needs_a_tokenizer(dense_artifact):
+    out = dense_artifact
     rc, _, stderr = lcc_cli("generate", str(out), "--prompt", "hello")
     assert rc == 2 and "no tokenizer" in stderr and len(stderr.strip().splitlines()) == 1
     rc, stdout, _ = lcc_cli("generate", str(out), "--prompt-ids", "1,2,3", "-n", "5")

@@ -230,9 +230,9 @@ def test_cli_export_and_convert(tmp_path):
     assert info["ops"]["longctx::attention"]["count"] == 2 and all(r["ok"] for r in info["verify"])
 
 
-def test_bad_input_gets_one_line(tmp_path):
+def test_bad_input_gets_one_line(tmp_path, dense_artifact):
     sp = lcc.compile("tiny-llama", to="ulysses", degree=2).save(tmp_path / "sp.lcc")
-    dense = lcc.compile("tiny-llama").save(tmp_path / "dense.lcc")
+    dense = dense_artifact
     (tmp_path / "taken.onnx").write_text("keep me")
     broken = tmp_path / "broken.lcc"
     broken.mkdir()

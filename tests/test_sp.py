@@ -196,7 +196,7 @@ print(sum(name.startswith(("gloo", "pt_gloo")) for name in threads))
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="reads the process's threads from /proc (Linux)")
-def test_the_process_group_ends_with_destroy_after_a_load(tmp_path):
+def test_the_process_group_ends_with_destroy_after_a_load(dense_artifact):
     """After ``sp.init`` and ``lcc.load``, ``destroy_process_group`` stops gloo's threads: none is left to abort the exit."""
     import os
     import subprocess
@@ -204,7 +204,7 @@ def test_the_process_group_ends_with_destroy_after_a_load(tmp_path):
 
     from longctx_compile.distributed.ranks import _free_port
 
-    path = lcc.compile("tiny-llama").save(tmp_path / "d.lcc")
+    path = dense_artifact
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
     result = subprocess.run([sys.executable, "-c", GROUP_AFTER_DESTROY, str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

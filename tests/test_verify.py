@@ -94,10 +94,9 @@ def test_an_approximate_form_reports_what_it_costs_on_real_text(hf_folder_with_t
     assert lcc.verify(str(folder), to="hsa", chunk="4", topk="all", score="exact").quality is None  # exact: judged, not costed
 
 
-def test_a_model_against_an_artifact_path(tmp_path):
+def test_a_model_against_an_artifact_path(dense_artifact):
     """verify(model, "a.lcc") read the path's manifest as an attribute of the string and failed."""
-    out = lcc.compile("tiny-llama").save(tmp_path / "a.lcc")
-    assert lcc.verify("tiny-llama", str(out)).passed
+    assert lcc.verify("tiny-llama", str(dense_artifact)).passed
 
 
 def test_a_model_without_fp64_kernels_keeps_the_fixed_tolerance():
