@@ -7,7 +7,7 @@ parameter gradients. :func:`forward` returns the full logits of several batches 
 ``lcc verify`` and the tests compare these with the single-process model.
 
 ``ranks="processes"`` (the default) starts P gloo processes from a forkserver that has imported lcc once.
-``ranks="threads"`` runs the same task on P threads over a :class:`~..ops.groups.LocalWorld`: the same
+``ranks="threads"`` (:func:`train_step`) runs the same task on P threads over a :class:`~..ops.groups.LocalWorld`: the same
 program, collectives and reductions, without a process, an import or gloo per rank (the tests' fast tier).
 """
 
@@ -158,6 +158,6 @@ def profile(path: str | Path, degree: int, batch: dict[str, torch.Tensor]) -> di
     return spawn(_profile, path, degree, batch)
 
 
-def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]], ranks: str = "processes") -> list[torch.Tensor]:
+def forward(path: str | Path, degree: int, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Full logits of each batch (full-length inputs, sliced per rank) on ``degree`` local ranks."""
-    return spawn(_forward, path, degree, batches, ranks)
+    return spawn(_forward, path, degree, batches)

@@ -104,18 +104,18 @@ def subgroups(layout: Layout) -> tuple[Any, Any]:
     if layout.ring == 1 or layout.ulysses == 1:
         return whole, whole
     key = (layout.ulysses, layout.ring)
-    if isinstance(whole, LocalGroup):  # the same partition as below, of this thread's world
-        U, W, i = layout.ulysses, layout.degree, whole.index()
+    U, W = layout.ulysses, layout.degree
+    ulysses_groups = [list(range(j, j + U)) for j in range(0, W, U)]  # consecutive members
+    ring_groups = [list(range(u, W, U)) for u in range(U)]  # every U-th member
+    if isinstance(whole, LocalGroup):
         if key not in _LOCAL.subgroups:
-            _LOCAL.subgroups[key] = (whole.sub(list(range(i - i % U, i - i % U + U))), whole.sub(list(range(i % U, W, U))))
+            i = whole.index()
+            _LOCAL.subgroups[key] = tuple(whole.sub(next(g for g in part if i in g)) for part in (ulysses_groups, ring_groups))
         return _LOCAL.subgroups[key]
     if key not in _SUBGROUPS:
         if whole is not dist.group.WORLD:
             raise LccError("a Ulysses × ring program in a custom group needs its subgroups: distributed.set_group(group, ulysses=..., ring=...)")
-        U, W = layout.ulysses, layout.degree
-        mine_u, _ = dist.new_subgroups_by_enumeration([list(range(j, j + U)) for j in range(0, W, U)])
-        mine_r, _ = dist.new_subgroups_by_enumeration([list(range(u, W, U)) for u in range(U)])
-        _SUBGROUPS[key] = (mine_u, mine_r)
+        _SUBGROUPS[key] = (dist.new_subgroups_by_enumeration(ulysses_groups)[0], dist.new_subgroups_by_enumeration(ring_groups)[0])
     return _SUBGROUPS[key]
 
 
