@@ -4,6 +4,7 @@ gets one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from longctx_compile.forms.evict.step import EvictStep
 from longctx_compile.forms.msa.programs import padded_table
 from longctx_compile.forms.msa.runtime import MsaModel
 from longctx_compile.onnx import check
+from longctx_compile.onnx import export as export_module
 from longctx_compile.onnx.export import export_onnx
 
 pytestmark = pytest.mark.slow  # the slow tier: python -m pytest -m 'not slow' leaves it out
@@ -275,3 +277,20 @@ def test_hsa_ties_go_to_the_older_chunk(tmp_path):
         got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
         want = hsa_ref(q, k, v, None, 0.35, 4, 2, 0, "landmark", "token", None, None, False, "stick", torch.zeros_like(q), k)
         torch.testing.assert_close(torch.from_numpy(got), want)
+
+
+def test_one_retrace_and_the_fallback(tmp_path, monkeypatch):
+    """The longctx translations run inside the exporter's own decomposition (one re-trace of the program); where an
+    exporter does not build its table from torch's, the program is translated first, and the file is the same."""
+    path = lcc.compile("tiny-llama", to="hsa", chunk="4", topk="2", window="1").save(tmp_path / "h.lcc")
+    traces = []
+    run = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", lambda ep, *a, **k: traces.append(1) or run(ep, *a, **k))
+    export_onnx(path, tmp_path / "one.onnx")
+    assert len(traces) == 1
+    monkeypatch.setattr(export_module, "_in_torch_decompositions", lambda table: contextlib.nullcontext())
+    traces.clear()
+    export_onnx(path, tmp_path / "two.onnx")
+    assert len(traces) == 3  # the exporter's (which fails on the longctx ops), ours, the exporter's again
+    for out in ("one.onnx", "two.onnx"):
+        assert_equal_at_two_lengths(path, tmp_path / out)

@@ -9,11 +9,12 @@ runtime needs to choose the keys it keeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,14 +94,19 @@ def _export(path: Path, out: Path, program: str, custom: bool, force: bool, prog
             "as": f"{translate.DOMAIN}::{tr.name}" if custom else "standard",
             "how": translate.how(target, custom, opset),
         }
-    progress("translating the longctx ops")
-    try:
-        ep = ep.run_decompositions(translate.decompositions({n.target for n in nodes}, custom, opset))
-    except Exception as e:  # torch's own re-trace failing is one line too
-        first = next((line for line in str(e).splitlines() if line.strip()), "")
-        raise LccError(f"torch.export cannot re-trace the {program} program to translate its ops ({type(e).__name__}: {first[:200]})") from None
-    progress("exporting to ONNX")
-    onnx_program = _torch_export(ep, opset)
+    table = translate.decompositions({n.target for n in nodes}, custom, opset)
+    progress("translating the longctx ops and exporting to ONNX")
+    try:  # one re-trace: the exporter's own decomposition also runs the translations
+        onnx_program = _torch_export(ep, opset, table)
+    except LccError:  # an exporter without that hook, or a failure to place: translate first, then export as is
+        progress("translating the longctx ops")
+        try:
+            ep = ep.run_decompositions(table)
+        except Exception as e:  # torch's own re-trace failing is one line too
+            first = next((line for line in str(e).splitlines() if line.strip()), "")
+            raise LccError(f"torch.export cannot re-trace the {program} program to translate its ops ({type(e).__name__}: {first[:200]})") from None
+        progress("exporting to ONNX")
+        onnx_program = _torch_export(ep, opset)
     model = onnx_program.model
     if state_keys:
         _bind_state(model, state_keys, artifact.read_program(path, manifest, "model"))
@@ -250,14 +256,31 @@ def _encode_in_chunks(ep: torch.export.ExportedProgram, manifest: dict[str, Any]
         return torch.export.export(EncodeChunks(), (example, torch.ones_like(example)), dynamic_shapes=(dims, dims), strict=False)
 
 
-def _torch_export(ep: torch.export.ExportedProgram, opset: int):
+@contextlib.contextmanager
+def _in_torch_decompositions(table: dict[object, Callable]) -> Iterator[None]:
+    """``table`` added to torch's global decomposition table for the block: the ONNX exporter builds the table of its
+    own ``run_decompositions`` from it, so the longctx ops are translated in the exporter's re-trace, not in one more."""
+    from torch._decomp import decomposition_table as registry
+
+    saved = {op: registry[op] for op in table if op in registry}
+    registry.update(table)
+    try:
+        yield
+    finally:
+        for op in table:
+            registry.pop(op, None)
+        registry.update(saved)
+
+
+def _torch_export(ep: torch.export.ExportedProgram, opset: int, table: dict[object, Callable] | None = None):
+    """``torch.onnx.export`` of ``ep``, translating the ops in ``table`` on the way; its failure is one line."""
     import logging
     import warnings
 
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # it warns about every optional package (torchvision) it does not find
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _in_torch_decompositions(table or {}):
         warnings.simplefilter("ignore")
         try:
             return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
