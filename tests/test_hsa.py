@@ -35,6 +35,9 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                 def score(qh, keys, kh=k[b, h], h=h, skh=sk[b, h]):
                     if mode == "exact":
                         return torch.logsumexp(torch.stack([qh @ kh[j] * scale for j in keys]), 0)
+                    if mode == "bound":  # Σ_d max(q_d·min_d, q_d·max_d) over the chunk's real keys, plus log S
+                        ks = torch.stack([skh[j] for j in keys])
+                        return torch.maximum(qh * ks.min(0).values, qh * ks.max(0).values).sum() * scale + math.log(len(keys))
                     mean = torch.stack([skh[j] for j in keys]).mean(0)
                     if mode == "learned":
                         qh, mean = qh @ wq[h], mean @ wk[h]
@@ -93,6 +96,10 @@ def inputs(T=13, seed=0):
         ("landmark", 1, 0, "joint-block"),
         ("learned", 2, 0, "nope"),  # per token, scores from separate (pre-RoPE) queries and keys
         ("landmark", 1, 1, "nope"),
+        ("bound", 2, 1, "token"),  # Quest's upper bound of each chunk's best q·k
+        ("bound", 1, 0, "block"),
+        ("bound", 2, 1, "joint"),
+        ("bound", 1, 1, "nope"),
     ],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])
@@ -297,3 +304,23 @@ def test_joint_fusion_keeps_the_reference_op_on_a_gpu_target():
         lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", fusion="joint")
     compiled = lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", fusion="joint", fallback="reference")
     assert {s["kernel"] for s in compiled.program.sites()} == {"longctx.hsa_attention/reference"}
+
+
+def test_bound_scores_bound_every_key_of_the_chunk():
+    """[q, |q|]·[centre, half-width] is Σ_d max(q_d·min_d, q_d·max_d), at least q·k for each real key of the chunk, and
+    equal to it for a chunk of one key; an empty chunk scores -inf (its summary is zeros, not NaN)."""
+    g = torch.Generator().manual_seed(3)
+    kc, q = torch.randn(2, 3, 5, 4, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    rc = torch.rand(2, 1, 5, 4, generator=g) > 0.3
+    rc[:, :, 0] = False  # an empty chunk
+    rc[:, :, 1] = torch.tensor([True, False, False, False])  # a chunk of one key
+    summary, log_count = hsa_ops.chunk_summaries(kc, rc, "bound")
+    assert summary.shape == (2, 3, 5, 16) and not summary.isnan().any()
+    score = torch.einsum("bhd,bhcd->bhc", hsa_ops.score_queries(q, "bound"), summary)
+    low, high = kc.masked_fill(~rc[..., None], float("inf")).amin(3), kc.masked_fill(~rc[..., None], float("-inf")).amax(3)
+    want = torch.maximum(q[:, :, None] * low, q[:, :, None] * high).sum(-1)
+    torch.testing.assert_close(score[:, :, 1:], want[:, :, 1:])
+    dots = torch.einsum("bhd,bhcsd->bhcs", q, kc).masked_fill(~rc, float("-inf"))
+    assert (score[:, :, 1:] >= dots[:, :, 1:].amax(-1) - 1e-5).all()
+    torch.testing.assert_close(score[:, :, 1], dots[:, :, 1, 0])
+    assert (log_count[:, :, 0] == float("-inf")).all()

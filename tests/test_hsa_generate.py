@@ -35,6 +35,8 @@ def qkv(T, seed=0):
         ("landmark", 1, 0, "stick"),
         ("landmark", 2, 0, "nope"),
         ("landmark", 2, 1, "joint"),
+        ("bound", 2, 1, None),
+        ("bound", 1, 0, "nope"),
     ],
 )
 @pytest.mark.parametrize("new", [1, 3, 6])
@@ -56,29 +58,35 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
     )
     torch.testing.assert_close(op, full[:, :, -new:])
     # the decode op reads chunk landmarks from cached running sums instead of the keys
-    sums = None if mode == "exact" else hsa_decode.landmark_sums(k if sk is None else sk, key_padding, chunk)
+    sums = None if mode == "exact" else hsa_decode.landmark_sums(k if sk is None else sk, key_padding, chunk, mode)
     step = torch.ops.longctx.hsa_decode(
         q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:]
     )
     torch.testing.assert_close(step, full[:, :, -new:])
 
 
-def test_running_sums_extended_key_by_key_equal_the_prompts():
+@pytest.mark.parametrize("mode", ["landmark", "bound"])
+def test_running_sums_extended_key_by_key_equal_the_prompts(mode):
     """What prefill stores (landmark_sums) extended one key at a time (extend_sums, as a decode step does) equals the
-    sums of the whole sequence; the entry at each chunk's last key is the chunk's sum of real keys and their count."""
+    sums of the whole sequence; the entry at each chunk's last key is the chunk's sum of real keys (bound: their
+    per-channel minimum and maximum) and their count."""
     T, chunk = 23, 4
     _, k, _, key_padding = qkv(T)
-    sums = hsa_decode.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk)
+    sums = hsa_decode.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk, mode)
     for j in range(9, T):
-        entry = hsa_decode.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], torch.full((2,), j % chunk == 0))
+        entry = hsa_decode.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], torch.full((2,), j % chunk == 0), mode)
         sums = torch.cat([sums, entry], dim=2)
-    full = hsa_decode.landmark_sums(k, key_padding, chunk)
+    full = hsa_decode.landmark_sums(k, key_padding, chunk, mode)
     torch.testing.assert_close(sums, full)
     ends = full[:, :, chunk - 1 :: chunk]
-    real = key_padding[:, : T // chunk * chunk].view(2, 1, -1, chunk, 1).float()
-    torch.testing.assert_close(
-        ends, torch.cat([(k[:, :, : T // chunk * chunk].reshape(2, 2, -1, chunk, 8) * real).sum(3), real.sum(3).expand(2, 2, -1, 1)], -1)
-    )
+    real = key_padding[:, : T // chunk * chunk].view(2, 1, -1, chunk, 1) != 0
+    chunks = k[:, :, : T // chunk * chunk].reshape(2, 2, -1, chunk, 8)
+    count = real.float().sum(3).expand(2, 2, -1, 1)
+    if mode == "bound":
+        summary = [chunks.masked_fill(~real, float("inf")).amin(3), chunks.masked_fill(~real, float("-inf")).amax(3)]
+    else:
+        summary = [(chunks * real).sum(3)]
+    torch.testing.assert_close(ends, torch.cat([*summary, count], -1))
 
 
 def test_a_decode_step_reads_landmarks_not_old_keys():
@@ -113,13 +121,21 @@ def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
     assert compiled.generate(PROMPTS, max_new_tokens=12, cache="growing") == dense
 
 
-@pytest.mark.parametrize("options", [{"score": "landmark", "topk": "1"}, {"score": "learned", "topk": "2", "nope": "true", "fusion": "stick"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"score": "landmark", "topk": "1"},
+        {"score": "learned", "topk": "2", "nope": "true", "fusion": "stick"},
+        {"score": "bound", "topk": "1", "fusion": "joint"},
+    ],
+)
 def test_sparse_decode_logits_equal_the_full_sequence_program(options):
     """Both cache modes, stepped as the Generator steps them: each step's logits equal the HSA program over the whole
     sequence so far (left-padded prompts; the static cache passed as its filled prefix)."""
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, window=0, **options)
     assert compiled.steps.layout.stored[0] == ["k", "v", "sums"]  # keys, values and the chunks' running landmark sums
-    assert compiled.steps.layout.shapes[0][2] == [2, 16 + 1]  # per KV head: the (NoPE) score key's sum and the count
+    # per KV head: the (NoPE) score key's sum and the count; for bound its running minimum, maximum and the count
+    assert compiled.steps.layout.shapes[0][2] == [2, 16 * (2 if options["score"] == "bound" else 1) + 1]
     check_decode_steps(compiled, PROMPTS, 7, prefix_views=True)
     # and the Generator's two cache modes pick the same tokens
     assert compiled.generate(PROMPTS, max_new_tokens=7) == compiled.generate(PROMPTS, max_new_tokens=7, cache="growing")

@@ -6,7 +6,10 @@ For query t in chunk c = t // S:
   ``exact`` — the chunk's true LSE; ``landmark`` — q·mean(k over the chunk)·scale + log S;
   ``learned`` — (q·Wq)·(mean(k)·Wk)·scale + log S with per-KV-head [D, D] retrieval projections,
   new parameters that start as the identity (so training starts from ``landmark``) and learn
-  through the fusion weights;
+  through the fusion weights; ``bound`` — Σ_d max(q_d·min_d, q_d·max_d)·scale + log S over the
+  chunk's per-channel key range (Quest's upper bound of the chunk's best q·k, so the score bounds
+  the chunk's LSE from above), computed as [q, |q|]·[centre, half-range]: linear in [q, |q|], so
+  every implementation scores it as it scores landmarks;
 - the query heads of a KV group share one selection: the top-K candidates by the group's summed score,
   per query (``select="token"``) or, summed over the chunk's queries too, per query chunk (``"block"``:
   the chunk's queries then read the same K chunks, which makes the work dense-like and fast); of equal
@@ -100,9 +103,10 @@ def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retriev
     landmarks, rows_q = None, qg  # what scores the chunks: the queries (or the NoPE ones), maybe projected
     if mode != "exact":
         keys = kc if score_k is None else score_k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
-        landmarks = _landmarks(keys, rc)
+        landmarks = chunk_summaries(keys, rc, mode)
         if score_q is not None:
             rows_q = torch.nn.functional.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
+        rows_q = score_queries(rows_q, mode)
     if mode == "learned":
         rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
         landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
@@ -209,7 +213,7 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
     [B, Hkv, Cg, G, S, K], the indices as rows of the flattened [B·Hkv·full] complete chunks).
 
     ``rows`` are the group's queries already multiplied by the softmax scale; ``p.rows_q`` what
-    scores the chunks against the landmarks (the rows, or their learned projection). A chunk picked
+    scores the chunks against the landmarks (the rows, their learned projection, or [rows, |rows|]). A chunk picked
     among fewer than K visible ones scores -inf. Chunks are addressed in the whole ``p.kc`` (a slice
     of it would be copied: O(T) per group).
     """
@@ -232,7 +236,7 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
     else:  # each row's own score of its chosen chunks; a chunk picked among fewer than K visible ones scores -inf
         flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
-        lm = landmarks[0].reshape(-1, D).index_select(0, flat).view(*idx.shape, -1)
+        lm = landmarks[0].reshape(-1, landmarks[0].shape[-1]).index_select(0, flat).view(*idx.shape, -1)
         pattern = "bhcgsd,bhcnkd->bhcgsk" if select == "block" else "bhcgsd,bhcskd->bhcgsk"
         chosen = torch.einsum(pattern, score_rows, lm) + torch.gather(log_count[:, :, None, None].expand(*idx.shape[:-1], older), -1, idx)[:, :, :, None]
         seen = torch.gather(visible[None, None, :, None].expand(*idx.shape[:-1], older), -1, idx)
@@ -261,11 +265,37 @@ def _exact_scores(rows: torch.Tensor, kc: torch.Tensor, rc: torch.Tensor) -> tor
     return scores.logsumexp(-1).masked_fill(empty, float("-inf"))
 
 
+def chunk_summaries(kc: torch.Tensor, rc: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What score queries meet: (per chunk a vector [B, Hkv, chunks, R], log of its real-key count [B, 1, chunks]):
+    the mean key (R = D) for ``landmark`` / ``learned``, the key range's centre and half-width (R = 2D) for ``bound``."""
+    return _bounds(kc, rc) if mode == "bound" else _landmarks(kc, rc)
+
+
+def score_queries(rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """What meets :func:`chunk_summaries`: the (scaled) queries, or [q, |q|] for ``bound``, where
+    q·centre + |q|·half-width = Σ_d max(q_d·min_d, q_d·max_d) — linear in [q, |q|], so a group's bound is its summed row's."""
+    return torch.cat([rows, rows.abs()], dim=-1) if mode == "bound" else rows
+
+
 def _landmarks(kc: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean key [B, Hkv, chunks, D], log of the real-key count [B, 1, chunks], -inf when empty) of every chunk."""
     count = rc.sum(-1)
     mean = (kc * rc[..., None]).sum(-2) / count.clamp(min=1)[..., None]
     return mean, torch.log(count.float())
+
+
+def _bounds(kc: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([centre, half-width] of the real keys' per-channel range [B, Hkv, chunks, 2D], log real-key count) of every chunk."""
+    real = rc[..., None]
+    low, high = kc.masked_fill(~real, float("inf")).amin(-2), kc.masked_fill(~real, float("-inf")).amax(-2)
+    count = rc.sum(-1)
+    return centre_and_radius(low, high, count), torch.log(count.float())
+
+
+def centre_and_radius(low: torch.Tensor, high: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[(low + high) / 2, (high - low) / 2] along the last dim; zeros for a chunk with no real key (its ±inf range)."""
+    empty = (count == 0)[..., None]
+    return torch.cat([((high + low) / 2).masked_fill(empty, 0.0), ((high - low) / 2).masked_fill(empty, 0.0)], dim=-1)
 
 
 def fusion_weights(scores: torch.Tensor, fusion: str) -> torch.Tensor:

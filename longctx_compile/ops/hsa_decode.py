@@ -3,9 +3,10 @@
 A decode step's queries are the last T of the N cached keys. Query t (chunk c = t // S) attends to
 its local keys (chunks c-w .. c, up to t) and to the top-K of the complete chunks 0 .. c-w-1, as
 :func:`.hsa.hsa_ref` defines (per-token selection). What the reference recomputes from every cached
-key — each chunk's mean key — comes here from ``sums``: per key, the running sum over its chunk of
-the scoring keys (the NoPE ones when given) and a last channel counting the real keys, so the entry
-at a chunk's last key is that chunk's landmark sum. A step reads those C entries, the local window
+key — each chunk's mean key, or its key range for ``bound`` — comes here from ``sums``: per key, the
+running sum over its chunk of the scoring keys (the NoPE ones when given), or their running minimum
+and maximum, and a last channel counting the real keys, so the entry at a chunk's last key
+summarises that chunk. A step reads those C entries, the local window
 and the K chosen chunks: O((C + (K+w+1)·S)·D) per query instead of O(N·D). ``exact`` scoring reads
 every older key by definition, and takes no sums.
 """
@@ -19,14 +20,21 @@ import torch
 
 from . import cache
 from .attention import empty_sdpa_layout
-from .hsa import _softmax, fusion_weights, top_chunks
+from .hsa import _softmax, centre_and_radius, fusion_weights, score_queries, top_chunks
 from .schema import Call
 
 
-def landmark_sums(keys: torch.Tensor, key_padding: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """[B, Hkv, N, D+1]: at key j, the sum of the real keys of j's chunk up to j, and their count (fp32)."""
+def landmark_sums(keys: torch.Tensor, key_padding: torch.Tensor | None, chunk: int, mode: str = "landmark") -> torch.Tensor:
+    """[B, Hkv, N, D+1]: at key j, the sum of the real keys of j's chunk up to j, and their count (fp32);
+    for ``bound`` [B, Hkv, N, 2D+1]: their per-channel minimum and maximum (±inf before the first real key), and the count."""
     B, H, N, D = keys.shape
     real = torch.ones(B, N, dtype=torch.float32, device=keys.device) if key_padding is None else (key_padding != 0).float()
+    if mode == "bound":
+        dead = real[:, None, :, None] == 0
+        ranges = torch.cat([keys.float().masked_fill(dead, float("inf")), keys.float().masked_fill(dead, float("-inf"))], dim=-1)
+        low_high = _running(ranges, chunk, lambda a, b: torch.cat([torch.minimum(a[..., :D], b[..., :D]), torch.maximum(a[..., D:], b[..., D:])], -1))
+        count = _running(real[:, None, :, None].expand(B, H, N, 1).contiguous(), chunk, torch.add)
+        return torch.cat([low_high, count], dim=-1)
     per_key = torch.cat([keys.float() * real[:, None, :, None], real[:, None, :, None].expand(B, H, N, 1)], dim=-1)
     # the running sum over all keys less its value before the chunk's first key (in fp64, so no precision is lost
     # at any length; a reshape into chunks would make torch.export guard on the length)
@@ -36,12 +44,42 @@ def landmark_sums(keys: torch.Tensor, key_padding: torch.Tensor | None, chunk: i
     return (total - start).float()
 
 
-def extend_sums(previous: torch.Tensor, key: torch.Tensor, real: torch.Tensor, starts_chunk: torch.Tensor) -> torch.Tensor:
+def _running(per_key: torch.Tensor, chunk: int, op) -> torch.Tensor:
+    """Each key's inclusive running ``op`` over its chunk up to it, [B, H, N, E]: a Hillis–Steele scan of log2(S) steps,
+    each combining a key with the one ``step`` back when that one is in the same chunk. No reshape into chunks, which
+    would make torch.export guard on the length."""
+    N = per_key.shape[2]
+    within = (torch.arange(N, device=per_key.device) % chunk)[:, None]  # each key's place in its chunk
+    step = 1
+    while step < chunk:
+        back = torch.nn.functional.pad(per_key, (0, 0, step, 0))[:, :, :N]  # key j - step (zeros where j < step)
+        per_key = torch.where(within >= step, op(per_key, back), per_key)
+        step *= 2
+    return per_key
+
+
+def extend_sums(previous: torch.Tensor, key: torch.Tensor, real: torch.Tensor, starts_chunk: torch.Tensor, mode: str = "landmark") -> torch.Tensor:
     """The sums entry [B, Hkv, 1, D+1] of a new key: the previous key's entry (nothing where the key starts a chunk)
-    plus the key (``real`` [B] 0/1) and its count. ``starts_chunk`` [B] bool: the key's index is a multiple of S."""
+    plus the key (``real`` [B] 0/1) and its count; for ``bound`` [B, Hkv, 1, 2D+1], the running minimum and maximum
+    taking the key in. ``starts_chunk`` [B] bool: the key's index is a multiple of S."""
+    fresh = starts_chunk[:, None, None, None]
     real = real.float()[:, None, None, None]
+    if mode == "bound":
+        D, dead = key.shape[-1], real == 0
+        low = torch.minimum(previous[..., :D].masked_fill(fresh, float("inf")), key.float().masked_fill(dead, float("inf")))
+        high = torch.maximum(previous[..., D:-1].masked_fill(fresh, float("-inf")), key.float().masked_fill(dead, float("-inf")))
+        return torch.cat([low, high, previous[..., -1:].masked_fill(fresh, 0.0) + real], dim=-1)
     entry = torch.cat([key.float() * real, real.expand(*key.shape[:-1], 1)], dim=-1)
-    return previous.masked_fill(starts_chunk[:, None, None, None], 0.0) + entry
+    return previous.masked_fill(fresh, 0.0) + entry
+
+
+def summaries(ends: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk summaries (:func:`.hsa.chunk_summaries`) from the sums entries at the chunks' last keys."""
+    count = ends[..., -1]
+    if mode == "bound":
+        D = (ends.shape[-1] - 1) // 2
+        return centre_and_radius(ends[..., :D], ends[..., D:-1], count), torch.log(count)
+    return ends[..., :-1] / count.clamp(min=1)[..., None], torch.log(count)
 
 
 def hsa_decode_ref(
@@ -88,14 +126,14 @@ def hsa_decode_ref(
             score = torch.einsum("bhgd,bhcsd->bhgcs", qi, keys).masked_fill(~keep, float("-inf"))
             score = torch.logsumexp(score.masked_fill(~keep.any(-1, keepdim=True), 0.0), -1).masked_fill(~keep.any(-1), float("-inf"))
         else:
-            ends = sums[:, :, S - 1 : older * S : S].float()  # [B, Hkv, older, D+1]: each complete chunk's sum and count
-            count = ends[..., -1]
-            mean, log_count = ends[..., :-1] / count.clamp(min=1)[..., None], torch.log(count)
+            ends = sums[:, :, S - 1 : older * S : S].float()  # [B, Hkv, older, ·]: each complete chunk's summary and count
+            summary, log_count = summaries(ends, mode)
             score_rows = qi if score_q is None else score_q[:, :, i].float().view(B, Hkv, G, D) * scale
+            score_rows = score_queries(score_rows, mode)
             if mode == "learned":
                 score_rows = torch.einsum("bhgd,hde->bhge", score_rows, retrieval_q.float())
-                mean = torch.einsum("bhcd,hde->bhce", mean, retrieval_k.float())
-            score = torch.einsum("bhgd,bhcd->bhgc", score_rows, mean) + log_count[:, :, None]
+                summary = torch.einsum("bhcd,hde->bhce", summary, retrieval_k.float())
+            score = torch.einsum("bhgd,bhcd->bhgc", score_rows, summary) + log_count[:, :, None]
         idx = top_chunks(score.sum(2), K)  # [B, Hkv, K], most recent first
         chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, K))
         positions = (idx[..., None] * S + torch.arange(S, device=q.device)).flatten(-2)  # [B, Hkv, K·S]
@@ -157,7 +195,7 @@ def scored_keys(call: Call) -> Any:
 class HsaCache(cache.KeyValueCache):
     """How HSA (``hsa_attention``, or ``hsa_flash`` bound by ``lower``: ``flash`` says the site reads a tuple) is
     cached: keys and values as every attention op's, and, unless scoring is ``exact``, each key's running landmark
-    sum (:func:`landmark_sums`, fp32, from :func:`scored_keys`). A step runs :data:`DECODE` over them; the static
+    sum or key range (:func:`landmark_sums`, fp32, from :func:`scored_keys`). A step runs :data:`DECODE` over them; the static
     step's filled prefix ends at the slot (the Generator passes it so), so the new queries are the last of the keys."""
 
     flash: bool = False
@@ -167,7 +205,8 @@ class HsaCache(cache.KeyValueCache):
 
     def dims(self, call: Call) -> list[tuple[Any, Any]]:
         kv = KEYS_AND_VALUES.dims(call)
-        return kv if call.mode == "exact" else [*kv, (kv[0][0], scored_keys(call).meta["val"].shape[3] + 1)]
+        width = scored_keys(call).meta["val"].shape[3] * (2 if call.mode == "bound" else 1) + 1
+        return kv if call.mode == "exact" else [*kv, (kv[0][0], width)]
 
     def dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if name == "sums" else model_dtype
@@ -179,12 +218,12 @@ class HsaCache(cache.KeyValueCache):
 
     def prefill(self, call: Call) -> list[torch.Tensor]:
         kv = KEYS_AND_VALUES.prefill(call)
-        return kv if call.mode == "exact" else [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk)]
+        return kv if call.mode == "exact" else [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk, call.mode)]
 
     def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The new key's sums entry; ``index`` [B]: its position among the keys."""
         real = torch.ones_like(index) if call.key_padding is None else call.key_padding[:, -1]
-        return extend_sums(previous, scored_keys(call), real, index % call.chunk == 0)
+        return extend_sums(previous, scored_keys(call), real, index % call.chunk == 0, call.mode)
 
     def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
         sums = None

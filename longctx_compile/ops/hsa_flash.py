@@ -2,7 +2,7 @@
 
 ``lower`` swaps the reference op for this one on Triton targets. Retrieval inputs are small and made
 here in torch: the score queries (q·scale, through the learned projection), each complete chunk's
-landmark (mean real key, projected) and its log real-key count. The kernels select, attend and fuse;
+landmark (mean real key, projected; or its key range for ``bound``) and its log real-key count. The kernels select, attend and fuse;
 the backward takes the kernels' gradients of the score queries and landmarks back through those
 torch steps to q, k and the projections. Returns (out, lse, score, indices): the last three are
 what the backward needs; their last dim is ``topk`` slots (or every chunk for ``topk=all``) plus
@@ -15,7 +15,7 @@ import torch
 
 from . import cache
 from .attention import empty_sdpa_layout
-from .hsa import _landmarks
+from .hsa import chunk_summaries, score_queries
 from .hsa_decode import HsaCache
 
 
@@ -25,7 +25,8 @@ def _slots(T, chunk: int, topk: int):
 
 
 def retrieval_inputs(q, k, key_padding, scale: float, chunk: int, mode: str, retrieval_q, retrieval_k):
-    """(score queries [B, Hq, T, D], landmarks [B, Hkv, chunks, D], log real-key counts [B, chunks]) in fp32, differentiable.
+    """(score queries [B, Hq, T, R], landmarks [B, Hkv, chunks, R], log real-key counts [B, chunks]) in fp32, differentiable
+    (R = D, or 2D for ``bound``: :func:`.hsa.score_queries`).
 
     ``q`` and ``k`` are what scores the chunks: the attention's, or the NoPE ``score_q`` / ``score_k``.
     """
@@ -33,8 +34,8 @@ def retrieval_inputs(q, k, key_padding, scale: float, chunk: int, mode: str, ret
     Hkv, full = k.shape[1], T // chunk
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
     kc = k.float()[:, :, : full * chunk].reshape(B, Hkv, full, chunk, D)
-    mean, log_count = _landmarks(kc, real[:, : full * chunk].reshape(B, 1, full, chunk))
-    sq = q.float() * scale
+    mean, log_count = chunk_summaries(kc, real[:, : full * chunk].reshape(B, 1, full, chunk), mode)
+    sq = score_queries(q.float() * scale, mode)
     if mode == "learned":
         sq = torch.einsum("bhgtd,hde->bhgte", sq.view(B, Hkv, Hq // Hkv, T, D), retrieval_q.float()).reshape(B, Hq, T, -1)
         mean = torch.einsum("bhcd,hde->bhce", mean, retrieval_k.float())
