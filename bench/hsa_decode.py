@@ -32,7 +32,8 @@ def timed(fn, repeats: int) -> float:
 def op_row(n: int, args, g: torch.Generator) -> dict:
     """One step's attention over ``n`` cached keys: the landmark cache, the reference and dense SDPA."""
     from longctx_compile.ops.hsa import hsa_ref
-    from longctx_compile.ops.hsa_decode import hsa_decode_ref, landmark_sums
+    from longctx_compile.ops.hsa_decode import hsa_decode_ref
+    from longctx_compile.ops.hsa_sums import landmark_sums
 
     q = torch.randn(1, args.heads, 1, args.dim, generator=g)
     k, v = (torch.randn(1, args.kv_heads, n, args.dim, generator=g) for _ in range(2))

@@ -10,7 +10,7 @@ from decode_steps import check_decode_steps
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
 from longctx_compile.ops import hsa as hsa_ops
-from longctx_compile.ops import hsa_decode
+from longctx_compile.ops import hsa_sums
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 9, 11, 13, 40, 41, 2], [12, 8], [200, 201, 3, 4, 5]]
 
@@ -58,7 +58,7 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
     )
     torch.testing.assert_close(op, full[:, :, -new:])
     # the decode op reads chunk landmarks from cached running sums instead of the keys
-    sums = None if mode == "exact" else hsa_decode.landmark_sums(k if sk is None else sk, key_padding, chunk, mode)
+    sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, mode)
     step = torch.ops.longctx.hsa_decode(
         q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:]
     )
@@ -72,11 +72,11 @@ def test_running_sums_extended_key_by_key_equal_the_prompts(mode):
     per-channel minimum and maximum) and their count."""
     T, chunk = 23, 4
     _, k, _, key_padding = qkv(T)
-    sums = hsa_decode.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk, mode)
+    sums = hsa_sums.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk, mode)
     for j in range(9, T):
-        entry = hsa_decode.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], torch.full((2,), j % chunk == 0), mode)
+        entry = hsa_sums.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], torch.full((2,), j % chunk == 0), mode)
         sums = torch.cat([sums, entry], dim=2)
-    full = hsa_decode.landmark_sums(k, key_padding, chunk, mode)
+    full = hsa_sums.landmark_sums(k, key_padding, chunk, mode)
     torch.testing.assert_close(sums, full)
     ends = full[:, :, chunk - 1 :: chunk]
     real = key_padding[:, : T // chunk * chunk].view(2, 1, -1, chunk, 1) != 0
@@ -94,7 +94,7 @@ def test_a_decode_step_reads_landmarks_not_old_keys():
     landmark its sums hold still takes part in the selection (a step costs O(C + (K+w+1)·S) keys, not O(N))."""
     T, chunk = 40, 4
     q, k, v, _ = qkv(T)
-    sums = hsa_decode.landmark_sums(k, None, chunk)
+    sums = hsa_sums.landmark_sums(k, None, chunk)
     args = (None, None, 0.3, chunk, 1, 0, "landmark", False, "softmax", None)
     clean = torch.ops.longctx.hsa_decode(q[:, :, -1:], k, v, None, sums, *args)
     full = hsa_ops.hsa_ref(q, k, v, None, 0.3, chunk, 1, 0, "landmark")

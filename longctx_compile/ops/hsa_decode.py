@@ -3,9 +3,8 @@
 A decode step's queries are the last T of the N cached keys. Query t (chunk c = t // S) attends to
 its local keys (chunks c-w .. c, up to t) and to the top-K of the complete chunks 0 .. c-w-1, as
 :func:`.hsa.hsa_ref` defines (per-token selection). What the reference recomputes from every cached
-key — each chunk's mean key, or its key range for ``bound`` — comes here from ``sums``: per key, the
-running sum over its chunk of the scoring keys (the NoPE ones when given), or their running minimum
-and maximum, and a last channel counting the real keys, so the entry at a chunk's last key
+key — each chunk's summary (``ops.hsa.chunk_summaries``) — comes here from ``sums``, one entry per key
+kept by running reductions over its chunk (``ops.hsa_sums``), so the entry at a chunk's last key
 summarises that chunk. A step reads those C entries, the local window
 and the K chosen chunks: O((C + (K+w+1)·S)·D) per query instead of O(N·D). ``exact`` scoring reads
 every older key by definition, and takes no sums.
@@ -20,66 +19,9 @@ import torch
 
 from . import cache
 from .attention import empty_sdpa_layout
-from .hsa import _softmax, centre_and_radius, fusion_weights, score_queries, top_chunks
+from .hsa import _softmax, fusion_weights, score_queries, top_chunks
+from .hsa_sums import extend_sums, landmark_sums, summaries
 from .schema import Call
-
-
-def landmark_sums(keys: torch.Tensor, key_padding: torch.Tensor | None, chunk: int, mode: str = "landmark") -> torch.Tensor:
-    """[B, Hkv, N, D+1]: at key j, the sum of the real keys of j's chunk up to j, and their count (fp32);
-    for ``bound`` [B, Hkv, N, 2D+1]: their per-channel minimum and maximum (±inf before the first real key), and the count."""
-    B, H, N, D = keys.shape
-    real = torch.ones(B, N, dtype=torch.float32, device=keys.device) if key_padding is None else (key_padding != 0).float()
-    if mode == "bound":
-        dead = real[:, None, :, None] == 0
-        ranges = torch.cat([keys.float().masked_fill(dead, float("inf")), keys.float().masked_fill(dead, float("-inf"))], dim=-1)
-        low_high = _running(ranges, chunk, lambda a, b: torch.cat([torch.minimum(a[..., :D], b[..., :D]), torch.maximum(a[..., D:], b[..., D:])], -1))
-        count = _running(real[:, None, :, None].expand(B, H, N, 1).contiguous(), chunk, torch.add)
-        return torch.cat([low_high, count], dim=-1)
-    per_key = torch.cat([keys.float() * real[:, None, :, None], real[:, None, :, None].expand(B, H, N, 1)], dim=-1)
-    # the running sum over all keys less its value before the chunk's first key (in fp64, so no precision is lost
-    # at any length; a reshape into chunks would make torch.export guard on the length)
-    total = per_key.double().cumsum(2)
-    before = torch.arange(N, device=keys.device) // chunk * chunk - 1  # the key before each key's chunk, -1 for the first
-    start = total.index_select(2, before.clamp(min=0)) * (before >= 0)[:, None].double()
-    return (total - start).float()
-
-
-def _running(per_key: torch.Tensor, chunk: int, op) -> torch.Tensor:
-    """Each key's inclusive running ``op`` over its chunk up to it, [B, H, N, E]: a Hillis–Steele scan of log2(S) steps,
-    each combining a key with the one ``step`` back when that one is in the same chunk. No reshape into chunks, which
-    would make torch.export guard on the length."""
-    N = per_key.shape[2]
-    within = (torch.arange(N, device=per_key.device) % chunk)[:, None]  # each key's place in its chunk
-    step = 1
-    while step < chunk:
-        back = torch.nn.functional.pad(per_key, (0, 0, step, 0))[:, :, :N]  # key j - step (zeros where j < step)
-        per_key = torch.where(within >= step, op(per_key, back), per_key)
-        step *= 2
-    return per_key
-
-
-def extend_sums(previous: torch.Tensor, key: torch.Tensor, real: torch.Tensor, starts_chunk: torch.Tensor, mode: str = "landmark") -> torch.Tensor:
-    """The sums entry [B, Hkv, 1, D+1] of a new key: the previous key's entry (nothing where the key starts a chunk)
-    plus the key (``real`` [B] 0/1) and its count; for ``bound`` [B, Hkv, 1, 2D+1], the running minimum and maximum
-    taking the key in. ``starts_chunk`` [B] bool: the key's index is a multiple of S."""
-    fresh = starts_chunk[:, None, None, None]
-    real = real.float()[:, None, None, None]
-    if mode == "bound":
-        D, dead = key.shape[-1], real == 0
-        low = torch.minimum(previous[..., :D].masked_fill(fresh, float("inf")), key.float().masked_fill(dead, float("inf")))
-        high = torch.maximum(previous[..., D:-1].masked_fill(fresh, float("-inf")), key.float().masked_fill(dead, float("-inf")))
-        return torch.cat([low, high, previous[..., -1:].masked_fill(fresh, 0.0) + real], dim=-1)
-    entry = torch.cat([key.float() * real, real.expand(*key.shape[:-1], 1)], dim=-1)
-    return previous.masked_fill(fresh, 0.0) + entry
-
-
-def summaries(ends: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk summaries (:func:`.hsa.chunk_summaries`) from the sums entries at the chunks' last keys."""
-    count = ends[..., -1]
-    if mode == "bound":
-        D = (ends.shape[-1] - 1) // 2
-        return centre_and_radius(ends[..., :D], ends[..., D:-1], count), torch.log(count)
-    return ends[..., :-1] / count.clamp(min=1)[..., None], torch.log(count)
 
 
 def hsa_decode_ref(
