@@ -32,9 +32,13 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                 chunks = {i: [j for j in range(i * S, (i + 1) * S) if real[j]] for i in range(max(0, c - w))}
                 chunks = {i: keys for i, keys in chunks.items() if keys}
 
-                def score(qh, keys, kh=k[b, h], h=h, skh=sk[b, h]):
+                def score(qh, keys, kh=k[b, h], h=h, skh=sk[b, h], i=None, sqb=sq[b], real=real):
                     if mode == "exact":
                         return torch.logsumexp(torch.stack([qh @ kh[j] * scale for j in keys]), 0)
+                    if mode == "reps":  # the mean of the REPS keys the chunk's real queries (all heads of the group) score highest
+                        asked = sum(sqb[h * G + g, u] for u in range(i * S, (i + 1) * S) if real[u] for g in range(G)) * scale
+                        ranked = sorted(keys, key=lambda j: -float(asked @ skh[j]))[: hsa_ops.REPS]
+                        return qh @ torch.stack([skh[j] for j in ranked]).mean(0) * scale + math.log(len(keys))
                     if mode == "bound":  # Σ_d max(q_d·min_d, q_d·max_d) over the chunk's real keys, plus log S
                         ks = torch.stack([skh[j] for j in keys])
                         return torch.maximum(qh * ks.min(0).values, qh * ks.max(0).values).sum() * scale + math.log(len(keys))
@@ -45,12 +49,12 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
 
                 heads = [q[b, h * G + g, t] for g in range(G)]
                 voters = range(c * S, min(T, (c + 1) * S)) if select == "block" else [t]  # whose scores pick the chunks
-                group = {i: sum(score(sq[b, h * G + g, u], keys) for u in voters for g in range(G)) for i, keys in chunks.items()}
+                group = {i: sum(score(sq[b, h * G + g, u], keys, i=i) for u in voters for g in range(G)) for i, keys in chunks.items()}
                 picked = sorted(group, key=lambda i: -float(group[i].detach()))[: (len(group) if K < 0 else K)]
                 picked = sorted(picked, reverse=True)  # most recent first (the order stick-breaking uses)
                 for g, qh in enumerate(heads):
                     parts, weights = [], []
-                    for keys, s in [(local, None)] + [(chunks[i], score(sq[b, h * G + g, t], chunks[i])) for i in picked]:
+                    for keys, s in [(local, None)] + [(chunks[i], score(sq[b, h * G + g, t], chunks[i], i=i)) for i in picked]:
                         if not keys:
                             continue
                         logits = torch.stack([qh @ k[b, h, j] * scale for j in keys])
@@ -100,6 +104,10 @@ def inputs(T=13, seed=0):
         ("bound", 1, 0, "block"),
         ("bound", 2, 1, "joint"),
         ("bound", 1, 1, "nope"),
+        ("reps", 2, 1, "token"),  # the mean of the keys each chunk's own queries score highest
+        ("reps", 1, 0, "block"),
+        ("reps", 2, 1, "joint"),
+        ("reps", 1, 1, "nope"),
     ],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])
@@ -112,6 +120,7 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     """
     if group == "one chunk":
         monkeypatch.setattr(hsa_ops, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(hsa_ops, "REPS", 2)  # of a chunk's 3 keys: so representatives are a choice
     q, k, v, key_padding = inputs()
     if not padded:
         key_padding = None
@@ -240,7 +249,7 @@ def test_layers_and_refusals():
         lcc.compile("tiny-llama", to="hsa", score="exact", nope=True)
     with pytest.raises(LccError, match=r"layer 0 \(transformer.h.0.attn\): --opt nope=true found no rotary embedding"):
         lcc.compile("tiny-gpt2", to="hsa", nope=True)
-    with pytest.raises(LccError, match="expected one of exact, landmark, learned"):
+    with pytest.raises(LccError, match="expected one of exact, landmark, bound, reps, learned"):
         lcc.compile("tiny-llama", to="hsa", score="nearest")
 
 

@@ -37,18 +37,31 @@ def qkv(T, seed=0):
         ("landmark", 2, 1, "joint"),
         ("bound", 2, 1, None),
         ("bound", 1, 0, "nope"),
+        ("reps", 2, 1, None),
+        ("reps", 1, 0, "joint"),
     ],
 )
 @pytest.mark.parametrize("new", [1, 3, 6])
-def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, new):
-    """Queries that are the last T of S keys get exactly the rows the whole sequence gives them (per-token selection)."""
+def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, new, monkeypatch):
+    """Queries that are the last T of S keys get exactly the rows the whole sequence gives them (per-token selection);
+    with representative keys, which need every query of a chunk, from the decode op only."""
     T, chunk = 23, 4
+    monkeypatch.setattr(hsa_ops, "REPS", 2)  # of a chunk's 4 keys
     q, k, v, key_padding = qkv(T)
     g = torch.Generator().manual_seed(1)
     wq, wk = (torch.randn(2, 8, 8, generator=g) for _ in range(2)) if mode == "learned" else (None, None)
     sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant == "nope" else (None, None)
     sink, fusion = variant == "sink", {"stick": "stick", "joint": "joint"}.get(variant, "softmax")
     full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk)
+    sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, mode, grouped(q if sq is None else sq, 0.3))
+    step = torch.ops.longctx.hsa_decode(
+        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:]
+    )
+    torch.testing.assert_close(step, full[:, :, -new:])  # the decode op reads chunk summaries from cached sums instead of the keys
+    if mode == "reps":
+        with pytest.raises(ValueError, match="score=reps"):
+            hsa_ops.hsa_ref(q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode)
+        return
     tail = hsa_ops.hsa_ref(
         q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk
     )
@@ -57,26 +70,35 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
         q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk
     )
     torch.testing.assert_close(op, full[:, :, -new:])
-    # the decode op reads chunk landmarks from cached running sums instead of the keys
-    sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, mode)
-    step = torch.ops.longctx.hsa_decode(
-        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:]
-    )
-    torch.testing.assert_close(step, full[:, :, -new:])
 
 
-@pytest.mark.parametrize("mode", ["landmark", "bound"])
-def test_running_sums_extended_key_by_key_equal_the_prompts(mode):
-    """What prefill stores (landmark_sums) extended one key at a time (extend_sums, as a decode step does) equals the
-    sums of the whole sequence; the entry at each chunk's last key is the chunk's sum of real keys (bound: their
-    per-channel minimum and maximum) and their count."""
+def grouped(q: torch.Tensor, scale: float, heads: int = 2) -> torch.Tensor:
+    """Queries [B, Hq, T, D] times the scale, summed over each KV group's heads: what ``reps`` sums per chunk."""
+    B, Hq, T, D = q.shape
+    return q.view(B, heads, Hq // heads, T, D).sum(2) * scale
+
+
+@pytest.mark.parametrize("mode", ["landmark", "bound", "reps"])
+def test_running_sums_extended_key_by_key_equal_the_prompts(mode, monkeypatch):
+    """What prefill stores (landmark_sums) extended one key at a time (extend_sums / extend_reps, as a decode step does)
+    equals the sums of the whole sequence; the entry at each chunk's last key is the chunk's sum of real keys (bound:
+    their per-channel minimum and maximum; reps: its real queries' sum and the mean of its representatives) and their count."""
     T, chunk = 23, 4
-    _, k, _, key_padding = qkv(T)
-    sums = hsa_sums.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk, mode)
+    monkeypatch.setattr(hsa_ops, "REPS", 2)
+    q, k, _, key_padding = qkv(T)
+    queries = grouped(q, 0.3)
+    sums = hsa_sums.landmark_sums(k[:, :, :9], key_padding[:, :9], chunk, mode, queries[:, :, :9])
     for j in range(9, T):
-        entry = hsa_sums.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], torch.full((2,), j % chunk == 0), mode)
+        starts, ends = torch.full((2,), j % chunk == 0), torch.full((2,), j % chunk == chunk - 1)
+        if mode == "reps":
+            lo = max(0, j - chunk + 1)
+            window = torch.nn.functional.pad(k[:, :, lo : j + 1], (0, 0, chunk - (j + 1 - lo), 0))
+            real = torch.nn.functional.pad(key_padding[:, lo : j + 1], (chunk - (j + 1 - lo), 0)) != 0
+            entry = hsa_sums.extend_reps(sums[:, :, -1:], queries[:, :, j : j + 1], key_padding[:, j], starts, ends, window, real)
+        else:
+            entry = hsa_sums.extend_sums(sums[:, :, -1:], k[:, :, j : j + 1], key_padding[:, j], starts, mode)
         sums = torch.cat([sums, entry], dim=2)
-    full = hsa_sums.landmark_sums(k, key_padding, chunk, mode)
+    full = hsa_sums.landmark_sums(k, key_padding, chunk, mode, queries)
     torch.testing.assert_close(sums, full)
     ends = full[:, :, chunk - 1 :: chunk]
     real = key_padding[:, : T // chunk * chunk].view(2, 1, -1, chunk, 1) != 0
@@ -84,6 +106,12 @@ def test_running_sums_extended_key_by_key_equal_the_prompts(mode):
     count = real.float().sum(3).expand(2, 2, -1, 1)
     if mode == "bound":
         summary = [chunks.masked_fill(~real, float("inf")).amin(3), chunks.masked_fill(~real, float("-inf")).amax(3)]
+    elif mode == "reps":
+        asked = (queries[:, :, : T // chunk * chunk].reshape(2, 2, -1, chunk, 8) * real).sum(3)
+        ranked = torch.einsum("bhcd,bhcsd->bhcs", asked, chunks).masked_fill(~real[..., 0], float("-inf")).topk(2, dim=-1).indices
+        picked = chunks.gather(3, ranked[..., None].expand(-1, -1, -1, -1, 8))
+        kept = real[..., 0].expand(-1, 2, -1, -1).gather(3, ranked)[..., None]
+        summary = [asked, (picked * kept).sum(3) / kept.sum(3).clamp(min=1)]
     else:
         summary = [(chunks * real).sum(3)]
     torch.testing.assert_close(ends, torch.cat([*summary, count], -1))
@@ -127,15 +155,18 @@ def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
         {"score": "landmark", "topk": "1"},
         {"score": "learned", "topk": "2", "nope": "true", "fusion": "stick"},
         {"score": "bound", "topk": "1", "fusion": "joint"},
+        {"score": "reps", "topk": "1"},
     ],
 )
-def test_sparse_decode_logits_equal_the_full_sequence_program(options):
+def test_sparse_decode_logits_equal_the_full_sequence_program(options, monkeypatch):
     """Both cache modes, stepped as the Generator steps them: each step's logits equal the HSA program over the whole
     sequence so far (left-padded prompts; the static cache passed as its filled prefix)."""
+    monkeypatch.setattr(hsa_ops, "REPS", 2)  # of a chunk's 4 keys
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, window=0, **options)
     assert compiled.steps.layout.stored[0] == ["k", "v", "sums"]  # keys, values and the chunks' running landmark sums
-    # per KV head: the (NoPE) score key's sum and the count; for bound its running minimum, maximum and the count
-    assert compiled.steps.layout.shapes[0][2] == [2, 16 * (2 if options["score"] == "bound" else 1) + 1]
+    # per KV head: the (NoPE) score key's sum and the count; for bound its running minimum, maximum and the count; for
+    # reps the queries' sum, the representatives' mean and the count
+    assert compiled.steps.layout.shapes[0][2] == [2, 16 * (2 if options["score"] in ("bound", "reps") else 1) + 1]
     check_decode_steps(compiled, PROMPTS, 7, prefix_views=True)
     # and the Generator's two cache modes pick the same tokens
     assert compiled.generate(PROMPTS, max_new_tokens=7) == compiled.generate(PROMPTS, max_new_tokens=7, cache="growing")
@@ -151,4 +182,11 @@ def test_a_saved_hsa_artifact_generates(tmp_path):
 def test_shared_chunk_selection_has_no_cache_and_says_why():
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", select="block")
     with pytest.raises(LccError, match="select=block.*--opt select=token"):
+        compiled.generate(PROMPTS, max_new_tokens=2)
+
+
+def test_representatives_of_pre_rope_keys_have_no_cache_and_say_why():
+    """score=reps picks among the keys that score chunks; with nope=true those are pre-RoPE keys, which no cache keeps."""
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", score="reps", nope="true")
+    with pytest.raises(LccError, match="score=reps with nope=true"):
         compiled.generate(PROMPTS, max_new_tokens=2)

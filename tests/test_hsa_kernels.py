@@ -52,6 +52,7 @@ CASES = [  # mode, topk, window, select, sink (or "stick" fusion, or "nope" scor
     ("learned", 2, 0, "block", "nope", 90, True),
     ("landmark", 1, 0, "token", "nope", 45, False),
     ("bound", 2, 0, "token", False, 45, True),  # score queries and landmarks of width 2D
+    ("reps", 2, 0, "token", False, 45, True),  # landmarks from each chunk's 4 representative keys (of 16)
 ]
 
 

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops import portable
 from longctx_compile.ops.evict import indexer_importance
 from longctx_compile.ops.hsa import hsa_ref
@@ -41,15 +42,16 @@ def test_attention(T, S, causal, window, masks):
 HSA = [
     (mode, select, topk, window, fusion, sink, nope)
     for mode, select, topk, window, fusion, sink, nope in itertools.product(
-        ["exact", "landmark", "bound", "learned"], ["token", "block"], [0, 2, -1], [0, 1], ["softmax", "stick", "joint"], [False, True], [False, True]
+        ["exact", "landmark", "bound", "reps", "learned"], ["token", "block"], [0, 2, -1], [0, 1], ["softmax", "stick", "joint"], [False, True], [False, True]
     )
-    # sink and nope together or neither, bound with a window only: the matrix stays small
-    if not (nope and mode == "exact") and (sink == nope) and not (mode == "bound" and window == 0)
+    # sink and nope together or neither, bound and reps with a window only: the matrix stays small
+    if not (nope and mode == "exact") and (sink == nope) and not (mode in ("bound", "reps") and window == 0)
 ]
 
 
 @pytest.mark.parametrize("mode,select,topk,window,fusion,sink,nope", HSA)
-def test_hsa(mode, select, topk, window, fusion, sink, nope):
+def test_hsa(mode, select, topk, window, fusion, sink, nope, monkeypatch):
+    monkeypatch.setattr(hsa_ops, "REPS", 2)  # representatives: 2 of a chunk's 4 keys
     B, Hq, Hkv, D, chunk = 2, 4, 2, 8, 4
     for T in (3, 16, 23):  # shorter than a chunk, whole chunks, a partial last chunk
         q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)

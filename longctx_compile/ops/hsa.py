@@ -9,7 +9,10 @@ For query t in chunk c = t // S:
   through the fusion weights; ``bound`` — Σ_d max(q_d·min_d, q_d·max_d)·scale + log S over the
   chunk's per-channel key range (Quest's upper bound of the chunk's best q·k, so the score bounds
   the chunk's LSE from above), computed as [q, |q|]·[centre, half-range]: linear in [q, |q|], so
-  every implementation scores it as it scores landmarks;
+  every implementation scores it as it scores landmarks; ``reps`` — q·mean(representative keys)·scale
+  + log S, the representatives being the :data:`REPS` real keys of the chunk that the chunk's own
+  queries (summed over its real positions and the group's heads) score highest, as InfLLM picks the
+  tokens that receive the most attention: the landmark of the keys a chunk is attended for;
 - the query heads of a KV group share one selection: the top-K candidates by the group's summed score,
   per query (``select="token"``) or, summed over the chunk's queries too, per query chunk (``"block"``:
   the chunk's queries then read the same K chunks, which makes the work dense-like and fast); of equal
@@ -42,6 +45,7 @@ import torch
 from .attention import empty_sdpa_layout
 
 GROUP_ELEMENTS = 1 << 20  # a group of query chunks is sized so no intermediate exceeds about this many elements
+REPS = 4  # representative keys per chunk for ``reps`` scores (InfLLM keeps 4 per 128-token block)
 
 
 def _softmax(scores: torch.Tensor, keep: torch.Tensor, every_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +107,13 @@ def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retriev
     landmarks, rows_q = None, qg  # what scores the chunks: the queries (or the NoPE ones), maybe projected
     if mode != "exact":
         keys = kc if score_k is None else score_k.float()[:, :, : full * S].reshape(B, Hkv, full, S, D)
-        landmarks = chunk_summaries(keys, rc, mode)
         if score_q is not None:
             rows_q = torch.nn.functional.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
+        qsum = None
+        if mode == "reps":  # each complete chunk's queries, summed over its real positions and the group's heads
+            real_q = torch.nn.functional.pad(real, (0, pad)).view(B, 1, C, 1, S, 1)
+            qsum = (rows_q * real_q)[:, :, :full].sum((3, 4))
+        landmarks = chunk_summaries(keys, rc, mode, qsum)
         rows_q = score_queries(rows_q, mode)
     if mode == "learned":
         rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
@@ -147,6 +155,10 @@ def hsa_ref(
         raise ValueError(f"hsa_attention: {T} queries over {n_keys} keys; the queries are the last T of the keys")
     if offset and select == "block" and topk >= 0:
         raise ValueError("hsa_attention: per-chunk selection (select=block) needs all the chunk's queries; a decode step has the last ones only")
+    if offset and mode == "reps":
+        raise ValueError(
+            "hsa_attention: representative keys (score=reps) are picked by all the chunk's queries; a decode step reads them from hsa_decode's sums"
+        )
     if offset:
         q, score_q = (None if t is None else torch.nn.functional.pad(t, (0, 0, offset, 0)) for t in (q, score_q))
     p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k)
@@ -265,10 +277,27 @@ def _exact_scores(rows: torch.Tensor, kc: torch.Tensor, rc: torch.Tensor) -> tor
     return scores.logsumexp(-1).masked_fill(empty, float("-inf"))
 
 
-def chunk_summaries(kc: torch.Tensor, rc: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_summaries(kc: torch.Tensor, rc: torch.Tensor, mode: str, qsum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What score queries meet: (per chunk a vector [B, Hkv, chunks, R], log of its real-key count [B, 1, chunks]):
-    the mean key (R = D) for ``landmark`` / ``learned``, the key range's centre and half-width (R = 2D) for ``bound``."""
-    return _bounds(kc, rc) if mode == "bound" else _landmarks(kc, rc)
+    the mean key (R = D) for ``landmark`` / ``learned``, the key range's centre and half-width (R = 2D) for ``bound``,
+    the mean of the representative keys (R = D) for ``reps``, picked by ``qsum`` [B, Hkv, chunks, D], each chunk's
+    summed (scaled) queries."""
+    if mode == "bound":
+        return _bounds(kc, rc)
+    if mode == "reps":
+        received = torch.einsum("bhcd,bhcsd->bhcs", qsum, kc)
+        return representatives(received, kc, rc.expand_as(received)), torch.log(rc.sum(-1).float())
+    return _landmarks(kc, rc)
+
+
+def representatives(received: torch.Tensor, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The mean [..., D] of the :data:`REPS` real keys (``keys`` [..., S, D], ``real`` [..., S]) with the highest
+    ``received`` score [..., S]; of fewer real keys, all of them; zeros for none."""
+    received = received.masked_fill(~real, float("-inf"))
+    picked = received.topk(min(REPS, received.shape[-1]), dim=-1).indices
+    keep = real.gather(-1, picked).to(keys.dtype)
+    chosen = keys.gather(-2, picked[..., None].expand(*picked.shape, keys.shape[-1]))
+    return (chosen * keep[..., None]).sum(-2) / keep.sum(-1).clamp(min=1)[..., None]
 
 
 def score_queries(rows: torch.Tensor, mode: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from . import cache
 from .attention import empty_sdpa_layout
 from .hsa import _softmax, fusion_weights, score_queries, top_chunks
-from .hsa_sums import extend_sums, landmark_sums, summaries
+from .hsa_sums import extend_reps, extend_sums, landmark_sums, summaries, width
 from .schema import Call
 
 
@@ -128,6 +128,16 @@ DECODE = torch.ops.longctx.hsa_decode.default
 KEYS_AND_VALUES = cache.KeyValueCache()  # how K and V themselves are extended, as for every attention op
 
 
+def _grouped_queries(call: Call) -> torch.Tensor | None:
+    """``reps``: the call's scoring queries (the NoPE ones when given) times the scale, summed over each KV group's
+    heads, [B, Hkv, T, D]; None for other scores."""
+    if call.mode != "reps":
+        return None
+    q = call.q if call.get("score_q") is None else call.score_q
+    B, Hq, T, D = q.shape
+    return q.float().view(B, call.k.shape[1], Hq // call.k.shape[1], T, D).sum(2) * call.scale
+
+
 def scored_keys(call: Call) -> Any:
     """The keys the chunks are scored by: the NoPE ones when the site has them, else the keys."""
     return call.k if call.get("score_k") is None else call.score_k
@@ -147,8 +157,7 @@ class HsaCache(cache.KeyValueCache):
 
     def dims(self, call: Call) -> list[tuple[Any, Any]]:
         kv = KEYS_AND_VALUES.dims(call)
-        width = scored_keys(call).meta["val"].shape[3] * (2 if call.mode == "bound" else 1) + 1
-        return kv if call.mode == "exact" else [*kv, (kv[0][0], width)]
+        return kv if call.mode == "exact" else [*kv, (kv[0][0], width(scored_keys(call).meta["val"].shape[3], call.mode))]
 
     def dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if name == "sums" else model_dtype
@@ -156,31 +165,47 @@ class HsaCache(cache.KeyValueCache):
     def refuse(self, call: Call) -> str | None:
         if call.select == "block" and call.topk >= 0:
             return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
+        if call.mode == "reps" and call.get("score_k") is not None:
+            return "score=reps with nope=true picks representatives among the pre-RoPE keys, which the cache does not keep; convert without nope to generate"
         return None
 
     def prefill(self, call: Call) -> list[torch.Tensor]:
         kv = KEYS_AND_VALUES.prefill(call)
-        return kv if call.mode == "exact" else [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk, call.mode)]
+        if call.mode == "exact":
+            return kv
+        return [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk, call.mode, _grouped_queries(call))]
 
-    def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The new key's sums entry; ``index`` [B]: its position among the keys."""
+    def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor) -> torch.Tensor:
+        """The new key's sums entry; ``index`` [B]: its position among the keys; ``keys`` [B, Hkv, S, D] and
+        ``real_keys`` [B, S]: the S keys ending at it, the new one included (what ``reps`` picks from)."""
         real = torch.ones_like(index) if call.key_padding is None else call.key_padding[:, -1]
-        return extend_sums(previous, scored_keys(call), real, index % call.chunk == 0, call.mode)
+        starts, ends = index % call.chunk == 0, index % call.chunk == call.chunk - 1
+        if call.mode == "reps":
+            return extend_reps(previous, _grouped_queries(call), real, starts, ends, keys, real_keys)
+        return extend_sums(previous, scored_keys(call), real, starts, call.mode)
 
     def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
-        sums = None
+        grown, sums = KEYS_AND_VALUES.grow(call, cached[:2], past_mask), None
         if call.mode != "exact":
-            index = torch.full((call.k.shape[0],), cached[0].shape[2], dtype=torch.long, device=call.k.device)
-            sums = torch.cat([cached[2], self._new_sums(call, cached[2][:, :, -1:], index)], dim=2)
-        return KEYS_AND_VALUES.grow(call, cached[:2], past_mask).to(DECODE, sums=sums)
+            S, B = call.chunk, call.k.shape[0]
+            index = torch.full((B,), cached[0].shape[2], dtype=torch.long, device=call.k.device)
+            real = torch.ones(B, grown.k.shape[2], device=call.k.device) if grown.key_padding is None else (grown.key_padding != 0).float()
+            keys = torch.nn.functional.pad(grown.k, (0, 0, S - 1, 0))[:, :, -S:]  # the S keys ending at the new one
+            real_keys = torch.nn.functional.pad(real, (S - 1, 0))[:, -S:] > 0
+            sums = torch.cat([cached[2], self._new_sums(call, cached[2][:, :, -1:], index, keys, real_keys)], dim=2)
+        return grown.to(DECODE, sums=sums)
 
     def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
         written, visible = KEYS_AND_VALUES.written(call, cached[:2], past_mask, slots, in_place)
         sums = None
         if call.mode != "exact":
-            old = cached[2]
+            old, S, (B, H, _, D) = cached[2], call.chunk, written["k"].shape
             before = (slots - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, old.shape[1], 1, old.shape[3])
-            sums = cache.scatter_key(old, self._new_sums(call, old.gather(2, before), slots), slots, in_place)
+            window = slots[:, None] - (S - 1) + torch.arange(S, device=slots.device)  # the S slots ending at the new key
+            at = window.clamp(min=0)
+            keys = written["k"].gather(2, at[:, None, :, None].expand(B, H, S, D))
+            real_keys = visible.gather(1, at) & (window >= 0)
+            sums = cache.scatter_key(old, self._new_sums(call, old.gather(2, before), slots, keys, real_keys), slots, in_place)
         return call.replace(**written, key_padding=visible).to(DECODE, sums=sums)
 
     def run(self, call: Call) -> Any:

@@ -34,7 +34,10 @@ def retrieval_inputs(q, k, key_padding, scale: float, chunk: int, mode: str, ret
     Hkv, full = k.shape[1], T // chunk
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
     kc = k.float()[:, :, : full * chunk].reshape(B, Hkv, full, chunk, D)
-    mean, log_count = chunk_summaries(kc, real[:, : full * chunk].reshape(B, 1, full, chunk), mode)
+    qsum = None
+    if mode == "reps":  # each complete chunk's scaled queries, summed over its real positions and the group's heads
+        qsum = (q.float() * scale * real[:, None, :, None])[:, :, : full * chunk].view(B, Hkv, Hq // Hkv, full, chunk, D).sum((2, 4))
+    mean, log_count = chunk_summaries(kc, real[:, : full * chunk].reshape(B, 1, full, chunk), mode, qsum)
     sq = score_queries(q.float() * scale, mode)
     if mode == "learned":
         sq = torch.einsum("bhgtd,hde->bhgte", sq.view(B, Hkv, Hq // Hkv, T, D), retrieval_q.float()).reshape(B, Hq, T, -1)

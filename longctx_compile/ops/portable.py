@@ -141,8 +141,9 @@ def hsa(
         score = score.masked_fill(~visible[:, None, None], NEG_INF)  # [B, Hkv, C, G, S, C]
         group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]
     else:
-        mean, log_count = chunk_summaries(kc if score_k is None else F.pad(score_k.float(), (0, 0, 0, pad)).view(B, Hkv, C, S, D), rc, mode)
         score_rows = rows if score_q is None else F.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
+        qsum = (score_rows * rc.view(B, 1, C, 1, S, 1)).sum((3, 4)) if mode == "reps" else None  # each chunk's real queries, summed
+        mean, log_count = chunk_summaries(kc if score_k is None else F.pad(score_k.float(), (0, 0, 0, pad)).view(B, Hkv, C, S, D), rc, mode, qsum)
         score_rows = score_queries(score_rows, mode)
         if mode == "learned":
             score_rows = _per_head(score_rows, retrieval_q)

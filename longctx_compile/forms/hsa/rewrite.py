@@ -3,7 +3,7 @@
 Each chosen canonical attention becomes ``longctx::hsa_attention``: a local causal window of the
 current chunk plus ``window`` complete chunks, and the top-``topk`` older chunks by ``score``, fused
 by softmax weights over the parts' scores. ``score=exact`` with ``topk=all`` is dense attention
-exactly (the equivalence check of the form); ``landmark`` and ``bound`` need no new weights.
+exactly (the equivalence check of the form); ``landmark``, ``bound`` and ``reps`` need no new weights.
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ REFUSALS = {
 
 @dataclass
 class HsaConfig:
-    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|bound|learned select=token|block sink=false
+    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|bound|reps|learned select=token|block sink=false
     fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by its true LSE: one softmax over
     the local keys and the chosen chunks' keys, so selection alone decides what is lost. ``bound`` selects by an upper
-    bound of each chunk's best q·k from its per-channel key range (Quest), training-free and query-aware."""
+    bound of each chunk's best q·k from its per-channel key range (Quest); ``reps`` by the mean of the few keys the chunk's
+    own queries score highest (InfLLM's representative tokens). Both are training-free and query-aware."""
 
     chunk: int = 64
     topk: str = "16"
     window: int = 4
-    score: Literal["exact", "landmark", "bound", "learned"] = "landmark"
+    score: Literal["exact", "landmark", "bound", "reps", "learned"] = "landmark"
     select: Literal["token", "block"] = "token"
     sink: bool = False
     fusion: Literal["softmax", "stick", "joint"] = "softmax"
@@ -63,7 +64,7 @@ class HsaConfig:
                 "--opt fusion=joint weighs chunks by their true LSE, so learned scores (trained through the fusion weights) would never train; use score=landmark"
             )
         if self.nope and self.score == "exact":
-            raise LccError("--opt nope=true changes landmark, bound and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
+            raise LccError("--opt nope=true changes landmark, bound, reps and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
 
 
 def parse_topk(text: str) -> int:
