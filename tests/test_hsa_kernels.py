@@ -35,7 +35,7 @@ def inputs(T, padded=True, seed=0, D=16):
     return q, k, v, key_padding
 
 
-CASES = [  # mode, topk, window, select, sink (or "stick" fusion, or "nope" scores), T, padded
+CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, or "nope" scores), T, padded
     ("landmark", 1, 0, "token", False, 45, True),
     ("landmark", 1, 0, "token", False, 45, False),
     ("landmark", 2, 1, "block", False, 90, True),
@@ -53,6 +53,8 @@ CASES = [  # mode, topk, window, select, sink (or "stick" fusion, or "nope" scor
     ("landmark", 1, 0, "token", "nope", 45, False),
     ("bound", 2, 0, "token", False, 45, True),  # score queries and landmarks of width 2D
     ("reps", 2, 0, "token", False, 45, True),  # landmarks from each chunk's 4 representative keys (of 16)
+    ("bound", 2, 1, "block", "joint", 90, True),  # chunks chosen by their scores, weighed by their true LSEs
+    ("landmark", 1, 0, "token", "joint", 45, False),
 ]
 
 
@@ -65,7 +67,7 @@ def test_kernels_equal_reference(mode, K, w, select, sink, T, padded):
     nope = list(inputs(T, padded, seed=5)[:2]) if sink == "nope" else [None, None]
     leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
     refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
-    fusion, sink = "stick" if sink == "stick" else "softmax", sink is True
+    fusion, sink = sink if sink in ("stick", "joint") else "softmax", sink is True
     statics = (16**-0.5, S, K, w, mode, select, sink, fusion)
     got = hsa_flash(*leaves[:3], key_padding, *leaves[3:5], *statics, *leaves[5:], hsa_tiles(S, 2, select))[0]
     want = hsa_attention(*refs[:3], key_padding, *refs[3:5], *statics, *refs[5:])

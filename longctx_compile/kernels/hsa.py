@@ -9,7 +9,8 @@ share every key tile they load (rows are padded to at least 16 for ``tl.dot``).
   group's summed landmark score, streamed over chunk tiles with a running top-K; no [T, chunks]
   tensor is ever written.
 - forward: the local part (chunks c-w .. c, causal) by online softmax, then each selected chunk
-  (one S-key tile) with its own softmax, fused by an online softmax over the parts' scores. It
+  (one S-key tile) with its own softmax, fused by an online softmax over the parts' scores (each
+  part's true LSE with ``joint`` fusion, which makes it one softmax over all the parts' keys). It
   stores each part's natural-log LSE and score per row, [B, Hq, T, 1 + K], for the backward.
 - backward: a dQ kernel walks the same parts per row (recomputing each part's output for the
   fusion-weight gradient) and stores per row and part the weight, ``D`` and score gradient; a dK/dV
@@ -112,8 +113,8 @@ def _fwd_kernel(
     so_t, ssq_b, ssq_h, ssq_t, slk_b, slk_h, slk_c, slb_b, si_b, si_h, si_u, sl_b, sl_h, sl_t, sp_b, Hkv, T, G, KSLOTS,
     window, scale, UNIT, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, R_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_PAD: tl.constexpr, EXACT: tl.constexpr, SINK: tl.constexpr, STICK: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    HAS_PAD: tl.constexpr, EXACT: tl.constexpr, JOINT: tl.constexpr, SINK: tl.constexpr, STICK: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """One program: BLOCK_Q queries × G heads; the local part, then each selected chunk, fused online."""
     bh = tl.program_id(1)
@@ -180,7 +181,7 @@ def _fwd_kernel(
             denom = cl + tl.exp(-cm_safe)
         v = tl.load(v_base + kpos[:, None] * sv_s + offs_dv[None, :], mask=(kpos[:, None] >= 0) & (kpos[:, None] < T) & (offs_dv[None, :] < V_DIM), other=0.0)
         o = _dot(p.to(v.dtype), v, PRECISION, DOT_DTYPE) / tl.where(denom > 0, denom, 1.0)[:, None]
-        if EXACT:
+        if EXACT or JOINT:  # the chunk's true LSE (joint: one softmax over every part's keys)
             score = chunk_lse
         else:
             lk = tl.load(LK + b * slk_b + hk * slk_h + tl.maximum(idx, 0).to(tl.int64) * slk_c + offs_r, mask=offs_r < R_DIM, other=0.0)
@@ -243,8 +244,8 @@ def _dq_kernel(
     sv_s, so_b, so_h, so_t, ssq_b, ssq_h, ssq_t, slk_b, slk_h, slk_c, si_b, si_h, si_u, sl_b, sl_h, sl_t, sp_b, Hkv, T,
     G, KSLOTS, window, scale, UNIT, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, R_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_PAD: tl.constexpr, EXACT: tl.constexpr, SINK: tl.constexpr,
-    STICK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_PAD: tl.constexpr, EXACT: tl.constexpr, JOINT: tl.constexpr,
+    SINK: tl.constexpr, STICK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dQ (and the score queries' gradient) of BLOCK_Q queries × G heads; per part it stores the weight w, D = w·⟨O_p, dO⟩ and dscore."""
     bh = tl.program_id(1)
@@ -314,7 +315,7 @@ def _dq_kernel(
         big_d = w * dw
         ds, left, done = _score_grad(score, w, dw, out_dot, left, done, STICK)
         dx = pa * (w[:, None] * dp - big_d[:, None])
-        if EXACT:  # the score is the chunk's true LSE
+        if EXACT or JOINT:  # the score is the chunk's true LSE (the selection, by landmarks, takes no gradient)
             dx += ds[:, None] * p
         else:
             lk = tl.load(LK + b * slk_b + hk * slk_h + tl.maximum(idx, 0).to(tl.int64) * slk_c + offs_r, mask=offs_r < R_DIM, other=0.0)
@@ -333,7 +334,8 @@ def _dkdv_rows(dk, dv, dlk, q0, k, v, kpos, part, Q, DOut, SQ, Lse, Wt, Dd, DS, 
                so_t, ssq_b, ssq_h, ssq_t, sl_b, sl_h, sl_t, sp_b, T, G, scale, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
                R_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
                BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-               LOCAL: tl.constexpr, EXACT: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+               LOCAL: tl.constexpr, EXACT: tl.constexpr, JOINT: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
+               DOT_DTYPE: tl.constexpr):
     """Add to one key chunk's dK, dV (and landmark gradient) what BLOCK_Q queries × G heads took from it through ``part``."""
     t, h, valid = _rows(q0, hk, T, G, BLOCK_Q, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -355,10 +357,10 @@ def _dkdv_rows(dk, dv, dlk, q0, k, v, kpos, part, Q, DOut, SQ, Lse, Wt, Dd, DS, 
     pa, p, dp, unused = _part_grads(s, lse, w, do, v, w, SINK, PRECISION, DOT_DTYPE)
     dv += _dot(tl.trans((w[:, None] * pa).to(do.dtype)), do, PRECISION, DOT_DTYPE)
     dx = pa * (w[:, None] * dp - big_d[:, None])
-    if LOCAL or EXACT:  # the part's score is its LSE
+    if LOCAL or EXACT or JOINT:  # the part's score is its LSE
         dx += ds[:, None] * p
     dk += _dot(tl.trans(dx.to(q.dtype)), q, PRECISION, DOT_DTYPE) * scale
-    if not LOCAL and not EXACT:
+    if not LOCAL and not EXACT and not JOINT:
         offs_r = tl.arange(0, BLOCK_R)
         sq = tl.load(SQ + b * ssq_b + h[:, None] * ssq_h + t[:, None] * ssq_t + offs_r[None, :], mask=valid[:, None] & (offs_r[None, :] < R_DIM), other=0.0)
         dlk += tl.sum(ds[:, None] * sq, 0)
@@ -372,7 +374,7 @@ def _dkdv_kernel(
     window, scale, UNIT, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, R_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_QL: tl.constexpr, ROWS_L: tl.constexpr,
     BLOCK_QR: tl.constexpr, ROWS_R: tl.constexpr, CHUNK: tl.constexpr, HAS_PAD: tl.constexpr, EXACT: tl.constexpr,
-    SINK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    JOINT: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dK, dV of key chunk i: the queries of chunks i .. i+w through their local part, then each (unit, slot) that selected it."""
     i = tl.program_id(0)
@@ -392,7 +394,8 @@ def _dkdv_kernel(
     for q0 in range(i * CHUNK, tl.minimum(T, (i + window + 1) * CHUNK), BLOCK_QL):
         dk, dv, dlk = _dkdv_rows(dk, dv, dlk, q0, k, v, kpos, 0, Q, DOut, SQ, Lse, Wt, Dd, DS, KeyPad, b, hk, sq_b, sq_h, sq_t,
                                  so_b, so_h, so_t, ssq_b, ssq_h, ssq_t, sl_b, sl_h, sl_t, sp_b, T, G, scale, HEAD_DIM, V_DIM, R_DIM,
-                                 BLOCK_D, BLOCK_DV, BLOCK_R, BLOCK_QL, ROWS_L, HAS_PAD, True, True, EXACT, False, PRECISION, DOT_DTYPE)
+                                 BLOCK_D, BLOCK_DV, BLOCK_R, BLOCK_QL, ROWS_L, HAS_PAD, True, True, EXACT, JOINT, False, PRECISION,
+                                 DOT_DTYPE)
     csr = bh * (C + 1) + i
     for e in range(tl.load(Offsets + csr), tl.load(Offsets + csr + 1)):
         entry = tl.load(Entries + e)
@@ -401,7 +404,7 @@ def _dkdv_kernel(
         for q0 in range(unit * UNIT, tl.minimum(T, unit * UNIT + UNIT), BLOCK_QR):
             dk, dv, dlk = _dkdv_rows(dk, dv, dlk, q0, k, v, kpos, part, Q, DOut, SQ, Lse, Wt, Dd, DS, KeyPad, b, hk, sq_b, sq_h, sq_t,
                                      so_b, so_h, so_t, ssq_b, ssq_h, ssq_t, sl_b, sl_h, sl_t, sp_b, T, G, scale, HEAD_DIM, V_DIM,
-                                     R_DIM, BLOCK_D, BLOCK_DV, BLOCK_R, BLOCK_QR, ROWS_R, HAS_PAD, False, False, EXACT, SINK,
+                                     R_DIM, BLOCK_D, BLOCK_DV, BLOCK_R, BLOCK_QR, ROWS_R, HAS_PAD, False, False, EXACT, JOINT, SINK,
                                      PRECISION, DOT_DTYPE)
     tl.store(DK + b * sk_b + hk * sk_h + kpos[:, None] * sk_s + offs_d[None, :], dk, mask=in_k[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + b * sv_b + hk * sv_h + kpos[:, None] * sv_s + offs_dv[None, :], dv, mask=in_k[:, None] & (offs_dv[None, :] < V_DIM))
@@ -431,7 +434,7 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk: int, pad, exact: bool, sink: bool) -> dict:
+def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk: int, pad, exact: bool, sink: bool, joint: bool) -> dict:
     reason = hsa_unsupported(chunk, -1, "landmark", q.shape[-1], v.shape[-1], q.dtype)  # what lower checks, again at launch
     if reason:
         raise LccError(reason)
@@ -445,6 +448,7 @@ def _flags(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_dim: int, chunk:
         CHUNK=chunk,
         HAS_PAD=pad is not None,
         EXACT=exact,
+        JOINT=joint,
         SINK=sink,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_DTYPE=tl.float32 if q.dtype == torch.bfloat16 and on_cpu(q) else _TL_DTYPES[q.dtype],
@@ -490,8 +494,11 @@ def select(su: torch.Tensor, lk: torch.Tensor, lb: torch.Tensor, unit: int, chun
     return idx.sort(dim=-1, descending=True).values  # recency order; -1 (empty) last
 
 
-def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool, stick: bool):
-    """(out [B, Hq, T, Dv] in SDPA layout, lse and score [B, Hq, T, 1 + slots] fp32); sq/lk/lb None means exact scores."""
+def hsa_fwd(
+    q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool, stick: bool, joint: bool = False
+):
+    """(out [B, Hq, T, Dv] in SDPA layout, lse and score [B, Hq, T, 1 + slots] fp32); sq/lk/lb None means exact scores;
+    ``joint``: the selected chunks fuse by their true LSEs (the landmark scores only select)."""
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, Hq, T, _ = q.shape
     Hkv, slots = k.shape[1], idx.shape[-1]
@@ -503,7 +510,7 @@ def hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale: float, chunk: int, win
     sq, lk, lb = (
         (dummy, dummy.view(1, 1, 1), dummy.view(1, 1)) if exact else (_last_contiguous(sq.float()), _last_contiguous(lk.float()), lb.float().contiguous())
     )
-    flags = _flags(q, k, v, 16 if exact else sq.shape[-1], chunk, pad, exact, sink)
+    flags = _flags(q, k, v, 16 if exact else sq.shape[-1], chunk, pad, exact, sink, joint)
     out = empty_sdpa_layout(q, v)
     if on_cpu(q):
         out.fill_(float("nan"))
@@ -556,7 +563,25 @@ def inverted_index(idx: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.
 
 
 def hsa_bwd(
-    grad_out, q, k, v, key_padding, sq, lk, idx, out, lse, score, scale: float, chunk: int, window: int, unit: int, tiles: list[int], sink: bool, stick: bool
+    grad_out,
+    q,
+    k,
+    v,
+    key_padding,
+    sq,
+    lk,
+    idx,
+    out,
+    lse,
+    score,
+    scale: float,
+    chunk: int,
+    window: int,
+    unit: int,
+    tiles: list[int],
+    sink: bool,
+    stick: bool,
+    joint: bool = False,
 ):
     """(dq, dk, dv, dsq, dlk): gradients of the attention inputs, the score queries and the landmarks (the last two None for exact scores)."""
     q, k, v = (t.contiguous() for t in (q, k, v))  # dq, dk, dv are written with these strides
@@ -568,7 +593,7 @@ def hsa_bwd(
     dummy = q.new_zeros(1, dtype=torch.float32)
     pad_arg = pad if pad is not None else dummy
     sq, lk = (dummy, dummy.view(1, 1, 1)) if exact else (sq.float().contiguous(), _last_contiguous(lk.float()))
-    flags = _flags(q, k, v, 16 if exact else sq.shape[-1], chunk, pad, exact, sink)
+    flags = _flags(q, k, v, 16 if exact else sq.shape[-1], chunk, pad, exact, sink, joint)
     if grad_out.stride() != out.stride():  # both are read with one set of strides
         out, grad_out = out.contiguous(), grad_out.contiguous()
     dq = _new(q.shape, q)

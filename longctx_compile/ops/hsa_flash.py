@@ -103,7 +103,7 @@ def hsa_flash(
     unit = 1 if select == "token" else chunk
     if not exact:
         lk, lb = _kernel_landmarks(lk, lb)
-    out, lse, score = kernels.hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale, chunk, window, unit, tiles, sink, fusion == "stick")
+    out, lse, score = kernels.hsa_fwd(q, k, v, key_padding, sq, lk, lb, idx, scale, chunk, window, unit, tiles, sink, fusion == "stick", fusion == "joint")
     return out, lse, score, idx.contiguous()
 
 
@@ -131,17 +131,18 @@ def _backward(ctx, grad_out, *_unused):
     # what the scores were made from: the attention's q and k, or the NoPE score_q and score_k
     leaves = [None if t is None else t.detach().requires_grad_() for t in ((score_q, score_k) if nope else (q, k)) + (retrieval_q, retrieval_k)]
     sq = lk = read = None
+    scored = mode != "exact" and fusion != "joint"  # whether the fusion weights, so the gradients, reach the scores
     if mode != "exact":
         with torch.enable_grad():
             sq, lk, lb = retrieval_inputs(leaves[0], leaves[1], key_padding, scale, chunk, mode, leaves[2], leaves[3])
         read = _kernel_landmarks(lk.detach(), lb)[0]
     dq, dk, dv, dsq, dlk = kernels.hsa_bwd(
-        grad_out, q, k, v, key_padding, sq, read, idx, out, lse, score, scale, chunk, window, unit, tiles, sink, fusion == "stick"
+        grad_out, q, k, v, key_padding, sq, read, idx, out, lse, score, scale, chunk, window, unit, tiles, sink, fusion == "stick", fusion == "joint"
     )
     if dlk is not None:
         dlk = dlk[:, :, : lk.shape[2]]  # without the placeholder
     dwq = dwk = dscore_q = dscore_k = None
-    if mode != "exact":  # the score queries and landmarks lead back to q, k (or score_q, score_k) and the learned projections
+    if scored:  # the score queries and landmarks lead back to q, k (or score_q, score_k) and the learned projections
         grads = iter(torch.autograd.grad((sq, lk), [t for t in leaves if t is not None], (dsq, dlk)))
         gq, gk = next(grads), next(grads)
         if nope:

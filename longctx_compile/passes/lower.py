@@ -115,7 +115,7 @@ def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: 
     chunk, topk, mode, select = call.chunk, call.topk, call.mode, call.select
     groups = facts["hq"] // facts["hkv"]
     tiles = hsa_tiles(chunk, groups, select)
-    reason = hsa_unsupported(chunk, topk, mode, q.shape[-1], v.shape[-1], q.dtype, call.fusion)
+    reason = hsa_unsupported(chunk, topk, mode, q.shape[-1], v.shape[-1], q.dtype)
     smem = hsa_smem_bytes(tiles, chunk, groups, q.shape[-1], v.shape[-1], q.dtype)
     if reason is None and smem > target.smem_per_block:
         reason = f"the HSA kernels need {smem} bytes of shared memory at chunk {chunk}, head dim {q.shape[-1]}; {target.name} has {target.smem_per_block}"

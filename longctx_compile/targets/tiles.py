@@ -103,10 +103,8 @@ def hsa_smem_bytes(tiles: list[int], chunk: int, groups: int, head_dim: int, v_d
     return element_bytes(dtype) * (chunk * (d + dv) + rows * (d + dv) + 2 * rows * chunk)
 
 
-def hsa_unsupported(chunk: int, topk: int, mode: str, head_dim: int, v_dim: int, dtype: torch.dtype, fusion: str = "softmax") -> str | None:
+def hsa_unsupported(chunk: int, topk: int, mode: str, head_dim: int, v_dim: int, dtype: torch.dtype) -> str | None:
     """Why the HSA kernels cannot run this site, or None when they can."""
-    if fusion == "joint":
-        return "fusion=joint (each chunk weighed by its true LSE) is not in the HSA kernels yet"
     if chunk not in HSA_CHUNKS:
         return f"chunk {chunk} is not supported by the HSA kernels (one of {', '.join(map(str, HSA_CHUNKS))})"
     if mode == "exact" and topk >= 0:
