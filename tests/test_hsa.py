@@ -9,6 +9,7 @@ import torch
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
+from longctx_compile.forms.hsa.rewrite import HsaConfig
 from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops import hsa_cpu
 from longctx_compile.ops.hsa import hsa_attention
@@ -208,7 +209,7 @@ def test_landmark_mode_trains():
 def test_learned_mode_starts_as_landmark_and_trains(tmp_path):
     """New retrieval projections start as the identity (logits equal landmark's), receive gradients,
     train the model down, and survive save and load."""
-    options = dict(to="hsa", chunk=4, topk="2", window=1)
+    options = dict(to="hsa", chunk=4, topk="2", window=1, recipe="paper")  # landmark scores, softmax fusion
     landmark, learned = lcc.compile("tiny-llama", score="landmark", **options), lcc.compile("tiny-llama", score="learned", **options)
     ids = torch.arange(16).repeat(3)[None] * 7 % 256
     torch.testing.assert_close(learned(ids), landmark(ids))
@@ -260,7 +261,7 @@ def test_cli_inspect_and_verify(tmp_path):
         result = lcc_cli.run("convert", "tiny-llama", "--to", "hsa", "-o", path, *[x for o in opts for x in ("--opt", o)])
         assert result.returncode == 0, result.stderr
     result = lcc_cli.run("inspect", sparse, env=wide)
-    assert "hsa S=4 K=1 w=0 landmark" in result.stdout and "hsa (reference)" in result.stdout
+    assert "hsa S=4 K=1 w=0 bound" in result.stdout and "hsa (reference)" in result.stdout  # the retrofit recipe's score
     result = lcc_cli.run("verify", exact, "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["passed"]
     result = lcc_cli.run("verify", sparse, "--json")
@@ -307,12 +308,24 @@ def test_joint_fusion_refuses_what_it_would_ignore(other):
         lcc.compile("tiny-llama", to="hsa", fusion="joint", **other)
 
 
-def test_joint_fusion_keeps_the_reference_op_on_a_gpu_target():
-    """The HSA kernels fuse by the chunks' scores; joint fusion is refused there in one line, or kept as the reference op."""
-    with pytest.raises(LccError, match="fusion=joint.*fallback=reference"):
-        lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", fusion="joint")
-    compiled = lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", fusion="joint", fallback="reference")
-    assert {s["kernel"] for s in compiled.program.sites()} == {"longctx.hsa_attention/reference"}
+def test_the_retrofit_defaults_run_the_kernels_on_a_gpu_target():
+    """The defaults (bound scores, joint fusion) lower to the HSA kernels on a Triton target, as the paper's recipe does."""
+    for recipe in ("retrofit", "paper"):
+        compiled = lcc.compile("tiny-llama", to="hsa", target="h100", chunk="16", recipe=recipe)
+        assert {s["kernel"] for s in compiled.program.sites()} == {"longctx.hsa_flash/triton"}
+    facts = compiled.program.sites()[0]
+    assert (facts["score"], facts["fusion"]) == ("landmark", "softmax")
+
+
+def test_recipes_set_what_is_not_given():
+    """retrofit: bound scores, joint fusion; paper: landmark, softmax; an explicit score or fusion wins, and learned
+    scores (trained through the fusion weights) default to softmax fusion."""
+    assert (HsaConfig().score, HsaConfig().fusion) == ("bound", "joint")
+    assert (HsaConfig(recipe="paper").score, HsaConfig(recipe="paper").fusion) == ("landmark", "softmax")
+    assert HsaConfig(score="reps").fusion == "joint" and HsaConfig(fusion="stick").score == "bound"
+    assert HsaConfig(score="learned").fusion == "softmax"
+    with pytest.raises(LccError, match="expected one of retrofit, paper"):
+        lcc.compile("tiny-llama", to="hsa", recipe="fast")
 
 
 def test_bound_scores_bound_every_key_of_the_chunk():

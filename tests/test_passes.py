@@ -160,7 +160,7 @@ def canonical_program() -> Program:
 
 def test_hsa():
     got = run(canonical_program(), "hsa", HsaConfig(chunk=4, topk="2", window=1))
-    statics = (4, 2, 1, "landmark", "token", False, "softmax", None, None)
+    statics = (4, 2, 1, "bound", "token", False, "joint", None, None)  # the retrofit recipe: bound scores, joint fusion
     assert_program(got, program_of(lambda q, k, v, *_: L.hsa_attention(q, k, v, None, None, None, SCALE, *statics)))
     assert not got.signature["exact"]
 

@@ -32,23 +32,36 @@ REFUSALS = {
 }
 
 
+# what score and fusion default to: ``retrofit`` keeps a pretrained model's quality without training (chosen by
+# bench/real on SmolLM2-135M, bench/RESULTS.md); ``paper`` is HSA-UltraLong's, for a model trained in its form
+RECIPES = {"retrofit": ("bound", "joint"), "paper": ("landmark", "softmax")}
+
+
 @dataclass
 class HsaConfig:
-    """``--opt chunk=64 topk=16|all window=4 score=exact|landmark|bound|reps|learned select=token|block sink=false
-    fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by its true LSE: one softmax over
-    the local keys and the chosen chunks' keys, so selection alone decides what is lost. ``bound`` selects by an upper
-    bound of each chunk's best q·k from its per-channel key range (Quest); ``reps`` by the mean of the few keys the chunk's
-    own queries score highest (InfLLM's representative tokens). Both are training-free and query-aware."""
+    """``--opt chunk=64 topk=16|all window=4 recipe=retrofit|paper score=exact|landmark|bound|reps|learned
+    select=token|block sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
+    its true LSE: one softmax over the local keys and the chosen chunks' keys, so selection alone decides what is lost.
+    ``bound`` selects by an upper bound of each chunk's best q·k from its per-channel key range (Quest); ``reps`` by the
+    mean of the few keys the chunk's own queries score highest (InfLLM's representative tokens). Both are training-free
+    and query-aware. ``recipe`` sets the score and fusion not given (:data:`RECIPES`; ``learned`` trains through
+    softmax fusion weights, so its fusion defaults to softmax)."""
 
     chunk: int = 64
     topk: str = "16"
     window: int = 4
-    score: Literal["exact", "landmark", "bound", "reps", "learned"] = "landmark"
+    recipe: Literal["retrofit", "paper"] = "retrofit"
+    score: Literal["exact", "landmark", "bound", "reps", "learned"] | None = None
     select: Literal["token", "block"] = "token"
     sink: bool = False
-    fusion: Literal["softmax", "stick", "joint"] = "softmax"
+    fusion: Literal["softmax", "stick", "joint"] | None = None
     nope: bool = False
     layers: str = "all"
+
+    def __post_init__(self) -> None:
+        score, fusion = RECIPES[self.recipe]
+        self.score = self.score or score
+        self.fusion = self.fusion or ("softmax" if self.score == "learned" or self.sink else fusion)
 
     def check(self) -> None:
         """The values that need no graph (``options.build`` calls this before the model loads)."""
