@@ -54,7 +54,6 @@ CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, or "
     ("bound", 2, 0, "token", False, 45, True),  # score queries and landmarks of width 2D
     ("reps", 2, 0, "token", False, 45, True),  # landmarks from each chunk's 4 representative keys (of 16)
     ("bound", 2, 1, "block", "joint", 90, True),  # chunks chosen by their scores, weighed by their true LSEs
-    ("landmark", 1, 0, "token", "joint", 45, False),
 ]
 
 
