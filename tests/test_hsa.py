@@ -101,14 +101,10 @@ def inputs(T=13, seed=0):
         ("landmark", 1, 0, "joint-block"),
         ("learned", 2, 0, "nope"),  # per token, scores from separate (pre-RoPE) queries and keys
         ("landmark", 1, 1, "nope"),
-        ("bound", 2, 1, "token"),  # Quest's upper bound of each chunk's best q·k
-        ("bound", 1, 0, "block"),
-        ("bound", 2, 1, "joint"),
+        ("bound", 2, 1, "joint"),  # Quest's upper bound of each chunk's best q·k
         ("bound", 1, 1, "nope"),
         ("reps", 2, 1, "token"),  # the mean of the keys each chunk's own queries score highest
-        ("reps", 1, 0, "block"),
-        ("reps", 2, 1, "joint"),
-        ("reps", 1, 1, "nope"),
+        ("reps", 1, 0, "joint-block"),
     ],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])

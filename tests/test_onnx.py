@@ -194,7 +194,7 @@ def test_custom_domain_nodes(tmp_path):
     nodes = [n for n in model.graph.node if n.domain == "longctx"]
     assert [n.op_type for n in nodes] == ["hsa_attention", "hsa_attention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert attrs["chunk"] == 4 and attrs["topk"] == 2 and attrs["window"] == 1 and attrs["mode"] == b"landmark"
+    assert attrs["chunk"] == 4 and attrs["topk"] == 2 and attrs["window"] == 1 and attrs["mode"] == b"bound" and attrs["fusion"] == b"joint"
     assert len(nodes[0].input) == 4 and nodes[0].input[3] == "attention_mask"  # q, k, v, key padding
     assert not any(n.op_type in ("TopK", "Softmax") for n in model.graph.node)  # no standard translation beside them
 
@@ -292,5 +292,4 @@ def test_one_retrace_and_the_fallback(tmp_path, monkeypatch):
     traces.clear()
     export_onnx(path, tmp_path / "two.onnx")
     assert len(traces) == 3  # the exporter's (which fails on the longctx ops), ours, the exporter's again
-    for out in ("one.onnx", "two.onnx"):
-        assert_equal_at_two_lengths(path, tmp_path / out)
+    assert_equal_at_two_lengths(path, tmp_path / "two.onnx")  # (every other export test checks the one-pass files)

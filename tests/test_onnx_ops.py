@@ -44,8 +44,8 @@ HSA = [
     for mode, select, topk, window, fusion, sink, nope in itertools.product(
         ["exact", "landmark", "bound", "reps", "learned"], ["token", "block"], [0, 2, -1], [0, 1], ["softmax", "stick", "joint"], [False, True], [False, True]
     )
-    # sink and nope together or neither, bound and reps with a window only: the matrix stays small
-    if not (nope and mode == "exact") and (sink == nope) and not (mode in ("bound", "reps") and window == 0)
+    # sink and nope together or neither, bound and reps with a window and a finite top-k only: the matrix stays small
+    if not (nope and mode == "exact") and (sink == nope) and not (mode in ("bound", "reps") and (window == 0 or topk != 2))
 ]
 
 
