@@ -26,8 +26,10 @@ S = 16
 
 
 def inputs(T, padded=True, seed=0, D=16):
+    """q, k, v of 4 query heads over 2 KV heads; padded: two sequences, the second left-padded (the batch stride and a
+    padded row beside an unpadded one), else one (the interpreter's time grows with the batch)."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2, h, T, D, generator=g).to(DEVICE) for h in (4, 2, 2))
+    q, k, v = (torch.randn(2 if padded else 1, h, T, D, generator=g).to(DEVICE) for h in (4, 2, 2))
     key_padding = None
     if padded:
         key_padding = torch.ones(2, T, dtype=torch.long, device=DEVICE)
