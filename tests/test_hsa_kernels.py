@@ -25,37 +25,39 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S = 16
 
 
-def inputs(T, padded=True, seed=0, D=16):
-    """q, k, v of 4 query heads over 2 KV heads; padded: two sequences, the second left-padded (the batch stride and a
-    padded row beside an unpadded one), else one (the interpreter's time grows with the batch)."""
+def inputs(T, padded="mixed", seed=0, D=16):
+    """q, k, v of 4 query heads over 2 KV heads. ``padded``: "mixed", two sequences, the second left-padded so its
+    first chunk is empty (the batch stride, a padded row beside an unpadded one); "padded", that padded sequence
+    alone; False, one unpadded sequence (the interpreter's time grows with the batch)."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2 if padded else 1, h, T, D, generator=g).to(DEVICE) for h in (4, 2, 2))
+    B = 2 if padded == "mixed" else 1
+    q, k, v = (torch.randn(B, h, T, D, generator=g).to(DEVICE) for h in (4, 2, 2))
     key_padding = None
     if padded:
-        key_padding = torch.ones(2, T, dtype=torch.long, device=DEVICE)
-        key_padding[1, : S + 3] = 0  # left padding: the first chunk of batch 1 is empty
+        key_padding = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+        key_padding[-1, : S + 3] = 0  # left padding: the first chunk of the last sequence is empty
     return q, k, v, key_padding
 
 
-CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, or "nope" scores), T, padded
-    ("landmark", 1, 0, "token", False, 45, True),
+CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, or "nope" scores), T, padded (see inputs)
+    ("landmark", 1, 0, "token", False, 45, "mixed"),
     ("landmark", 1, 0, "token", False, 45, False),
-    ("landmark", 2, 1, "block", False, 90, True),
+    ("landmark", 2, 1, "block", False, 90, "padded"),
     ("landmark", 2, 1, "block", False, 90, False),
-    ("learned", 2, 0, "token", False, 45, True),
-    ("learned", 1, 1, "block", False, 90, True),
-    ("exact", -1, 0, "token", False, 40, True),
-    ("exact", -1, 1, "block", False, 77, True),
+    ("learned", 2, 0, "token", False, 45, "padded"),
+    ("learned", 1, 1, "block", False, 90, "mixed"),
+    ("exact", -1, 0, "token", False, 40, "padded"),
+    ("exact", -1, 1, "block", False, 77, "mixed"),
     ("exact", -1, 1, "block", False, 77, False),
-    ("landmark", 2, 0, "token", True, 45, True),
-    ("exact", -1, 0, "block", True, 64, True),
-    ("landmark", 2, 0, "token", "stick", 45, True),
-    ("exact", -1, 1, "block", "stick", 77, True),
-    ("learned", 2, 0, "block", "nope", 90, True),
+    ("landmark", 2, 0, "token", True, 45, "padded"),
+    ("exact", -1, 0, "block", True, 64, "padded"),
+    ("landmark", 2, 0, "token", "stick", 45, "padded"),
+    ("exact", -1, 1, "block", "stick", 77, "padded"),
+    ("learned", 2, 0, "block", "nope", 90, "padded"),
     ("landmark", 1, 0, "token", "nope", 45, False),
-    ("bound", 2, 0, "token", False, 45, True),  # score queries and landmarks of width 2D
-    ("reps", 2, 0, "token", False, 45, True),  # landmarks from each chunk's 4 representative keys (of 16)
-    ("bound", 2, 1, "block", "joint", 90, True),  # chunks chosen by their scores, weighed by their true LSEs
+    ("bound", 2, 0, "token", False, 45, "padded"),  # score queries and landmarks of width 2D
+    ("reps", 2, 0, "token", False, 45, "padded"),  # landmarks from each chunk's 4 representative keys (of 16)
+    ("bound", 2, 1, "block", "joint", 90, "padded"),  # chunks chosen by their scores, weighed by their true LSEs
 ]
 
 
