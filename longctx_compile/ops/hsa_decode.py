@@ -175,13 +175,13 @@ class HsaCache(cache.KeyValueCache):
             return kv
         return [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk, call.mode, _grouped_queries(call))]
 
-    def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor) -> torch.Tensor:
-        """The new key's sums entry; ``index`` [B]: its position among the keys; ``keys`` [B, Hkv, S, D] and
-        ``real_keys`` [B, S]: the S keys ending at it, the new one included (what ``reps`` picks from)."""
+    def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor, chunk_keys) -> torch.Tensor:
+        """The new key's sums entry; ``index`` [B]: its position among the keys; ``chunk_keys()``: the S keys ending
+        at it, the new one included, [B, Hkv, S, D], and which are real [B, S] (what ``reps`` picks from; only it asks)."""
         real = torch.ones_like(index) if call.key_padding is None else call.key_padding[:, -1]
         starts, ends = index % call.chunk == 0, index % call.chunk == call.chunk - 1
         if call.mode == "reps":
-            return extend_reps(previous, _grouped_queries(call), real, starts, ends, keys, real_keys)
+            return extend_reps(previous, _grouped_queries(call), real, starts, ends, *chunk_keys())
         return extend_sums(previous, scored_keys(call), real, starts, call.mode)
 
     def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
@@ -189,10 +189,12 @@ class HsaCache(cache.KeyValueCache):
         if call.mode != "exact":
             S, B = call.chunk, call.k.shape[0]
             index = torch.full((B,), cached[0].shape[2], dtype=torch.long, device=call.k.device)
-            real = torch.ones(B, grown.k.shape[2], device=call.k.device) if grown.key_padding is None else (grown.key_padding != 0).float()
-            keys = torch.nn.functional.pad(grown.k, (0, 0, S - 1, 0))[:, :, -S:]  # the S keys ending at the new one
-            real_keys = torch.nn.functional.pad(real, (S - 1, 0))[:, -S:] > 0
-            sums = torch.cat([cached[2], self._new_sums(call, cached[2][:, :, -1:], index, keys, real_keys)], dim=2)
+
+            def chunk_keys():
+                real = torch.ones(B, grown.k.shape[2], device=call.k.device) if grown.key_padding is None else (grown.key_padding != 0).float()
+                return torch.nn.functional.pad(grown.k, (0, 0, S - 1, 0))[:, :, -S:], torch.nn.functional.pad(real, (S - 1, 0))[:, -S:] > 0
+
+            sums = torch.cat([cached[2], self._new_sums(call, cached[2][:, :, -1:], index, chunk_keys)], dim=2)
         return grown.to(DECODE, sums=sums)
 
     def write(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> Call:
@@ -201,11 +203,13 @@ class HsaCache(cache.KeyValueCache):
         if call.mode != "exact":
             old, S, (B, H, _, D) = cached[2], call.chunk, written["k"].shape
             before = (slots - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, old.shape[1], 1, old.shape[3])
-            window = slots[:, None] - (S - 1) + torch.arange(S, device=slots.device)  # the S slots ending at the new key
-            at = window.clamp(min=0)
-            keys = written["k"].gather(2, at[:, None, :, None].expand(B, H, S, D))
-            real_keys = visible.gather(1, at) & (window >= 0)
-            sums = cache.scatter_key(old, self._new_sums(call, old.gather(2, before), slots, keys, real_keys), slots, in_place)
+
+            def chunk_keys():
+                window = slots[:, None] - (S - 1) + torch.arange(S, device=slots.device)  # the S slots ending at the new key
+                at = window.clamp(min=0)
+                return written["k"].gather(2, at[:, None, :, None].expand(B, H, S, D)), visible.gather(1, at) & (window >= 0)
+
+            sums = cache.scatter_key(old, self._new_sums(call, old.gather(2, before), slots, chunk_keys), slots, in_place)
         return call.replace(**written, key_padding=visible).to(DECODE, sums=sums)
 
     def run(self, call: Call) -> Any:

@@ -23,9 +23,10 @@ def landmark_sums(
     over the group's heads), where j ends its chunk the mean of the chunk's representative keys (else zeros), and the count."""
     B, H, N, D = keys.shape
     real = torch.ones(B, N, dtype=torch.float32, device=keys.device) if key_padding is None else (key_padding != 0).float()
+    if mode in ("bound", "reps"):
+        count = _running(real[:, None, :, None].expand(B, H, N, 1).contiguous(), chunk, torch.add)
     if mode == "reps":
         qsum = _running((queries.float() * real[:, None, :, None]).contiguous(), chunk, torch.add)
-        count = _running(real[:, None, :, None].expand(B, H, N, 1).contiguous(), chunk, torch.add)
         ends = (torch.arange(N, device=keys.device) % chunk == chunk - 1)[:, None]
         reps = _window_representatives(keys.float(), real, qsum, chunk).masked_fill(~ends, 0.0)
         return torch.cat([qsum, reps, count], dim=-1)
@@ -33,7 +34,6 @@ def landmark_sums(
         dead = real[:, None, :, None] == 0
         ranges = torch.cat([keys.float().masked_fill(dead, float("inf")), keys.float().masked_fill(dead, float("-inf"))], dim=-1)
         low_high = _running(ranges, chunk, lambda a, b: torch.cat([torch.minimum(a[..., :D], b[..., :D]), torch.maximum(a[..., D:], b[..., D:])], -1))
-        count = _running(real[:, None, :, None].expand(B, H, N, 1).contiguous(), chunk, torch.add)
         return torch.cat([low_high, count], dim=-1)
     per_key = torch.cat([keys.float() * real[:, None, :, None], real[:, None, :, None].expand(B, H, N, 1)], dim=-1)
     # the running sum over all keys less its value before the chunk's first key (in fp64, so no precision is lost
