@@ -1,3 +1,5 @@
+import copy
+import hashlib
 import os
 
 import pytest
@@ -17,6 +19,39 @@ def pytest_collection_modifyitems(config, items):
     """The slow tier first: pytest-xdist hands tests out in this order, so the long ones start early and the short
     ones fill in at the end (no worker idles through a last long test)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _capture_cache():
+    """The suite compiles the same tiny models hundreds of times, and ``torch.export`` is most of each compile. Each
+    worker exports a (model class, config, inputs, length, weights) once and hands out copies whose weights are the
+    caller's own parameters, as a fresh export's are. Models without an HF config are exported every time."""
+    from longctx_compile import capture
+
+    export, programs = capture._export, {}
+
+    def cached(model, wrapper, example, names, max_len):
+        config = getattr(model, "config", None)
+        if not hasattr(config, "to_json_string"):
+            return export(model, wrapper, example, names, max_len)
+        weights = hashlib.sha256()
+        for name, tensor in wrapper.state_dict(keep_vars=True).items():
+            weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        shapes = tuple((k, v.dtype, tuple(v.shape)) for k, v in example.items())
+        setting = (config.to_json_string(), getattr(config, "_attn_implementation", None))  # eager or sdpa is not in the JSON
+        key = (type(model).__qualname__, setting, tuple(names), max_len, shapes, weights.hexdigest())
+        if key not in programs:
+            programs[key] = export(model, wrapper, example, names, max_len)
+        ep = copy.deepcopy(programs[key])
+        own = wrapper.state_dict(keep_vars=True)
+        for name in ep.state_dict:
+            ep.state_dict[name] = own[name]
+        return ep
+
+    capture._export = cached
+    yield
+    capture._export = export
 
 
 @pytest.fixture(autouse=True)
