@@ -69,13 +69,15 @@ class Compiled:
         """What the artifact's manifest says of the programs derived from model.pt2 (:func:`derived_entries`)."""
         return derived_entries(self.program)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", bank=None, **sampling: Any) -> list[list[int]]:
+    def generate(
+        self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", bank=None, positions: str | None = None, **sampling: Any
+    ) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`;
-        ``bank`` (msa): route each prompt over a memory bank first."""
+        ``bank`` (msa): route each prompt over a memory bank first, its documents placed as ``positions`` says (default: the artifact's)."""
         from .loaded import form_generate
         from .runtime.generate import generate
 
-        tokens = form_generate(self.program.form, self.program.ep, self.program.signature, prompts, max_new_tokens, pad_id, stream, bank, sampling)
+        tokens = form_generate(self.program.form, self.program.ep, self.program.signature, prompts, max_new_tokens, pad_id, stream, bank, sampling, positions)
         if tokens is not None:
             return tokens
         return generate(self._step_programs, self.program.signature, prompts, max_new_tokens, pad_id, stream, cache, **sampling)

@@ -13,10 +13,16 @@ from .forms import get_form
 from .runtime.model import call_program, retie
 
 
-def form_generate(form: str, ep, signature: dict[str, Any], prompts, max_new_tokens: int, pad_id: int, stream, bank, sampling: dict) -> list[list[int]] | None:
-    """The form's own generation (evict: its evicting cache; msa with a bank: routed queries), or None for the KV-cache steps."""
+def form_generate(
+    form: str, ep, signature: dict[str, Any], prompts, max_new_tokens: int, pad_id: int, stream, bank, sampling: dict, positions: str | None = None
+) -> list[list[int]] | None:
+    """The form's own generation (evict: its evicting cache; msa with a bank: routed queries, ``positions`` overriding
+    the artifact's contiguous | global), or None for the KV-cache steps."""
+    if positions is not None and bank is None:
+        raise LccError("positions= places the documents of a memory bank: give a bank too (msa artifacts)")
     hook = get_form(form).generate
-    tokens = None if hook is None else hook(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=bank, **sampling)
+    extra = {} if positions is None else {"positions": positions}
+    tokens = None if hook is None else hook(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=bank, **extra, **sampling)
     if tokens is None and bank is not None:
         raise LccError(f"a bank is routed over by msa programs; this is a {form} program")
     return tokens
@@ -47,15 +53,18 @@ class LoadedModel:
             self._loss = TiledLoss(self.module, self.signature)
         return self._loss(input_ids, shift_labels, attention_mask, position_ids, tile)
 
-    def generate(self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", bank=None, **sampling: Any) -> list[list[int]]:
+    def generate(
+        self, prompts, max_new_tokens: int = 32, pad_id: int = 0, stream=None, cache: str = "static", bank=None, positions: str | None = None, **sampling: Any
+    ) -> list[list[int]]:
         """New tokens for each prompt (lists of ids); ``cache`` growing|static; sampling keys as :class:`runtime.generate.Sampling`.
 
         ``bank`` (an msa artifact's :class:`~.forms.msa.bank.MemoryBank` or its folder): each prompt is an MSA query
-        routed over the bank, then decoded over the context it assembled.
+        routed over the bank, then decoded over the context it assembled; ``positions`` (contiguous | global)
+        overrides where the artifact places the selected documents.
         """
         from .runtime.generate import generate
 
-        tokens = form_generate(self.manifest["form"], self.program, self.signature, prompts, max_new_tokens, pad_id, stream, bank, sampling)
+        tokens = form_generate(self.manifest["form"], self.program, self.signature, prompts, max_new_tokens, pad_id, stream, bank, sampling, positions)
         if tokens is not None:
             return tokens
         if self._steps is None:

@@ -8,7 +8,7 @@ import torch
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
 from longctx_compile.forms.msa import bank as memory_bank
-from longctx_compile.forms.msa.runtime import MsaModel
+from longctx_compile.forms.msa.runtime import LocalMemory, MsaModel
 from longctx_compile.ops import msa as msa_ops
 
 
@@ -28,6 +28,56 @@ def test_query_equals_dense_with_one_unpooled_document(preset):
     want = compiled.original(torch.cat([torch.tensor([doc]), question], dim=1)).logits[:, 11:]
     torch.testing.assert_close(got.logits, want)
     assert all(d.tolist() == [[0]] for d in got.docs.values())
+
+
+def _blocks(lengths: list[int], query: int) -> torch.Tensor:
+    """[1, 1, T, T] attention mask of documents that each see only themselves, then a query that sees everything before it."""
+    T = sum(lengths) + query
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    start = 0
+    for n in lengths:
+        mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start += n
+    mask[start:] = torch.ones(query, T, dtype=torch.bool).tril(diagonal=start)
+    return mask[None, None]
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_contiguous_positions_lay_the_documents_out_as_one_dense_prompt(monkeypatch, prefix):
+    """positions=contiguous (the default without trained routers): the documents each layer selects lie one after
+    another in routing order, right before the query, with the prefix first. With pool=1 and every layer routed, the
+    query's logits equal the HF model's on [prefix ; 2nd-best doc … ; best doc … ; query] run with a mask in which
+    each document sees only itself (as it was encoded) and the prefix no document."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", topk="all", prefix=prefix)
+    assert compiled.program.signature["msa"]["positions"] == "contiguous"
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    docs = [tokens(7, 30), tokens(4, 31), tokens(6, 32)]
+    bank = model.encode(docs)
+    order = [2, 0, 1]  # routing order, forced: the best document first
+    monkeypatch.setattr(msa_ops, "route_ref", lambda q, *a: torch.tensor([[1.0, 0.0, 2.0]]).expand(q.shape[0], 3))
+    head, question = tokens(prefix, 33), tokens(5, 34)
+    got = model.query(bank, torch.tensor([head + question]))
+    assert all(d.tolist() == [order] for d in got.docs.values())
+    assert got.positions.tolist() == [list(range(prefix)) + list(range(prefix + 17, prefix + 22))]  # 17: every document's tokens
+    laid = [docs[int(bank.docs[d])] for d in order]  # the bank's document d has the id it was given (encode sorts by length)
+    ids = torch.tensor([head + [t for doc in laid for t in doc] + question])
+    lengths = [prefix] * bool(prefix) + [len(doc) for doc in laid]
+    want = compiled.original(ids, attention_mask=_blocks(lengths, len(question))).logits[:, -len(question) :]
+    torch.testing.assert_close(got.logits[:, prefix:], want)
+    glob = MsaModel(compiled.program.ep, compiled.program.signature, positions="global").query(bank, torch.tensor([head + question]))
+    assert glob.positions.tolist() == [list(range(prefix)) + list(range(prefix + 3, prefix + 8))]  # the paper's: prefix + k
+    assert (glob.logits - got.logits).abs().max() > 1e-3
+
+
+def test_contiguous_positions_count_pooled_chunks_whole():
+    """With pool P a document takes P positions per chunk (its last, partial chunk too); the query of the k=2 longest starts after them."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=4, routed_layers="upper", topk="2")
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    bank = model.encode([tokens(5, 40), tokens(9, 41), tokens(3, 42)])  # 2, 3 and 1 chunks
+    assert model.gap(LocalMemory.of(bank), 2) == 4 * (3 + 2)
+    assert model.query(bank, torch.tensor([tokens(3, 43)])).positions.tolist() == [[20, 21, 22]]
+    with pytest.raises(LccError, match="invalid positions='dense': expected contiguous or global"):
+        MsaModel(compiled.program.ep, compiled.program.signature, positions="dense")
 
 
 def test_generation_equals_dense_greedy_decoding():
@@ -188,6 +238,10 @@ class NoPositions(torch.nn.Module):
 def test_doc_rope_refuses_a_model_whose_q_k_ignore_position_ids():
     with pytest.raises(LccError, match=r"its q does not depend on position_ids, so documents cannot restart their positions \(doc_rope\)"):
         lcc.compile(NoPositions(), to="msa", routed_layers="all", position_ids=True)
-    compiled = lcc.compile("tiny-llama", to="msa")
-    assert compiled.program.signature["msa"]["positions"]["query"] == "prefix + k = 0 + 16"
+    compiled = lcc.compile("tiny-llama", to="msa", positions="global")
+    assert compiled.program.signature["msa"]["positions"] == "global"
+    (record,) = [r for r in compiled.program.history if r.name == "doc_rope"]
+    assert record.notes == ["documents from position 0; the query from prefix + k = 16 (positions=global)"]
+    (record,) = [r for r in lcc.compile("tiny-llama", to="msa").program.history if r.name == "doc_rope"]
+    assert record.notes[1] == "positions=contiguous (a model not trained on memory)"
     assert all(n.meta["lcc"].get("doc_rope") for n in compiled.program.attention_nodes() if n.meta["lcc"].get("routed"))

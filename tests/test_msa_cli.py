@@ -91,7 +91,9 @@ def test_text_documents_and_questions_with_the_saved_tokenizer_and_source_router
     assert lcc("convert", str(folder), "--to", "msa", "--opt", "pool=2", "--opt", "topk=1", "-o", str(model)).returncode == 0
     import longctx_compile as lcc_api
 
-    state = lcc_api.load(model).program.state_dict
+    loaded = lcc_api.load(model)
+    assert loaded.signature["msa"]["positions"] == "global"  # trained routers: the paper's positions, which such a model expects
+    state = loaded.program.state_dict
     for name, value in routers.items():
         torch.testing.assert_close(state[name.replace(".0.weight", ".weight")], value)
     docs = write_docs(tmp_path / "docs.jsonl", [{"id": "x", "text": "w5 w6 w7"}, {"id": "y", "text": "w8 w9"}])
@@ -108,6 +110,7 @@ def test_an_msa_artifact_generates_with_and_without_a_bank(artifact, tmp_path):
     import torch
 
     import longctx_compile as lcc_api
+    from longctx_compile.errors import LccError
     from longctx_compile.forms.msa import bank as memory_bank
     from longctx_compile.forms.msa.runtime import MsaModel
 
@@ -128,6 +131,18 @@ def test_an_msa_artifact_generates_with_and_without_a_bank(artifact, tmp_path):
     routed = lcc("generate", model, "--bank", bank, "--prompt-ids", "1,2,3", "-n", "5", "--json")
     assert routed.returncode == 0, routed.stderr
     assert json.loads(routed.stdout)[0]["new_ids"] == want[0]
+    # the documents' positions: the artifact's (contiguous, for routers copied from q/k) unless overridden
+    assert loaded.signature["msa"]["positions"] == "contiguous"
+    glob, _ = MsaModel(loaded.program, loaded.signature, positions="global").generate(memory_bank.load(bank, model=msa.facts), torch.tensor([[1, 2, 3]]), 5)
+    assert loaded.generate([[1, 2, 3]], max_new_tokens=5, bank=bank, positions="global") == glob
+    routed = lcc("generate", model, "--bank", bank, "--prompt-ids", "1,2,3", "-n", "5", "--json", "--positions", "global")
+    assert json.loads(routed.stdout)[0]["new_ids"] == glob[0]
+    asked = lcc("memory", "query", model, "--bank", bank, "--question-ids", "1,2,3", "-n", "5", "--json", "--positions", "global")
+    assert json.loads(asked.stdout)["answer_ids"] == glob[0]
+    wrong = lcc("generate", model, "--bank", bank, "--prompt-ids", "1,2,3", "--positions", "dense")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == "error: invalid positions='dense': expected contiguous or global"
+    with pytest.raises(LccError, match="positions= places the documents of a memory bank: give a bank too"):
+        loaded.generate([[1, 2, 3]], max_new_tokens=2, positions="global")
     # prompts of different lengths are left-padded into one batch of queries
     both = loaded.generate([[1, 2, 3], [4, 5]], max_new_tokens=4, bank=bank)
     assert both[0] == want[0][:4] and len(both[1]) == 4

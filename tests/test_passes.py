@@ -221,10 +221,12 @@ def test_lower(target):
 def test_msa_and_doc_rope():
     """A router query and key projection of the layer's input per routed layer, as new parameters, into msa_attention;
     doc_rope then finds q and k rotated by position_ids."""
+    from longctx_compile.errors import LccError
     from longctx_compile.forms.msa.rewrite import MsaConfig
 
     cfg = MsaConfig(routed_layers="all")
-    got = run(run(canonical_program(), "msa", cfg), "doc_rope", cfg)
+    got = run(canonical_program(), "msa", cfg)
+    notes = PASSES["doc_rope"].fn(got, cfg).notes
 
     def expected(q, k, v, x, block):
         router = [F.linear(x, getattr(block.added, f"router_{side}_proj_weight")) for side in "qk"]
@@ -233,6 +235,11 @@ def test_msa_and_doc_rope():
     assert structure(got) == structure(program_of(expected, {f"router_{side}_proj.weight": (HQ * D, WIDTH) for side in "qk"}))
     assert got.attention_nodes()[0].meta["lcc"]["doc_rope"] and got.signature["exact"] is False  # pool 64 by default
     assert got.ep.state_dict["layers.0.router_q_proj.weight"].shape == (HQ * D, WIDTH)
+    # this model's rotation is not HF's rotate_half: auto keeps the paper's positions, and contiguous is refused
+    assert got.signature["msa"]["positions"] == "global" and notes[1] == "positions=global (lcc cannot move this model's keys)"
+    cfg = MsaConfig(routed_layers="all", positions="contiguous")
+    with pytest.raises(LccError, match="positions=contiguous moves each document's keys by the model's own rotation"):
+        run(run(canonical_program(), "msa", cfg), "doc_rope", cfg)
 
 
 def test_doc_rope_refuses_positions_the_model_makes_itself():

@@ -268,6 +268,10 @@ def generate(
     stop_ids: Annotated[Optional[str], typer.Option("--stop-ids", help="ids that end a prompt's generation, e.g. 2,0")] = None,
     cache: Annotated[str, typer.Option("--cache", help="static (allocated once, written in place) or growing (appended per token)")] = "static",
     bank: Annotated[Optional[Path], typer.Option("--bank", help="msa: a memory bank folder each prompt is routed over (lcc memory encode)")] = None,
+    positions: Annotated[
+        Optional[str],
+        typer.Option("--positions", help="msa with --bank: contiguous (documents before the prompt, as one dense prompt) or global; default: the artifact's"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Generate tokens from an artifact with its KV-cache programs (greedy unless --sample).
@@ -302,7 +306,7 @@ def generate(
         if live and step[0] is not None:
             out.print(tokenizer.decode([step[0]]) if tokenizer else f"{step[0]} ", end="", highlight=False)
 
-    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, cache=cache, bank=bank, **sampling)
+    tokens = model.generate(prompts, max_new_tokens=max_new_tokens, stream=show, cache=cache, bank=bank, positions=positions, **sampling)
     if as_json:
         out.print_json(
             json.dumps([{"prompt_ids": p, "new_ids": t, "text": tokenizer.decode(t) if tokenizer else None} for p, t in zip(prompts, tokens, strict=True)])

@@ -17,13 +17,13 @@ def programs(program: Any) -> dict[str, Any]:
     return export_programs(MsaModel(program.ep, program.signature))
 
 
-def generate(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=None, **sampling):
+def generate(ep, signature, prompts, max_new_tokens, pad_id, stream, bank=None, positions=None, **sampling):
     """Routed over ``bank`` when one is given; without it an msa program is the dense model (the KV-cache steps)."""
     if bank is None:
         return None
     from .runtime import generate_with_bank
 
-    return generate_with_bank(ep, signature, bank, prompts, max_new_tokens, pad_id, stream, **sampling)
+    return generate_with_bank(ep, signature, bank, prompts, max_new_tokens, pad_id, stream, positions, **sampling)
 
 
 def verify(original, ep, signature, lengths, rtol, atol):

@@ -27,13 +27,16 @@ def _console():
     return out, err
 
 
-def _model(path: str):
+POSITIONS_HELP = "where the selected documents sit: contiguous (before the query, as one dense prompt) or global (the paper's); default: the artifact's"
+
+
+def _model(path: str, positions: str | None = None):
     from ...console import read_artifact
     from ...runtime.tokenizer import tokenizer_for
     from .runtime import MsaModel
 
     manifest, program = read_artifact(path)
-    return MsaModel(program, manifest["signature"]), tokenizer_for(manifest)
+    return MsaModel(program, manifest["signature"], positions), tokenizer_for(manifest)
 
 
 def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
@@ -196,6 +199,7 @@ def query(
     prefix_ids: Annotated[Optional[str], typer.Option("--prefix-ids", help="the template prefix's token ids (as many as --opt prefix)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="answer tokens to generate")] = 32,
     nproc: Annotated[int, typer.Option("--nproc", help="ranks for Memory Parallel (local gloo processes; the bank is sharded over them)")] = 1,
+    positions: Annotated[Optional[str], typer.Option("--positions", help=POSITIONS_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Route a question over the bank, print the documents each routed layer chose, and generate the answer."""
@@ -207,7 +211,7 @@ def query(
     out, _ = _console()
     if bool(question) == bool(question_ids):
         raise LccError("give the question as --question TEXT or --question-ids 1,2,3 (one of them)")
-    model, tokenizer = _model(artifact)
+    model, tokenizer = _model(artifact, positions)
     if question and tokenizer is None:
         raise LccError(f"no tokenizer for '{artifact}': its source has none saved; use --question-ids")
     prefix = parse_ids(prefix_ids or "", "--prefix-ids")
@@ -228,7 +232,7 @@ def query(
     else:
         from .parallel import msa_generate
 
-        done = msa_generate(artifact, bank_path, nproc, ids, max_new_tokens)
+        done = msa_generate(artifact, bank_path, nproc, ids, max_new_tokens, positions)
         tokens, docs = done["tokens"], done["docs"]
     routed = {layer: [bank.docs[d] for d in docs[layer][0].tolist()] for layer in bank.layers}
     answer = list(tokens[0])

@@ -35,8 +35,8 @@ class ParallelMemory:
         as the artifact's ``msa.kernels`` (the reference routing op, or the Triton kernel)."""
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        counts = torch.bincount(bank.chunk_doc, minlength=len(bank.docs)).tolist()
-        self.shards = partition(counts, self.world)
+        self.chunk_counts = torch.bincount(bank.chunk_doc, minlength=len(bank.docs))  # every document's, for positions=contiguous
+        self.shards = partition(self.chunk_counts.tolist(), self.world)
         self.owned = self.shards[self.rank]  # global indices of this rank's documents, in order
         self.bank = bank.subset(self.owned)
         self.table = self.bank.doc_chunks()
@@ -127,12 +127,12 @@ class ParallelMemory:
 # Memory Parallel on local gloo ranks (``lcc memory query --nproc N``, the tests): tasks for ``distributed.ranks.spawn``
 
 
-def _parallel_msa(model, bank: str):
-    """The msa runtime of a loaded artifact and this rank's shard of the bank at ``bank``."""
+def _parallel_msa(model, bank: str, positions: str | None = None):
+    """The msa runtime of a loaded artifact (``positions`` as :class:`MsaModel`'s) and this rank's shard of the bank at ``bank``."""
     from . import bank as memory_bank
     from .runtime import MsaModel
 
-    msa = MsaModel(model.program, model.signature)
+    msa = MsaModel(model.program, model.signature, positions)
     return msa, ParallelMemory(memory_bank.load(bank, model=msa.facts), kernels=msa.kernels)
 
 
@@ -148,7 +148,7 @@ def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:
 
 def _msa_generate(model, payload: dict, degree: int, rank: int) -> dict:
     """Memory Parallel generation of one batch that every rank serves (rank 0 returns it): routing collectives, local decode."""
-    msa, memory = _parallel_msa(model, payload["bank"])
+    msa, memory = _parallel_msa(model, payload["bank"], payload.get("positions"))
     tokens, result = msa.generate(memory, payload["input_ids"], payload["max_new_tokens"])
     return {"tokens": tokens, "docs": result.docs}
 
@@ -158,6 +158,7 @@ def msa_query(path: str | Path, bank: str | Path, batches: list[torch.Tensor]) -
     return ranks.spawn(_msa_query, path, len(batches), {"bank": str(bank), "batches": batches})
 
 
-def msa_generate(path: str | Path, bank: str | Path, degree: int, input_ids: torch.Tensor, max_new_tokens: int) -> dict:
+def msa_generate(path: str | Path, bank: str | Path, degree: int, input_ids: torch.Tensor, max_new_tokens: int, positions: str | None = None) -> dict:
     """New tokens and routed document indices of ``input_ids`` with the bank sharded over ``degree`` ranks."""
-    return ranks.spawn(_msa_generate, path, degree, {"bank": str(bank), "input_ids": input_ids, "max_new_tokens": max_new_tokens})
+    payload = {"bank": str(bank), "input_ids": input_ids, "max_new_tokens": max_new_tokens, "positions": positions}
+    return ranks.spawn(_msa_generate, path, degree, payload)

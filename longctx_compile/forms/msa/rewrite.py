@@ -38,11 +38,18 @@ REFUSALS = {
 
 @dataclass
 class MsaConfig:
-    """``--opt pool=64 topk=16|all routed_layers=upper|all|18,19,... score=cosine|dot prefix=0 router_init=qk|k``.
+    """``--opt pool=64 topk=16|all routed_layers=upper|all|18,19,... score=cosine|dot prefix=0 router_init=qk|k
+    positions=auto|contiguous|global``.
 
     ``router_init``: ``qk`` copies the layer's q and k projections (the attention's own query-key
     match); ``k`` gives both routers the k projection (each query head reads its KV head's rows),
     so a question token scores highest the chunks that hold the same token.
+
+    ``positions`` (``doc_rope``): ``global`` is the paper's Global RoPE (the query from prefix + k), which an
+    MSA-trained model expects; ``contiguous`` lays the selected documents out before the query as one dense
+    prompt would hold them, which a model never trained on memory reads. ``auto``: ``global`` when the source
+    folder holds MSA router weights or lcc cannot move the model's keys (its RoPE is not one it recognises),
+    else ``contiguous``.
     """
 
     pool: int = 64
@@ -51,6 +58,7 @@ class MsaConfig:
     score: Literal["cosine", "dot"] = "cosine"
     prefix: int = 0
     router_init: Literal["qk", "k"] = "qk"
+    positions: Literal["auto", "contiguous", "global"] = "auto"
 
     def check(self) -> None:
         """The values that need no graph (``options.build`` calls this before the model loads)."""
@@ -116,7 +124,15 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         node.meta["val"] = fake_call(MSA, *args)
         facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, loaded_router=bool(source))
     graph.lint()
-    program.signature["msa"] = {"pool": cfg.pool, "topk": topk, "score": cfg.score, "prefix": cfg.prefix, "routed": routed, "routers": routers}
+    program.signature["msa"] = {
+        "pool": cfg.pool,
+        "topk": topk,
+        "score": cfg.score,
+        "prefix": cfg.prefix,
+        "positions": cfg.positions,  # doc_rope resolves auto
+        "routed": routed,
+        "routers": routers,
+    }
     # unpooled memory in every layer reads a document's exact keys: the query then equals dense attention over it
     program.signature["exact"] = cfg.pool == 1 and len(routed) == len(nodes) and cfg.prefix == 0
     loaded = " (router weights from the source folder)" if source else ""

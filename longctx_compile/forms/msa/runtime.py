@@ -7,7 +7,11 @@
   (not the prefix) scores the bank's documents, the top-k documents' pooled chunks are gathered, and
   attention runs over ``[selected chunks ; prefix ; query]`` (the order of keys does not matter: their
   positions are baked in), the prefix rows not seeing the memory. Other layers attend over
-  ``[prefix ; query]`` only. Query positions start at ``prefix + k`` (Global RoPE) unless given.
+  ``[prefix ; query]`` only. Positions (``MsaConfig.positions``): with ``global`` the query starts at
+  ``prefix + k`` (Global RoPE); with ``contiguous`` it starts at ``prefix + G`` (G: the k longest
+  documents' positions together) and each layer moves its selected documents' keys, in routing order,
+  to end right before the query's first position, as one dense prompt ``[prefix ; docs ; query]``
+  would place them.
 
 Both run the program's graph with hooks at its attention sites (``runtime.interpret``).
 """
@@ -24,6 +28,7 @@ import torch
 from ...errors import LccError
 from ...ops.msa import msa_pool, msa_route
 from ...ops.schema import Call
+from ...passes.rope import Rotation, rotation
 from ...runtime.interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
 from .bank import PARTS, MemoryBank
 
@@ -69,6 +74,7 @@ class LocalMemory:
     def __init__(self, parts: dict[str, dict[int, torch.Tensor]], chunk_doc: torch.Tensor, table: torch.Tensor, model: dict, kernels: str = "reference"):
         self.parts, self.chunk_doc, self.table, self.model = parts, chunk_doc, table, model
         self.layers, self.n_docs = sorted(parts["router_keys"]), table.shape[0]
+        self.chunk_counts = (table >= 0).sum(1)  # [n_docs]
         self.route = route_fn(kernels)
 
     @classmethod
@@ -93,10 +99,14 @@ class LocalMemory:
 class MsaModel:
     """An ``msa`` program (a :class:`Compiled` or a loaded artifact's program) with encode and query."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any]):
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], positions: str | None = None):
+        """``positions`` overrides the artifact's ``contiguous`` | ``global`` (artifacts from before the option: global)."""
         if "msa" not in signature:
             raise LccError("this program is not an msa form; convert it with --to msa")
         self.ep, self.signature, self.config = ep, signature, signature["msa"]
+        self.positions = positions or self.config.get("positions", "global")
+        if self.positions not in ("contiguous", "global"):
+            raise LccError(f"invalid positions={self.positions!r}: expected contiguous or global")
         self.kernels = signature.get("kernels", "reference")  # lower records what the target runs beside the graph
         self.state = step_state(ep)
         self.logits_index = logits_index(ep)
@@ -110,7 +120,32 @@ class MsaModel:
         self._hook: Any = None
         self._hidden: list | None = None
         self.graph = with_site_hooks(ep.graph_module, lambda site, call: self._hook(site, call), taps=routers, tap=self._tap)
+        self.rotations = self._rotations(sites) if self.positions == "contiguous" else {}
         self.facts = {"weights": self._fingerprint(), "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "pool": self.config["pool"]}
+
+    def _rotations(self, sites: list[torch.fx.Node]) -> dict[int, Rotation]:
+        """Each routed layer's key rotation (``passes.rope``), which moves documents to their contiguous places."""
+        positions = next(n for n in self.ep.graph_module.graph.nodes if n.op == "placeholder" and n.name == "position_ids")
+        out = {}
+        for site in self.layers:
+            found = rotation(self.ep, Call.of(sites[site]).k, positions)
+            if found is None:
+                raise LccError(f"attention site {site}: positions=contiguous needs a RoPE lcc can cut out of the graph; use positions=global")
+            out[site] = found
+        return out
+
+    def gap(self, memory: Any, k: int) -> int:
+        """Positions between the prefix and the query under ``contiguous``: the k longest documents' chunks times the pool."""
+        return int(memory.chunk_counts.topk(min(k, memory.n_docs)).values.sum()) * self.config["pool"]
+
+    def _place(self, site: int, keys: torch.Tensor, valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """The selected documents' keys [B, Hkv, k·M, D] (each rotated from its own position 0; ``valid`` [B, k, M] marks
+        real chunks) moved to lie one after another, in routing order, ending right before ``start`` [B] (the
+        query's first position)."""
+        spans = valid.sum(-1) * self.config["pool"]  # [B, k] the positions each selected document takes
+        starts = start[:, None] - spans.flip(1).cumsum(1).flip(1)  # document j starts where the ones after it end
+        offsets = starts[:, :, None].expand(valid.shape).flatten(1)  # [B, k·M] (not repeat_interleave: ONNX mistranslates it)
+        return self.rotations[site].shift(keys, offsets, self.state)
 
     def _fingerprint(self) -> str:
         """A short hash of the routed layers' projection weights that a bank's keys depend on (router k, and the k/v
@@ -216,8 +251,11 @@ class MsaModel:
         k = memory.n_docs if topk < 0 else min(topk, memory.n_docs)
         seen = mask.cumsum(-1)  # real tokens so far, this one included
         routes = (seen > prefix) & (mask > 0)  # query tokens route; the prefix and padding do not
-        if position_ids is None:  # Global RoPE: the prefix at 0.., the query from prefix + k
-            position_ids = (seen - 1).clamp(min=0) + torch.where(routes, (topk if topk > 0 else memory.n_docs), 0)
+        if position_ids is None:  # the prefix at 0.., the query from prefix + k (global) or prefix + G (contiguous)
+            offset = self.gap(memory, k) if self.rotations else (topk if topk > 0 else memory.n_docs)
+            position_ids = (seen - 1).clamp(min=0) + torch.where(routes, offset, 0)
+        # the first query position of each row: contiguous documents end right before it
+        start = torch.where(routes.any(1), position_ids.masked_fill(~routes, torch.iinfo(position_ids.dtype).max).amin(1), 0)
         chosen, scored, context = {}, {}, []
         own_keys = mask.bool()
 
@@ -231,6 +269,8 @@ class MsaModel:
             Hq, D = q.shape[1], q.shape[-1]
             router_q = call.router_q.view(B, T, Hq, D).transpose(1, 2)
             chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"] == "cosine")
+            if self.rotations:
+                keys = self._place(site, keys, valid.view(B, k, -1), start)
             keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
             padding = torch.cat([valid, own_keys], dim=1)
             context.append((keys, values, padding))
@@ -287,13 +327,23 @@ class MsaModel:
         return collect(steps, input_ids.shape[0], stream), result
 
 
-def generate_with_bank(ep: torch.export.ExportedProgram, signature: dict[str, Any], bank, prompts, max_new_tokens: int, pad_id: int, stream, **sampling):
+def generate_with_bank(
+    ep: torch.export.ExportedProgram,
+    signature: dict[str, Any],
+    bank,
+    prompts,
+    max_new_tokens: int,
+    pad_id: int,
+    stream,
+    positions: str | None = None,
+    **sampling,
+):
     """New tokens of each prompt (``[prefix ; question]`` token ids) routed over ``bank`` (a :class:`MemoryBank` or its
-    folder), prompts left-padded to one batch."""
+    folder), prompts left-padded to one batch; ``positions`` as :class:`MsaModel`'s."""
     from ...runtime.generate import pad_prompts
     from . import bank as memory_bank
 
-    model = MsaModel(ep, signature)
+    model = MsaModel(ep, signature, positions)
     if not isinstance(bank, MemoryBank):
         bank = memory_bank.load(bank, model=model.facts)
     ids, mask = pad_prompts(prompts, max_new_tokens, pad_id, signature["inputs"], signature["max_len"], signature["vocab_size"])
