@@ -69,6 +69,27 @@ def test_contiguous_positions_lay_the_documents_out_as_one_dense_prompt(monkeypa
     assert (glob.logits - got.logits).abs().max() > 1e-3
 
 
+def test_a_bank_encoded_after_the_prefix_reads_one_document_as_the_dense_prompt(tmp_path):
+    """Documents encoded after the template prefix (pool=1, every layer routed, one document): the query's logits are the
+    dense model's on [prefix ; document ; question], which documents encoded alone are not. The bank keeps its prefix on
+    disk, and a query or an added document with another prefix is refused."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", topk="all", prefix=4)
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    head, doc, question = tokens(4, 50), tokens(9, 51), tokens(5, 52)
+    want = compiled.original(torch.tensor([head + doc + question])).logits[:, -5:]
+    bank = memory_bank.load(model.encode([doc], prefix=head).save(tmp_path / "bank"), model=model.facts)
+    assert bank.prefix == head
+    torch.testing.assert_close(model.query(bank, torch.tensor([head + question])).logits[:, 4:], want)
+    alone = model.query(model.encode([doc]), torch.tensor([head + question])).logits[:, 4:]
+    assert (alone - want).abs().max() > 1e-3
+    with pytest.raises(LccError, match=r"encoded after the prefix \[.*\]; start each query with it"):
+        model.query(bank, torch.tensor([tokens(4, 53) + question]))
+    with pytest.raises(LccError, match="encoded after another prefix"):
+        model.encode([doc], ids=["again"], bank=bank, prefix=tokens(4, 53))
+    with pytest.raises(LccError, match="a prefix of 2 tokens to encode after, but the artifact was converted with --opt prefix=4"):
+        model.encode([doc], prefix=head[:2])
+
+
 def test_contiguous_positions_count_pooled_chunks_whole():
     """With pool P a document takes P positions per chunk (its last, partial chunk too); the query of the k=2 longest starts after them."""
     compiled = lcc.compile("tiny-llama", to="msa", pool=4, routed_layers="upper", topk="2")

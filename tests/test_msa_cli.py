@@ -139,6 +139,9 @@ def test_an_msa_artifact_generates_with_and_without_a_bank(artifact, tmp_path):
     assert json.loads(routed.stdout)[0]["new_ids"] == glob[0]
     asked = lcc("memory", "query", model, "--bank", bank, "--question-ids", "1,2,3", "-n", "5", "--json", "--positions", "global")
     assert json.loads(asked.stdout)["answer_ids"] == glob[0]
+    # a bank encoded after the queries' prefix (this artifact's prefix is 0 tokens: any prefix is refused in one line)
+    refused = lcc("memory", "encode", model, "--docs", docs, "-o", str(tmp_path / "after"), "--prefix-ids", "1,2")
+    assert refused.returncode == 2 and "a prefix of 2 tokens to encode after, but the artifact was converted with --opt prefix=0" in refused.stderr
     wrong = lcc("generate", model, "--bank", bank, "--prompt-ids", "1,2,3", "--positions", "dense")
     assert wrong.returncode == 2 and wrong.stderr.strip() == "error: invalid positions='dense': expected contiguous or global"
     with pytest.raises(LccError, match="positions= places the documents of a memory bank: give a bank too"):

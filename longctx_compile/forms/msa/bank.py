@@ -2,7 +2,9 @@
 
 In memory: for each routed layer ``keys`` / ``values`` / ``router_keys`` ``[Hkv, C, D]`` over all C
 chunks of the bank, ``chunk_doc [C]`` (the document of each chunk, an index into ``docs``), and per
-document its id and token count. Chunks of one document are contiguous and in order.
+document its id and token count. Chunks of one document are contiguous and in order. ``prefix``: the
+template prefix token ids every document was encoded after (empty: each document alone, from position 0);
+its documents' keys sit at positions ``len(prefix)..``, and queries must start with the same prefix.
 
 On disk: a folder with ``bank.safetensors`` (every tensor) and ``manifest.json`` (format, pool size,
 routed layers, the model facts the bank must match, the document ids, and the sha256 of the tensor
@@ -45,13 +47,16 @@ class MemoryBank:
     chunk_doc: torch.Tensor
     docs: list[str]
     doc_tokens: list[int]
+    prefix: list[int] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def empty(cls, pool: int, model: dict[str, Any], layers: list[int], kv_heads: int, head_dim: int, v_dim: int, dtype=torch.float32) -> MemoryBank:
+    def empty(
+        cls, pool: int, model: dict[str, Any], layers: list[int], kv_heads: int, head_dim: int, v_dim: int, dtype=torch.float32, prefix: list[int] = ()
+    ) -> MemoryBank:
         def none(d: int) -> dict[int, torch.Tensor]:
             return {layer: torch.zeros(kv_heads, 0, d, dtype=dtype) for layer in layers}
 
-        return cls(pool, dict(model), list(layers), none(head_dim), none(v_dim), none(head_dim), torch.zeros(0, dtype=torch.long), [], [])
+        return cls(pool, dict(model), list(layers), none(head_dim), none(v_dim), none(head_dim), torch.zeros(0, dtype=torch.long), [], [], list(prefix))
 
     @property
     def chunks(self) -> int:
@@ -115,6 +120,7 @@ class MemoryBank:
             chunk_doc=local[chunk_doc[pick]].to(self.chunk_doc.device),
             docs=[self.docs[d] for d in doc_indices],
             doc_tokens=[self.doc_tokens[d] for d in doc_indices],
+            prefix=list(self.prefix),
         )
 
     def placed(self, router: str | torch.device = "cpu", kv: str | torch.device = "cpu", pin: bool = False) -> MemoryBank:
@@ -154,6 +160,7 @@ class MemoryBank:
                 "layers": self.layers,
                 "docs": self.docs,
                 "doc_tokens": self.doc_tokens,
+                "prefix": self.prefix,
                 "chunks": self.chunks,
                 "sha256": sha256(tmp / TENSORS),
             }
@@ -188,6 +195,7 @@ def load(path: str | Path, model: dict[str, Any] | None = None, verify: bool = T
             chunk_doc=tensors["chunk_doc"],
             docs=manifest["docs"],
             doc_tokens=manifest["doc_tokens"],
+            prefix=list(manifest.get("prefix", [])),  # banks from before prefix encoding: documents alone
         )
     except (KeyError, OSError, safetensors.SafetensorError) as e:
         raise LccError(f"memory bank '{path}' is corrupted: {type(e).__name__}: {e}") from None

@@ -71,12 +71,12 @@ def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
     return ids, docs
 
 
-def _encode(model, ids, docs, bank=None, batch_size: int = 8):
+def _encode(model, ids, docs, bank=None, batch_size: int = 8, prefix=None):
     _, err = _console()
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("encode", total=len(docs))
-        return model.encode(docs, ids, batch_size=batch_size, bank=bank, progress=lambda n: progress.advance(task, n))
+        return model.encode(docs, ids, batch_size=batch_size, bank=bank, progress=lambda n: progress.advance(task, n), prefix=prefix)
 
 
 def _locked(bank_path: Path):
@@ -102,16 +102,22 @@ def encode(
     docs: Annotated[Path, typer.Option("--docs", help='JSONL, one document a line: {"id": ..., "text": ...} or {"id": ..., "tokens": [...]}')],
     output: Annotated[Path, typer.Option("-o", "--output", help="bank folder to write")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="documents per forward")] = 8,
+    prefix_ids: Annotated[
+        Optional[str],
+        typer.Option("--prefix-ids", help="encode each document after this template prefix (the queries' --prefix-ids), as a dense prompt reads it"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing bank folder")] = False,
 ) -> None:
     """Encode documents into a new memory bank."""
     from ...artifact import check_destination
+    from ...console import parse_ids
 
     out, _ = _console()
     check_destination(output, force, [Path(artifact), docs])
     model, tokenizer = _model(artifact)
     ids, tokens = read_docs(docs, tokenizer)
-    bank = _encode(model, ids, tokens, batch_size=batch_size)
+    prefix = parse_ids(prefix_ids, "--prefix-ids") if prefix_ids else None
+    bank = _encode(model, ids, tokens, batch_size=batch_size, prefix=prefix)
     bank.save(output, force=force)
     out.print(
         f"wrote {output}: {len(bank.docs)} documents, {bank.tokens:,} tokens, {bank.chunks:,} chunks over {len(bank.layers)} routed layers", soft_wrap=True

@@ -40,7 +40,7 @@ class ParallelMemory:
         self.owned = self.shards[self.rank]  # global indices of this rank's documents, in order
         self.bank = bank.subset(self.owned)
         self.table = self.bank.doc_chunks()
-        self.layers, self.model, self.n_docs = bank.layers, bank.model, len(bank.docs)
+        self.layers, self.model, self.n_docs, self.prefix = bank.layers, bank.model, len(bank.docs), list(bank.prefix)
         self.sent_bytes = 0
         self.route = route_fn(kernels)
 

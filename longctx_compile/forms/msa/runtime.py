@@ -71,8 +71,16 @@ class LocalMemory:
     """A whole bank on this process (tensors per routed layer, the chunk → document index and the
     [n_docs, M] chunk table): route over all of it and gather the winners' chunks."""
 
-    def __init__(self, parts: dict[str, dict[int, torch.Tensor]], chunk_doc: torch.Tensor, table: torch.Tensor, model: dict, kernels: str = "reference"):
-        self.parts, self.chunk_doc, self.table, self.model = parts, chunk_doc, table, model
+    def __init__(
+        self,
+        parts: dict[str, dict[int, torch.Tensor]],
+        chunk_doc: torch.Tensor,
+        table: torch.Tensor,
+        model: dict,
+        kernels: str = "reference",
+        prefix: list[int] = (),
+    ):
+        self.parts, self.chunk_doc, self.table, self.model, self.prefix = parts, chunk_doc, table, model, list(prefix)
         self.layers, self.n_docs = sorted(parts["router_keys"]), table.shape[0]
         self.chunk_counts = (table >= 0).sum(1)  # [n_docs]
         self.route = route_fn(kernels)
@@ -80,7 +88,7 @@ class LocalMemory:
     @classmethod
     def of(cls, bank: MemoryBank, kernels: str = "reference") -> LocalMemory:
         parts = {name: getattr(bank, name) for name in PARTS}
-        return cls(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, kernels)
+        return cls(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, kernels, bank.prefix)
 
     def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
         """(top-k document indices [B, k], their scores, pooled keys and values [B, Hkv, k·M, D] of their
@@ -139,9 +147,9 @@ class MsaModel:
         return int(memory.chunk_counts.topk(min(k, memory.n_docs)).values.sum()) * self.config["pool"]
 
     def _place(self, site: int, keys: torch.Tensor, valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """The selected documents' keys [B, Hkv, k·M, D] (each rotated from its own position 0; ``valid`` [B, k, M] marks
-        real chunks) moved to lie one after another, in routing order, ending right before ``start`` [B] (the
-        query's first position)."""
+        """The selected documents' keys [B, Hkv, k·M, D] (each rotated from the position it was encoded at; ``valid``
+        [B, k, M] marks real chunks) moved by up to ``start`` [B] (the query's first position less that encoding start)
+        to lie one after another, in routing order, ending right before the query."""
         spans = valid.sum(-1) * self.config["pool"]  # [B, k] the positions each selected document takes
         starts = start[:, None] - spans.flip(1).cumsum(1).flip(1)  # document j starts where the ones after it end
         offsets = starts[:, :, None].expand(valid.shape).flatten(1)  # [B, k·M] (not repeat_interleave: ONNX mistranslates it)
@@ -178,26 +186,48 @@ class MsaModel:
             inputs["attention_mask"] = mask
         return inputs
 
-    def encode(self, docs: list[list[int]], ids: list[str] | None = None, batch_size: int = 8, bank: MemoryBank | None = None, progress=None) -> MemoryBank:
-        """Encode token-id documents into ``bank`` (a new one if None); ``ids`` default to their indices as strings."""
+    def encode(
+        self,
+        docs: list[list[int]],
+        ids: list[str] | None = None,
+        batch_size: int = 8,
+        bank: MemoryBank | None = None,
+        progress=None,
+        prefix: list[int] | None = None,
+    ) -> MemoryBank:
+        """Encode token-id documents into ``bank`` (a new one if None); ``ids`` default to their indices as strings.
+
+        ``prefix`` (a new bank's; a bank keeps the one it was started with): the template prefix's token ids, which
+        each document is encoded after, as a dense prompt ``[prefix ; document]`` would run it; its keys are not
+        stored (the query holds the prefix). Without one, documents run alone from position 0 (the paper's), and
+        each document's first token becomes an attention sink the query then meets once per document.
+        """
         ids = [str(i + (len(bank.docs) if bank else 0)) for i in range(len(docs))] if ids is None else list(ids)
         if len(ids) != len(docs) or any(len(d) == 0 for d in docs):
             raise LccError("every document needs an id and at least one token")
         P = self.config["pool"]
         if bank is None:
             dtype = self.state[next(iter(self.state))].dtype
-            bank = MemoryBank.empty(P, self.facts, self.layers, self.kv_heads, self.head_dim, self.v_dim, dtype)
+            bank = MemoryBank.empty(P, self.facts, self.layers, self.kv_heads, self.head_dim, self.v_dim, dtype, prefix or [])
+        elif prefix is not None and list(prefix) != bank.prefix:
+            raise LccError("the bank's documents were encoded after another prefix; add to it with the prefix it has, or start a new bank")
+        head = bank.prefix
+        if head and len(head) != self.config["prefix"]:
+            raise LccError(f"a prefix of {len(head)} tokens to encode after, but the artifact was converted with --opt prefix={self.config['prefix']}")
+        lead = math.ceil(len(head) / P) * P  # the prefix, left-padded so each document starts a chunk
         order = sorted(range(len(docs)), key=lambda d: len(docs[d]))
         new_ids, new_tokens, new_doc, new_parts = [], [], [], {name: {layer: [] for layer in self.layers} for name in PARTS}
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            L = math.ceil(max(len(docs[d]) for d in rows) / P) * P
+            L = lead + math.ceil(max(len(docs[d]) for d in rows) / P) * P
             ids_t = torch.zeros(len(rows), L, dtype=torch.long)
             real = torch.zeros(len(rows), L, dtype=torch.long)
+            ids_t[:, lead - len(head) : lead] = torch.tensor(head, dtype=torch.long)
+            real[:, lead - len(head) : lead] = 1
             for n, d in enumerate(rows):
-                ids_t[n, : len(docs[d])] = torch.tensor(docs[d])
-                real[n, : len(docs[d])] = 1
-            pooled = self.encode_rows(ids_t, real)
+                ids_t[n, lead : lead + len(docs[d])] = torch.tensor(docs[d])
+                real[n, lead : lead + len(docs[d])] = 1
+            pooled = self.encode_rows(ids_t, real, lead)
             for n, d in enumerate(rows):
                 keep = pooled["keys"][self.layers[0]][1][n] > 0
                 for name in PARTS:
@@ -213,8 +243,9 @@ class MsaModel:
         bank.append(new_ids, new_tokens, torch.cat(new_doc), parts)
         return bank
 
-    def encode_rows(self, input_ids: torch.Tensor, real: torch.Tensor) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """One document per row (right padding, length a multiple of the pool): per part and routed layer, (pooled [N, Hkv, L/P, D], counts)."""
+    def encode_rows(self, input_ids: torch.Tensor, real: torch.Tensor, lead: int = 0) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """One document per row (right padding, its length a multiple of the pool), after ``lead`` positions of
+        left-padded prefix: per part and routed layer, (pooled [N, Hkv, (L - lead)/P, D], counts) of the documents."""
         N, L = input_ids.shape
         pool = pool_fn(self.kernels)
         pooled = {name: {} for name in PARTS}
@@ -222,10 +253,11 @@ class MsaModel:
         def hook(site, call):
             router_k = call.router_k.view(N, L, call.k.shape[1], -1).transpose(1, 2)
             for name, t in zip(PARTS, (call.k, call.v, router_k), strict=True):
-                pooled[name][site] = pool(t, real, self.config["pool"])
+                pooled[name][site] = pool(t[:, :, lead:], real[:, lead:], self.config["pool"])
             return call.run(ATTENTION)
 
-        self._run(hook, self._inputs(input_ids, real, torch.arange(L, device=input_ids.device).expand(N, L)))
+        positions = (real.cumsum(-1) - 1).clamp(min=0)  # 0.. over the prefix, then on through the document
+        self._run(hook, self._inputs(input_ids, real, positions))
         return pooled
 
     def query(
@@ -248,6 +280,10 @@ class MsaModel:
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device) if attention_mask is None else attention_mask.long()
         prefix, topk = self.config["prefix"], self.config["topk"]
+        if memory.prefix:  # documents encoded after a prefix are read after that same prefix
+            for b in range(B):
+                if input_ids[b][mask[b] > 0][:prefix].tolist() != memory.prefix:
+                    raise LccError(f"the bank's documents were encoded after the prefix {memory.prefix}; start each query with it")
         k = memory.n_docs if topk < 0 else min(topk, memory.n_docs)
         seen = mask.cumsum(-1)  # real tokens so far, this one included
         routes = (seen > prefix) & (mask > 0)  # query tokens route; the prefix and padding do not
@@ -270,7 +306,7 @@ class MsaModel:
             router_q = call.router_q.view(B, T, Hq, D).transpose(1, 2)
             chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"] == "cosine")
             if self.rotations:
-                keys = self._place(site, keys, valid.view(B, k, -1), start)
+                keys = self._place(site, keys, valid.view(B, k, -1), start - len(memory.prefix))
             keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
             padding = torch.cat([valid, own_keys], dim=1)
             context.append((keys, values, padding))
