@@ -48,7 +48,7 @@ def test_contiguous_positions_lay_the_documents_out_as_one_dense_prompt(monkeypa
     another in routing order, right before the query, with the prefix first. With pool=1 and every layer routed, the
     query's logits equal the HF model's on [prefix ; 2nd-best doc … ; best doc … ; query] run with a mask in which
     each document sees only itself (as it was encoded) and the prefix no document."""
-    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", topk="all", prefix=prefix)
+    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", topk="all", prefix=prefix, score="cosine", route="layer")
     assert compiled.program.signature["msa"]["positions"] == "contiguous"
     model = MsaModel(compiled.program.ep, compiled.program.signature)
     docs = [tokens(7, 30), tokens(4, 31), tokens(6, 32)]
@@ -148,7 +148,7 @@ def _hidden(compiled, doc):
 
 def test_routing_picks_the_documents_route_ref_ranks_first(monkeypatch):
     """With many documents the query attends over the top-k by the reference scores, per routed layer."""
-    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="2", score="dot")
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="2", score="dot", route="layer")
     model = MsaModel(compiled.program.ep, compiled.program.signature)
     bank = model.encode([tokens(3 + i, 10 + i) for i in range(6)])
     calls = []
@@ -205,7 +205,7 @@ def test_router_training_with_the_auxiliary_loss_fixes_routing():
     document in every routed layer, and a bank encoded with the old router keys is refused."""
     from longctx_compile.forms.msa.router import train_router
 
-    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="1")
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, routed_layers="all", topk="1", recipe="paper")
     model = MsaModel(compiled.program.ep, compiled.program.signature)
     docs = [tokens(8, 30 + i) for i in range(12)]
     questions = [d[:3] for d in docs]
@@ -227,8 +227,8 @@ def test_router_training_with_the_auxiliary_loss_fixes_routing():
 
 def test_router_init_k_makes_a_token_match_itself():
     """router_init=k: both routers come from k_proj (query heads repeat their KV head's rows), so with cosine scores
-    a one-token question scores 1.0 on the chunk holding that token; qk (the default) copies q_proj and k_proj."""
-    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", router_init="k")
+    a one-token question scores 1.0 on the chunk holding that token; qk (the paper's) copies q_proj and k_proj."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=1, routed_layers="all", router_init="k", score="cosine", route="layer")
     state = compiled.program.ep.state_dict
     k_proj = state["model.model.layers.0.self_attn.k_proj.weight"]  # the capture wrapper adds "model."; router names follow HF checkpoints
     router_q = state["model.layers.0.self_attn.router_q_proj.weight"]
@@ -236,7 +236,7 @@ def test_router_init_k_makes_a_token_match_itself():
     model = MsaModel(compiled.program.ep, compiled.program.signature)
     bank = model.encode([[5, 6, 7], [8, 9, 10]])
     assert model.query(bank, torch.tensor([[9]])).scores[0].max().item() == pytest.approx(1.0, abs=1e-5)
-    default = lcc.compile("tiny-llama", to="msa").program.ep.state_dict
+    default = lcc.compile("tiny-llama", to="msa", recipe="paper").program.ep.state_dict
     torch.testing.assert_close(default["model.layers.1.self_attn.router_q_proj.weight"], default["model.model.layers.1.self_attn.q_proj.weight"])
 
 
@@ -266,3 +266,45 @@ def test_doc_rope_refuses_a_model_whose_q_k_ignore_position_ids():
     (record,) = [r for r in lcc.compile("tiny-llama", to="msa").program.history if r.name == "doc_rope"]
     assert record.notes[1] == "positions=contiguous (a model not trained on memory)"
     assert all(n.meta["lcc"].get("doc_rope") for n in compiled.program.attention_nodes() if n.meta["lcc"].get("routed"))
+
+
+def test_headwise_scores_are_each_heads_best_cosine_averaged():
+    """route_headwise against loops: per query head the best cosine over the routing tokens and the document's chunks,
+    then the mean over heads (-inf for a document without chunks); tiling over the bank changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g)  # 4 query heads over 2 KV heads
+    routes = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])
+    chunk_doc = torch.tensor([0, 0, 1, 1, 1, 3, 3])  # document 2 has no chunk
+    got = msa_ops.route_headwise(q, routes, keys, chunk_doc, 4)
+    cos = torch.nn.functional.cosine_similarity
+    for b in range(2):
+        for d in range(4):
+            chunks = (chunk_doc == d).nonzero().flatten().tolist()
+            if not chunks:
+                assert got[b, d] == float("-inf")
+                continue
+            heads = [max(float(cos(q[b, h, t], keys[h // 2, c], dim=0)) for t in range(5) if routes[b, t] for c in chunks) for h in range(4)]
+            assert got[b, d].item() == pytest.approx(sum(heads) / 4, abs=1e-6)
+    old, msa_ops.ROUTE_TILE = msa_ops.ROUTE_TILE, 3
+    try:
+        torch.testing.assert_close(msa_ops.route_headwise(q, routes, keys, chunk_doc, 4), got)
+    finally:
+        msa_ops.ROUTE_TILE = old
+
+
+def test_shared_routing_gives_every_layer_the_voters_documents():
+    """route=0 (the retrofit's shared routing, one voter): every routed layer attends over the top-k of layer 0's
+    headwise scores of the query alone, which an independent computation from the HF model's own layer-0 input gives."""
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, topk="2", route="0")
+    assert compiled.program.signature["msa"]["route"] == [0] and compiled.program.signature["msa"]["score"] == "headwise"
+    model = MsaModel(compiled.program.ep, compiled.program.signature)
+    bank = model.encode([tokens(6 + i, 60 + i) for i in range(5)])
+    question = tokens(4, 70)
+    result = model.query(bank, torch.tensor([question]))
+    layer = compiled.original.model.layers[0]
+    h = layer.input_layernorm(compiled.original.model.embed_tokens(torch.tensor([question])))
+    router_q = torch.nn.functional.linear(h, model.state["model.layers.0.self_attn.router_q_proj.weight"]).view(1, 4, -1, 16).transpose(1, 2)
+    want = msa_ops.route_headwise(router_q, torch.ones(1, 4), bank.router_keys[0], bank.chunk_doc, 5).topk(2).indices
+    assert result.docs[0].tolist() == result.docs[1].tolist() == want.tolist()
+    with pytest.raises(LccError, match="invalid --opt route=1: layer 1 votes but is not routed"):
+        lcc.compile("tiny-llama", to="msa", routed_layers="0", route="1")

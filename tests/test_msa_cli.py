@@ -50,7 +50,7 @@ def test_encode_add_remove_info_query(artifact, tmp_path):
 
 def test_inspect_shows_each_routed_layer(artifact):
     result = lcc_cli.run("inspect", artifact / "model.lcc", env={"COLUMNS": "250"})
-    assert result.returncode == 0 and "msa P=2 top-2 docs cosine" in result.stdout and "msa (reference)" in result.stdout
+    assert result.returncode == 0 and "msa P=2 top-2 docs headwise (votes)" in result.stdout and "msa (reference)" in result.stdout
 
 
 def test_refusals_are_one_line(artifact, tmp_path):

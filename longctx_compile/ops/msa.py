@@ -73,6 +73,33 @@ def route_ref(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: tor
     return scores
 
 
+def route_headwise(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int) -> torch.Tensor:
+    """Document scores [B, n_docs] fp32 (``score=headwise``): per query head, the best cosine between a routing
+    token's router query and one of the document's chunk router keys, then the mean over heads.
+
+    Each head votes with its own best match, as its softmax would weigh it; :func:`route_ref` averages the heads per
+    (token, chunk) pair first, so the many heads that match nothing drown the few that match. Plain torch ops (no
+    custom op): exported and ONNX programs take it as it is, in one tile (a loop over a dynamic bank size would
+    fix it). Shapes as :func:`route_ref`.
+    """
+    B, Hq, T, D = router_q.shape
+    Hkv, C = router_keys.shape[:2]
+    q = torch.nn.functional.normalize(router_q.float().view(B, Hkv, Hq // Hkv, T, D), dim=-1)
+    routes = query_mask.bool()[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    best = torch.full((B, Hq, n_docs), float("-inf"), device=router_q.device)
+
+    def tile(keys: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        keys = torch.nn.functional.normalize(keys.float(), dim=-1)
+        scores = torch.einsum("bhgtd,hcd->bhgtc", q, keys).masked_fill(~routes, float("-inf")).amax(3).flatten(1, 2)  # [B, Hq, tile]
+        return best.scatter_reduce(2, docs.long().expand(B, Hq, docs.shape[0]), scores, reduce="amax")
+
+    if torch.compiler.is_compiling():
+        return tile(router_keys, chunk_doc).mean(1)
+    for c0 in range(0, C, ROUTE_TILE):
+        best = tile(router_keys[:, c0 : c0 + ROUTE_TILE], chunk_doc[c0 : c0 + ROUTE_TILE])
+    return best.mean(1)
+
+
 @torch.library.custom_op("longctx::msa_route", mutates_args=())
 def msa_route(
     router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, doc_chunks: torch.Tensor, cosine: bool

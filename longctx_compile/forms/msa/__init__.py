@@ -34,7 +34,8 @@ def verify(original, ep, signature, lengths, rtol, atol):
 
 def describe(site: dict[str, Any]) -> str:
     topk = "all" if site["topk"] < 0 else site["topk"]
-    return f"msa P={site['pool']} top-{topk} docs {site['score']}" + (" (router loaded)" if site.get("loaded_router") else "")
+    votes = " (votes)" if site.get("votes") else ""  # a layer whose scores pick every layer's documents (shared routing)
+    return f"msa P={site['pool']} top-{topk} docs {site['score']}{votes}" + (" (router loaded)" if site.get("loaded_router") else "")
 
 
 def cli(app: Any) -> None:

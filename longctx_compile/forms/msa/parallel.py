@@ -37,6 +37,9 @@ class ParallelMemory:
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.chunk_counts = torch.bincount(bank.chunk_doc, minlength=len(bank.docs))  # every document's, for positions=contiguous
         self.shards = partition(self.chunk_counts.tolist(), self.world)
+        self.owner = torch.empty(len(bank.docs), dtype=torch.long)  # each document's rank
+        for rank, shard in enumerate(self.shards):
+            self.owner[shard] = rank
         self.owned = self.shards[self.rank]  # global indices of this rank's documents, in order
         self.bank = bank.subset(self.owned)
         self.table = self.bank.doc_chunks()
@@ -56,11 +59,10 @@ class ParallelMemory:
         self.sent_bytes += sum(t.numel() * t.element_size() for i, t in enumerate(send) if i != self.rank)
         return list(out.split(incoming.tolist()))
 
-    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
-        """As :meth:`runtime.msa.LocalMemory.select`, over the documents of every rank."""
+    def _queries(self, router_q: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every rank's router queries and routing masks, padded to the largest batch and length, and that batch."""
         B, Hq, T, D = router_q.shape
         dev = router_q.device  # where the collectives run (the queries' device: CUDA under NCCL, CPU under gloo)
-        # 1. every rank's queries, padded to the largest batch and length
         shapes = torch.tensor([B, T], device=dev)
         every = [torch.empty_like(shapes) for _ in range(self.world)]
         dist.all_gather(every, shapes, group=self.group)
@@ -73,25 +75,53 @@ class ParallelMemory:
         dist.all_gather(qs, q, group=self.group)
         dist.all_gather(rs, r, group=self.group)
         self.sent_bytes += q.numel() * q.element_size() + r.numel()
-        # 2. this shard's local top-k for all of them (-inf, id -1 where the shard has fewer than k documents)
+        return torch.cat(qs), torch.cat(rs), Bm
+
+    def _local_scores(self, site: int, qs: torch.Tensor, rs: torch.Tensor, score: str) -> torch.Tensor:
+        """This shard's document scores [world·Bm, local] for every rank's queries."""
+        if not self.owned:
+            return torch.zeros(qs.shape[0], 0, device=qs.device)
+        return self.route(qs, rs, self.bank.router_keys[site], self.bank.chunk_doc, self.table, score)
+
+    def scores(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, score: str) -> torch.Tensor:
+        """Every document's routing score [B, n_docs] for this rank's queries (shared routing): each owner scores its
+        documents for every rank's queries and sends each rank its rows."""
+        B, dev = router_q.shape[0], router_q.device
+        qs, rs, Bm = self._queries(router_q, routes)
+        local = self._local_scores(site, qs, rs, score)  # [world·Bm, local]
+        got = self._all_to_all([block.T for block in local.view(self.world, Bm, -1)], dev)  # per owner [its docs, Bm]
+        out = torch.full((B, self.n_docs), float("-inf"), device=dev)
+        for owner, block in enumerate(got):
+            out[:, torch.tensor(self.shards[owner], dtype=torch.long, device=dev)] = block.T[:B]
+        return out
+
+    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, score: str, chosen=None):
+        """As :meth:`runtime.msa.LocalMemory.select`, over the documents of every rank."""
+        if chosen is not None:
+            return chosen[0], chosen[1], *self.fetch(site, chosen[0], router_q.device)
+        B, dev = router_q.shape[0], router_q.device
+        qs, rs, Bm = self._queries(router_q, routes)
+        # this shard's local top-k for all of them (-inf, id -1 where the shard has fewer than k documents)
         local = len(self.owned)
         scores = torch.full((self.world * Bm, k), float("-inf"), device=dev)
         ids = torch.full((self.world * Bm, k), -1, dtype=torch.long, device=dev)
         if local:
-            shard = self.bank
-            s = self.route(torch.cat(qs), torch.cat(rs), shard.router_keys[site], shard.chunk_doc, self.table, cosine)
-            top = s.topk(min(k, local), dim=-1)
+            top = self._local_scores(site, qs, rs, score).topk(min(k, local), dim=-1)
             scores[:, : top.values.shape[1]] = top.values
             ids[:, : top.values.shape[1]] = torch.tensor(self.owned, dtype=torch.long, device=dev)[top.indices]
-        # 3. each rank gets every owner's candidates for its own queries and merges them
+        # each rank gets every owner's candidates for its own queries and merges them
         cand_scores = self._all_to_all(list(scores.view(self.world, Bm, k)), dev)
         cand_ids = self._all_to_all(list(ids.view(self.world, Bm, k)), dev)
         all_scores = torch.stack(cand_scores, 1)[:B].flatten(1)  # [B, W·k], owner-major
         all_ids = torch.stack(cand_ids, 1)[:B].flatten(1)
         best = all_scores.topk(k, dim=-1)
         docs = all_ids.gather(1, best.indices)
-        owners = best.indices // k
-        # 4. ask each owner for the winners' chunks
+        return docs, best.values, *self.fetch(site, docs, dev)
+
+    def fetch(self, site: int, docs: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`runtime.msa.LocalMemory.fetch`: each owner sends the chunks of the documents ``docs`` [B, k] it holds."""
+        B, k = docs.shape
+        owners = self.owner[docs.cpu()].to(dev)
         requests = [docs[owners == o] for o in range(self.world)]  # row-major: (b, j) order within each owner
         asked = self._all_to_all([t.view(-1, 1) for t in requests], dev)
         where = {g: i for i, g in enumerate(self.owned)}
@@ -121,7 +151,7 @@ class ParallelMemory:
             out_k[b, :, j * M : j * M + n] = ck.transpose(0, 1)
             out_v[b, :, j * M : j * M + n] = cv.transpose(0, 1)
             valid[b, j * M : j * M + n] = True
-        return docs, best.values, out_k, out_v, valid
+        return out_k, out_v, valid
 
 
 # Memory Parallel on local gloo ranks (``lcc memory query --nproc N``, the tests): tasks for ``distributed.ranks.spawn``

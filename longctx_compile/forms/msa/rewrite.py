@@ -36,14 +36,31 @@ REFUSALS = {
 }
 
 
+# what ``recipe`` sets when not given: routed_layers, score, router_init, positions, route
+RECIPES = {
+    "retrofit": ("all", "headwise", "k", "auto", "lower"),  # a model never trained on memory (measured on SmolLM2: bench/RESULTS.md)
+    "paper": ("upper", "cosine", "qk", "global", "layer"),  # MSA as trained: upper layers, each routing for itself
+}
+
+
 @dataclass
 class MsaConfig:
-    """``--opt pool=64 topk=16|all routed_layers=upper|all|18,19,... score=cosine|dot prefix=0 router_init=qk|k
-    positions=auto|contiguous|global``.
+    """``--opt pool=64 topk=16|all recipe=retrofit|paper routed_layers=upper|all|18,19,... score=headwise|cosine|dot
+    prefix=0 router_init=k|qk positions=auto|contiguous|global route=lower|layer|2,3,4``.
+
+    ``recipe`` fills the options not given (:data:`RECIPES`): ``retrofit`` for a model never trained on memory,
+    ``paper`` for MSA as its authors train it.
 
     ``router_init``: ``qk`` copies the layer's q and k projections (the attention's own query-key
     match); ``k`` gives both routers the k projection (each query head reads its KV head's rows),
     so a question token scores highest the chunks that hold the same token.
+
+    ``score``: ``cosine`` / ``dot`` average the query heads per (token, chunk) pair, then take the best pair
+    (the paper's); ``headwise`` takes each head's best cosine, then averages the heads (``ops.msa.route_headwise``).
+
+    ``route``: ``layer``: each routed layer picks its own documents (the paper's); otherwise the layers named
+    (``lower``: the lowest quarter of the routed layers) vote once, in a pass over the query alone, and their
+    top-k serve every layer.
 
     ``positions`` (``doc_rope``): ``global`` is the paper's Global RoPE (the query from prefix + k), which an
     MSA-trained model expects; ``contiguous`` lays the selected documents out before the query as one dense
@@ -54,11 +71,21 @@ class MsaConfig:
 
     pool: int = 64
     topk: str = "16"
-    routed_layers: str = "upper"
-    score: Literal["cosine", "dot"] = "cosine"
+    recipe: Literal["retrofit", "paper"] = "retrofit"
+    routed_layers: str | None = None
+    score: Literal["headwise", "cosine", "dot"] | None = None
     prefix: int = 0
-    router_init: Literal["qk", "k"] = "qk"
-    positions: Literal["auto", "contiguous", "global"] = "auto"
+    router_init: Literal["k", "qk"] | None = None
+    positions: Literal["auto", "contiguous", "global"] | None = None
+    route: str | None = None
+
+    def __post_init__(self) -> None:
+        defaults = RECIPES[self.recipe]
+        self.routed_layers = self.routed_layers or defaults[0]
+        self.score = self.score or defaults[1]
+        self.router_init = self.router_init or defaults[2]
+        self.positions = self.positions or defaults[3]
+        self.route = self.route or defaults[4]
 
     def check(self) -> None:
         """The values that need no graph (``options.build`` calls this before the model loads)."""
@@ -67,6 +94,17 @@ class MsaConfig:
         if self.prefix < 0:
             raise LccError(f"invalid --opt prefix={self.prefix}: the template prefix is 0 or more tokens")
         parse_topk(self.topk)
+
+
+def parse_route(text: str, count: int, routed: list[int]) -> list[int] | None:
+    """The voting layers of shared routing (None: each layer routes itself); every one must be a routed layer."""
+    if text == "layer":
+        return None
+    voters = routed[: -(-len(routed) // 4)] if text == "lower" else parse_layers(text, count, option="route", named="'layer', 'lower'")
+    stray = [i for i in voters if i not in routed]
+    if stray:
+        raise LccError(f"invalid --opt route={text}: layer {stray[0]} votes but is not routed (it has no router); route it or vote with routed layers")
+    return voters
 
 
 def parse_routed(text: str, count: int) -> list[int]:
@@ -90,6 +128,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         raise LccError("msa needs position_ids as a program input (documents restart their positions); capture with --opt position_ids=true")
     nodes = program.attention_nodes()
     routed = parse_routed(cfg.routed_layers, len(nodes))
+    voters = parse_route(cfg.route, len(nodes), routed)
     source = _source_router_weights(program)
     state = program.ep.graph_signature.inputs_to_parameters
     graph = program.gm.graph
@@ -122,7 +161,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         args = call.to(MSA, router_q=router[0], router_k=router[1]).args()
         node.target, node.args = MSA, args
         node.meta["val"] = fake_call(MSA, *args)
-        facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, loaded_router=bool(source))
+        facts.update(form="msa", routed=True, pool=cfg.pool, topk=topk, score=cfg.score, votes=voters is not None and i in voters, loaded_router=bool(source))
     graph.lint()
     program.signature["msa"] = {
         "pool": cfg.pool,
@@ -130,6 +169,7 @@ def msa(program: Program, cfg: MsaConfig) -> PassResult:
         "score": cfg.score,
         "prefix": cfg.prefix,
         "positions": cfg.positions,  # doc_rope resolves auto
+        "route": voters,
         "routed": routed,
         "routers": routers,
     }

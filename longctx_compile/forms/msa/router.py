@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.msa import pool_ref, route_ref
+from ...ops.msa import pool_ref, route_headwise, route_ref
 from .runtime import MsaModel
 
 
@@ -39,7 +39,7 @@ def train_router(
 
     ``positions(i)`` gives question i's position ids (default: MSA's, from the prefix and k).
     """
-    P, cosine = model.config["pool"], model.config["score"] == "cosine"
+    P, score = model.config["pool"], model.config["score"]
     doc_hidden = model.document_hidden(docs)
     encoded = model.encode(docs)
     query_hidden, routes = [], []
@@ -73,7 +73,10 @@ def train_router(
             for i in picked:
                 h = query_hidden[i][li].float()  # [1, T, hidden]
                 q = (h @ wq.T).view(1, h.shape[1], -1, D).transpose(1, 2)
-                scores = route_ref(q, routes[i][None], bank_keys, chunk_doc, len(docs), cosine)
+                if score == "headwise":
+                    scores = route_headwise(q, routes[i][None], bank_keys, chunk_doc, len(docs))
+                else:
+                    scores = route_ref(q, routes[i][None], bank_keys, chunk_doc, len(docs), score == "cosine")
                 loss = loss + torch.nn.functional.cross_entropy(scores / temperature, torch.tensor([answers[i]]))
         loss = loss / (len(picked) * len(model.layers))
         optimizer.zero_grad()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ...errors import LccError
-from ...ops.msa import msa_pool, msa_route
+from ...ops.msa import msa_pool, msa_route, route_headwise
 from ...ops.schema import Call
 from ...passes.rope import Rotation, rotation
 from ...runtime.interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
@@ -59,12 +59,24 @@ def pool_fn(kernels: str):
 
 
 def route_fn(kernels: str):
-    """Routing ``(router_q, routes, router_keys, chunk_doc, table, cosine) -> [B, n_docs]`` on the artifact's target."""
+    """Routing ``(router_q, routes, router_keys, chunk_doc, table, score) -> [B, n_docs]`` on the artifact's target
+    (``score``: cosine | dot through the ``msa_route`` op or its kernel; headwise in plain torch)."""
     if kernels == "triton":
-        from ...kernels.msa import route
+        from ...kernels.msa import route as kernel
 
-        return lambda q, routes, keys, chunk_doc, table, cosine: route(q, routes, keys, chunk_doc, table.shape[0], cosine)
-    return msa_route
+        def scores(q, routes, keys, chunk_doc, table, score):
+            if score == "headwise":
+                return route_headwise(q, routes, keys, chunk_doc, table.shape[0])
+            return kernel(q, routes, keys, chunk_doc, table.shape[0], score == "cosine")
+
+        return scores
+
+    def scores(q, routes, keys, chunk_doc, table, score):
+        if score == "headwise":
+            return route_headwise(q, routes, keys, chunk_doc, table.shape[0])
+        return msa_route(q, routes, keys, chunk_doc, table, score == "cosine")
+
+    return scores
 
 
 class LocalMemory:
@@ -90,18 +102,28 @@ class LocalMemory:
         parts = {name: getattr(bank, name) for name in PARTS}
         return cls(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, kernels, bank.prefix)
 
-    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, cosine: bool):
-        """(top-k document indices [B, k], their scores, pooled keys and values [B, Hkv, k·M, D] of their
-        chunks, and which of those k·M slots hold a chunk [B, k·M]) for layer ``site``."""
-        scores = self.route(router_q, routes, self.parts["router_keys"][site], self.chunk_doc, self.table, cosine)
-        top = scores.topk(k, dim=-1)
-        slots = self.table[top.indices.to(self.table.device)].flatten(1)  # chunk indices, -1 past a document's end
+    def scores(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, score: str) -> torch.Tensor:
+        """Every document's routing score [B, n_docs] for layer ``site``."""
+        return self.route(router_q, routes, self.parts["router_keys"][site], self.chunk_doc, self.table, score)
+
+    def fetch(self, site: int, docs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pooled keys and values [B, Hkv, k·M, D] of documents ``docs`` [B, k] in layer ``site``, and which slots hold a chunk [B, k·M]."""
+        slots = self.table[docs.to(self.table.device)].flatten(1)  # chunk indices, -1 past a document's end
         # the K/V tier may live elsewhere (pinned host memory): gather there, ship only the selected chunks
         keys, values = (
-            self.parts[name][site][:, slots.clamp(min=0).to(self.parts[name][site].device)].permute(1, 0, 2, 3).to(router_q.device, non_blocking=True)
+            self.parts[name][site][:, slots.clamp(min=0).to(self.parts[name][site].device)].permute(1, 0, 2, 3).to(device, non_blocking=True)
             for name in ("keys", "values")
         )
-        return top.indices, top.values, keys, values, (slots >= 0).to(router_q.device)
+        return keys, values, (slots >= 0).to(device)
+
+    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, score: str, chosen=None):
+        """(top-k document indices [B, k], their scores, pooled keys and values [B, Hkv, k·M, D] of their
+        chunks, and which of those k·M slots hold a chunk [B, k·M]) for layer ``site``; ``chosen`` (indices,
+        scores) when the documents were picked already (shared routing)."""
+        if chosen is None:
+            top = self.scores(site, router_q, routes, score).topk(k, dim=-1)
+            chosen = top.indices, top.values
+        return chosen[0], chosen[1], *self.fetch(site, chosen[0], router_q.device)
 
 
 class MsaModel:
@@ -129,6 +151,7 @@ class MsaModel:
         self._hidden: list | None = None
         self.graph = with_site_hooks(ep.graph_module, lambda site, call: self._hook(site, call), taps=routers, tap=self._tap)
         self.rotations = self._rotations(sites) if self.positions == "contiguous" else {}
+        self.voters = set(self.config.get("route") or ())  # the layers whose scores pick every layer's documents (shared routing)
         self.facts = {"weights": self._fingerprint(), "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "pool": self.config["pool"]}
 
     def _rotations(self, sites: list[torch.fx.Node]) -> dict[int, Rotation]:
@@ -292,6 +315,8 @@ class MsaModel:
             position_ids = (seen - 1).clamp(min=0) + torch.where(routes, offset, 0)
         # the first query position of each row: contiguous documents end right before it
         start = torch.where(routes.any(1), position_ids.masked_fill(~routes, torch.iinfo(position_ids.dtype).max).amin(1), 0)
+        inputs = self._inputs(input_ids, mask, position_ids)
+        shared = self._vote(memory, inputs, routes, k) if self.voters else None
         chosen, scored, context = {}, {}, []
         own_keys = mask.bool()
 
@@ -304,7 +329,7 @@ class MsaModel:
                 return call()
             Hq, D = q.shape[1], q.shape[-1]
             router_q = call.router_q.view(B, T, Hq, D).transpose(1, 2)
-            chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"] == "cosine")
+            chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"], shared)
             if self.rotations:
                 keys = self._place(site, keys, valid.view(B, k, -1), start - len(memory.prefix))
             keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
@@ -313,8 +338,30 @@ class MsaModel:
             memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool, device=q.device)], dim=2)
             return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], call.scale, True, 0)
 
-        logits = self._run(hook, self._inputs(input_ids, mask, position_ids), every=True, hidden=hidden)
+        logits = self._run(hook, inputs, every=True, hidden=hidden)
         return QueryResult(logits, chosen, scored, context, position_ids)
+
+    def _vote(self, memory: Any, inputs: dict[str, torch.Tensor], routes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared routing (``route`` a set of layers): one pass over the query alone, no memory; each voting layer's
+        document scores, standardised over the documents, are summed, and the top-k (indices [B, k], summed scores)
+        serve every routed layer."""
+        B, T = routes.shape
+        votes = []
+
+        def hook(site, call):
+            if site in self.voters:
+                Hq, D = call.q.shape[1], call.q.shape[-1]
+                scores = memory.scores(site, call.router_q.view(B, T, Hq, D).transpose(1, 2), routes, self.config["score"])
+                real = scores.isfinite()
+                count = real.sum(-1, keepdim=True).clamp(min=1)
+                mean = scores.masked_fill(~real, 0).sum(-1, keepdim=True) / count
+                spread = ((scores - mean).masked_fill(~real, 0).square().sum(-1, keepdim=True) / count).sqrt().clamp(min=1e-6)
+                votes.append(((scores - mean) / spread).masked_fill(~real, float("-inf")))
+            return call()
+
+        self._run(hook, inputs, every=True)
+        top = torch.stack(votes).sum(0).topk(k, dim=-1)
+        return top.indices, top.values
 
     def document_hidden(self, docs: list[list[int]]) -> list[list[torch.Tensor]]:
         """Per document, each routed layer's input hidden states [L, hidden] as encode computes them (positions from 0)."""
