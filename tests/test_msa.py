@@ -268,9 +268,10 @@ def test_doc_rope_refuses_a_model_whose_q_k_ignore_position_ids():
     assert all(n.meta["lcc"].get("doc_rope") for n in compiled.program.attention_nodes() if n.meta["lcc"].get("routed"))
 
 
-def test_headwise_scores_are_each_heads_best_cosine_averaged():
-    """route_headwise against loops: per query head the best cosine over the routing tokens and the document's chunks,
-    then the mean over heads (-inf for a document without chunks); tiling over the bank changes nothing."""
+def test_headwise_scores_standardise_each_tokens_matches_then_take_the_best_token_per_head():
+    """route_headwise against loops: per query head and routing token, each document's best cosine over its chunks,
+    as a z-score over the documents that have chunks; then the best routing token, then the mean over heads (-inf for
+    a document without chunks). Tiling over the bank changes nothing."""
     g = torch.Generator().manual_seed(0)
     q, keys = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g)  # 4 query heads over 2 KV heads
     routes = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])
@@ -278,13 +279,15 @@ def test_headwise_scores_are_each_heads_best_cosine_averaged():
     got = msa_ops.route_headwise(q, routes, keys, chunk_doc, 4)
     cos = torch.nn.functional.cosine_similarity
     for b in range(2):
-        for d in range(4):
-            chunks = (chunk_doc == d).nonzero().flatten().tolist()
-            if not chunks:
-                assert got[b, d] == float("-inf")
-                continue
-            heads = [max(float(cos(q[b, h, t], keys[h // 2, c], dim=0)) for t in range(5) if routes[b, t] for c in chunks) for h in range(4)]
-            assert got[b, d].item() == pytest.approx(sum(heads) / 4, abs=1e-6)
+        assert got[b, 2] == float("-inf")
+        want = torch.zeros(3)
+        for h in range(4):
+            tokens_z = []
+            for t in [t for t in range(5) if routes[b, t]]:
+                best = torch.tensor([max(float(cos(q[b, h, t], keys[h // 2, c], dim=0)) for c in (chunk_doc == d).nonzero().flatten()) for d in (0, 1, 3)])
+                tokens_z.append((best - best.mean()) / best.std(unbiased=False))
+            want += torch.stack(tokens_z).amax(0) / 4
+        torch.testing.assert_close(got[b, [0, 1, 3]], want)
     old, msa_ops.ROUTE_TILE = msa_ops.ROUTE_TILE, 3
     try:
         torch.testing.assert_close(msa_ops.route_headwise(q, routes, keys, chunk_doc, 4), got)

@@ -137,13 +137,17 @@ def test_evict_decode_step(tmp_path):
         model.extend(cache, inputs["input_ids"])
 
 
-def test_msa_model_and_query_time_routing(tmp_path):
-    path, out, report = exported(tmp_path, "tiny-llama", to="msa", pool=2, topk="2", routed_layers="all")
+@pytest.mark.parametrize("score", ["cosine", "headwise"])
+def test_msa_model_and_query_time_routing(tmp_path, score):
+    """The query program with the paper's routing op (cosine, per layer) and with the retrofit's (headwise scores in
+    plain ops, the lower layers' shared vote, contiguous positions: the documents moved by the model's own RoPE)."""
+    route = "layer" if score == "cosine" else "lower"
+    path, out, report = exported(tmp_path, "tiny-llama", to="msa", pool=2, topk="2", routed_layers="all", score=score, route=route)
     assert_equal_at_two_lengths(path, out)
     query_onnx = tmp_path / "query.onnx"
     report = export_onnx(path, query_onnx, program="query")
     onnx.checker.check_model(str(query_onnx), full_check=True)
-    assert {"longctx::msa_route", "longctx::attention"} <= set(report.ops)
+    assert ({"longctx::msa_route", "longctx::attention"} if score == "cosine" else {"longctx::attention"}) <= set(report.ops)
     assert list(report.outputs)[:3] == ["logits", "docs_0", "scores_0"]
     loaded = lcc.load(path)
     model = MsaModel(loaded.program, loaded.signature)

@@ -134,7 +134,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.model, args.one, args.docs, args.doc_tokens, args.prompts, args.new)))
         return
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=160)
     results = []
     for setting in ["dense", *args.settings]:
         command = [sys.executable, __file__, args.model, "--one", setting, "--docs", str(args.docs), "--doc-tokens", str(args.doc_tokens)]

@@ -73,31 +73,63 @@ def route_ref(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: tor
     return scores
 
 
-def route_headwise(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int) -> torch.Tensor:
-    """Document scores [B, n_docs] fp32 (``score=headwise``): per query head, the best cosine between a routing
-    token's router query and one of the document's chunk router keys, then the mean over heads.
+def moments(scores: torch.Tensor) -> torch.Tensor:
+    """[..., 3] fp64: how many of the last dim's entries are finite, their sum and their sum of squares (summable over
+    shards of the documents: Memory Parallel all-reduces them). fp64, so the variance as E[x²] − E[x]² keeps
+    its digits, and any order of summation (one process, ranks, ONNX) gives the same z-scores to fp32."""
+    real = scores.isfinite()
+    x = scores.double().masked_fill(~real, 0)
+    return torch.stack([real.sum(-1).double(), x.sum(-1), x.square().sum(-1)], dim=-1)
 
-    Each head votes with its own best match, as its softmax would weigh it; :func:`route_ref` averages the heads per
-    (token, chunk) pair first, so the many heads that match nothing drown the few that match. Plain torch ops (no
-    custom op): exported and ONNX programs take it as it is, in one tile (a loop over a dynamic bank size would
-    fix it). Shapes as :func:`route_ref`.
-    """
+
+def standardised(scores: torch.Tensor, totals: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores`` as z-scores over the last dim, finite entries only (-inf, a document no token reaches, stays -inf);
+    ``totals`` (:func:`moments`, e.g. summed over every rank's documents) in place of this tensor's own."""
+    totals = moments(scores) if totals is None else totals
+    count = totals[..., 0:1].clamp(min=1)
+    mean = totals[..., 1:2] / count
+    spread = (totals[..., 2:3] / count - mean.square()).clamp(min=0).sqrt().clamp(min=1e-6)
+    return ((scores.double() - mean) / spread).to(scores.dtype).masked_fill(~scores.isfinite(), float("-inf"))
+
+
+def headwise_matches(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int) -> torch.Tensor:
+    """[B, Hq, T, n_docs]: per query head and token, each document's best cosine over its chunk router keys
+    (-inf for a document without chunks). Plain torch ops, in one tile when exported (a loop over a dynamic bank
+    size would fix it). Shapes as :func:`route_ref`."""
     B, Hq, T, D = router_q.shape
     Hkv, C = router_keys.shape[:2]
     q = torch.nn.functional.normalize(router_q.float().view(B, Hkv, Hq // Hkv, T, D), dim=-1)
-    routes = query_mask.bool()[:, None, None, :, None]  # [B, 1, 1, T, 1]
-    best = torch.full((B, Hq, n_docs), float("-inf"), device=router_q.device)
+    best = torch.full((B, Hq, T, n_docs), float("-inf"), device=router_q.device)
 
     def tile(keys: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         keys = torch.nn.functional.normalize(keys.float(), dim=-1)
-        scores = torch.einsum("bhgtd,hcd->bhgtc", q, keys).masked_fill(~routes, float("-inf")).amax(3).flatten(1, 2)  # [B, Hq, tile]
-        return best.scatter_reduce(2, docs.long().expand(B, Hq, docs.shape[0]), scores, reduce="amax")
+        scores = torch.einsum("bhgtd,hcd->bhgtc", q, keys).flatten(1, 2)  # [B, Hq, T, tile]
+        return best.scatter_reduce(3, docs.long().expand(B, Hq, T, docs.shape[0]), scores, reduce="amax")
 
     if torch.compiler.is_compiling():
-        return tile(router_keys, chunk_doc).mean(1)
+        return tile(router_keys, chunk_doc)
     for c0 in range(0, C, ROUTE_TILE):
         best = tile(router_keys[:, c0 : c0 + ROUTE_TILE], chunk_doc[c0 : c0 + ROUTE_TILE])
-    return best.mean(1)
+    return best
+
+
+def headwise_scores(matches: torch.Tensor, query_mask: torch.Tensor, totals: torch.Tensor | None = None) -> torch.Tensor:
+    """Document scores [B, n_docs] from :func:`headwise_matches`: standardised over the documents (``totals``: the
+    moments over every shard's documents), the best routing token, the mean over heads."""
+    routes = query_mask.bool()[:, None, :, None]  # [B, 1, T, 1]
+    return standardised(matches, totals).masked_fill(~routes, float("-inf")).amax(2).mean(1)
+
+
+def route_headwise(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int) -> torch.Tensor:
+    """Document scores [B, n_docs] fp32 (``score=headwise``): per query head and routing token, each document's best
+    cosine over its chunk router keys, standardised over the documents; then the best token, then the mean over heads.
+
+    Each head votes with its own best match, as its softmax would weigh it (:func:`route_ref` averages the heads per
+    (token, chunk) pair first, so the many heads that match nothing drown the few that match), and a token that
+    matches every document alike (a template token, a common word) says nothing. Memory O(B·H·T·n_docs); plain
+    torch ops (no custom op), so exported and ONNX programs take it as it is. Shapes as :func:`route_ref`.
+    """
+    return headwise_scores(headwise_matches(router_q, query_mask, router_keys, chunk_doc, n_docs), query_mask)
 
 
 @torch.library.custom_op("longctx::msa_route", mutates_args=())

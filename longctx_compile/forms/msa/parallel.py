@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ...distributed import ranks
+from ...ops.msa import headwise_matches, headwise_scores, moments
 from .bank import MemoryBank, partition
 from .runtime import route_fn
 
@@ -78,7 +79,14 @@ class ParallelMemory:
         return torch.cat(qs), torch.cat(rs), Bm
 
     def _local_scores(self, site: int, qs: torch.Tensor, rs: torch.Tensor, score: str) -> torch.Tensor:
-        """This shard's document scores [world·Bm, local] for every rank's queries."""
+        """This shard's document scores [world·Bm, local] for every rank's queries (headwise: standardised over every
+        rank's documents, whose moments are all-reduced)."""
+        if score == "headwise":
+            keys = self.bank.router_keys[site]
+            matches = headwise_matches(qs, rs, keys, self.bank.chunk_doc, len(self.owned)) if self.owned else qs.new_zeros(*qs.shape[:3], 0)
+            totals = moments(matches)
+            dist.all_reduce(totals, group=self.group)
+            return headwise_scores(matches, rs, totals)
         if not self.owned:
             return torch.zeros(qs.shape[0], 0, device=qs.device)
         return self.route(qs, rs, self.bank.router_keys[site], self.bank.chunk_doc, self.table, score)

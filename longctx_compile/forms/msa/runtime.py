@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ...errors import LccError
-from ...ops.msa import msa_pool, msa_route, route_headwise
+from ...ops.msa import msa_pool, msa_route, route_headwise, standardised
 from ...ops.schema import Call
 from ...passes.rope import Rotation, rotation
 from ...runtime.interpret import attention_sites, flat_inputs, logits_index, step_state, with_site_hooks
@@ -316,7 +316,7 @@ class MsaModel:
         # the first query position of each row: contiguous documents end right before it
         start = torch.where(routes.any(1), position_ids.masked_fill(~routes, torch.iinfo(position_ids.dtype).max).amin(1), 0)
         inputs = self._inputs(input_ids, mask, position_ids)
-        shared = self._vote(memory, inputs, routes, k) if self.voters else None
+        votes: list[torch.Tensor] = []  # shared routing: the voting layers' standardised scores so far
         chosen, scored, context = {}, {}, []
         own_keys = mask.bool()
 
@@ -329,6 +329,12 @@ class MsaModel:
                 return call()
             Hq, D = q.shape[1], q.shape[-1]
             router_q = call.router_q.view(B, T, Hq, D).transpose(1, 2)
+            shared = None
+            if site in self.voters:
+                votes.append(standardised(memory.scores(site, router_q, routes, self.config["score"])))
+            if votes:  # each layer reads the top-k of the votes cast up to it; past the last voter, of them all
+                top = torch.stack(votes).sum(0).topk(k, dim=-1)
+                shared = top.indices, top.values
             chosen[site], scored[site], keys, values, valid = memory.select(site, router_q, routes, k, self.config["score"], shared)
             if self.rotations:
                 keys = self._place(site, keys, valid.view(B, k, -1), start - len(memory.prefix))
@@ -340,28 +346,6 @@ class MsaModel:
 
         logits = self._run(hook, inputs, every=True, hidden=hidden)
         return QueryResult(logits, chosen, scored, context, position_ids)
-
-    def _vote(self, memory: Any, inputs: dict[str, torch.Tensor], routes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared routing (``route`` a set of layers): one pass over the query alone, no memory; each voting layer's
-        document scores, standardised over the documents, are summed, and the top-k (indices [B, k], summed scores)
-        serve every routed layer."""
-        B, T = routes.shape
-        votes = []
-
-        def hook(site, call):
-            if site in self.voters:
-                Hq, D = call.q.shape[1], call.q.shape[-1]
-                scores = memory.scores(site, call.router_q.view(B, T, Hq, D).transpose(1, 2), routes, self.config["score"])
-                real = scores.isfinite()
-                count = real.sum(-1, keepdim=True).clamp(min=1)
-                mean = scores.masked_fill(~real, 0).sum(-1, keepdim=True) / count
-                spread = ((scores - mean).masked_fill(~real, 0).square().sum(-1, keepdim=True) / count).sqrt().clamp(min=1e-6)
-                votes.append(((scores - mean) / spread).masked_fill(~real, float("-inf")))
-            return call()
-
-        self._run(hook, inputs, every=True)
-        top = torch.stack(votes).sum(0).topk(k, dim=-1)
-        return top.indices, top.values
 
     def document_hidden(self, docs: list[list[int]]) -> list[list[torch.Tensor]]:
         """Per document, each routed layer's input hidden states [L, hidden] as encode computes them (positions from 0)."""
