@@ -184,3 +184,16 @@ def test_real_model_passkey_bench_smoke(hf_folder_with_tokenizer):
     results = json.loads(result.stdout)["results"]
     assert [r["setting"] for r in results] == ["dense", "hsa:chunk=8,topk=2"]
     assert all(r["peak_mib"] > 0 and r["rows"][0]["length"] == 96 and 0 <= r["rows"][0]["accuracy"] <= 1 for r in results)
+
+
+def test_real_model_msa_memory_bench_smoke(hf_folder_with_tokenizer):
+    """bench/real/msa_memory.py builds the documents and the needle, encodes a bank, routes, generates and scores
+    (a tiny random model: the accuracies mean nothing)."""
+    folder, _ = hf_folder_with_tokenizer
+    script = BENCH.parent / "real" / "msa_memory.py"
+    command = [sys.executable, str(script), str(folder), "msa:pool=1,topk=2", "--docs", "3", "--doc-tokens", "40", "--prompts", "2", "--new", "3", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)["results"]
+    assert [r["setting"] for r in results] == ["dense", "msa:pool=1,topk=2"] and results[1]["positions"] == "contiguous"
+    assert all(0 <= r["accuracy"] <= 1 and r["peak_mib"] > 0 for r in results) and 0 <= results[1]["routing_hit"] <= 1
