@@ -61,20 +61,17 @@ def pool_fn(kernels: str):
 def route_fn(kernels: str):
     """Routing ``(router_q, routes, router_keys, chunk_doc, table, score) -> [B, n_docs]`` on the artifact's target
     (``score``: cosine | dot through the ``msa_route`` op or its kernel; headwise in plain torch)."""
+    op = msa_route
     if kernels == "triton":
         from ...kernels.msa import route as kernel
 
-        def scores(q, routes, keys, chunk_doc, table, score):
-            if score == "headwise":
-                return route_headwise(q, routes, keys, chunk_doc, table.shape[0])
-            return kernel(q, routes, keys, chunk_doc, table.shape[0], score == "cosine")
-
-        return scores
+        def op(q, routes, keys, chunk_doc, table, cosine):
+            return kernel(q, routes, keys, chunk_doc, table.shape[0], cosine)
 
     def scores(q, routes, keys, chunk_doc, table, score):
         if score == "headwise":
             return route_headwise(q, routes, keys, chunk_doc, table.shape[0])
-        return msa_route(q, routes, keys, chunk_doc, table, score == "cosine")
+        return op(q, routes, keys, chunk_doc, table, score == "cosine")
 
     return scores
 
