@@ -60,6 +60,15 @@ def fake_call(op, *args) -> Any:
         return op(*vals)
 
 
+def new_call(graph: torch.fx.Graph, op, *args, like: torch.fx.Node | None = None) -> torch.fx.Node:
+    """A new call node (at the graph's insertion point) with its fake value; ``like``'s module metadata places it in that node's layer."""
+    node = graph.call_function(op, args)
+    node.meta["val"] = fake_call(op, *args)
+    if like is not None:
+        node.meta.update({key: like.meta[key] for key in COPIED_META if key in like.meta})
+    return node
+
+
 def ancestors(roots: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
     """Every node the roots depend on, the roots included."""
     seen: set[torch.fx.Node] = set()

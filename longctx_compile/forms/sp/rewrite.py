@@ -22,10 +22,9 @@ from typing import Any, Literal
 import torch
 
 from ...errors import LccError
-from ...fx import fake_call, is_call, val
+from ...fx import COPIED_META, fake_call, is_call, new_call, val
 from ...ops.layout import Layout
 from ...ops.schema import Call
-from ...passes.lower import COPIED_META
 from ...pipeline import PassResult, Program, Stage, register
 
 A2A = torch.ops.longctx.seq_all_to_all.default
@@ -185,17 +184,17 @@ def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassR
         with graph.inserting_before(node):
             if U > 1:
                 if facts["hkv"] < U:
-                    k, v = (_call(graph, torch.ops.aten.repeat_interleave.self_int, x, U // facts["hkv"], HEADS, like=node) for x in (k, v))
-                q, k, v = (_call(graph, A2A, x, HEADS, SEQ, spec, like=node) for x in (q, k, v))
+                    k, v = (new_call(graph, torch.ops.aten.repeat_interleave.self_int, x, U // facts["hkv"], HEADS, like=node) for x in (k, v))
+                q, k, v = (new_call(graph, A2A, x, HEADS, SEQ, spec, like=node) for x in (q, k, v))
             if key_padding is not None and key_padding not in gathered:
-                gathered[key_padding] = _call(graph, GATHER, key_padding, 1, spec)
+                gathered[key_padding] = new_call(graph, GATHER, key_padding, 1, spec)
             if doc_ids is not None and doc_ids not in gathered:
                 gathered[doc_ids] = _gather_documents(graph, doc_ids, spec)
         key_padding, doc_ids = gathered.get(key_padding), gathered.get(doc_ids)
         scale, causal, window = node.args[6:9]
         if R > 1:
             with graph.inserting_before(node):
-                site = _call(graph, RING, q, k, v, key_padding, doc_ids, scale, causal, window, spec, like=node)
+                site = new_call(graph, RING, q, k, v, key_padding, doc_ids, scale, causal, window, spec, like=node)
                 out = graph.call_function(operator.getitem, (site, 0))
             out.meta.update(val=site.meta["val"][0], **{key: node.meta[key] for key in COPIED_META if key in node.meta})
             site.meta["lcc"] = facts
@@ -207,7 +206,7 @@ def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassR
         result = out
         if U > 1:
             with graph.inserting_after(out):
-                result = _call(graph, A2A, out, SEQ, HEADS, spec, like=node)
+                result = new_call(graph, A2A, out, SEQ, HEADS, spec, like=node)
         node.replace_all_uses_with(result, delete_user_cb=lambda user, result=result: user is not result)
         if R > 1:
             graph.erase_node(node)
@@ -296,18 +295,9 @@ def _name(layout: Layout) -> str:
     return "ring" if layout.ulysses == 1 else f"hybrid {layout.ulysses}x{layout.ring}"
 
 
-def _call(graph: torch.fx.Graph, op, *args, like: torch.fx.Node | None = None) -> torch.fx.Node:
-    """A new call node with its fake value; ``like``'s module metadata places it in that node's layer."""
-    node = graph.call_function(op, args)
-    node.meta["val"] = fake_call(op, *args)
-    if like is not None:
-        node.meta.update({key: like.meta[key] for key in COPIED_META if key in like.meta})
-    return node
-
-
 def _gather_documents(graph: torch.fx.Graph, doc_ids: torch.fx.Node, spec: list[int]) -> torch.fx.Node:
     """Documents come from position resets over the whole sequence: gather the positions, then number them."""
     if not is_call(doc_ids, torch.ops.longctx.doc_ids):
         raise LccError("packed-document masks under sequence parallelism need document ids computed from position_ids")
-    positions = _call(graph, GATHER, doc_ids.args[0], 1, spec)
-    return _call(graph, torch.ops.longctx.doc_ids.default, positions)
+    positions = new_call(graph, GATHER, doc_ids.args[0], 1, spec)
+    return new_call(graph, torch.ops.longctx.doc_ids.default, positions)
