@@ -342,3 +342,31 @@ def test_bound_scores_bound_every_key_of_the_chunk():
     assert (score[:, :, 1:] >= dots[:, :, 1:].amax(-1) - 1e-5).all()
     torch.testing.assert_close(score[:, :, 1], dots[:, :, 1, 0])
     assert (log_count[:, :, 0] == float("-inf")).all()
+
+
+def test_each_head_selects_its_own_chunks():
+    """heads=each: the model's logits equal the HF model whose attention is the per-query brute force with every query
+    head its own group (its own top-K by its own bound); the shared selection (heads=group) gives other logits."""
+    from transformers import AttentionInterface
+
+    from longctx_compile.presets import build_preset
+
+    def per_head(module, query, key, value, attention_mask, scaling, **kwargs):
+        G = query.shape[1] // key.shape[1]
+        k, v = (t.repeat_interleave(G, dim=1) for t in (key, value))
+        out = brute_force(query, k, v, torch.ones(query.shape[0], query.shape[2]), scaling, 4, 2, 1, "bound", fusion="joint")
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("hsa_each_brute_force", per_head)
+    model = build_preset("tiny-llama")
+    ids = torch.randint(3, 200, (1, 22), generator=torch.Generator().manual_seed(0))
+    options = dict(max_len="32", chunk="4", topk="2", window="1", score="bound", fusion="joint")
+    each = lcc.compile(model, to="hsa", heads="each", **options)
+    group = lcc.compile(model, to="hsa", heads="group", **options)
+    assert {s["heads"] for s in each.program.sites()} == {"each"}
+    got = each(ids, torch.ones_like(ids), torch.arange(22)[None])
+    model.config._attn_implementation = "hsa_each_brute_force"
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(got, want)
+    assert (group(ids, torch.ones_like(ids), torch.arange(22)[None]) - want).abs().max() > 1e-3

@@ -121,9 +121,11 @@ def test_lowered_exact_model_equals_dense(preset, options):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
 
 
-def test_lowered_learned_model_trains_like_the_reference(tmp_path):
-    """A learned-score NoPE model lowered for ``interpret`` gives the cpu program's logits and parameter gradients, and saves and loads."""
-    options = dict(to="hsa", chunk=16, topk="1", window=0, score="learned", nope=True)
+@pytest.mark.parametrize("heads", ["group", "each"])
+def test_lowered_learned_model_trains_like_the_reference(tmp_path, heads):
+    """A learned-score NoPE model lowered for ``interpret`` gives the cpu program's logits and parameter gradients, and saves
+    and loads; with heads=each (K/V repeated per query head in the graph), each query head has its own projections."""
+    options = dict(to="hsa", chunk=16, topk="1", window=0, score="learned", nope=True, heads=heads)
     kernel, reference = lcc.compile("tiny-llama", target="interpret", **options), lcc.compile("tiny-llama", **options)
     ids = (torch.arange(40)[None] * 7 + 3) % 256
     grads = []
@@ -135,7 +137,8 @@ def test_lowered_learned_model_trains_like_the_reference(tmp_path):
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
         grads.append((logits.detach(), dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))))
     torch.testing.assert_close(grads[0][0], grads[1][0])
-    assert any("hsa_retrieval" in name for name in grads[0][1])
+    projections = {name: grad for name, grad in grads[0][1].items() if "hsa_retrieval" in name}
+    assert projections and {grad.shape[0] for grad in projections.values()} == {4 if heads == "each" else 2}
     for name, grad in grads[0][1].items():
         torch.testing.assert_close(grad, grads[1][1][name], msg=name)
     loaded = lcc.load(kernel.save(tmp_path / "k.lcc"))

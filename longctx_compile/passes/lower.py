@@ -113,7 +113,7 @@ def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: 
     call = Call.of(node)
     q, v = val(call.q), val(call.v)
     chunk, topk, mode, select = call.chunk, call.topk, call.mode, call.select
-    groups = facts["hq"] // facts["hkv"]
+    groups = q.shape[1] // val(call.k).shape[1]  # the query heads sharing a KV head (and a selection) in the op: 1 with heads=each
     tiles = hsa_tiles(chunk, groups, select)
     reason = hsa_unsupported(chunk, topk, mode, q.shape[-1], v.shape[-1], q.dtype)
     smem = hsa_smem_bytes(tiles, chunk, groups, q.shape[-1], v.shape[-1], q.dtype)

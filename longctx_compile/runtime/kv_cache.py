@@ -4,7 +4,7 @@
 
 Cache layout (owned here; how each attention op extends it is declared beside the op, ``ops.cache``):
 per attention site in graph order, the tensors its op stores per key (K and V; HSA also its chunks'
-running landmark sums), each ``[batch, kv_heads, keys, dim]``, K after RoPE, GQA heads not repeated, key ``j`` of the cache
+running landmark sums), each ``[batch, kv_heads, keys, dim]``, K after RoPE, GQA heads not repeated (but for hsa heads=each, whose op selects per query head and holds a K per query head), key ``j`` of the cache
 being the ``j``-th token fed (left padding included). ``past_mask`` ``[batch, keys]`` marks real
 tokens (1) and padding or empty slots (0). ``state`` is the model program's weights by name.
 
@@ -67,7 +67,7 @@ def layout(program: Any) -> CacheLayout:
     stored = stored_per_site(program.gm)
     return CacheLayout(
         layers=len(nodes),
-        kv_heads=[n.meta["lcc"]["hkv"] for n in nodes],
+        kv_heads=[int(Call.of(n).k.meta["val"].shape[1]) for n in nodes],  # the op's own K heads (hsa heads=each: one per query head)
         head_dims=[int(Call.of(n).k.meta["val"].shape[-1]) for n in nodes],
         v_dims=[int(Call.of(n).v.meta["val"].shape[-1]) for n in nodes],
         has_mask="attention_mask" in program.signature["inputs"],

@@ -14,13 +14,14 @@ from typing import Literal
 import torch
 
 from ...errors import LccError
-from ...fx import fake_call, val
+from ...fx import fake_call, new_call, val
 from ...ops.schema import Call
 from ...passes.refuse import plain_causal
 from ...passes.rope import pre_rope
 from ...pipeline import PassResult, Program, Stage, register
 
 HSA = torch.ops.longctx.hsa_attention.default
+aten = torch.ops.aten
 
 
 # why hsa refuses a site (``passes.refuse.plain_causal``): HSA is defined for causal self-attention with at most key padding
@@ -40,11 +41,12 @@ RECIPES = {"retrofit": ("bound", "joint"), "paper": ("landmark", "softmax")}
 @dataclass
 class HsaConfig:
     """``--opt chunk=64 topk=16|all window=4 recipe=retrofit|paper score=exact|landmark|bound|reps|learned
-    select=token|block sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
+    select=token|block heads=group|each sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
     its true LSE: one softmax over the local keys and the chosen chunks' keys, so selection alone decides what is lost.
     ``bound`` selects by an upper bound of each chunk's best q·k from its per-channel key range (Quest); ``reps`` by the
     mean of the few keys the chunk's own queries score highest (InfLLM's representative tokens). Both are training-free
-    and query-aware. ``recipe`` sets the score and fusion not given (:data:`RECIPES`; ``learned`` trains through
+    and query-aware. ``heads=each`` lets every query head select its own chunks, where ``group`` has a KV group's heads
+    share one selection (their summed scores). ``recipe`` sets the score and fusion not given (:data:`RECIPES`; ``learned`` trains through
     softmax fusion weights, so its fusion defaults to softmax)."""
 
     chunk: int = 64
@@ -53,6 +55,7 @@ class HsaConfig:
     recipe: Literal["retrofit", "paper"] = "retrofit"
     score: Literal["exact", "landmark", "bound", "reps", "learned"] | None = None
     select: Literal["token", "block"] = "token"
+    heads: Literal["group", "each"] = "group"
     sink: bool = False
     fusion: Literal["softmax", "stick", "joint"] | None = None
     nope: bool = False
@@ -78,6 +81,13 @@ class HsaConfig:
             )
         if self.nope and self.score == "exact":
             raise LccError("--opt nope=true changes landmark, bound, reps and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
+
+
+def per_query_head(graph: torch.fx.Graph, t: torch.fx.Node, groups: int, like: torch.fx.Node) -> torch.fx.Node:
+    """[B, Hkv, T, D] -> [B, Hkv·groups, T, D], each KV head repeated for its group's query heads (unsqueeze, expand,
+    flatten: shape-free, and ONNX translates it, where it mistranslates repeat_interleave)."""
+    wide = new_call(graph, aten.expand.default, new_call(graph, aten.unsqueeze.default, t, 2, like=like), [-1, -1, groups, -1, -1], like=like)
+    return new_call(graph, aten.flatten.using_ints, wide, 1, 2, like=like)
 
 
 def parse_topk(text: str) -> int:
@@ -118,24 +128,38 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
         plain_causal(node, f"layer {facts['layer']} ({facts['module']})", "hsa", REFUSALS)
         call = Call.of(node)
         q, k = call.q, call.k
-        projections = (None, None)
-        if cfg.score == "learned":  # per KV head [D, D], the identity: training starts from landmark scores
-            hkv, d = facts["hkv"], facts["head_dim"]
-            projections = tuple(
-                program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
-            )
         scoring = (None, None)
         if cfg.nope:  # retrieval scores from the q and k before RoPE
             scoring = tuple(pre_rope(t) for t in (q, k))
             if None in scoring or any(val(a).shape != val(b).shape for a, b in zip(scoring, (q, k), strict=True)):
                 raise LccError(f"layer {facts['layer']} ({facts['module']}): --opt nope=true found no rotary embedding on its q and k to leave out")
+        groups = facts["hq"] // facts["hkv"] if cfg.heads == "each" else 1
+        if groups > 1:  # every query head its own KV head, so the op's selection (one per KV head) is per query head
+            with graph.inserting_before(node):
+                k, v, score_k = (None if t is None else per_query_head(graph, t, groups, node) for t in (k, call.v, scoring[1]))
+            call, scoring = call.replace(k=k, v=v), (scoring[0], score_k)
+        projections = (None, None)
+        if cfg.score == "learned":  # per KV head (or query head, with heads=each) [D, D], the identity: training starts from landmark scores
+            hkv, d = facts["hkv"] * groups, facts["head_dim"]
+            projections = tuple(
+                program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
+            )
         options = {"chunk": cfg.chunk, "topk": topk, "window": cfg.window, "mode": cfg.score, "select": cfg.select, "sink": cfg.sink, "fusion": cfg.fusion}
         retrieval = dict(zip(("retrieval_q", "retrieval_k"), projections, strict=True))
         args = call.to(HSA, **retrieval, **options, **dict(zip(("score_q", "score_k"), scoring, strict=True))).args()
         node.target, node.args = HSA, args
         node.meta["val"] = fake_call(HSA, *args)
         facts.update(
-            form="hsa", chunk=cfg.chunk, topk=topk, hsa_window=cfg.window, score=cfg.score, select=cfg.select, sink=cfg.sink, fusion=cfg.fusion, nope=cfg.nope
+            form="hsa",
+            chunk=cfg.chunk,
+            topk=topk,
+            hsa_window=cfg.window,
+            score=cfg.score,
+            select=cfg.select,
+            heads=cfg.heads,
+            sink=cfg.sink,
+            fusion=cfg.fusion,
+            nope=cfg.nope,
         )
     graph.lint()
     # every chunk is selected, whatever ``select`` is, and the parts fuse as one softmax
