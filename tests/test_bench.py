@@ -197,3 +197,18 @@ def test_real_model_msa_memory_bench_smoke(hf_folder_with_tokenizer):
     results = json.loads(result.stdout)["results"]
     assert [r["setting"] for r in results] == ["dense", "msa:pool=1,topk=2"] and results[1]["positions"] == "contiguous"
     assert all(0 <= r["accuracy"] <= 1 and r["peak_mib"] > 0 for r in results) and 0 <= results[1]["routing_hit"] <= 1
+
+
+def test_real_model_hsa_selection_bench_smoke(hf_folder_with_tokenizer):
+    """bench/real/hsa_selection.py: its simulated joint-fusion HSA (attention masked to the local window and the chosen
+    chunks) gives lcc's own hsa program's logits for shared and per-head selection, by bound and exact scores."""
+    folder, _ = hf_folder_with_tokenizer
+    script = BENCH.parent / "real" / "hsa_selection.py"
+    settings = ["chunk=8,topk=2,window=1", "chunk=8,topk=2,window=1,heads=each", "chunk=8,topk=1,window=0,score=exact", "chunk=8,topk=2,window=1,sub=4"]
+    command = [sys.executable, str(script), str(folder), *settings, "--length", "96", "--prompts", "2", "--check", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    assert [r["setting"] for r in rows] == ["dense", *settings]
+    assert all(r["check_max_abs"] < 1e-5 < r["dense_max_abs"] for r in rows[1:4]) and "check_max_abs" not in rows[4]
+    assert all(0 <= r["accuracy"] <= 1 and r["key_logp"] <= 0 for r in rows)

@@ -11,7 +11,8 @@ from .rewrite import HsaConfig
 def describe(site: dict[str, Any]) -> str:
     """Chunk size S, top-K, window w, score mode and options of one hsa site."""
     topk = "all" if site["topk"] < 0 else site["topk"]
-    extras = (" per block" if site.get("select") == "block" else "") + (" sink" if site.get("sink") else "")
+    extras = (" per block" if site.get("select") == "block" else "") + (" per head" if site.get("heads") == "each" else "")
+    extras += " sink" if site.get("sink") else ""
     extras += (" stick" if site.get("fusion") == "stick" else "") + (" nope" if site.get("nope") else "")
     return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{extras}"
 
