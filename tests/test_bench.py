@@ -205,10 +205,36 @@ def test_real_model_hsa_selection_bench_smoke(hf_folder_with_tokenizer):
     folder, _ = hf_folder_with_tokenizer
     script = BENCH.parent / "real" / "hsa_selection.py"
     settings = ["chunk=8,topk=2,window=1", "chunk=8,topk=2,window=1,heads=each", "chunk=8,topk=1,window=0,score=exact", "chunk=8,topk=2,window=1,sub=4"]
+    settings.append("chunk=8,topk=1,window=0,rerank=99")  # every chunk a candidate: the exact LSE picks
     command = [sys.executable, str(script), str(folder), *settings, "--length", "96", "--prompts", "2", "--check", "--json"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["results"]
     assert [r["setting"] for r in rows] == ["dense", *settings]
-    assert all(r["check_max_abs"] < 1e-5 < r["dense_max_abs"] for r in rows[1:4]) and "check_max_abs" not in rows[4]
+    assert all(r["check_max_abs"] < 1e-5 < r["dense_max_abs"] for r in rows[1:4]) and "check_max_abs" not in rows[4] and "check_max_abs" not in rows[5]
     assert all(0 <= r["accuracy"] <= 1 and r["key_logp"] <= 0 for r in rows)
+    assert rows[5]["key_logp"] == pytest.approx(rows[3]["key_logp"], abs=1e-4)
+
+
+def test_real_model_evict_bench_smoke(hf_folder_with_tokenizer, tmp_path):
+    """bench/real/evict.py prefills, compacts a copy of the cache per budget and scores over it: a budget that keeps
+    every key gives the dense row's NLL and answers, a real one keeps its share of the keys (tiny random model)."""
+    from typer.testing import CliRunner
+
+    from longctx_compile.cli.app import app
+
+    folder, _ = hf_folder_with_tokenizer
+    artifact = tmp_path / "a.evict.lcc"
+    options = ["--opt", "sinks=2", "--opt", "window=4", "--opt", "memory=off"]
+    assert CliRunner().invoke(app, ["convert", str(folder), "--to", "evict", "-o", str(artifact), *options]).exit_code == 0
+    script = BENCH.parent / "real" / "evict.py"
+    command = [sys.executable, str(script), str(artifact), "--untrained", str(artifact), "--lengths", "96", "--budgets", "0.5,0.999"]
+    result = subprocess.run([*command, "--prompts", "2", "--texts", "2", "--continuation", "16", "--new", "3", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["setting"], r["budget"]): r for r in json.loads(result.stdout)["rows"]}
+    assert set(rows) == {("dense", "—")} | {(p, b) for p in ("streaming", "snapkv", "learned", "learned, untrained") for b in ("0.5", "0.999")}
+    dense = rows[("dense", "—")]
+    for policy in ("streaming", "snapkv", "learned"):
+        assert rows[(policy, "0.999")]["nll@96"] == pytest.approx(dense["nll@96"], abs=1e-9)
+        assert rows[(policy, "0.999")]["passkey@96"] == dense["passkey@96"]
+        assert rows[(policy, "0.5")]["kept@96"] < rows[(policy, "0.999")]["kept@96"] and rows[(policy, "0.5")]["nll@96"] != dense["nll@96"]

@@ -7,6 +7,8 @@ so a selection rule can be measured before any kernel implements it:
 - ``score``: ``exact`` (each chunk's true LSE: reads every key, the upper reference), ``bound`` (Quest's
   Σ_d max(q_d·min_d, q_d·max_d) over the chunk's key range; with ``sub=N`` the best of the bounds of its
   sub-blocks of N keys, a tighter bound) or ``landmark`` (q·mean key);
+- ``rerank``: R > 0 makes ``score`` a first stage that keeps R·topk candidates, ranked again by their exact LSE
+  (reading R·topk chunks' keys rather than all);
 - ``heads``: ``group`` (a KV group's query heads share one selection by their summed scores, as lcc's
   default) or ``each`` (every query head its own);
 - ``chunk``, ``topk``, ``window`` as ``--to hsa``'s options.
@@ -16,7 +18,7 @@ Each prompt is a passkey prompt of ``bench/real/passkey.py`` followed by the ans
 table gives the mean log-probability of the key's digits too. Only the last ``--rows`` query rows attend
 sparsely (all rows with 0): the answer's retrieval is measured with the prompt's representations kept
 dense. ``--check`` compares, on ``--length`` random tokens with every row sparse, the simulation against lcc's own
-``--to hsa`` program for each setting lcc has (``sub`` unset): the simulator is lcc's semantics.
+``--to hsa`` program for each setting lcc has (``sub`` and ``rerank`` unset): the simulator is lcc's semantics.
 
     python bench/real/hsa_selection.py SMOLLM2 --length 4096 --prompts 10 "score=bound" "score=bound,heads=each" \\
         "score=exact" "score=exact,heads=each" "score=bound,heads=each,sub=8" "chunk=16,topk=64,window=8,heads=each"
@@ -36,7 +38,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-DEFAULTS = dict(chunk=64, topk=16, window=2, score="bound", heads="group", sub=0)
+DEFAULTS = dict(chunk=64, topk=16, window=2, score="bound", heads="group", sub=0, rerank=0)
 ROWS_AT_ONCE = 256  # query rows simulated together (their [H, rows, T] logits bound the memory)
 
 
@@ -66,21 +68,32 @@ def chunk_scores(q: torch.Tensor, k: torch.Tensor, complete: int, cfg: dict) -> 
     return bounds.amax(-1)
 
 
+def choose(q: torch.Tensor, k: torch.Tensor, complete: int, allowed: torch.Tensor, topk: int, cfg: dict) -> torch.Tensor:
+    """[H, n, complete]: the ``topk`` best of the ``allowed`` chunks per head and row (a KV group's summed scores with ``heads=group``);
+    ``rerank`` widens the first stage (``score``) to R·topk."""
+    H = q.shape[0]
+    scores = chunk_scores(q, k, complete, cfg).masked_fill(~allowed, float("-inf"))
+    if cfg["heads"] == "group":
+        G = H // cfg["kv_heads"]
+        scores = scores.unflatten(0, (-1, G)).sum(1).repeat_interleave(G, 0)
+    chosen = torch.zeros(H, q.shape[1], complete, dtype=torch.bool)
+    if complete:
+        wide = topk * max(1, cfg["rerank"]) if cfg["score"] != "exact" else topk
+        picked = scores.argsort(dim=-1, descending=True, stable=True)[..., : min(wide, complete)]  # ties: the older chunk
+        chosen.scatter_(-1, picked, True)
+    return chosen & allowed
+
+
 def sparse_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, cfg: dict) -> torch.Tensor:
     """Rows first .. first+n-1 of joint-fusion HSA: q [H, n, D] (scaled), k/v [H, T, D] (KV heads repeated)."""
     S, w, H, n, T = cfg["chunk"], cfg["window"], q.shape[0], q.shape[1], k.shape[1]
     complete = T // S
     rows = torch.arange(first, first + n)
     candidate = torch.arange(complete)[None] < (rows // S - w)[:, None]  # [n, complete]: complete, older than the window
-    scores = chunk_scores(q, k, complete, cfg).masked_fill(~candidate, float("-inf"))
-    if cfg["heads"] == "group":
-        G = H // cfg["kv_heads"]
-        scores = scores.unflatten(0, (-1, G)).sum(1).repeat_interleave(G, 0)
-    chosen = torch.zeros(H, n, complete, dtype=torch.bool)
-    if complete:
-        picked = scores.argsort(dim=-1, descending=True, stable=True)[..., : min(cfg["topk"], complete)]  # ties: the older chunk
-        chosen.scatter_(-1, picked, True)
-    keys = torch.nn.functional.pad((chosen & candidate).repeat_interleave(S, -1), (0, T - complete * S))
+    chosen = choose(q, k, complete, candidate[None].expand(H, -1, -1), cfg["topk"], cfg)
+    if cfg["rerank"]:  # the first stage's R·K candidates, ranked again by their exact LSE
+        chosen = choose(q, k, complete, chosen, cfg["topk"], {**cfg, "score": "exact"})
+    keys = torch.nn.functional.pad(chosen.repeat_interleave(S, -1), (0, T - complete * S))
     position = torch.arange(T)
     local = (position[None] >= ((rows // S - w) * S)[:, None]) & (position[None] <= rows[:, None])
     logits = torch.einsum("hnd,htd->hnt", q, k).masked_fill(~(keys | local), float("-inf"))
@@ -128,7 +141,7 @@ def lcc_logits(model_path: str, cfg: dict, ids: list[int]) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a Hugging Face folder (or anything lcc loads) with a tokenizer")
-    parser.add_argument("settings", nargs="*", help="key=value,... over chunk, topk, window, score, heads, sub (dense is run first)")
+    parser.add_argument("settings", nargs="*", help="key=value,... over chunk, topk, window, score, heads, sub, rerank (dense is run first)")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--rows", type=int, default=96, help="query rows at the end that attend sparsely (0: all)")
@@ -155,7 +168,7 @@ def main() -> None:
             hits += bool((logits.argmax(-1) == torch.tensor(key)).all())
             logp += float(logits.gather(-1, torch.tensor(key)[:, None]).sum())
         row = dict(setting=setting, accuracy=hits / len(items), key_logp=logp / len(items), seconds=time.perf_counter() - start)
-        if args.check and cfg is not None and not cfg["sub"]:  # random tokens: the simulation and lcc, against dense
+        if args.check and cfg is not None and not cfg["sub"] and not cfg["rerank"]:  # random tokens: the simulation and lcc, against dense
             ids = torch.randint(0, model.config.vocab_size, (args.length,), generator=torch.Generator().manual_seed(0)).tolist()
             AttentionInterface.register("lcc_hsa_selection", simulated(cfg, 0))
             sparse = model(torch.tensor([ids])).logits[0]
