@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from longctx_compile.runtime.generate import Sampling, collect, token_steps
+
 
 @dataclasses.dataclass
 class Task:
@@ -59,20 +61,11 @@ def clone(cache):
     return dataclasses.replace(cache, sites=sites)
 
 
-def answer(model, cache, logits: torch.Tensor, new: int) -> list[int]:
-    """Greedy tokens over ``cache``, starting from the prompt's last ``logits`` [1, V]."""
-    tokens = []
-    for _ in range(new):
-        token = logits.argmax(-1)
-        tokens.append(int(token))
-        logits = model.extend(cache, token[:, None], last=True)[:, -1]
-    return tokens
-
-
 def score(model, cache, logits: torch.Tensor, task: Task, tokenizer, new: int) -> float:
     """Passkey hit (1/0), or the continuation's mean NLL, over ``cache`` (which this uses up)."""
     if task.key is not None:
-        found = re.search(r"\d+", tokenizer.decode(answer(model, cache, logits, new)))
+        steps = token_steps(logits, lambda token: model.extend(cache, token[:, None], last=True)[:, -1], new, Sampling())  # greedy
+        found = re.search(r"\d+", tokenizer.decode(collect(steps, 1)[0]))
         return float(bool(found and found.group() == task.key))
     rest = torch.tensor([task.continuation])
     start = int(cache.next_positions[0])
@@ -81,6 +74,7 @@ def score(model, cache, logits: torch.Tensor, task: Task, tokenizer, new: int) -
     return float(torch.nn.functional.cross_entropy(every, rest[0]))
 
 
+@torch.no_grad()
 def run(args) -> dict:
     from longctx_compile.forms.evict.runtime import EvictModel
     from longctx_compile.loaded import load
@@ -109,8 +103,7 @@ def run(args) -> dict:
             for L, by in tasks.items():
                 for metric, batch in by.items():
                     for task in batch:
-                        with torch.no_grad():
-                            logits, full = model.prefill(torch.tensor([task.ids]), budget=10**9)
+                        logits, full = model.prefill(torch.tensor([task.ids]), budget=10**9)
                         if name == args.policies[0]:  # every policy's prefill is the same program: dense once
                             value = score(model, clone(full), logits[:, -1], task, tokenizer, args.new)
                             results.setdefault(("dense", "—"), {}).setdefault((L, metric), []).append(value)
@@ -120,8 +113,7 @@ def run(args) -> dict:
                             model.evict(cache)
                             if metric == "passkey":  # the prompt is L tokens long
                                 kept[(name, str(budget), L)] = max(cache.lengths().values())
-                            with torch.no_grad():
-                                value = score(model, cache, logits[:, -1], task, tokenizer, args.new)
+                            value = score(model, cache, logits[:, -1], task, tokenizer, args.new)
                             results.setdefault((name, str(budget)), {}).setdefault((L, metric), []).append(value)
                         progress.advance(bar)
     rows = []
