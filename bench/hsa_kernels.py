@@ -59,7 +59,7 @@ def measure(T: int, shape: dict, args) -> dict:
     grad = torch.randn(1, hq, T, d, generator=g).to(device, dtype)
     row = dict(T=T, ms={})
     for select in ("token", "block"):
-        statics = (d**-0.5, shape["chunk"], shape["topk"], shape["window"], "landmark", select, False, "softmax", None, None)
+        statics = (d**-0.5, shape["chunk"], shape["topk"], shape["window"], "landmark", select, False, "softmax", None, None, 0)
         tiles = hsa_tiles(shape["chunk"], hq // hkv, select)
         out = hsa_flash(q, k, v, None, None, None, *statics, tiles)[0]
         want = hsa_attention(*(t.detach().float() for t in (q, k, v)), None, None, None, *statics)

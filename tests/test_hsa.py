@@ -9,16 +9,19 @@ import torch
 
 import longctx_compile as lcc
 from longctx_compile.errors import LccError
+from longctx_compile.forms.hsa import describe
 from longctx_compile.forms.hsa.rewrite import HsaConfig
 from longctx_compile.ops import hsa as hsa_ops
 from longctx_compile.ops import hsa_cpu
 from longctx_compile.ops.hsa import hsa_attention
+from longctx_compile.ops.schema import Call
 
 
-def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False, fusion="softmax", sq=None, sk=None):
+def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False, fusion="softmax", sq=None, sk=None, rerank=0):
     """HSA one query at a time with Python sets: the semantics of ops/hsa.py written out plainly.
 
-    ``sq`` / ``sk`` stand in for q / k in landmark and learned scores (NoPE retrieval)."""
+    ``sq`` / ``sk`` stand in for q / k in landmark and learned scores (NoPE retrieval). ``rerank`` R: the score keeps
+    R·K candidates, and their true LSEs (of q and k), summed over the same voters, pick the K."""
     sq, sk = (q if sq is None else sq), (k if sk is None else sk)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -51,7 +54,13 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                 heads = [q[b, h * G + g, t] for g in range(G)]
                 voters = range(c * S, min(T, (c + 1) * S)) if select == "block" else [t]  # whose scores pick the chunks
                 group = {i: sum(score(sq[b, h * G + g, u], keys, i=i) for u in voters for g in range(G)) for i, keys in chunks.items()}
-                picked = sorted(group, key=lambda i: -float(group[i].detach()))[: (len(group) if K < 0 else K)]
+                picked = sorted(group, key=lambda i: -float(group[i].detach()))[: (len(group) if K < 0 else K * max(1, rerank))]
+                if rerank:
+                    true = {
+                        i: sum(torch.logsumexp(torch.stack([q[b, h * G + g, u] @ k[b, h, j] * scale for j in chunks[i]]), 0) for u in voters for g in range(G))
+                        for i in sorted(picked)
+                    }
+                    picked = sorted(true, key=lambda i: -float(true[i].detach()))[:K]
                 picked = sorted(picked, reverse=True)  # most recent first (the order stick-breaking uses)
                 for g, qh in enumerate(heads):
                     parts, weights = [], []
@@ -105,6 +114,9 @@ def inputs(T=13, seed=0):
         ("bound", 1, 1, "nope"),
         ("reps", 2, 1, "token"),  # the mean of the keys each chunk's own queries score highest
         ("reps", 1, 0, "joint-block"),
+        ("bound", 1, 0, "rerank"),  # 2·K candidates by the bound, the K by their true LSE
+        ("landmark", 1, 0, "rerank-block"),
+        ("reps", 1, 1, "rerank"),
     ],
 )
 @pytest.mark.parametrize("group", ["one chunk", "all chunks"])
@@ -126,11 +138,12 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     nope = [torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)] if select == "nope" else [None, None]
     leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
     refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
-    fusion = {"stick": "stick", "joint": "joint", "joint-block": "joint"}.get(select, "softmax")
-    sink, select = select == "sink", "block" if select in ("block", "joint-block") else "token"
-    got = hsa_attention(*leaves[:3], key_padding, *leaves[3:5], 8**-0.5, 3, K, w, mode, select, sink, fusion, *leaves[5:])
+    fusion = {"stick": "stick", "joint": "joint", "joint-block": "joint", "rerank": "joint", "rerank-block": "joint"}.get(select, "softmax")
+    rerank = 2 if select.startswith("rerank") else 0
+    sink, select = select == "sink", "block" if select in ("block", "joint-block", "rerank-block") else "token"
+    got = hsa_attention(*leaves[:3], key_padding, *leaves[3:5], 8**-0.5, 3, K, w, mode, select, sink, fusion, *leaves[5:], rerank=rerank)
     real = torch.ones(2, 13) if key_padding is None else key_padding
-    want = brute_force(*refs[:3], real, 8**-0.5, 3, K, w, mode, select, *refs[3:5], sink, fusion, *refs[5:])
+    want = brute_force(*refs[:3], real, 8**-0.5, 3, K, w, mode, select, *refs[3:5], sink, fusion, *refs[5:], rerank=rerank)
     leaves, refs = [t for t in leaves if t is not None], [t for t in refs if t is not None]
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
@@ -140,19 +153,55 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
 
 @pytest.mark.parametrize("T", [2, 21, 75])
 @pytest.mark.parametrize(
-    "mode,fusion,sink",
-    [("landmark", "softmax", False), ("learned", "stick", True), ("exact", "softmax", True), ("landmark", "stick", False), ("landmark", "joint", False)],
+    "mode,fusion,sink,rerank",
+    [
+        ("landmark", "softmax", False, 0),
+        ("learned", "stick", True, 0),
+        ("exact", "softmax", True, 0),
+        ("landmark", "stick", False, 0),
+        ("landmark", "joint", False, 0),
+        ("bound", "joint", False, 2),
+    ],
 )
-def test_cpu_fast_forward_equals_reference(T, mode, fusion, sink):
+def test_cpu_fast_forward_equals_reference(T, mode, fusion, sink, rerank):
     """The CPU flash path (per-chunk selection, no padding) equals the reference: T < S, several groups of
     GROUP_CHUNKS (4) query chunks at T = 75 (25 chunks of 3), a partial last chunk, chunks picked among fewer
     than K visible."""
     g = torch.Generator().manual_seed(T)
     q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
     projections = [torch.eye(8) + torch.randn(2, 8, 8, generator=g) / 3 for _ in range(2)] if mode == "learned" else [None, None]
-    want = hsa_ops.hsa_ref(q, k, v, None, 8**-0.5, 3, 4, 2, mode, "block", *projections, sink, fusion)
-    got = hsa_cpu.hsa_block_cpu(q, k, v, 8**-0.5, 3, 4, 2, mode, *projections, sink, fusion, None, None)
+    want = hsa_ops.hsa_ref(q, k, v, None, 8**-0.5, 3, 4, 2, mode, "block", *projections, sink, fusion, None, None, rerank)
+    got = hsa_cpu.hsa_block_cpu(q, k, v, 8**-0.5, 3, 4, 2, mode, *projections, sink, fusion, None, None, rerank)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("select", ["token", "block"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_reranking_every_chunk_is_selection_by_the_true_lse(select, padded):
+    """With R·K at least the chunks, every chunk is a candidate: the first stage's score no longer matters, and the
+    K are the chunks with the largest true LSE, as ``score=exact`` selects them."""
+    q, k, v, key_padding = inputs(T=40, seed=3)
+    key_padding = key_padding if padded else None
+    want = hsa_ops.hsa_ref(q, k, v, key_padding, 0.4, 3, 2, 1, "exact", select, None, None, False, "joint")
+    for mode in ("landmark", "bound"):
+        got = hsa_ops.hsa_ref(q, k, v, key_padding, 0.4, 3, 2, 1, mode, select, None, None, False, "joint", None, None, 7)
+        torch.testing.assert_close(got, want)
+    assert (hsa_ops.hsa_ref(q, k, v, key_padding, 0.4, 3, 2, 1, "bound", select, None, None, False, "joint") - want).abs().max() > 0.1
+
+
+def test_rerank_option():
+    """``--opt rerank=R`` reaches every site (and inspect's line); it is refused where it has no meaning."""
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk=1, window=0, heads="each", rerank=2)
+    assert {s["rerank"] for s in compiled.program.sites()} == {2}
+    assert all("rerank=2" in describe(site) for site in compiled.program.sites())
+    assert [Call.of(n).rerank for n in compiled.program.gm.graph.nodes if n.target is torch.ops.longctx.hsa_attention.default] == [2, 2]
+    for options, message in [
+        ({"rerank": "-1"}, "invalid --opt rerank=-1"),
+        ({"rerank": "2", "score": "exact"}, "score=exact ranks every chunk"),
+        ({"rerank": "2", "fusion": "softmax"}, "fusion=softmax would weigh them by another score"),
+    ]:
+        with pytest.raises(LccError, match=message):
+            lcc.compile("tiny-llama", to="hsa", **options)
 
 
 def test_cpu_op_takes_the_fast_path_only_where_it_applies(monkeypatch):

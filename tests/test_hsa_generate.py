@@ -39,6 +39,8 @@ def qkv(T, seed=0):
         ("bound", 1, 0, "nope"),
         ("reps", 2, 1, None),
         ("reps", 1, 0, "joint"),
+        ("bound", 1, 0, "rerank"),  # the bound's 2·K candidates, the K by their true LSE
+        ("landmark", 1, 1, "rerank"),
     ],
 )
 @pytest.mark.parametrize("new", [1, 3, 6])
@@ -51,11 +53,12 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
     g = torch.Generator().manual_seed(1)
     wq, wk = (torch.randn(2, 8, 8, generator=g) for _ in range(2)) if mode == "learned" else (None, None)
     sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant == "nope" else (None, None)
-    sink, fusion = variant == "sink", {"stick": "stick", "joint": "joint"}.get(variant, "softmax")
-    full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk)
+    sink, fusion = variant == "sink", {"stick": "stick", "joint": "joint", "rerank": "joint"}.get(variant, "softmax")
+    rerank = 2 if variant == "rerank" else 0
+    full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk, rerank)
     sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, mode, grouped(q if sq is None else sq, 0.3))
     step = torch.ops.longctx.hsa_decode(
-        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:]
+        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:], rerank
     )
     torch.testing.assert_close(step, full[:, :, -new:])  # the decode op reads chunk summaries from cached sums instead of the keys
     if mode == "reps":
@@ -63,11 +66,11 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
             hsa_ops.hsa_ref(q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode)
         return
     tail = hsa_ops.hsa_ref(
-        q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk
+        q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk, rerank
     )
     torch.testing.assert_close(tail, full[:, :, -new:])
     op = torch.ops.longctx.hsa_attention(
-        q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk
+        q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk, rerank
     )
     torch.testing.assert_close(op, full[:, :, -new:])
 
@@ -156,6 +159,7 @@ def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
         {"score": "learned", "topk": "2", "nope": "true", "fusion": "stick"},
         {"score": "bound", "topk": "1", "fusion": "joint"},
         {"score": "bound", "topk": "1", "fusion": "joint", "heads": "each"},
+        {"score": "bound", "topk": "1", "heads": "each", "rerank": "2"},  # the bound's 2 candidates, the one with the larger true LSE
         {"score": "reps", "topk": "1"},
     ],
 )

@@ -39,7 +39,7 @@ def inputs(T, padded="mixed", seed=0, D=16):
     return q, k, v, key_padding
 
 
-CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, or "nope" scores), T, padded (see inputs)
+CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, "nope" scores, "rerank" 2), T, padded (see inputs)
     ("landmark", 1, 0, "token", False, 45, "mixed"),
     ("landmark", 1, 0, "token", False, 45, False),
     ("landmark", 2, 1, "block", False, 90, "padded"),
@@ -58,6 +58,8 @@ CASES = [  # mode, topk, window, select, sink (or "stick" / "joint" fusion, or "
     ("bound", 2, 0, "token", False, 45, "padded"),  # score queries and landmarks of width 2D
     ("reps", 2, 0, "token", False, 45, "padded"),  # landmarks from each chunk's 4 representative keys (of 16)
     ("bound", 2, 1, "block", "joint", 90, "padded"),  # chunks chosen by their scores, weighed by their true LSEs
+    ("bound", 1, 0, "token", "rerank", 90, "mixed"),  # the bound's 2·K candidates, the K by their true LSE (joint fusion)
+    ("landmark", 1, 0, "block", "rerank", 90, "padded"),
 ]
 
 
@@ -70,10 +72,11 @@ def test_kernels_equal_reference(mode, K, w, select, sink, T, padded):
     nope = list(inputs(T, padded, seed=5)[:2]) if sink == "nope" else [None, None]
     leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
     refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
-    fusion, sink = sink if sink in ("stick", "joint") else "softmax", sink is True
+    rerank = 2 if sink == "rerank" else 0
+    fusion, sink = "joint" if rerank else sink if sink in ("stick", "joint") else "softmax", sink is True
     statics = (16**-0.5, S, K, w, mode, select, sink, fusion)
-    got = hsa_flash(*leaves[:3], key_padding, *leaves[3:5], *statics, *leaves[5:], hsa_tiles(S, 2, select))[0]
-    want = hsa_attention(*refs[:3], key_padding, *refs[3:5], *statics, *refs[5:])
+    got = hsa_flash(*leaves[:3], key_padding, *leaves[3:5], *statics, *leaves[5:], rerank, hsa_tiles(S, 2, select))[0]
+    want = hsa_attention(*refs[:3], key_padding, *refs[3:5], *statics, *refs[5:], rerank)
     leaves, refs = [t for t in leaves if t is not None], [t for t in refs if t is not None]
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -182,7 +185,7 @@ def test_sequences_shorter_than_the_slots(mode, K):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         refs = [t.clone().requires_grad_() for t in (q, k, v)]
         statics = (16**-0.5, S, K, 1, mode, "token", False, "softmax", None, None)
-        got = hsa_flash(*leaves, None, None, None, *statics, hsa_tiles(S, 2, "token"))[0]
+        got = hsa_flash(*leaves, None, None, None, *statics, 0, hsa_tiles(S, 2, "token"))[0]
         want = hsa_attention(*refs, None, None, None, *statics)
         torch.testing.assert_close(got, want)
         grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(T)).to(DEVICE)

@@ -89,7 +89,7 @@ def test_packed_documents_and_arbitrary_masks(tmp_path):
         dict(chunk=4, topk=2, window=1),  # landmark scores, per-token selection, softmax fusion
         dict(chunk=4, topk=1, window=0, score="learned", select="block", fusion="stick", sink=True, nope=True),
         dict(chunk=4, topk="all", window=1, score="exact"),  # equals dense
-        dict(chunk=4, topk=2, window=1, heads="each"),  # K/V repeated per query head in the graph: each head selects
+        dict(chunk=4, topk=1, window=1, heads="each", rerank=2),  # K/V repeated per query head: each head selects, reranked by true LSE
     ],
 )
 def test_hsa(tmp_path, options):

@@ -67,6 +67,21 @@ def test_hsa(mode, select, topk, window, fusion, sink, nope, monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("mode", ["landmark", "bound", "reps"])
+@pytest.mark.parametrize("select", ["token", "block"])
+def test_hsa_rerank(mode, select, monkeypatch):
+    """The top-2·K by the score, then the K by their true LSE: the portable form selects as the reference does."""
+    monkeypatch.setattr(hsa_ops, "REPS", 2)
+    B, Hq, Hkv, D, chunk = 2, 4, 2, 8, 4
+    for T in (16, 23, 31):
+        q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+        padding = torch.ones(B, T, dtype=torch.long)
+        padding[1, : T // 3] = 0
+        want = hsa_ref(q, k, v, padding, 0.35, chunk, 1, 0, mode, select, None, None, False, "joint", None, None, 2)
+        got = portable.hsa(q, k, v, padding, None, None, 0.35, chunk, 1, 0, mode, select, False, "joint", None, None, 2)
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("cosine", [True, False])
 def test_route(cosine):
     router_q, query_mask = torch.randn(2, 4, 5, 8), torch.ones(2, 5)

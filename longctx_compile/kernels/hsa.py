@@ -8,6 +8,8 @@ share every key tile they load (rows are padded to at least 16 for ``tl.dot``).
 - ``select``: per unit, the top-K visible chunks (complete, older than the local window) by the
   group's summed landmark score, streamed over chunk tiles with a running top-K; no [T, chunks]
   tensor is ever written.
+- ``rerank``: per unit and candidate chunk (from ``select`` with R·K slots), the true LSE of each of the
+  unit's rows over the chunk's keys, summed over the rows: the score the K are then picked by.
 - forward: the local part (chunks c-w .. c, causal) by online softmax, then each selected chunk
   (one S-key tile) with its own softmax, fused by an online softmax over the parts' scores (each
   part's true LSE with ``joint`` fusion, which makes it one softmax over all the parts' keys). It
@@ -105,6 +107,36 @@ def _chunk_scores(q, k_base, kpad_base, kpos, t, scale, sk_s, offs_d, HEAD_DIM: 
     if HAS_PAD:
         keep = keep & (tl.load(kpad_base + kpos, mask=in_k, other=0)[None, :] != 0)
     return tl.where(keep, s, float("-inf")), k
+
+
+@triton.jit
+def _rerank_kernel(
+    Q, K, KeyPad, Idx, Out, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, si_b, si_h, si_u, so_b, so_h, so_u, sp_b, Hkv, T, G, NCAND,
+    scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UNIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """One program: one unit's queries × G heads; per candidate chunk, Σ over those rows of the row's LSE over the chunk.
+
+    Rows past T count as zero queries (an LSE of log(real keys)), as the reference's zero-padded last chunk does."""
+    u = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    hk = (bh % Hkv).to(tl.int64)
+    t, h, valid = _rows(u * UNIT, hk, T, G, UNIT, ROWS)
+    voter = (tl.arange(0, ROWS) // G) < UNIT
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, CHUNK)
+    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    for j in range(NCAND):
+        ci = tl.load(Idx + b * si_b + hk * si_h + u * si_u + j)
+        kpos = ci.to(tl.int64) * CHUNK + offs_n  # negative for an empty slot: no key
+        s, _ = _chunk_scores(q, K + b * sk_b + hk * sk_h, KeyPad + b * sp_b, kpos, t, scale, sk_s, offs_d, HEAD_DIM, HAS_PAD,
+                             False, T, PRECISION, DOT_DTYPE)
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), 1))  # -inf for a row that sees no real key
+        total = tl.sum(tl.where(voter, lse, 0.0), 0)
+        tl.store(Out + b * so_b + hk * so_h + u * so_u + j, tl.where(ci >= 0, total, float("-inf")))
 
 
 @triton.jit
@@ -492,6 +524,46 @@ def select(su: torch.Tensor, lk: torch.Tensor, lb: torch.Tensor, unit: int, chun
         num_warps=4,
     )
     return idx.sort(dim=-1, descending=True).values  # recency order; -1 (empty) last
+
+
+def rerank(q, k, key_padding, candidates: torch.Tensor, scale: float, chunk: int, unit: int) -> torch.Tensor:
+    """[B, Hkv, units, R·K] fp32: per unit and candidate chunk (``candidates`` [B, Hkv, units, R·K], -1 empty: -inf),
+    the true LSE of each of the unit's rows (its queries × the KV head's G query heads) over the chunk's keys, summed."""
+    q, k = (_last_contiguous(t) for t in (q, k))
+    B, Hq, T, _ = q.shape
+    Hkv, n_units, n = k.shape[1], candidates.shape[2], candidates.shape[3]
+    G = Hq // Hkv
+    pad = key_padding.to(torch.int32).contiguous() if key_padding is not None else None
+    pad_arg = pad if pad is not None else q.new_zeros(1, dtype=torch.float32)
+    flags = _flags(q, k, k, q.shape[-1], chunk, pad, False, False, True)
+    candidates = candidates.contiguous()
+    out = _new((B, Hkv, n_units, n), q)
+    launch(
+        _rerank_kernel,
+        (n_units, B * Hkv),
+        q,
+        k,
+        pad_arg,
+        candidates,
+        out,
+        *_strides(q, k, candidates, out),
+        *_strides(pad_arg, n=1),
+        Hkv,
+        T,
+        G,
+        n,
+        scale,
+        HEAD_DIM=flags["HEAD_DIM"],
+        BLOCK_D=flags["BLOCK_D"],
+        UNIT=unit,
+        ROWS=hsa_rows(unit, G),
+        CHUNK=chunk,
+        HAS_PAD=flags["HAS_PAD"],
+        PRECISION=flags["PRECISION"],
+        DOT_DTYPE=flags["DOT_DTYPE"],
+        num_warps=4,
+    )
+    return out
 
 
 def hsa_fwd(

@@ -95,7 +95,7 @@ KERNELS = {
     L.flash_attention.default: (L.attention.default, 9, lambda B, H, T: [((B, H, T), torch.float32)]),
     L.hsa_flash.default: (
         L.hsa_attention.default,
-        16,
+        17,
         lambda B, H, T: [((B, H, T), torch.float32), ((B, H, T, 0), torch.float32), ((B, H, 0, 0), torch.int32)],
     ),
 }

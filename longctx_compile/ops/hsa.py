@@ -24,7 +24,11 @@ For query t in chunk c = t // S:
   descending index): w_p = σ(s_p)·Π_{j<p}(1 − σ(s_j)), so Σw ≤ 1 and the rest means "attend nothing".
   In ``exact`` mode with K ≥ the candidates and softmax fusion this is dense causal attention exactly;
 - ``score_q`` / ``score_k`` (optional, same shapes as q / k) replace q and k in the landmark and
-  learned scores: the pre-RoPE projections give the paper's NoPE retrieval path.
+  learned scores: the pre-RoPE projections give the paper's NoPE retrieval path;
+- ``rerank`` R ≥ 1 makes the score a first stage: it keeps the top R·K candidates per selection unit,
+  and their true LSE (summed over the unit's voters, as ``exact`` sums it) picks the K
+  (:func:`rerank_top`; ties to the older chunk). It reads R·K chunks' keys per unit instead of all
+  of them, and is meant with ``fusion="joint"``, where the chosen chunks weigh in by that LSE anyway.
 Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key scores -inf and adds nothing.
 
 The reference below is the definition and the backward (autograd through it; the selection gets no
@@ -70,7 +74,7 @@ class Plan:
     G·S rows are one matrix); ``kwin`` / ``vwin`` / ``rwin``: each chunk's local keys, values and
     real-key flags (chunks c-w .. c, a strided view); ``causal`` [S, (w+1)S]; ``kc`` / ``vc`` / ``rc``:
     the complete chunks; ``landmarks``: (mean key, log real count) per complete chunk, None in
-    ``exact`` mode; ``K``: the chunks to select; ``step``: query chunks per group.
+    ``exact`` mode; ``K``: the chunks to select; ``step``: query chunks per group; ``rerank``: R (0: off).
     """
 
     qg: torch.Tensor
@@ -85,9 +89,10 @@ class Plan:
     landmarks: tuple[torch.Tensor, torch.Tensor] | None
     K: int
     step: int
+    rerank: int = 0
 
 
-def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k) -> Plan:
+def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k, rerank: int = 0) -> Plan:
     """Lay q, k, v out in chunks of ``chunk`` (arguments as :func:`hsa_ref`'s)."""
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -119,9 +124,10 @@ def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retriev
         rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
         landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
     K = full if topk < 0 else topk
-    per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
+    wide = K * max(1, rerank if mode != "exact" else 1)  # chunks whose keys a unit reads: R·K candidates when reranking
+    per_chunk = B * Hq * S * S * (wide + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * wide * S * D
     step = max(1, GROUP_ELEMENTS // per_chunk)
-    return Plan(qg, rows_q, kwin, vwin, rwin, causal, kc, vc, rc, landmarks, K, step)
+    return Plan(qg, rows_q, kwin, vwin, rwin, causal, kc, vc, rc, landmarks, K, step, rerank if mode != "exact" else 0)
 
 
 def hsa_ref(
@@ -141,6 +147,7 @@ def hsa_ref(
     fusion: str = "softmax",
     score_q: torch.Tensor | None = None,
     score_k: torch.Tensor | None = None,
+    rerank: int = 0,
 ) -> torch.Tensor:
     """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, S, D]; ``topk`` < 0 means all.
 
@@ -161,7 +168,7 @@ def hsa_ref(
         )
     if offset:
         q, score_q = (None if t is None else torch.nn.functional.pad(t, (0, 0, offset, 0)) for t in (q, score_q))
-    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k)
+    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k, rerank)
     B, Hkv, C, G, S, D = p.qg.shape
     w, first = window, offset // chunk
     outs = []
@@ -243,6 +250,14 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]
         group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
         group = group.masked_fill(~visible[:, None], float("-inf"))
+    if p.rerank:  # the first stage's R·K candidates, ranked again by their true LSE
+        candidates = top_chunks(group, min(p.rerank * K, older))
+        score = _candidate_scores(p, rows, candidates, visible)
+        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]
+        idx, at = rerank_top(candidates, group, K)
+        chosen = torch.gather(score, -1, at[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
+        flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
+        return idx, chosen, flat
     idx = top_chunks(group, K)  # [B, Hkv, Cg, S|1, K], most recent first
     if landmarks is None:
         chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
@@ -261,6 +276,31 @@ def top_chunks(scores: torch.Tensor, K: int) -> torch.Tensor:
     """Indices of the K best chunks along the last dim, most recent first; of equal scores the older chunk wins
     (a stable sort), as in the Triton selection and ONNX TopK, so every implementation picks the same chunks."""
     return scores.argsort(dim=-1, descending=True, stable=True)[..., :K].sort(dim=-1, descending=True).values
+
+
+def rerank_top(candidates: torch.Tensor, scores: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K best of ``candidates`` [..., R·K] (chunk indices, most recent first; -1 for none) by ``scores`` (same
+    shape): (their chunk indices [..., K], most recent first; their places in ``candidates``). Of equal scores the older
+    chunk wins, as in :func:`top_chunks`."""
+    n = candidates.shape[-1]
+    oldest_first = scores.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :K]
+    at = (n - 1 - oldest_first).sort(dim=-1).values  # places in the most-recent-first list, so most recent first
+    return candidates.gather(-1, at), at
+
+
+def _candidate_scores(p: Plan, rows: torch.Tensor, candidates: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Each row's true LSE [B, Hkv, Cg, G, S, R·K] of the candidate chunks [B, Hkv, Cg, S|1, R·K] (-inf where not visible)."""
+    B, Hkv, Cg, G, S, D = rows.shape
+    full = p.kc.shape[2]
+    flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + candidates).flatten()
+    ks = p.kc.reshape(-1, S, D).index_select(0, flat).view(*candidates.shape, S, D)
+    real = p.rc.expand(B, Hkv, -1, S).reshape(-1, S).index_select(0, flat).view(*candidates.shape, S)
+    pattern = "bhcgnd,bhcksd->bhcgnks" if candidates.shape[3] == 1 else "bhcgnd,bhcnksd->bhcgnks"
+    logits = torch.einsum(pattern, rows, ks[:, :, :, 0] if candidates.shape[3] == 1 else ks)
+    keep = (real[:, :, :, 0, None, None] if candidates.shape[3] == 1 else real[:, :, :, None]).expand_as(logits)
+    lse = _softmax(logits, keep)[1]
+    seen = torch.gather(visible[None, None, :, None].expand(B, Hkv, Cg, candidates.shape[3], visible.shape[1]), -1, candidates)
+    return lse.masked_fill(~seen[:, :, :, None], float("-inf"))
 
 
 def gather_chunks(p: Plan, flat: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,33 +397,34 @@ def hsa_attention(
     fusion: str = "softmax",
     score_q: torch.Tensor | None = None,
     score_k: torch.Tensor | None = None,
+    rerank: int = 0,
 ) -> torch.Tensor:
     """HSA as defined by :func:`hsa_ref`; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k))
+    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank))
     return result
 
 
 @hsa_attention.register_fake
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None, rerank=0):
     return empty_sdpa_layout(q, v)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:6], *inputs[14:16])
-    ctx.statics = inputs[6:14]
+    ctx.statics = (*inputs[6:14], inputs[16])
 
 
 def _backward(ctx, grad_out):
     q, k, v, key_padding, retrieval_q, retrieval_k, score_q, score_k = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k, score_q, score_k)]
-        scale, chunk, topk, window, mode, select, sink, fusion = ctx.statics
-        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:5], sink, fusion, *leaves[5:])
+        scale, chunk, topk, window, mode, select, sink, fusion, rerank = ctx.statics
+        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:5], sink, fusion, *leaves[5:], rerank)
         wrt = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
     dq, dk, dv, dwq, dwk, dsq, dsk = (None if t is None else next(grads) for t in leaves)
-    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dsq, dsk
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dsq, dsk, None
 
 
 hsa_attention.register_autograd(_backward, setup_context=_setup_context)  # its cache is declared in ops.hsa_decode

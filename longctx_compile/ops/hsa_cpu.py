@@ -31,9 +31,9 @@ def supported(q: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None
     )
 
 
-def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k) -> torch.Tensor:
+def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank=0) -> torch.Tensor:
     """HSA with per-chunk selection and no key padding, equal to ``hsa_ref(..., select="block")``; out fp32 [B, Hq, T, Dv]."""
-    p = plan(q, k, v, None, scale, chunk, topk, window, mode, "block", retrieval_q, retrieval_k, score_q, score_k)
+    p = plan(q, k, v, None, scale, chunk, topk, window, mode, "block", retrieval_q, retrieval_k, score_q, score_k, rerank)
     B, Hkv, C, G, S, D = p.qg.shape
     w = window
     causal = p.causal.repeat(G, 1)  # row r of a chunk's G·S rows is query r mod S
@@ -71,10 +71,12 @@ def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrie
 
 
 @hsa_attention.register_kernel("cpu")
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None, rerank=0):
     result = empty_sdpa_layout(q, v)
     if supported(q, v, key_padding, select):
-        result.copy_(hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k))
+        result.copy_(hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank))
     else:
-        result.copy_(hsa.hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k))
+        result.copy_(
+            hsa.hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank)
+        )
     return result

@@ -19,7 +19,7 @@ import torch
 
 from . import cache
 from .attention import empty_sdpa_layout
-from .hsa import _softmax, fusion_weights, score_queries, top_chunks
+from .hsa import _softmax, fusion_weights, rerank_top, score_queries, top_chunks
 from .hsa_sums import extend_reps, extend_sums, landmark_sums, summaries, width
 from .schema import Call
 
@@ -40,6 +40,7 @@ def hsa_decode_ref(
     sink: bool,
     fusion: str,
     score_q: torch.Tensor | None,
+    rerank: int = 0,
 ) -> torch.Tensor:
     """out [B, Hq, T, Dv] (fp32): the rows :func:`.hsa.hsa_ref` gives the last T queries of k/v [B, Hkv, N, D]."""
     B, Hq, T, D = q.shape
@@ -76,8 +77,14 @@ def hsa_decode_ref(
                 score_rows = torch.einsum("bhgd,hde->bhge", score_rows, retrieval_q.float())
                 summary = torch.einsum("bhcd,hde->bhce", summary, retrieval_k.float())
             score = torch.einsum("bhgd,bhcd->bhgc", score_rows, summary) + log_count[:, :, None]
-        idx = top_chunks(score.sum(2), K)  # [B, Hkv, K], most recent first
-        chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, K))
+        if rerank and mode != "exact":  # the R·K best by the score, then the K best of them by their true LSE
+            candidates = top_chunks(score.sum(2), min(rerank * K, older))
+            score = _true_lse(qi, k, candidates, real(0, older * S), S)
+            idx, at = rerank_top(candidates, score.sum(2), K)
+            chosen = torch.gather(score, -1, at[:, :, None].expand(B, Hkv, G, K))
+        else:
+            idx = top_chunks(score.sum(2), K)  # [B, Hkv, K], most recent first
+            chosen = torch.gather(score, -1, idx[:, :, None].expand(B, Hkv, G, K))
         positions = (idx[..., None] * S + torch.arange(S, device=q.device)).flatten(-2)  # [B, Hkv, K·S]
         ks, vs = (torch.gather(t[:, :, : older * S].float(), 2, positions[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (k, v))
         if key_padding is None:
@@ -93,6 +100,17 @@ def hsa_decode_ref(
         selected = (probs * weights[..., 1:, None]).flatten(-2)  # [B, Hkv, G, K·S]
         rows.append(out * weights[..., :1] + torch.einsum("bhgj,bhjd->bhgd", selected, vs))
     return torch.stack(rows, dim=3).reshape(B, Hq, T, v.shape[-1])
+
+
+def _true_lse(qi: torch.Tensor, k: torch.Tensor, chunks: torch.Tensor, real: torch.Tensor, S: int) -> torch.Tensor:
+    """Each head's true LSE [B, Hkv, G, n] of ``chunks`` [B, Hkv, n] for the scaled query ``qi`` [B, Hkv, G, D];
+    ``real`` [B, ≥ the chunks' keys] says which keys are real."""
+    B, Hkv, n = chunks.shape
+    positions = (chunks[..., None] * S + torch.arange(S, device=k.device)).flatten(-2)  # [B, Hkv, n·S]
+    keys = torch.gather(k.float(), 2, positions[..., None].expand(-1, -1, -1, k.shape[-1]))
+    keep = torch.gather(real[:, None].expand(B, Hkv, -1), 2, positions).view(B, Hkv, 1, n, S)
+    logits = torch.einsum("bhgd,bhjd->bhgj", qi, keys).view(B, Hkv, -1, n, S)
+    return _softmax(logits, keep.expand_as(logits))[1]
 
 
 @torch.library.custom_op("longctx::hsa_decode", mutates_args=())
@@ -112,15 +130,16 @@ def hsa_decode(
     sink: bool,
     fusion: str = "softmax",
     score_q: torch.Tensor | None = None,
+    rerank: int = 0,
 ) -> torch.Tensor:
     """HSA decode rows as :func:`hsa_decode_ref` defines them; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_decode_ref(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion, score_q))
+    result.copy_(hsa_decode_ref(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion, score_q, rerank))
     return result
 
 
 @hsa_decode.register_fake
-def _(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion="softmax", score_q=None):
+def _(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion="softmax", score_q=None, rerank=0):
     return empty_sdpa_layout(q, v)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from . import cache
 from .attention import empty_sdpa_layout
-from .hsa import chunk_summaries, score_queries
+from .hsa import chunk_summaries, rerank_top, score_queries
 from .hsa_decode import HsaCache
 
 
@@ -52,8 +52,9 @@ def _kernel_landmarks(lk, lb):
     return lk.new_zeros(*lk.shape[:2], 1, lk.shape[3]), lb.new_full((lb.shape[0], 1), float("-inf"))
 
 
-def _select(q, k, sq, lk, lb, chunk: int, topk: int, window: int, select: str) -> torch.Tensor:
-    """Indices [B, Hkv, units, slots] (int32, -1 empty, most recent first): every older chunk for exact scores, else the kernel's top-K."""
+def _select(q, k, key_padding, sq, lk, lb, scale: float, chunk: int, topk: int, window: int, select: str, rerank: int = 0) -> torch.Tensor:
+    """Indices [B, Hkv, units, slots] (int32, -1 empty, most recent first): every older chunk for exact scores, else the
+    kernel's top-K (with ``rerank`` R: its top R·K, of which the K with the largest summed true LSE, ``kernels.rerank``)."""
     from ..kernels import hsa as kernels
 
     B, Hq, T, _ = q.shape
@@ -70,7 +71,12 @@ def _select(q, k, sq, lk, lb, chunk: int, topk: int, window: int, select: str) -
     su = sq.view(B, Hkv, G, T, -1).sum(2)  # the group's heads share one selection …
     if select == "block":  # … and so do a chunk's queries (zeros past T, as in the reference)
         su = torch.nn.functional.pad(su, (0, 0, 0, n_units * chunk - T)).view(B, Hkv, n_units, chunk, -1).sum(3)
-    return kernels.select(su, lk, lb, unit, chunk, window, G * unit, slots)
+    if not rerank or topk < 0:
+        return kernels.select(su, lk, lb, unit, chunk, window, G * unit, slots)
+    candidates = kernels.select(su, lk, lb, unit, chunk, window, G * unit, rerank * slots)
+    true = kernels.rerank(q, k, key_padding, candidates, scale, chunk, unit)
+    idx, at = rerank_top(candidates, true, slots)
+    return idx.masked_fill(~torch.isfinite(true.gather(-1, at)), -1).sort(dim=-1, descending=True).values  # empty slots last
 
 
 @torch.library.custom_op("longctx::hsa_flash", mutates_args=())
@@ -91,6 +97,7 @@ def hsa_flash(
     fusion: str,
     score_q: torch.Tensor | None,
     score_k: torch.Tensor | None,
+    rerank: int,
     tiles: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """HSA with the semantics of ``longctx::hsa_attention``: (out [B, Hq, T, Dv], lse, score [B, Hq, T, 1 + slots], indices)."""
@@ -99,7 +106,7 @@ def hsa_flash(
     exact = mode == "exact"
     scoring = (q if score_q is None else score_q, k if score_k is None else score_k)
     sq, lk, lb = (None, None, None) if exact else retrieval_inputs(*scoring, key_padding, scale, chunk, mode, retrieval_q, retrieval_k)
-    idx = _select(q, k, sq, lk, lb, chunk, topk, window, select)
+    idx = _select(q, k, key_padding, sq, lk, lb, scale, chunk, topk, window, select, rerank)
     unit = 1 if select == "token" else chunk
     if not exact:
         lk, lb = _kernel_landmarks(lk, lb)
@@ -108,7 +115,7 @@ def hsa_flash(
 
 
 @hsa_flash.register_fake
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion, score_q, score_k, tiles):
+def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion, score_q, score_k, rerank, tiles):
     B, Hq, T, _ = q.shape
     slots = _slots(T, chunk, topk)
     unit = 1 if select == "token" else chunk
@@ -118,7 +125,7 @@ def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:6], *inputs[14:16], *output)
-    ctx.statics = (*inputs[6:14], inputs[16])
+    ctx.statics = (*inputs[6:14], inputs[17])
 
 
 def _backward(ctx, grad_out, *_unused):
@@ -151,7 +158,7 @@ def _backward(ctx, grad_out, *_unused):
             dq, dk = dq + gq.to(dq.dtype), dk + gk.to(dk.dtype)
         if retrieval_q is not None:
             dwq, dwk = next(grads), next(grads)
-    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dscore_q, dscore_k, None
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dscore_q, dscore_k, None, None
 
 
 hsa_flash.register_autograd(_backward, setup_context=_setup_context)

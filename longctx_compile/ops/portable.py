@@ -101,11 +101,13 @@ def hsa(
     fusion: str = "softmax",
     score_q=None,
     score_k=None,
+    rerank: int = 0,
 ) -> torch.Tensor:
     """``longctx::hsa_attention`` (:func:`ops.hsa.hsa_ref`), every query chunk at once.
 
     The top-K runs over the complete chunks padded with K empty ones (scored -inf), so K stays a
     constant whatever the length; an empty pick adds nothing in either fusion, as in the reference.
+    With ``rerank`` R the top-R·K are candidates, and their true LSEs pick the K (:func:`_rerank`).
     """
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -159,7 +161,7 @@ def hsa(
         K, extra = C, 0
         idx = (C - 1 - torch.arange(C, device=q.device)).expand(B, Hkv, C, units, C)
     else:
-        K = extra = topk
+        K = extra = topk * max(1, rerank if mode != "exact" else 1)
         group = torch.cat([group, group.new_full((B, Hkv, C, units, K), NEG_INF)], dim=-1)
         # ONNX TopK breaks ties to the lower index, as ``ops.hsa.top_chunks`` defines (a stable sort has no ONNX form)
         idx = group.topk(K, dim=-1).indices.sort(dim=-1, descending=True).values  # [B, Hkv, C, S|1, K], most recent first
@@ -167,17 +169,24 @@ def hsa(
     chosen = chosen.gather(-1, idx[:, :, :, None].expand(B, Hkv, C, G, S, K))
 
     # each selected chunk: its own softmax (off by one with a sink)
-    flat = (torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1, 1) * (C + extra) + idx).flatten()
     kcp, vcp = (F.pad(t, (0, 0, 0, 0, 0, extra)).flatten(0, 2) for t in (kc, vc))  # [(B·Hkv·(C+K)), S, D]
     rcp = F.pad(rc, (0, 0, 0, extra)).expand(B, Hkv, C + extra, S).flatten(0, 2)
-    ks, vs, rs = (t.index_select(0, flat).view(*idx.shape, S, -1) for t in (kcp, vcp, rcp[..., None]))
-    if select == "block":
-        part = torch.einsum("bhcgnd,bhcksd->bhcgnks", rows, ks[:, :, :, 0])
-        keep = rs[:, :, :, 0, None, None, :, :, 0]
-    else:
-        part = torch.einsum("bhcgnd,bhcnksd->bhcgnks", rows, ks)
-        keep = rs[:, :, :, None, :, :, :, 0]
-    probs, lse = masked_softmax(part, keep.expand_as(part))
+
+    def parts(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # the chunks' values, and the rows' probabilities and LSEs over them
+        flat = (torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1, 1) * (C + extra) + idx).flatten()
+        ks, vs, rs = (t.index_select(0, flat).view(*idx.shape, S, -1) for t in (kcp, vcp, rcp[..., None]))
+        if select == "block":
+            part = torch.einsum("bhcgnd,bhcksd->bhcgnks", rows, ks[:, :, :, 0])
+            keep = rs[:, :, :, 0, None, None, :, :, 0]
+        else:
+            part = torch.einsum("bhcgnd,bhcnksd->bhcgnks", rows, ks)
+            keep = rs[:, :, :, None, :, :, :, 0]
+        return vs, *masked_softmax(part, keep.expand_as(part))
+
+    if rerank and mode != "exact" and topk >= 0:
+        idx, chosen = _rerank(idx, torch.where(torch.isfinite(chosen), parts(idx)[2], chosen), topk, select)
+        K = topk
+    vs, probs, lse = parts(idx)
     if sink:
         probs = probs * torch.sigmoid(lse)[..., None]
     if fusion == "joint":  # each chunk weighs in by its true LSE
@@ -190,6 +199,17 @@ def hsa(
     else:
         out = out + torch.einsum("bhcgsj,bhcsjd->bhcgsd", picked, vs.flatten(4, 5))
     return _unchunk(out, T).to(q.dtype)
+
+
+def _rerank(candidates: torch.Tensor, true: torch.Tensor, K: int, select: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K best ``candidates`` [B, Hkv, C, S|1, R·K] (most recent first) by their rows' ``true`` LSEs [B, Hkv, C, G, S, R·K]
+    summed per unit (-inf: not a candidate a row sees): (chunk indices, most recent first; the rows' LSEs of them)."""
+    group = true.sum(3) if select == "token" else true.sum((3, 4))[:, :, :, None]
+    n = candidates.shape[-1]
+    oldest_first = group.flip(-1).topk(K, dim=-1).indices  # ONNX TopK: of equal scores the lower index, the older chunk
+    at = (n - 1 - oldest_first).sort(dim=-1).values  # places in the most-recent-first list
+    B, Hkv, C, G, S, _ = true.shape
+    return candidates.gather(-1, at), true.gather(-1, at[:, :, :, None].expand(B, Hkv, C, G, S, K))
 
 
 def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,13 @@ RECIPES = {"retrofit": ("bound", "joint"), "paper": ("landmark", "softmax")}
 @dataclass
 class HsaConfig:
     """``--opt chunk=64 topk=16|all window=4 recipe=retrofit|paper score=exact|landmark|bound|reps|learned
-    select=token|block heads=group|each sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
+    select=token|block heads=group|each rerank=0 sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
     its true LSE: one softmax over the local keys and the chosen chunks' keys, so selection alone decides what is lost.
     ``bound`` selects by an upper bound of each chunk's best q·k from its per-channel key range (Quest); ``reps`` by the
     mean of the few keys the chunk's own queries score highest (InfLLM's representative tokens). Both are training-free
     and query-aware. ``heads=each`` lets every query head select its own chunks, where ``group`` has a KV group's heads
-    share one selection (their summed scores). ``recipe`` sets the score and fusion not given (:data:`RECIPES`; ``learned`` trains through
+    share one selection (their summed scores). ``rerank=R`` (R ≥ 1) makes the score a first stage keeping R·topk candidates,
+    of which the topk with the largest true LSE are chosen (reads R·topk chunks' keys per query; needs ``fusion=joint``). ``recipe`` sets the score and fusion not given (:data:`RECIPES`; ``learned`` trains through
     softmax fusion weights, so its fusion defaults to softmax)."""
 
     chunk: int = 64
@@ -56,6 +57,7 @@ class HsaConfig:
     score: Literal["exact", "landmark", "bound", "reps", "learned"] | None = None
     select: Literal["token", "block"] = "token"
     heads: Literal["group", "each"] = "group"
+    rerank: int = 0
     sink: bool = False
     fusion: Literal["softmax", "stick", "joint"] | None = None
     nope: bool = False
@@ -78,6 +80,14 @@ class HsaConfig:
         if self.fusion == "joint" and self.score == "learned":
             raise LccError(
                 "--opt fusion=joint weighs chunks by their true LSE, so learned scores (trained through the fusion weights) would never train; use score=landmark"
+            )
+        if self.rerank < 0:
+            raise LccError(f"invalid --opt rerank={self.rerank}: a multiple of topk (candidates ranked again by their true LSE), or 0 for none")
+        if self.rerank and self.score == "exact":
+            raise LccError("--opt rerank ranks a first stage's candidates by their true LSE; score=exact ranks every chunk by it already")
+        if self.rerank and self.fusion != "joint":
+            raise LccError(
+                f"--opt rerank=R picks chunks by their true LSE, which fusion=joint weighs them by; fusion={self.fusion} would weigh them by another score"
             )
         if self.nope and self.score == "exact":
             raise LccError("--opt nope=true changes landmark, bound, reps and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
@@ -145,6 +155,7 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
                 program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
             )
         options = {"chunk": cfg.chunk, "topk": topk, "window": cfg.window, "mode": cfg.score, "select": cfg.select, "sink": cfg.sink, "fusion": cfg.fusion}
+        options["rerank"] = cfg.rerank if topk >= 0 else 0  # with every chunk selected there is nothing to rank
         retrieval = dict(zip(("retrieval_q", "retrieval_k"), projections, strict=True))
         args = call.to(HSA, **retrieval, **options, **dict(zip(("score_q", "score_k"), scoring, strict=True))).args()
         node.target, node.args = HSA, args
@@ -157,6 +168,7 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             score=cfg.score,
             select=cfg.select,
             heads=cfg.heads,
+            rerank=options["rerank"],
             sink=cfg.sink,
             fusion=cfg.fusion,
             nope=cfg.nope,
