@@ -204,17 +204,32 @@ def test_rerank_option():
             lcc.compile("tiny-llama", to="hsa", **options)
 
 
+@pytest.mark.parametrize("T", [2, 13, 40])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("mode,K,w,rerank", [("bound", 2, 1, 0), ("landmark", 1, 0, 2), ("exact", 2, 0, 0), ("bound", -1, 1, 0), ("reps", 2, 1, 0)])
+def test_cpu_joint_forward_equals_reference(T, padded, mode, K, w, rerank):
+    """The CPU path of per-token selection with joint fusion (one masked SDPA call per group of query chunks) equals
+    the reference: padding that empties a chunk and rows that see no key, T < S, a partial last chunk, reranking."""
+    q, k, v, key_padding = inputs(T=T, seed=T)
+    key_padding = key_padding if padded else None
+    want = hsa_ops.hsa_ref(q, k, v, key_padding, 0.4, 3, K, w, mode, "token", None, None, False, "joint", None, None, rerank)
+    got = hsa_cpu.hsa_joint_cpu(q, k, v, key_padding, 0.4, 3, K, w, mode, None, None, None, None, rerank)
+    torch.testing.assert_close(got, want)
+
+
 def test_cpu_op_takes_the_fast_path_only_where_it_applies(monkeypatch):
-    """On the CPU the op runs the flash path for unpadded per-chunk selection and the reference otherwise."""
+    """On the CPU the op runs the flash path for unpadded per-chunk selection, the masked-SDPA path for per-token
+    selection with joint fusion over the whole sequence, and the reference otherwise."""
     calls = []
-    fast = hsa_cpu.hsa_block_cpu
-    monkeypatch.setattr(hsa_cpu, "hsa_block_cpu", lambda *args: calls.append("fast") or fast(*args))
+    for name in ("hsa_block_cpu", "hsa_joint_cpu"):
+        monkeypatch.setattr(hsa_cpu, name, lambda *args, fast=getattr(hsa_cpu, name), name=name: calls.append(name) or fast(*args))
     reference = hsa_ops.hsa_ref
     monkeypatch.setattr(hsa_ops, "hsa_ref", lambda *args: calls.append("ref") or reference(*args))
     q, k, v, key_padding = inputs()
-    for padding, select in ((None, "block"), (key_padding, "block"), (None, "token")):
-        hsa_attention(q, k, v, padding, None, None, 8**-0.5, 3, 2, 1, "landmark", select, False)
-    assert calls == ["fast", "ref", "ref"]
+    for padding, select, fusion in ((None, "block", "softmax"), (key_padding, "block", "softmax"), (None, "token", "softmax"), (key_padding, "token", "joint")):
+        hsa_attention(q, k, v, padding, None, None, 8**-0.5, 3, 2, 1, "landmark", select, False, fusion)
+    hsa_attention(q[:, :, -2:], k, v, key_padding, None, None, 8**-0.5, 3, 2, 1, "landmark", "token", False, "joint")  # a decode step's rows
+    assert calls == ["hsa_block_cpu", "ref", "ref", "hsa_joint_cpu", "ref"]
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-phi"])

@@ -18,7 +18,7 @@ Each prompt is a passkey prompt of ``bench/real/passkey.py`` followed by the ans
 table gives the mean log-probability of the key's digits too. Only the last ``--rows`` query rows attend
 sparsely (all rows with 0): the answer's retrieval is measured with the prompt's representations kept
 dense. ``--check`` compares, on ``--length`` random tokens with every row sparse, the simulation against lcc's own
-``--to hsa`` program for each setting lcc has (``sub`` and ``rerank`` unset): the simulator is lcc's semantics.
+``--to hsa`` program for each setting lcc has (``sub`` unset): the simulator is lcc's semantics.
 
     python bench/real/hsa_selection.py SMOLLM2 --length 4096 --prompts 10 "score=bound" "score=bound,heads=each" \\
         "score=exact" "score=exact,heads=each" "score=bound,heads=each,sub=8" "chunk=16,topk=64,window=8,heads=each"
@@ -133,6 +133,8 @@ def lcc_logits(model_path: str, cfg: dict, ids: list[int]) -> torch.Tensor:
     import longctx_compile as lcc
 
     options = {key: str(cfg[key]) for key in ("chunk", "topk", "window", "score", "heads")}
+    if cfg["rerank"]:
+        options["rerank"] = str(cfg["rerank"])
     compiled = lcc.compile(model_path, to="hsa", max_len=str(len(ids)), fusion="joint", **options)
     x = torch.tensor([ids])
     return compiled(x, torch.ones_like(x), torch.arange(len(ids))[None])[0]
@@ -168,7 +170,7 @@ def main() -> None:
             hits += bool((logits.argmax(-1) == torch.tensor(key)).all())
             logp += float(logits.gather(-1, torch.tensor(key)[:, None]).sum())
         row = dict(setting=setting, accuracy=hits / len(items), key_logp=logp / len(items), seconds=time.perf_counter() - start)
-        if args.check and cfg is not None and not cfg["sub"] and not cfg["rerank"]:  # random tokens: the simulation and lcc, against dense
+        if args.check and cfg is not None and not cfg["sub"]:  # random tokens: the simulation and lcc, against dense
             ids = torch.randint(0, model.config.vocab_size, (args.length,), generator=torch.Generator().manual_seed(0)).tolist()
             AttentionInterface.register("lcc_hsa_selection", simulated(cfg, 0))
             sparse = model(torch.tensor([ids])).logits[0]

@@ -27,15 +27,16 @@ For query t in chunk c = t // S:
   learned scores: the pre-RoPE projections give the paper's NoPE retrieval path;
 - ``rerank`` R ≥ 1 makes the score a first stage: it keeps the top R·K candidates per selection unit,
   and their true LSE (summed over the unit's voters, as ``exact`` sums it) picks the K
-  (:func:`rerank_top`; ties to the older chunk). It reads R·K chunks' keys per unit instead of all
-  of them, and is meant with ``fusion="joint"``, where the chosen chunks weigh in by that LSE anyway.
+  (:func:`rerank_top`; ties to the older chunk). The Triton path reads R·K chunks' keys per unit instead of
+  all of them (the reference computes every chunk's LSE, the cheaper way on a CPU); meant with
+  ``fusion="joint"``, where the chosen chunks weigh in by that LSE anyway.
 Padded keys (``key_padding`` 0) take part nowhere; a chunk with no real key scores -inf and adds nothing.
 
 The reference below is the definition and the backward (autograd through it; the selection gets no
 gradient, the scores do through the fusion weights). It runs a group of query chunks at a time
 (local windows are strided views of the keys, retrieved chunks gathered with ``index_select``), the
 group sized so no intermediate exceeds about 2^20 elements (cache-sized: larger groups were slower
-on the CPU): memory O(T·(K+w+1)·S) overall, never [T, T]; only ``exact`` scoring reads every older
+on the CPU): memory O(T·(K+w+1)·S) overall, never [T, T]; only ``exact`` scoring (and ``rerank``) reads every older
 key. On the CPU, ``ops.hsa_cpu`` runs the forward of per-chunk selection faster with the same plan.
 """
 
@@ -124,8 +125,8 @@ def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retriev
         rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
         landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
     K = full if topk < 0 else topk
-    wide = K * max(1, rerank if mode != "exact" else 1)  # chunks whose keys a unit reads: R·K candidates when reranking
-    per_chunk = B * Hq * S * S * (wide + w + 1) + (B * Hq * S * T if mode == "exact" else 0) + B * Hkv * (S if select == "token" else 1) * wide * S * D
+    every = mode == "exact" or rerank  # scoring reads every older key
+    per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if every else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
     step = max(1, GROUP_ELEMENTS // per_chunk)
     return Plan(qg, rows_q, kwin, vwin, rwin, causal, kc, vc, rc, landmarks, K, step, rerank if mode != "exact" else 0)
 
@@ -252,7 +253,10 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         group = group.masked_fill(~visible[:, None], float("-inf"))
     if p.rerank:  # the first stage's R·K candidates, ranked again by their true LSE
         candidates = top_chunks(group, min(p.rerank * K, older))
-        score = _candidate_scores(p, rows, candidates, visible)
+        # every older chunk's true LSE, then the candidates': a row's logits over the older keys cost less on the CPU
+        # than gathering each row's own R·K chunks (the Triton path reads the candidates only, ``kernels.hsa.rerank``)
+        every = _exact_scores(rows, kc[:, :, :older], rc[:, :, :older]).masked_fill(~visible[:, None, None], float("-inf"))
+        score = torch.gather(every, -1, candidates[:, :, :, None].expand(B, Hkv, Cg, G, S, -1))
         group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]
         idx, at = rerank_top(candidates, group, K)
         chosen = torch.gather(score, -1, at[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
@@ -286,21 +290,6 @@ def rerank_top(candidates: torch.Tensor, scores: torch.Tensor, K: int) -> tuple[
     oldest_first = scores.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :K]
     at = (n - 1 - oldest_first).sort(dim=-1).values  # places in the most-recent-first list, so most recent first
     return candidates.gather(-1, at), at
-
-
-def _candidate_scores(p: Plan, rows: torch.Tensor, candidates: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Each row's true LSE [B, Hkv, Cg, G, S, R·K] of the candidate chunks [B, Hkv, Cg, S|1, R·K] (-inf where not visible)."""
-    B, Hkv, Cg, G, S, D = rows.shape
-    full = p.kc.shape[2]
-    flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + candidates).flatten()
-    ks = p.kc.reshape(-1, S, D).index_select(0, flat).view(*candidates.shape, S, D)
-    real = p.rc.expand(B, Hkv, -1, S).reshape(-1, S).index_select(0, flat).view(*candidates.shape, S)
-    pattern = "bhcgnd,bhcksd->bhcgnks" if candidates.shape[3] == 1 else "bhcgnd,bhcnksd->bhcgnks"
-    logits = torch.einsum(pattern, rows, ks[:, :, :, 0] if candidates.shape[3] == 1 else ks)
-    keep = (real[:, :, :, 0, None, None] if candidates.shape[3] == 1 else real[:, :, :, None]).expand_as(logits)
-    lse = _softmax(logits, keep)[1]
-    seen = torch.gather(visible[None, None, :, None].expand(B, Hkv, Cg, candidates.shape[3], visible.shape[1]), -1, candidates)
-    return lse.masked_fill(~seen[:, :, :, None], float("-inf"))
 
 
 def gather_chunks(p: Plan, flat: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:

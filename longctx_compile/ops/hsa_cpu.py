@@ -9,7 +9,9 @@ outputs. The plan and the selection are the reference's (``ops.hsa``), so only t
 arithmetic differs from it. Used for the forward only: the backward recomputes through ``hsa_ref``.
 
 Taken when the keys are unpadded and ``select="block"`` (per-token selection has G rows per chunk:
-too small for the kernel); everything else runs the reference.
+too small for the kernel). Per-token selection with ``fusion="joint"`` (the retrofit's) takes another
+path, :func:`hsa_joint_cpu`: one softmax over the local and chosen keys is attention under a mask, so a
+group of query chunks is one masked SDPA call over the keys before it. Everything else runs the reference.
 """
 
 from __future__ import annotations
@@ -70,11 +72,49 @@ def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrie
     return unchunk(out, q.shape[2])
 
 
+def joint_supported(q: torch.Tensor, k: torch.Tensor, select: str, sink: bool, fusion: str) -> bool:
+    """Whether :func:`hsa_joint_cpu` computes this call: per-token selection, joint fusion, the queries are all the keys."""
+    return q.device.type == "cpu" and select == "token" and fusion == "joint" and not sink and q.shape[2] == k.shape[2]
+
+
+def hsa_joint_cpu(q, k, v, key_padding, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, score_q, score_k, rerank=0) -> torch.Tensor:
+    """HSA with per-token selection and joint fusion, equal to ``hsa_ref(..., select="token", fusion="joint")``: each
+    group of query chunks attends, in one SDPA call, to the keys before it under the mask local window ∪ chosen chunks."""
+    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, "token", retrieval_q, retrieval_k, score_q, score_k, rerank)
+    B, Hkv, C, G, S, D = p.qg.shape
+    T, w = q.shape[2], window
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
+    out = torch.empty(B, Hkv, C, G, S, v.shape[-1], device=q.device)
+    position = torch.arange(T, device=q.device)
+    for c0 in range(0, C, GROUP_CHUNKS):
+        c1 = min(C, c0 + GROUP_CHUNKS)
+        n = min(T, c1 * S)  # the keys the group's queries may see
+        rows = p.qg[:, :, c0:c1]  # [B, Hkv, Cg, G, S, D], scaled already
+        query = torch.arange(c0 * S, c1 * S, device=q.device).view(c1 - c0, S, 1)
+        keep = (position[:n] <= query) & (position[:n] >= (query // S - w) * S)  # the local window, causal: [Cg, S, n]
+        keep = keep[None, None] & real[:, None, None, None, :n]  # [B, 1, Cg, S, n]
+        older = c1 - 1 - w
+        if older > 0 and topk != 0:
+            idx, chosen, _ = select_chunks(p, rows, older, c0, c1, w, min(p.K, older), "token")  # idx [B, Hkv, Cg, S, K]
+            picked = torch.zeros(*idx.shape[:-1], older + 1, dtype=torch.bool, device=q.device)
+            # a pick that is no candidate (-inf: among fewer than K visible, or empty) goes to the spare last column
+            picked.scatter_(-1, torch.where(torch.isfinite(chosen[:, :, :, 0]), idx, older), True)
+            chunks = picked[..., :older].repeat_interleave(S, dim=-1)  # [B, Hkv, Cg, S, older·S]
+            keep = keep | torch.nn.functional.pad(chunks & real[:, None, None, None, : older * S], (0, n - older * S))
+        mask = keep[:, :, :, None].expand(B, keep.shape[1], c1 - c0, G, S, n).expand(B, Hkv, -1, -1, -1, -1).reshape(B, Hkv, -1, n)
+        flat = rows.reshape(B, Hkv, -1, D)
+        part = torch.nn.functional.scaled_dot_product_attention(flat, k[:, :, :n].float(), v[:, :, :n].float(), attn_mask=mask, scale=1.0)
+        out[:, :, c0:c1] = torch.where(mask.any(-1, keepdim=True), part, 0.0).view(B, Hkv, c1 - c0, G, S, -1)  # no key: 0
+    return unchunk(out, T)
+
+
 @hsa_attention.register_kernel("cpu")
 def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None, rerank=0):
     result = empty_sdpa_layout(q, v)
     if supported(q, v, key_padding, select):
         result.copy_(hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank))
+    elif joint_supported(q, k, select, sink, fusion):
+        result.copy_(hsa_joint_cpu(q, k, v, key_padding, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, score_q, score_k, rerank))
     else:
         result.copy_(
             hsa.hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank)
