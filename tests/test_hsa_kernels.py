@@ -124,6 +124,16 @@ def test_lowered_exact_model_equals_dense(preset, options):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
 
 
+def test_lowered_reranked_model_equals_the_cpu_program():
+    """``rerank`` lowers with the rest of the site (the selection kernel's 2·K candidates, the rerank kernel, the
+    forward kernel): the logits of a per-head reranked model equal the cpu program's, where 2 of 4 chunks are candidates."""
+    options = dict(to="hsa", chunk=16, topk="1", window=0, heads="each", rerank=2)
+    kernel, reference = lcc.compile("tiny-llama", target="interpret", **options), lcc.compile("tiny-llama", **options)
+    assert {s["kernel"] for s in kernel.program.sites()} == {"longctx.hsa_flash/triton"}
+    ids = (torch.arange(75)[None] * 11 + 5) % 256
+    torch.testing.assert_close(kernel(ids), reference(ids))
+
+
 @pytest.mark.parametrize("heads", ["group", "each"])
 def test_lowered_learned_model_trains_like_the_reference(tmp_path, heads):
     """A learned-score NoPE model lowered for ``interpret`` gives the cpu program's logits and parameter gradients, and saves
