@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import longctx_compile as lcc
-from longctx_compile.forms.evict.train import TrainConfig, Trainer, token_stream, train
+from longctx_compile.forms.evict.train import TrainConfig, Trainer, train
+from longctx_compile.runtime.data import token_stream
 
 SMALL = ["--opt", "sinks=2", "--opt", "window=4", "--opt", "budget=24"]
 

@@ -49,8 +49,9 @@ def train_indexers(
     """
     from ... import artifact
     from ...console import err, out, read_artifact
+    from ...runtime.data import read_tokens, token_stream
     from ...runtime.tokenizer import tokenizer_for
-    from .train import TrainConfig, Trainer, token_stream, train
+    from .train import TrainConfig, Trainer, train
 
     manifest, program = read_artifact(path)
     signature = manifest["signature"]
@@ -63,7 +64,7 @@ def train_indexers(
         raise LccError("--steps, --batch and --save-every must be at least 1")
     if not pinned < length <= signature["max_len"]:
         raise LccError(f"--length {length} must exceed sinks + window ({pinned}) and stay within the program's maximum length {signature['max_len']}")
-    stream = token_stream(_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], length, batch, seed)
+    stream = token_stream(read_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], length, batch, seed)
     checkpoint = checkpoint or Path(str(Path(path)).rstrip("/") + ".train-indexers.pt")
     fingerprint = manifest["files"][artifact.PROGRAM]
     state = None

@@ -16,8 +16,6 @@ sees the batches an uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from ...ops.evict import (
 )
 from ...ops.schema import Call
 from ...runtime.interpret import attention_sites, flat_inputs, logits_index, with_site_hooks
+from ...runtime.train import save_checkpoint, schedule
 from .runtime import EVICT, Policy, take
 
 ATTENTION = torch.ops.longctx.attention.default
@@ -66,39 +65,6 @@ class TrainConfig:
     lr: float = 1e-3
     memory_lr: float = 1e-2
     seed: int = 0
-
-
-def token_stream(tokens: list[list[int]] | None, vocab: int, length: int, batch: int, seed: int) -> Callable[[int], torch.Tensor]:
-    """``step -> ids [batch, length]``: windows at seeded offsets inside documents of at least ``length`` tokens (or, when
-    none is that long, of all of them concatenated), or uniform random tokens when ``tokens`` is None."""
-    if tokens is None:
-        return lambda step: torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-    long = [torch.tensor(doc, dtype=torch.long) for doc in tokens if len(doc) >= length]
-    if not long:
-        long = [torch.tensor([t for doc in tokens for t in doc], dtype=torch.long)]
-        if len(long[0]) < length:
-            raise LccError(f"the training data holds {len(long[0])} tokens, fewer than --length {length}")
-    top = max(int(doc.max()) for doc in long)
-    if top >= vocab:
-        raise LccError(f"the training data has token id {top}, outside the model's vocabulary 0..{vocab - 1}")
-
-    def draw(step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        rows = []
-        for d in torch.randint(0, len(long), (batch,), generator=g).tolist():
-            start = int(torch.randint(0, len(long[d]) - length + 1, (1,), generator=g))
-            rows.append(long[d][start : start + length])
-        return torch.stack(rows)
-
-    return draw
-
-
-def schedule(step: int, steps: int) -> float:
-    """Learning-rate factor: linear warm-up over the first tenth, then cosine to zero."""
-    warm = max(1, steps // 10)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 class Trainer:
@@ -187,13 +153,6 @@ class Trainer:
             M, b = memory_write(M, b, phi_k[:, :, part], gone_v[:, :, part], torch.sigmoid(decay), F.softplus(strength))
         read = memory_readout(tail, M, b, phi, gate_w, gate_b)
         return ((residual - read) ** 2).mean() / (residual**2).mean().clamp_min(1e-12)
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (a temporary file renamed over the old one)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def train(

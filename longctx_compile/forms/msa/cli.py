@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ...errors import LccError
+from ...runtime.data import read_docs
 
 memory_app = typer.Typer(
     help="The memory bank of an msa artifact: encode documents, add or remove some, show it, and query it.\n\n"
@@ -37,38 +38,6 @@ def _model(path: str, positions: str | None = None):
 
     manifest, program = read_artifact(path)
     return MsaModel(program, manifest["signature"], positions), tokenizer_for(manifest)
-
-
-def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
-    """(ids, token lists) from JSONL lines ``{"id": ..., "text": ...}`` or ``{"id": ..., "tokens": [...]}`` (id: the line number if absent)."""
-    if not path.is_file():
-        raise LccError(f"no documents file '{path}'")
-    ids, docs = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LccError(f"{where}: not a JSON object ({e.msg})") from None
-        if not isinstance(row, dict) or ("text" in row) == ("tokens" in row):
-            raise LccError(f'{where}: expected an object with "text" or "tokens" (one of them)')
-        if "text" in row:
-            if tokenizer is None:
-                raise LccError(f'{where}: the artifact\'s source has no tokenizer saved; give documents as "tokens"')
-            tokens = tokenizer.encode(str(row["text"]), add_special_tokens=False)
-        else:
-            tokens = row["tokens"]
-            if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
-                raise LccError(f'{where}: "tokens" must be a list of token ids')
-        if not tokens:
-            raise LccError(f"{where}: the document is empty")
-        ids.append(str(row.get("id", number)))
-        docs.append(tokens)
-    if not docs:
-        raise LccError(f"'{path}' holds no documents")
-    return ids, docs
 
 
 def _encode(model, ids, docs, bank=None, batch_size: int = 8, prefix=None):
