@@ -1,8 +1,9 @@
-"""The public Python API: ``compile``, ``load``, ``verify``, ``diff``, ``targets``."""
+"""The public Python API: ``compile``, ``load``, ``verify``, ``diff``, ``train``, ``targets``."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,60 @@ def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = Non
     else:
         raise LccError(f"cannot diff {type(converted).__name__}: expected a compiled program or an artifact path")
     return diff_snapshots(snapshots, history, from_stage, to_stage, layer)
+
+
+def train(
+    path: str | Path,
+    data: str,
+    out: str | Path,
+    force: bool = False,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    save_every: int = 50,
+    metrics: str | Path | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Adapt the artifact at ``path`` to its form and write the result to ``out`` (atomically; ``path`` is untouched).
+
+    ``data``: ``synthetic`` (random tokens), a ``.jsonl`` of ``{"text"|"tokens"}`` lines, or a text file. ``options``:
+    :class:`~.runtime.train.TrainConfig`'s fields (objective, trainable, steps, length, batch, accumulate, lr, clip,
+    seed; ``length`` defaults to 1024 or the program's maximum). A checkpoint (default ``OUT.train.pt``) is written every ``save_every`` steps and removed at the end;
+    ``resume`` continues it. Returns the summary recorded in the new artifact's signature under ``train``.
+    """
+    from .runtime.data import read_tokens, token_stream
+    from .runtime.train import ProgramTrainer, TrainConfig, run
+
+    path, out = Path(path), Path(out)
+    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise LccError(f"unknown training option '{sorted(unknown)[0]}'; known: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+    if not is_artifact(path):
+        raise LccError(f"'{path}' is not an lcc artifact (convert a model first: lcc convert MODEL --to FORM -o ARTIFACT)")
+    artifact.check_destination(out, force, [path])
+    manifest = artifact.read_manifest(path)
+    signature = manifest["signature"]
+    cfg = TrainConfig(**{"length": min(1024, signature["max_len"]), **options})
+    cfg.check()
+    if cfg.length > signature["max_len"]:
+        raise LccError(f"--seq-len {cfg.length} exceeds the program's maximum length {signature['max_len']}; convert with a larger max_len")
+    ep = artifact.read_program(path, manifest)
+    trainer = ProgramTrainer(ep, signature, cfg, manifest.get("form", "dense"))
+    stream = token_stream(read_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
+    checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"
+    fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps(dataclasses.asdict(cfg), sort_keys=True) + data
+    state = None
+    if resume:
+        if not checkpoint.is_file():
+            raise LccError(f"--resume: no checkpoint at '{checkpoint}'")
+        state = torch.load(checkpoint, weights_only=True)
+        if state.get("fingerprint") != fingerprint:
+            raise LccError(f"the checkpoint '{checkpoint}' belongs to another artifact, data or set of options")
+    elif checkpoint.exists():
+        raise LccError(f"a checkpoint of an earlier run exists at '{checkpoint}': pass --resume to continue it, or remove it")
+    result = run(trainer, stream, checkpoint, state, save_every, progress, Path(metrics) if metrics else None, fingerprint)
+    summary = {**result["summary"], "data": data, "length": cfg.length, "batch": cfg.batch, "accumulate": cfg.accumulate, "lr": cfg.lr, "seed": cfg.seed}
+    manifest["signature"]["train"] = [*manifest["signature"].get("train", []), summary]
+    artifact.rewrite_weights(path, manifest, ep, result["trained"], out=out)
+    checkpoint.unlink(missing_ok=True)
+    return summary

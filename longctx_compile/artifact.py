@@ -218,14 +218,14 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def rewrite_weights(path: Path, manifest: dict[str, Any], ep: torch.export.ExportedProgram, values: dict[str, torch.Tensor]) -> None:
+def rewrite_weights(path: Path, manifest: dict[str, Any], ep: torch.export.ExportedProgram, values: dict[str, torch.Tensor], out: Path | None = None) -> None:
     """Put ``values`` into the artifact's model program and write it with ``manifest``, atomically: a copy of the
-    folder with the new ``model.pt2`` replaces it (the other files are copied as they are)."""
+    folder with the new ``model.pt2`` replaces it, or becomes ``out`` (the other files are copied as they are)."""
     path = Path(path)
     for name, value in values.items():
         old = ep.state_dict[name]
         ep.state_dict[name] = torch.nn.Parameter(value.detach().to(old.dtype).clone(), requires_grad=old.requires_grad)
-    with atomic_folder(path) as tmp:
+    with atomic_folder(Path(out or path)) as tmp:
         for item in path.iterdir():
             if item.name in (PROGRAM, MANIFEST):
                 continue

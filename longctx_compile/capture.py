@@ -298,7 +298,15 @@ def export(model: torch.nn.Module, cfg: CaptureConfig | None = None) -> tuple[to
     if out is None or out.dim() != 3:
         shape = None if out is None else list(out.shape)
         raise LccError(f"{type(model).__name__} is not a decoder language model: output shape {shape}, expected [batch, seq, vocab]")
-    signature = {"inputs": list(names), "outputs": ["logits"], "max_len": max_len, "vocab_size": vocab, "dtype": dtype_name(dtype_of(model)), "notes": notes}
+    signature = {
+        "inputs": list(names),
+        "outputs": ["logits"],
+        "max_len": max_len,
+        "vocab_size": vocab,
+        "dtype": dtype_name(dtype_of(model)),
+        "notes": notes,
+        "new_parameters": [],
+    }
     return ep, signature
 
 

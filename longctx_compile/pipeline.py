@@ -104,7 +104,8 @@ class Program:
         """A new trainable parameter ``target`` (a dotted module path) of the program, and its graph input.
 
         Lifted parameters are the first inputs of an exported graph: the new one goes after the last
-        of them, in the graph and in the signature, and its value joins the state dict.
+        of them, in the graph and in the signature, and its value joins the state dict; its name joins the
+        signature's ``new_parameters``.
         """
         from torch._guards import detect_fake_mode
         from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
@@ -118,6 +119,7 @@ class Program:
         node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)  # weight shapes are fixed, never symbols
         specs.insert(last + 1, InputSpec(kind=InputKind.PARAMETER, arg=TensorArgument(name=node.name), target=target, persistent=None))
         self.ep.state_dict[target] = torch.nn.Parameter(value)
+        self.signature.setdefault("new_parameters", []).append(target)  # what ``lcc train --trainable new`` trains
         return node
 
 

@@ -1,4 +1,4 @@
-"""``lcc``: convert, inspect, diff, verify, generate, memory, train-indexers, export-onnx, launch, passes, targets."""
+"""``lcc``: convert, inspect, diff, verify, generate, memory, train, train-indexers, export-onnx, launch, passes, targets."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ app = typer.Typer(
     "  lcc verify tiny-llama.lcc\n\n"
     "  lcc generate tiny-llama.lcc --prompt-ids 1,2,3 -n 16\n\n"
     "  lcc memory encode tiny-llama.msa.lcc --docs docs.jsonl -o bank\n\n"
+    "  lcc train tiny-llama.hsa.lcc --data synthetic --steps 100 --seq-len 256 -o tiny-llama.hsa.trained.lcc\n\n"
     "  lcc train-indexers tiny-llama.evict.lcc --data synthetic --steps 200\n\n"
     "  lcc export-onnx tiny-llama.lcc -o tiny-llama.onnx --verify\n\n"
     "  lcc launch --nproc 2 examples/train_sp.py tiny-llama.sp.lcc",
@@ -75,14 +76,18 @@ def _add_form_commands() -> None:
 _add_form_commands()
 
 
-def _add_export() -> None:
+def _add_commands() -> None:
+    """The commands kept in modules of their own: train, export-onnx, export-pt2."""
     from .export import export_onnx, export_pt2
+    from .train import train
+
+    app.command("train")(train)
 
     app.command("export-onnx")(export_onnx)
     app.command("export-pt2")(export_pt2)
 
 
-_add_export()
+_add_commands()
 
 Opt = Annotated[
     Optional[list[str]], typer.Option("--opt", help="capture/form/lowering option key=value (repeatable), e.g. --opt attn=eager, --opt fwd_block_m=64")

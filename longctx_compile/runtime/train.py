@@ -1,13 +1,24 @@
-"""The training loop's parts every trainer shares: the learning-rate schedule and atomic checkpoints."""
+"""``lcc train``'s loop: a converted program adapted to its form by distillation to its dense source (or the LM loss),
+its chosen parameters as fp32 leaves and the rest frozen; and the parts every trainer shares (the learning-rate
+schedule, atomic checkpoints)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.export.graph_signature import InputKind
+
+from ..errors import LccError
 
 
 def schedule(step: int, steps: int) -> float:
@@ -23,3 +34,171 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+OBJECTIVES = ("distill", "lm")
+
+
+@dataclass
+class TrainConfig:
+    """``objective``: ``distill`` (KL from the source model's next-token distribution — the program run with every
+    site dense, :mod:`..ops.teacher` — to the program's own) or ``lm`` (next-token cross-entropy). ``trainable``:
+    ``new`` (the parameters the form added), ``all``, ``norms`` (normalisation weights) or ``layers=0,2`` (every
+    parameter of those layers). Steps, tokens per sequence, sequences per micro-batch, micro-batches per step, peak
+    learning rate (warm-up over a tenth of the steps, then cosine), gradient clipping (0: none), the data seed."""
+
+    objective: str = "distill"
+    trainable: str = "new"
+    steps: int = 100
+    length: int = 1024
+    batch: int = 1
+    accumulate: int = 1
+    lr: float = 1e-4
+    clip: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise LccError(f"unknown objective '{self.objective}'; known: {', '.join(OBJECTIVES)}")
+        for name in ("steps", "length", "batch", "accumulate"):
+            if getattr(self, name) < 1:
+                raise LccError(f"--{name.replace('length', 'seq-len')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.clip < 0:
+            raise LccError(f"--lr must be positive and --clip at least 0, got {self.lr} and {self.clip}")
+
+
+def trainable_names(ep: torch.export.ExportedProgram, signature: dict[str, Any], spec: str, form: str = "dense") -> list[str]:
+    """The parameters ``spec`` names (see :class:`TrainConfig`), in the program's order; one clear error for none."""
+    params = [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
+    if spec == "all":
+        chosen = params
+    elif spec == "new":
+        new = set(signature.get("new_parameters", ()))
+        chosen = [p for p in params if p in new]
+        if not chosen:
+            unrecorded = "" if "new_parameters" in signature or form == "dense" else " (or it was converted before lcc recorded them: convert it again)"
+            raise LccError(f"the {form} form added no parameters to this program{unrecorded}; pass --trainable all, norms or layers=… to train the model's own")
+    elif spec == "norms":
+        chosen = [p for p in params if re.search(r"(norm|ln_\w*)\.(weight|bias)$", p)]
+    elif spec.startswith("layers="):
+        prefixes = _layer_prefixes(ep, spec.removeprefix("layers="))
+        chosen = [p for p in params if p.startswith(prefixes)]
+    else:
+        raise LccError(f"invalid --trainable '{spec}': expected new, all, norms or layers=0,2,5")
+    if not chosen:
+        raise LccError(f"--trainable {spec} names no parameter of this program")
+    return chosen
+
+
+def _layer_prefixes(ep: torch.export.ExportedProgram, text: str) -> tuple[str, ...]:
+    """The module paths ("model.layers.3.") of the chosen decoder layers, from the attention sites' facts."""
+    from .interpret import attention_sites
+
+    sites = attention_sites(ep)
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise LccError(f"invalid --trainable layers={text}: expected layer indices like 0,2,5") from None
+    if not layers or not all(0 <= layer < len(sites) for layer in layers):
+        raise LccError(f"--trainable layers={text}: the program has layers 0..{len(sites) - 1}")
+    # a layer's attention module is <layer path>.<attention name>: the layer is everything before the last part
+    return tuple(sites[layer].meta["lcc"]["module"].rsplit(".", 1)[0] + "." for layer in layers)
+
+
+class ProgramTrainer:
+    """A program's graph with its chosen parameters as fp32 leaves (the rest frozen, shared with the program, not
+    copied), the loss of a batch of token windows, and (``distill``) the same graph with every site dense as the teacher."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str = "dense"):
+        from ..ops.teacher import dense
+        from .interpret import logits_index, step_state, with_site_hooks
+
+        cfg.check()
+        self.ep, self.signature, self.cfg = ep, signature, cfg
+        self.names = trainable_names(ep, signature, cfg.trainable, form)
+        self.state = {name: value.detach() for name, value in step_state(ep).items()}
+        self.index = logits_index(ep)
+        self.teacher = with_site_hooks(ep.graph_module, lambda site, call: dense(call)) if cfg.objective == "distill" else None
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters as fp32 leaves, swapped into the state the graph reads."""
+        leaves = {name: self.state[name].float().clone().requires_grad_() for name in self.names}
+        self.state.update(leaves)
+        return leaves
+
+    def _logits(self, graph: torch.fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+        from .interpret import flat_inputs
+
+        B, T = ids.shape
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(T).expand(B, T)}
+        return graph(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))[self.index].float()
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """The objective's mean loss over the batch's predicted positions."""
+        logits = self._logits(self.ep.graph_module, ids)
+        if self.cfg.objective == "lm":
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        with torch.no_grad():
+            teacher = self._logits(self.teacher, ids).log_softmax(-1)
+        return distill_loss(logits, teacher)
+
+
+def distill_loss(student: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student) = Σ p_t (log p_t − log p_s): zero exactly when they agree."""
+    logp = student.log_softmax(-1)
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+
+
+def run(
+    trainer: ProgramTrainer,
+    data: Callable[[int], torch.Tensor],
+    checkpoint: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    save_every: int = 50,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    metrics: Path | None = None,
+    fingerprint: str = "",
+) -> dict[str, Any]:
+    """Train (resuming from ``resume``, a checkpoint's payload): AdamW, warm-up + cosine, clipping, accumulation.
+    Micro-batch i of step s is ``data(s · accumulate + i)``, so a resumed run sees what an uninterrupted one would.
+    Returns the trained values and a summary; each step appends a line to ``metrics`` (JSONL) and calls ``progress``."""
+    cfg = trainer.cfg
+    leaves = trainer.leaves()
+    optimizer = torch.optim.AdamW(list(leaves.values()), lr=cfg.lr, weight_decay=0.0)
+    start, first = 0, None
+    if resume:
+        start, first = resume["step"], resume["first"]
+        for name, value in resume["leaves"].items():
+            leaves[name].data.copy_(value)
+        optimizer.load_state_dict(resume["optimizer"])
+    last = None
+    for step in range(start, cfg.steps):
+        began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * schedule(step, cfg.steps)
+        optimizer.zero_grad()
+        total = 0.0
+        for micro in range(cfg.accumulate):
+            loss = trainer.loss(data(step * cfg.accumulate + micro)) / cfg.accumulate
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), cfg.clip if cfg.clip > 0 else float("inf"))
+        optimizer.step()
+        first, last = total if first is None else first, total
+        row = {
+            "step": step + 1,
+            "loss": total,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(norm),
+            "tokens_per_s": cfg.accumulate * cfg.batch * cfg.length / (time.perf_counter() - began),
+        }
+        if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == cfg.steps):
+            payload = {"fingerprint": fingerprint, "step": step + 1, "first": first, "leaves": {n: t.detach() for n, t in leaves.items()}}
+            save_checkpoint(checkpoint, {**payload, "optimizer": optimizer.state_dict()})
+        if metrics is not None:
+            with metrics.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress is not None:
+            progress(row)
+    summary = {"objective": cfg.objective, "trainable": cfg.trainable, "parameters": len(leaves), "steps": cfg.steps, "first_loss": first, "last_loss": last}
+    return {"trained": {n: t.detach() for n, t in leaves.items()}, "summary": summary}

@@ -1,0 +1,144 @@
+"""``lcc train``: a converted program adapted in its form, against independent references (the HF source model's
+logits, a hand-written KL), resumed bit for bit, written to a new artifact with the source untouched."""
+
+from __future__ import annotations
+
+import json
+
+import lcc_cli
+import pytest
+import torch
+
+import longctx_compile as lcc
+from longctx_compile import artifact
+from longctx_compile.errors import LccError
+from longctx_compile.runtime.train import ProgramTrainer, TrainConfig, distill_loss, trainable_names
+
+LEARNED = dict(to="hsa", chunk="4", topk="1", window="0", score="learned")
+
+
+def test_distillation_is_zero_where_the_form_is_the_dense_model():
+    """Every chunk selected and weighed by its true LSE: the program is its own teacher, so the loss and its gradient vanish."""
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk="4", topk="all", window="1", score="exact", fusion="softmax")
+    trainer = ProgramTrainer(compiled.program.ep, compiled.program.signature, TrainConfig(trainable="norms", length=24))
+    leaves = trainer.leaves()
+    loss = trainer.loss(torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0)))
+    assert abs(loss.item()) < 1e-6  # fp32: the two attention references differ in the last bits
+    assert max(g.abs().max() for g in torch.autograd.grad(loss, list(leaves.values()))) < 1e-5
+    logits = torch.randn(3, 5, 11)
+    assert distill_loss(logits, logits.log_softmax(-1)) == 0
+
+
+def test_one_steps_gradients_equal_a_hand_written_reference():
+    """The distillation gradient of the learned projections equals KL(HF source model ‖ the compiled program), written
+    out by hand, through autograd: the teacher is the unconverted model, not lcc's dense stand-in."""
+    compiled = lcc.compile("tiny-llama", **LEARNED)
+    with torch.no_grad():  # projections that are not the identity, so the learned scores differ from landmarks
+        for name, p in compiled.module.named_parameters():
+            if "hsa_retrieval" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) / 3)
+    ids = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(1))
+    trainer = ProgramTrainer(compiled.program.ep, compiled.program.signature, TrainConfig(length=29))
+    assert trainer.names == compiled.program.signature["new_parameters"] and len(trainer.names) == 4
+    leaves = trainer.leaves()
+    got = torch.autograd.grad(trainer.loss(ids), [leaves[n] for n in trainer.names])
+
+    params = dict(compiled.module.named_parameters())
+    chosen = [params[n] for n in trainer.names]
+    for p in params.values():
+        p.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        teacher = compiled.original(ids, position_ids=torch.arange(29)[None].expand(2, -1)).logits.log_softmax(-1)
+    student = compiled(ids).log_softmax(-1)
+    want = torch.autograd.grad((teacher.exp() * (teacher - student)).sum(-1).mean(), chosen)
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().max() > 1e-7  # the projections do reach the loss
+        torch.testing.assert_close(a, b)
+
+
+def test_trainable_selections():
+    compiled = lcc.compile("tiny-llama", **LEARNED)
+    ep, signature = compiled.program.ep, compiled.program.signature
+    every = trainable_names(ep, signature, "all")
+    assert set(trainable_names(ep, signature, "new")) == set(signature["new_parameters"]) < set(every)
+    assert trainable_names(ep, signature, "norms") and all("norm" in n for n in trainable_names(ep, signature, "norms"))
+    layer1 = trainable_names(ep, signature, "layers=1")
+    assert layer1 and all(n.startswith("model.layers.1.") for n in layer1) and "model.layers.1.self_attn.hsa_retrieval_q" in layer1
+    for spec, message in [("layers=5", "layers 0..1"), ("bogus", "invalid --trainable 'bogus'"), ("layers=a", "layer indices")]:
+        with pytest.raises(LccError, match=message):
+            trainable_names(ep, signature, spec)
+    plain = lcc.compile("tiny-llama", to="hsa", chunk="4")
+    with pytest.raises(LccError, match="the hsa form added no parameters"):
+        trainable_names(plain.program.ep, plain.program.signature, "new", "hsa")
+
+
+@pytest.fixture(scope="module")
+def learned_artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "a.lcc"
+    lcc.compile("tiny-llama", **LEARNED).save(path)
+    return path
+
+
+def test_train_writes_a_new_artifact_and_leaves_the_source(learned_artifact, tmp_path):
+    """The LM objective on a repeating text, everything trainable: the loss falls, the new artifact loads and carries the
+    trained weights and a record of the run, and the source's files are byte for byte what they were."""
+    before = {f.name: artifact.sha256(f) for f in learned_artifact.iterdir() if f.is_file()}
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"tokens": [5, 9, 13, 200, 7, 7, 42, 3] * 8}) for _ in range(3)))
+    rows = []
+    summary = lcc.train(
+        learned_artifact,
+        str(data),
+        tmp_path / "b.lcc",
+        objective="lm",
+        trainable="all",
+        steps=12,
+        length=32,
+        lr=3e-3,
+        metrics=tmp_path / "m.jsonl",
+        progress=rows.append,
+    )
+    assert summary["last_loss"] < 0.7 * summary["first_loss"] and [r["step"] for r in rows] == list(range(1, 13))
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 12 and not (tmp_path / "b.lcc.train.pt").exists()
+    assert {f.name: artifact.sha256(f) for f in learned_artifact.iterdir() if f.is_file()} == before
+    trained = lcc.load(tmp_path / "b.lcc")
+    assert trained.manifest["signature"]["train"][-1]["objective"] == "lm"
+    ids = torch.tensor([[5, 9, 13, 200, 7, 7, 42, 3] * 3])
+    assert (trained(ids) - lcc.load(learned_artifact)(ids)).abs().max() > 1e-2
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(learned_artifact, tmp_path):
+    options = dict(steps=6, length=24, batch=2, accumulate=2, lr=1e-2, trainable="new")
+    lcc.train(learned_artifact, "synthetic", tmp_path / "whole.lcc", **options)
+
+    def interrupt(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lcc.train(learned_artifact, "synthetic", tmp_path / "cut.lcc", save_every=3, progress=interrupt, **options)
+    assert not (tmp_path / "cut.lcc").exists() and (tmp_path / "cut.lcc.train.pt").exists()
+    with pytest.raises(LccError, match="pass --resume"):
+        lcc.train(learned_artifact, "synthetic", tmp_path / "cut.lcc", **options)
+    with pytest.raises(LccError, match="another artifact, data or set of options"):
+        lcc.train(learned_artifact, "synthetic", tmp_path / "cut.lcc", resume=True, **{**options, "lr": 2e-2})
+    lcc.train(learned_artifact, "synthetic", tmp_path / "cut.lcc", resume=True, **options)
+    whole, cut = (artifact.read_program(p, artifact.read_manifest(p)).state_dict for p in (tmp_path / "whole.lcc", tmp_path / "cut.lcc"))
+    new = lcc.load(learned_artifact).manifest["signature"]["new_parameters"]
+    assert all(torch.equal(whole[n], cut[n]) for n in whole) and not torch.equal(whole[new[0]], torch.eye(16).repeat(2, 1, 1))
+
+
+def test_bad_input_is_one_line(learned_artifact, tmp_path):
+    dense = tmp_path / "dense.lcc"
+    lcc.compile("tiny-llama").save(dense)
+    for args, message in [
+        ([learned_artifact, "--data", tmp_path / "none.txt"], "no training data file"),
+        ([dense, "--data", "synthetic"], "the dense form added no parameters"),
+        ([learned_artifact, "--data", "synthetic", "--seq-len", "4096"], "exceeds the program's maximum length 512"),
+        ([tmp_path, "--data", "synthetic"], "is not an lcc artifact"),
+    ]:
+        result = lcc_cli.run("train", *args, "-o", tmp_path / "out.lcc")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.lcc").exists()
