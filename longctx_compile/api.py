@@ -154,12 +154,13 @@ def train(
 ) -> dict[str, Any]:
     """Adapt the artifact at ``path`` to its form and write the result to ``out`` (atomically; ``path`` is untouched).
 
-    ``data``: ``synthetic`` (random tokens), a ``.jsonl`` of ``{"text"|"tokens"}`` lines, or a text file. ``options``:
+    ``data``: ``synthetic`` (random tokens), ``passkey`` or ``kv-recall`` (retrieval tasks generated on the fly), a
+    ``.jsonl`` of ``{"text"|"tokens"}`` lines, or a text file. ``options``:
     :class:`~.runtime.train.TrainConfig`'s fields (objective, trainable, steps, length, batch, accumulate, lr, clip,
     seed; ``length`` defaults to 1024 or the program's maximum). A checkpoint (default ``OUT.train.pt``) is written every ``save_every`` steps and removed at the end;
     ``resume`` continues it. Returns the summary recorded in the new artifact's signature under ``train``.
     """
-    from .runtime.data import read_tokens, token_stream
+    from .runtime.data import TASKS, data_stream
     from .runtime.train import ProgramTrainer, TrainConfig, run
 
     path, out = Path(path), Path(out)
@@ -177,7 +178,8 @@ def train(
         raise LccError(f"--seq-len {cfg.length} exceeds the program's maximum length {signature['max_len']}; convert with a larger max_len")
     ep = artifact.read_program(path, manifest)
     trainer = ProgramTrainer(ep, signature, cfg, manifest.get("form", "dense"))
-    stream = token_stream(read_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
+    tokenizer = None if data in ("synthetic", *TASKS) else tokenizer_for(manifest)
+    stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
     checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"
     fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps(dataclasses.asdict(cfg), sort_keys=True) + data
     state = None

@@ -142,3 +142,25 @@ def test_bad_input_is_one_line(learned_artifact, tmp_path):
         result = lcc_cli.run("train", *args, "-o", tmp_path / "out.lcc")
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.lcc").exists()
+
+
+def test_synthetic_tasks_are_seeded_retrieval_sequences():
+    """passkey: the key after its marker twice, the second at the end; kv-recall: the asked key's value is the one
+    listed with it. The same step gives the same batch (what resuming relies on), another step another."""
+    from longctx_compile.runtime.data import KEY_TOKENS, task_stream
+
+    passkey = task_stream("passkey", 256, 40, 3, 0)
+    batch = passkey(7)
+    assert torch.equal(batch, passkey(7)) and not torch.equal(batch, passkey(8))
+    for row in batch.tolist():
+        assert row[-KEY_TOKENS - 1] == 255 and row.count(255) == 2
+        first = row.index(255)
+        assert row[first + 1 : first + 1 + KEY_TOKENS] == row[-KEY_TOKENS:]
+    for row in task_stream("kv-recall", 256, 41, 2, 1)(0).tolist():
+        assert row[-3] == 254
+        pairs = dict(zip(row[-3 - 2 * 19 : -3 : 2], row[-3 - 2 * 19 + 1 : -3 : 2], strict=True))
+        assert len(pairs) == 19 and pairs[row[-2]] == row[-1]
+    with pytest.raises(LccError, match="unknown synthetic task"):
+        task_stream("copy", 256, 40, 1, 0)
+    with pytest.raises(LccError, match="at least 13"):
+        task_stream("passkey", 256, 8, 1, 0)

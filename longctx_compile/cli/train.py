@@ -14,7 +14,12 @@ from ..console import err, out
 
 def train(
     path: Annotated[str, typer.Argument(help="an artifact folder (read, never changed)")],
-    data: Annotated[str, typer.Option("--data", help='\'synthetic\' (random tokens), a .jsonl of {"text"|"tokens"} lines, or a text file')],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="'synthetic' (random tokens), 'passkey' or 'kv-recall' (retrieval tasks), a .jsonl of {\"text\"|\"tokens\"} lines, or a text file"
+        ),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="the trained artifact to write")],
     objective: Annotated[str, typer.Option("--objective", help="distill (KL to the dense source model) or lm (next-token loss)")] = "distill",
     trainable: Annotated[str, typer.Option("--trainable", help="new (the form's added parameters), all, norms, or layers=0,2,5")] = "new",

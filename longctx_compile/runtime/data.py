@@ -1,5 +1,5 @@
-"""Training data as token lists: JSONL documents, plain text, or random tokens; and the seeded stream of
-fixed-length windows a training loop draws, batch ``step`` the same in a run resumed from a checkpoint."""
+"""Training data as token lists: JSONL documents, plain text, random tokens or a synthetic retrieval task; and the
+seeded stream of fixed-length windows a training loop draws, batch ``step`` the same in a run resumed from a checkpoint."""
 
 from __future__ import annotations
 
@@ -82,3 +82,48 @@ def token_stream(tokens: list[list[int]] | None, vocab: int, length: int, batch:
         return torch.stack(rows)
 
     return draw
+
+
+TASKS = ("passkey", "kv-recall")  # synthetic retrieval tasks generated on the fly
+KEY_TOKENS = 5  # a passkey's length in tokens
+
+
+def task_stream(task: str, vocab: int, length: int, batch: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """``step -> ids [batch, length]`` of a retrieval task over random tokens, seeded by the step as :func:`token_stream` is.
+
+    ``passkey``: a marker and KEY_TOKENS key tokens at a random depth of random filler, and at the end the marker and
+    the key again (the key's second copy is only predictable from its first). ``kv-recall``: (key, value) token pairs
+    with distinct keys after random filler, then the query marker, one of the keys and its value. The two highest ids
+    are the markers; the rest of the vocabulary is content.
+    """
+    if task not in TASKS:
+        raise LccError(f"unknown synthetic task '{task}'; known: {', '.join(TASKS)}")
+    content, ask, mark = vocab - 2, vocab - 2, vocab - 1  # ids below ``content`` are content; the two above, markers
+    need = 2 * (KEY_TOKENS + 1) + 1 if task == "passkey" else 5
+    if length < need or content < 4:
+        raise LccError(f"the {task} task needs --seq-len of at least {need} and a vocabulary of at least 6 tokens")
+
+    def row(g: torch.Generator) -> torch.Tensor:
+        ids = torch.randint(0, content, (length,), generator=g)
+        if task == "passkey":
+            key = torch.randint(0, content, (KEY_TOKENS,), generator=g)
+            at = int(torch.randint(0, length - 2 * (KEY_TOKENS + 1) + 1, (1,), generator=g))
+            ids[at], ids[at + 1 : at + 1 + KEY_TOKENS] = mark, key
+            ids[-KEY_TOKENS - 1], ids[-KEY_TOKENS:] = mark, key
+            return ids
+        pairs = min((length - 3) // 2, content)
+        keys, values = torch.randperm(content, generator=g)[:pairs], torch.randint(0, content, (pairs,), generator=g)
+        start = length - 3 - 2 * pairs
+        ids[start : start + 2 * pairs] = torch.stack([keys, values], 1).flatten()
+        asked = int(torch.randint(0, pairs, (1,), generator=g))
+        ids[-3:] = torch.tensor([ask, keys[asked], values[asked]])
+        return ids
+
+    return lambda step: torch.stack([row(torch.Generator().manual_seed(seed * 1_000_003 + step * batch + i)) for i in range(batch)])
+
+
+def data_stream(data: str, tokenizer: Any, vocab: int, length: int, batch: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """The windows a trainer draws from ``data``: a synthetic task's name, ``synthetic`` (random tokens), or a file."""
+    if data in TASKS:
+        return task_stream(data, vocab, length, batch, seed)
+    return token_stream(read_tokens(data, tokenizer), vocab, length, batch, seed)
