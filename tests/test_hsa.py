@@ -334,7 +334,7 @@ def test_cli_inspect_and_verify(tmp_path):
 def test_nope_scores_read_the_projections_before_rope(monkeypatch):
     """With nope=true the hsa op's score inputs are the q/k projections before RoPE (captured from the HF model's own
     q_proj/k_proj), while attention still takes the rotated ones; stick fusion makes the artifact inexact."""
-    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="2", window=1, nope=True, fusion="stick")
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="2", window=1, nope=True, fusion="stick", heads="group")
     assert not compiled.program.signature["exact"]
     ids = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(0))
     attn = compiled.original.model.layers[0].self_attn
@@ -378,12 +378,15 @@ def test_the_retrofit_defaults_run_the_kernels_on_a_gpu_target():
 
 
 def test_recipes_set_what_is_not_given():
-    """retrofit: bound scores, joint fusion; paper: landmark, softmax; an explicit score or fusion wins, and learned
-    scores (trained through the fusion weights) default to softmax fusion."""
-    assert (HsaConfig().score, HsaConfig().fusion) == ("bound", "joint")
-    assert (HsaConfig(recipe="paper").score, HsaConfig(recipe="paper").fusion) == ("landmark", "softmax")
+    """retrofit: bound scores, joint fusion, per-head selection reranked over 4·K candidates; paper: landmark, softmax,
+    shared selection, no reranking; an explicit setting wins, learned scores (trained through the fusion weights)
+    default to softmax fusion, and reranking is off wherever the fusion is not joint or the scores are exact."""
+    settings = lambda cfg: (cfg.score, cfg.fusion, cfg.heads, cfg.rerank)  # noqa: E731
+    assert settings(HsaConfig()) == ("bound", "joint", "each", 4)
+    assert settings(HsaConfig(recipe="paper")) == ("landmark", "softmax", "group", 0)
     assert HsaConfig(score="reps").fusion == "joint" and HsaConfig(fusion="stick").score == "bound"
-    assert HsaConfig(score="learned").fusion == "softmax"
+    assert settings(HsaConfig(score="learned")) == ("learned", "softmax", "each", 0)
+    assert HsaConfig(score="exact").rerank == 0 and HsaConfig(sink=True).rerank == 0 and HsaConfig(heads="group", rerank=2).heads == "group"
     with pytest.raises(LccError, match="expected one of retrofit, paper"):
         lcc.compile("tiny-llama", to="hsa", recipe="fast")
 
@@ -408,9 +411,11 @@ def test_bound_scores_bound_every_key_of_the_chunk():
     assert (log_count[:, :, 0] == float("-inf")).all()
 
 
-def test_each_head_selects_its_own_chunks():
+@pytest.mark.parametrize("rerank", [0, 2])
+def test_each_head_selects_its_own_chunks(rerank):
     """heads=each: the model's logits equal the HF model whose attention is the per-query brute force with every query
-    head its own group (its own top-K by its own bound); the shared selection (heads=group) gives other logits."""
+    head its own group (its own top-K by its own bound, or of its bound's 2·K by their true LSE); the shared selection
+    (heads=group) gives other logits."""
     from transformers import AttentionInterface
 
     from longctx_compile.presets import build_preset
@@ -418,13 +423,13 @@ def test_each_head_selects_its_own_chunks():
     def per_head(module, query, key, value, attention_mask, scaling, **kwargs):
         G = query.shape[1] // key.shape[1]
         k, v = (t.repeat_interleave(G, dim=1) for t in (key, value))
-        out = brute_force(query, k, v, torch.ones(query.shape[0], query.shape[2]), scaling, 4, 2, 1, "bound", fusion="joint")
+        out = brute_force(query, k, v, torch.ones(query.shape[0], query.shape[2]), scaling, 4, 2, 1, "bound", fusion="joint", rerank=rerank)
         return out.transpose(1, 2), None
 
     AttentionInterface.register("hsa_each_brute_force", per_head)
     model = build_preset("tiny-llama")
     ids = torch.randint(3, 200, (1, 22), generator=torch.Generator().manual_seed(0))
-    options = dict(max_len="32", chunk="4", topk="2", window="1", score="bound", fusion="joint")
+    options = dict(max_len="32", chunk="4", topk="2", window="1", score="bound", fusion="joint", rerank=str(rerank))
     each = lcc.compile(model, to="hsa", heads="each", **options)
     group = lcc.compile(model, to="hsa", heads="group", **options)
     assert {s["heads"] for s in each.program.sites()} == {"each"}

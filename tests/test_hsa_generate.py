@@ -158,7 +158,7 @@ def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
         {"score": "landmark", "topk": "1"},
         {"score": "learned", "topk": "2", "nope": "true", "fusion": "stick"},
         {"score": "bound", "topk": "1", "fusion": "joint"},
-        {"score": "bound", "topk": "1", "fusion": "joint", "heads": "each"},
+        {"score": "bound", "topk": "1", "fusion": "joint", "heads": "group"},  # a KV group shares one selection (reranked over 4 candidates)
         {"score": "bound", "topk": "1", "heads": "each", "rerank": "2"},  # the bound's 2 candidates, the one with the larger true LSE
         {"score": "reps", "topk": "1"},
     ],
@@ -170,8 +170,11 @@ def test_sparse_decode_logits_equal_the_full_sequence_program(options, monkeypat
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, window=0, **options)
     assert compiled.steps.layout.stored[0] == ["k", "v", "sums"]  # keys, values and the chunks' running landmark sums
     # per KV head: the (NoPE) score key's sum and the count; for bound its running minimum, maximum and the count; for
-    # reps the queries' sum, the representatives' mean and the count; with heads=each, per query head
-    assert compiled.steps.layout.shapes[0][2] == [4 if options.get("heads") == "each" else 2, 16 * (2 if options["score"] in ("bound", "reps") else 1) + 1]
+    # reps the queries' sum, the representatives' mean and the count; with heads=each (the retrofit's default), per query head
+    assert compiled.steps.layout.shapes[0][2] == [
+        4 if options.get("heads", "each") == "each" else 2,
+        16 * (2 if options["score"] in ("bound", "reps") else 1) + 1,
+    ]
     check_decode_steps(compiled, PROMPTS, 7, prefix_views=True)
     # and the Generator's two cache modes pick the same tokens
     assert compiled.generate(PROMPTS, max_new_tokens=7) == compiled.generate(PROMPTS, max_new_tokens=7, cache="growing")

@@ -159,10 +159,20 @@ def canonical_program() -> Program:
 
 
 def test_hsa():
+    """The retrofit recipe: K/V repeated per query head (each head selects), bound scores reranked over 4·K candidates,
+    joint fusion; with a shared selection and no reranking, the op reads the KV heads as they are."""
+
+    def per_head(q, k, v, *_):
+        G = q.shape[1] // k.shape[1]
+        k, v = (t.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(1, 2) for t in (k, v))
+        return L.hsa_attention(q, k, v, None, None, None, SCALE, 4, 2, 1, "bound", "token", False, "joint", None, None, 4)
+
     got = run(canonical_program(), "hsa", HsaConfig(chunk=4, topk="2", window=1))
-    statics = (4, 2, 1, "bound", "token", False, "joint", None, None)  # the retrofit recipe: bound scores, joint fusion
-    assert_program(got, program_of(lambda q, k, v, *_: L.hsa_attention(q, k, v, None, None, None, SCALE, *statics)))
+    assert_program(got, program_of(per_head))
     assert not got.signature["exact"]
+    got = run(canonical_program(), "hsa", HsaConfig(chunk=4, topk="2", window=1, heads="group", rerank=0))
+    statics = (4, 2, 1, "bound", "token", False, "joint", None, None, 0)
+    assert_program(got, program_of(lambda q, k, v, *_: L.hsa_attention(q, k, v, None, None, None, SCALE, *statics)))
 
 
 def test_ulysses():

@@ -132,9 +132,7 @@ def lcc_logits(model_path: str, cfg: dict, ids: list[int]) -> torch.Tensor:
     """lcc's own ``--to hsa`` program (joint fusion) on ``ids``: the logits [T, vocab]."""
     import longctx_compile as lcc
 
-    options = {key: str(cfg[key]) for key in ("chunk", "topk", "window", "score", "heads")}
-    if cfg["rerank"]:
-        options["rerank"] = str(cfg["rerank"])
+    options = {key: str(cfg[key]) for key in ("chunk", "topk", "window", "score", "heads", "rerank")}
     compiled = lcc.compile(model_path, to="hsa", max_len=str(len(ids)), fusion="joint", **options)
     x = torch.tensor([ids])
     return compiled(x, torch.ones_like(x), torch.arange(len(ids))[None])[0]

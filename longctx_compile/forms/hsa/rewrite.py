@@ -33,22 +33,27 @@ REFUSALS = {
 }
 
 
-# what score and fusion default to: ``retrofit`` keeps a pretrained model's quality without training (chosen by
-# bench/real on SmolLM2-135M, bench/RESULTS.md); ``paper`` is HSA-UltraLong's, for a model trained in its form
-RECIPES = {"retrofit": ("bound", "joint"), "paper": ("landmark", "softmax")}
+# what score, fusion, heads and rerank default to: ``retrofit`` keeps a pretrained model's quality without training
+# (chosen by bench/real on SmolLM2-135M, bench/RESULTS.md: per-head selection by the bound, reranked by the true LSE of
+# 4·topk candidates, fused as one softmax); ``paper`` is HSA-UltraLong's, for a model trained in its form
+RECIPES = {
+    "retrofit": {"score": "bound", "fusion": "joint", "heads": "each", "rerank": 4},
+    "paper": {"score": "landmark", "fusion": "softmax", "heads": "group", "rerank": 0},
+}
 
 
 @dataclass
 class HsaConfig:
     """``--opt chunk=64 topk=16|all window=4 recipe=retrofit|paper score=exact|landmark|bound|reps|learned
-    select=token|block heads=group|each rerank=0 sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
+    select=token|block heads=group|each rerank=4 sink=false fusion=softmax|stick|joint nope=false layers=all|0,2,5``. ``joint`` weighs each part by
     its true LSE: one softmax over the local keys and the chosen chunks' keys, so selection alone decides what is lost.
     ``bound`` selects by an upper bound of each chunk's best q·k from its per-channel key range (Quest); ``reps`` by the
     mean of the few keys the chunk's own queries score highest (InfLLM's representative tokens). Both are training-free
     and query-aware. ``heads=each`` lets every query head select its own chunks, where ``group`` has a KV group's heads
     share one selection (their summed scores). ``rerank=R`` (R ≥ 1) makes the score a first stage keeping R·topk candidates,
-    of which the topk with the largest true LSE are chosen (reads R·topk chunks' keys per query; needs ``fusion=joint``). ``recipe`` sets the score and fusion not given (:data:`RECIPES`; ``learned`` trains through
-    softmax fusion weights, so its fusion defaults to softmax)."""
+    of which the topk with the largest true LSE are chosen (reads R·topk chunks' keys per query; needs ``fusion=joint``).
+    ``recipe`` sets the score, fusion, heads and rerank not given (:data:`RECIPES`; ``learned`` trains through softmax
+    fusion weights, so its fusion defaults to softmax, and rerank to 0 wherever the fusion is not joint)."""
 
     chunk: int = 64
     topk: str = "16"
@@ -56,17 +61,20 @@ class HsaConfig:
     recipe: Literal["retrofit", "paper"] = "retrofit"
     score: Literal["exact", "landmark", "bound", "reps", "learned"] | None = None
     select: Literal["token", "block"] = "token"
-    heads: Literal["group", "each"] = "group"
-    rerank: int = 0
+    heads: Literal["group", "each"] | None = None
+    rerank: int | None = None
     sink: bool = False
     fusion: Literal["softmax", "stick", "joint"] | None = None
     nope: bool = False
     layers: str = "all"
 
     def __post_init__(self) -> None:
-        score, fusion = RECIPES[self.recipe]
-        self.score = self.score or score
-        self.fusion = self.fusion or ("softmax" if self.score == "learned" or self.sink else fusion)
+        recipe = RECIPES[self.recipe]
+        self.score = self.score or recipe["score"]
+        self.fusion = self.fusion or ("softmax" if self.score == "learned" or self.sink else recipe["fusion"])
+        self.heads = self.heads or recipe["heads"]
+        if self.rerank is None:  # reranking by the true LSE goes with joint fusion, and exact scores are that LSE already
+            self.rerank = recipe["rerank"] if self.fusion == "joint" and self.score != "exact" else 0
 
     def check(self) -> None:
         """The values that need no graph (``options.build`` calls this before the model loads)."""
