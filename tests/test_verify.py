@@ -61,7 +61,7 @@ def test_the_cli_prints_the_tolerance_and_where_it_comes_from(tmp_path):
 @pytest.mark.parametrize(
     ("form", "options", "needed"),
     [
-        ("hsa", dict(chunk="4", topk="2", window="1"), {9, 23}),  # past the window; more older chunks than the top-2
+        ("hsa", dict(chunk="4", topk="2", window="1"), {9, 47}),  # past the window; more older chunks than the 4·2 reranked candidates
         ("ulysses", {}, {2, 4, 10}),  # a one-token shard, and several per rank
         ("evict", dict(budget="0.25", sinks="2", window="4"), {45}),  # a prompt half beyond sinks + window
     ],
