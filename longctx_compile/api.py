@@ -161,7 +161,7 @@ def train(
     ``resume`` continues it. Returns the summary recorded in the new artifact's signature under ``train``.
     """
     from .runtime.data import TASKS, data_stream
-    from .runtime.train import ProgramTrainer, TrainConfig, run
+    from .runtime.train import ProgramTrainer, TrainConfig, load_checkpoint, run
 
     path, out = Path(path), Path(out)
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -182,15 +182,7 @@ def train(
     stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
     checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"
     fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps(dataclasses.asdict(cfg), sort_keys=True) + data
-    state = None
-    if resume:
-        if not checkpoint.is_file():
-            raise LccError(f"--resume: no checkpoint at '{checkpoint}'")
-        state = torch.load(checkpoint, weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            raise LccError(f"the checkpoint '{checkpoint}' belongs to another artifact, data or set of options")
-    elif checkpoint.exists():
-        raise LccError(f"a checkpoint of an earlier run exists at '{checkpoint}': pass --resume to continue it, or remove it")
+    state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact, data or set of options")
     result = run(trainer, stream, checkpoint, state, save_every, progress, Path(metrics) if metrics else None, fingerprint)
     summary = {**result["summary"], "data": data, "length": cfg.length, "batch": cfg.batch, "accumulate": cfg.accumulate, "lr": cfg.lr, "seed": cfg.seed}
     manifest["signature"]["train"] = [*manifest["signature"].get("train", []), summary]

@@ -36,6 +36,21 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(checkpoint: Path, resume: bool, fingerprint: str, belongs: str) -> dict[str, Any] | None:
+    """The payload to resume from (``resume``), checked against ``fingerprint``, or None for a fresh run; a fresh run
+    over an existing checkpoint, or a checkpoint of another run (``belongs`` says what differs), is refused."""
+    if not resume:
+        if checkpoint.exists():
+            raise LccError(f"a checkpoint of an earlier run exists at '{checkpoint}': pass --resume to continue it, or remove it")
+        return None
+    if not checkpoint.is_file():
+        raise LccError(f"--resume: no checkpoint at '{checkpoint}'")
+    state = torch.load(checkpoint, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise LccError(f"the checkpoint '{checkpoint}' belongs to {belongs}")
+    return state
+
+
 OBJECTIVES = ("distill", "lm")
 
 

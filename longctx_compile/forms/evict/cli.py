@@ -5,28 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ...errors import LccError
-
-
-def _tokens(data: str, tokenizer) -> list[list[int]] | None:
-    """None for ``synthetic``; token lists from a JSONL file (``text`` or ``tokens`` per line) or a plain text file."""
-    if data == "synthetic":
-        return None
-    path = Path(data)
-    if not path.is_file():
-        raise LccError(f"no training data file '{data}' (give a .jsonl or text file, or 'synthetic')")
-    if path.suffix == ".jsonl":
-        from ..msa.cli import read_docs
-
-        return read_docs(path, tokenizer)[1]
-    if tokenizer is None:
-        raise LccError(f"'{data}' is text, and the artifact's source has no tokenizer saved; give a .jsonl file of \"tokens\"")
-    return [tokenizer.encode(path.read_text(), add_special_tokens=False)]
 
 
 def train_indexers(
@@ -51,6 +34,7 @@ def train_indexers(
     from ...console import err, out, read_artifact
     from ...runtime.data import read_tokens, token_stream
     from ...runtime.tokenizer import tokenizer_for
+    from ...runtime.train import load_checkpoint
     from .train import TrainConfig, Trainer, train
 
     manifest, program = read_artifact(path)
@@ -67,15 +51,7 @@ def train_indexers(
     stream = token_stream(read_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], length, batch, seed)
     checkpoint = checkpoint or Path(str(Path(path)).rstrip("/") + ".train-indexers.pt")
     fingerprint = manifest["files"][artifact.PROGRAM]
-    state = None
-    if resume:
-        if not checkpoint.is_file():
-            raise LccError(f"--resume: no checkpoint at '{checkpoint}'")
-        state = torch.load(checkpoint, weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            raise LccError(f"the checkpoint '{checkpoint}' belongs to another artifact (or an earlier version of this one)")
-    elif checkpoint.exists():
-        raise LccError(f"a checkpoint of an earlier run exists at '{checkpoint}': pass --resume to continue it, or remove it")
+    state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact (or an earlier version of this one)")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
