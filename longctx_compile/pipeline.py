@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 
 from .errors import LccError
 from .ops import ATTENTION_OPS
-from .snapshot import snapshot
+from .snapshot import attribute, snapshot
 
 
 class Stage(str, enum.Enum):
@@ -59,6 +60,7 @@ class PassRecord:
     removed: int
     seconds: float
     notes: list[str]
+    changes: dict[str, list[str]] = field(default_factory=dict)  # node ids added / removed / rewired, for lcc diff
 
 
 PASSES: dict[str, PassSpec] = {}
@@ -136,21 +138,29 @@ def run_pass(program: Program, name: str, config: Any = None) -> PassRecord:
     """Run one registered pass, lint the graph, and append its record to the history."""
     spec = PASSES[name]
     config = config if config is not None else spec.config_cls()
-    before = {n.name for n in program.gm.graph.nodes}
+    before = {n.name: [a.name for a in n.all_input_nodes] for n in program.gm.graph.nodes}
     start = time.perf_counter()
     result = spec.fn(program, config)
     seconds = time.perf_counter() - start
+    after = {n.name: [a.name for a in n.all_input_nodes] for n in program.gm.graph.nodes}
+    where = inspect.getsourcefile(spec.fn) or ""
+    parameters = {s.arg.name: s.target for s in program.ep.graph_signature.input_specs if s.target is not None}
+    attribute(program.gm, set(after) - set(before), parameters, by=f"lcc pass {name} ({where.rpartition('longctx_compile/')[2]})")
     lint(program)
-    after = {n.name for n in program.gm.graph.nodes}
     record = PassRecord(
         name=name,
         stage=spec.stage.value,
         config=dataclasses.asdict(config),
         matches=result.matches,
-        added=len(after - before),
-        removed=len(before - after),
+        added=len(set(after) - set(before)),
+        removed=len(set(before) - set(after)),
         seconds=round(seconds, 4),
         notes=result.notes,
+        changes={
+            "added": [n for n in after if n not in before],
+            "removed": [n for n in before if n not in after],
+            "rewired": [n for n, inputs in after.items() if n in before and before[n] != inputs],
+        },
     )
     program.history.append(record)
     return record

@@ -25,6 +25,7 @@ class Change:
     inputs_before: list[str] = field(default_factory=list)
     inputs_after: list[str] = field(default_factory=list)
     replaces: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)  # the passes that made this change (empty: an artifact from before they were recorded)
 
 
 @dataclass
@@ -36,6 +37,14 @@ class GraphDiff:
     changes: list[Change]
     before: dict[str, Any]
     after: dict[str, Any]
+    seen: dict[str, dict[str, Any]] = field(default_factory=dict)  # every node of the stages in between, by id
+
+    def origins(self, node_id: str) -> set[str]:
+        """The ``from`` stage's nodes a node replaced, through the nodes of the stages in between."""
+        before = {n["id"] for n in self.before["nodes"]}
+        if node_id in before or node_id not in self.seen:
+            return {node_id}
+        return set().union(*(self.origins(r) for r in self.seen[node_id].get("from", [])), set())
 
     def count(self, kind: str) -> int:
         return sum(c.kind == kind for c in self.changes)
@@ -100,4 +109,7 @@ def diff_snapshots(
             changes.append(Change("rewired", node_id, node["target"], node["layer"], node["module"], a[node_id]["inputs"], node["inputs"]))
     span = stages[stages.index(from_stage) + 1 : stages.index(to_stage) + 1]
     passes = [h for h in history if h["stage"] in span]
-    return GraphDiff(from_stage, to_stage, layer, passes, changes, snapshots[from_stage], snapshots[to_stage])
+    for change in changes:
+        change.passes = [h["name"] for h in passes if any(change.id in ids for ids in h.get("changes", {}).values())]
+    seen = {n["id"]: n for stage in stages[stages.index(from_stage) : stages.index(to_stage) + 1] for n in snapshots[stage]["nodes"]}
+    return GraphDiff(from_stage, to_stage, layer, passes, changes, snapshots[from_stage], snapshots[to_stage], seen)
