@@ -11,8 +11,16 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from . import artifact
 from .errors import LccError
 
-out = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A console that wraps at the terminal's width, and not at all into a file or a pipe (rich would cut at 80 columns)."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+PIPE_WIDTH = 10_000  # wide enough that no table cell or line is cut; tables still take only the width they need
+out = _console()
+err = _console(stderr=True)
 
 
 def progress_bar() -> Progress:

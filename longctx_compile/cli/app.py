@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..console import err, out, parse_ids, progress_bar, read_artifact
+from ..console import PIPE_WIDTH, err, out, parse_ids, progress_bar, read_artifact
 from ..errors import LccError, LccWarning
 
 app = typer.Typer(
@@ -211,7 +211,7 @@ def diff(
     Example: lcc diff tiny-llama.lcc --from capture --to lower --layer 0 --format html -o diff.html
     """
     from .. import api
-    from ..inspect import render
+    from ..inspect import page, render
 
     if fmt not in ("text", "json", "dot", "html"):
         raise LccError(f"unknown --format '{fmt}'; choose text, json, dot or html")
@@ -221,11 +221,11 @@ def diff(
         render.render_text(d, out)
         return
     if fmt == "text":
-        console = Console(record=True, width=160, file=open(os.devnull, "w"))
+        console = Console(record=True, width=PIPE_WIDTH, file=open(os.devnull, "w"))
         render.render_text(d, console)
         text = console.export_text()
     else:
-        text = {"json": render.render_json, "dot": render.render_dot, "html": render.render_html}[fmt](d)
+        text = {"json": render.render_json, "dot": render.render_dot, "html": page.render_html}[fmt](d)
     if output is None:
         sys.stdout.write(text + "\n")
     else:
