@@ -113,10 +113,11 @@ def test_diff_associates_nodes_by_layer(artifact, tmp_path):
     assert set(added[0].replaces) <= {c.id for c in d.changes if c.kind == "removed"}
     whole = lcc.diff(str(artifact))
     assert whole.count("added") == 2 and [p["name"] for p in whole.passes] == ["canonicalize", "lower"]
-    from longctx_compile.inspect.render import render_dot, render_html, render_json
+    from longctx_compile.inspect.page import render_html
+    from longctx_compile.inspect.render import render_dot, render_json
 
     page = render_html(d)
-    assert page.count("<svg") == 2 and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert page.count("<svg") == 2 and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained: no network
     assert json.loads(render_json(d))["summary"]["added"] == 1
     assert render_dot(d).startswith("digraph")
 
