@@ -1,6 +1,6 @@
 """One layout for the before and after graphs of a layer, so what both share sits at the same place in both.
 
-The two graphs are laid out as their union: rows by longest path from the inputs (a node with no inputs drawn
+The two graphs are laid out as their union, a node a pass put in place of another drawn where that one was: rows by longest path from the inputs (a node with no inputs drawn
 just above its first user, so weights do not pile up in the first row), order within a row by the mean column
 of the node's inputs, placed under them where there is room. Each side then draws only its own nodes: the
 unchanged spine lines up, and what a pass removed or added leaves a gap on the other side.
@@ -13,14 +13,27 @@ from typing import Any
 import networkx as nx
 
 
-def union_graph(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> nx.DiGraph:
-    """The nodes of both sides in program order and the edges of both; an edge of ``before`` that would close a
-    cycle with ``after``'s edges (a rewiring that reversed an order) is left out of the layout."""
+def partners(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, str]:
+    """An added node that replaced a removed one takes its place: {added id: the removed node it replaced}."""
+    only_before = {n["id"] for n in before} - {n["id"] for n in after}
+    only_after = [n for n in after if n["id"] not in {m["id"] for m in before}]
+    out: dict[str, str] = {}
+    for n in only_after:
+        replaced = next((r for r in n.get("from", []) if r in only_before and r not in out.values()), None)
+        if replaced is not None:
+            out[n["id"]] = replaced
+    return out
+
+
+def union_graph(before: list[dict[str, Any]], after: list[dict[str, Any]], alias: dict[str, str]) -> nx.DiGraph:
+    """The nodes of both sides in program order (a replacement merged with what it replaced) and the edges of
+    both; an edge of ``before`` that would close a cycle with ``after``'s edges is left out of the layout."""
     graph = nx.DiGraph()
+    at = lambda node_id: alias.get(node_id, node_id)  # noqa: E731
     for n in [*before, *after]:
-        graph.add_node(n["id"])
+        graph.add_node(at(n["id"]))
     for n in after:
-        graph.add_edges_from((i, n["id"]) for i in n["inputs"] if i in graph)
+        graph.add_edges_from((at(i), at(n["id"])) for i in n["inputs"] if at(i) in graph and at(i) != at(n["id"]))
     for n in before:
         for i in n["inputs"]:
             if i in graph and not graph.has_edge(i, n["id"]) and not nx.has_path(graph, n["id"], i):
@@ -61,7 +74,9 @@ def columns(graph: nx.DiGraph, row: dict[str, int]) -> dict[str, int]:
 
 def aligned(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
     """(row, column) of every node of either side, shared by both drawings."""
-    graph = union_graph(before, after)
+    alias = partners(before, after)
+    graph = union_graph(before, after, alias)
     row = rows(graph)
     col = columns(graph, row)
-    return {node: (row[node], col[node]) for node in graph}
+    where = {node: (row[node], col[node]) for node in graph}
+    return where | {added: where[removed] for added, removed in alias.items()}

@@ -27,7 +27,8 @@ def _label(node: dict[str, Any]) -> tuple[str, str]:
     """The two lines a node's box shows: a parameter by its path inside the layer, anything else by id and op."""
     stem = "p_" + node["module"].replace(".", "_") + "_"
     if node["op"] == "placeholder" and node["module"] and node["id"].startswith(stem):
-        return inside_layer(f"{node['module']}.{node['id'][len(stem) :]}"), "parameter"
+        path = inside_layer(f"{node['module']}.{node['id'][len(stem) :]}")
+        return ".".join(path.split(".")[-2:]), f"parameter {path}"
     return node["id"], node["target"].removeprefix("aten.")
 
 
@@ -84,7 +85,7 @@ def _layer_data(d: GraphDiff, layer: int | None, strings: _Strings) -> dict[str,
                 "m": strings(n["module"]),
                 "src": strings(n.get("source")),
                 "p": [strings(p) for p in passes.get(node_id, [])],
-                "from": n.get("from", []),
+                "from": list(dict.fromkeys(n.get("from", []))),
             }
         )
     at = {node_id: i for i, node_id in enumerate(order)}
@@ -171,13 +172,13 @@ table.groups td,table.groups th{border:1px solid #ddd;padding:2px 6px;text-align
 td.who{white-space:nowrap;font-weight:600} tr.flagged td{background:#fff4d6} .flag{color:#8a4b00;font-weight:600}
 tr.unchanged td{color:#888}
 main{display:flex;gap:8px;padding:8px;align-items:flex-start}
-nav#model{width:170px;flex:none;max-height:78vh;overflow:auto;font-size:12px}
+nav#model{position:relative;width:150px;flex:none;max-height:78vh;overflow:auto;font-size:12px}
 nav#model button{display:block;width:100%;text-align:left;margin:0 0 3px;padding:3px 6px;border:1px solid #bbb;border-radius:4px;background:#fff;cursor:pointer;font-size:12px}
 nav#model button.changed{border-left:6px solid var(--c)} nav#model button.on{outline:2px solid #246;font-weight:700}
 #view{flex:1;min-width:0} #view h2{font-size:14px;margin:0 0 4px}
 .panes{display:flex;gap:8px} .pane{flex:1;overflow:auto;height:74vh;border:1px solid #ccc;min-width:0}
 .pane h3{position:sticky;top:0;left:0;margin:0;padding:3px 6px;background:#eee;font-size:13px;z-index:1}
-#details{width:260px;flex:none;font-size:12px;border:1px solid #ccc;padding:6px;max-height:74vh;overflow:auto;word-break:break-word}
+#details{width:220px;flex:none;font-size:12px;border:1px solid #ccc;padding:6px;max-height:74vh;overflow:auto;word-break:break-word}
 #details dt{font-weight:700;margin-top:4px} #details dd{margin:0 0 0 6px;font-family:monospace}
 svg text{font-family:monospace;pointer-events:none} svg g.node{cursor:pointer} svg g.node.picked rect{stroke:#246;stroke-width:3}
 .g0{--c:#4c78a8}.g1{--c:#f58518}.g2{--c:#54a24b}.g3{--c:#b279a2}.g4{--c:#e45756}.g5{--c:#72b7b2}.g6{--c:#9d755d}.g7{--c:#bab0ac}
@@ -240,12 +241,20 @@ function open(i) {
   const layer = DATA.layers[i];
   layer.graph.layer = layer.key;
   buttons.forEach((b, j) => b.classList.toggle('on', i === j));
+  nav.scrollTop = Math.max(0, buttons[i].offsetTop - nav.clientHeight / 2);
   const group = DATA.summary.groups[layer.group];
   const others = group && group.layers.length > 1 ? ` — one of ${group.name}, changed alike` : '';
   document.getElementById('view-title').textContent = layer.name + others + (group && group.differs_from ? ` — ⚑ differs from layers ${group.differs_from}` : '');
   draw(document.querySelector('#pane-before svg'), layer.graph, 'b');
   draw(document.querySelector('#pane-after svg'), layer.graph, 'a');
   document.getElementById('view').dataset.layer = layer.key;
+  // Open on the change, not on the layer's unchanged start: the first replacement a pass made, else the first change.
+  const nodes = layer.graph.nodes;
+  const focus = nodes.find(n => n.sa === 'added' && n.from.length) || nodes.find(n => n.sa || n.sb);
+  for (const pane of document.querySelectorAll('.pane')) {
+    pane.scrollTop = focus ? Math.max(0, focus.r * (H + GY) - pane.clientHeight / 3) : 0;
+    pane.scrollLeft = focus ? Math.max(0, focus.c * (W + GX) - (pane.clientWidth - W) / 2) : 0;
+  }
 }
 
 // Details of a clicked node: op, shape, dtype, where it came from.
@@ -262,18 +271,19 @@ function show(n, status, g) {
   document.getElementById('details').replaceChildren(dl);
 }
 
-// The two panes scroll together.
+// The two panes scroll together (both drawings have the union's size, so each can follow the other exactly).
 const panes = [...document.querySelectorAll('.pane')];
-let syncing = false;
 panes.forEach(p => p.addEventListener('scroll', () => {
-  if (syncing) { syncing = false; return; }
   const other = panes.find(q => q !== p);
-  if (other.scrollTop !== p.scrollTop || other.scrollLeft !== p.scrollLeft) {
-    syncing = true;
-    other.scrollTop = p.scrollTop; other.scrollLeft = p.scrollLeft;
-  }
+  if (other.scrollTop !== p.scrollTop) other.scrollTop = p.scrollTop;
+  if (other.scrollLeft !== p.scrollLeft) other.scrollLeft = p.scrollLeft;
 }));
 
-const start = DATA.layers.findIndex(l => l.key === (DATA.start === null ? 'outside' : DATA.start));
-open(Math.max(start, 0));
+// Open the layer (and node) the address names, as in diff.html#layer=15&node=attention_default_15; else the representative.
+const asked = new URLSearchParams(location.hash.slice(1));
+const key = asked.get('layer') || String(DATA.start === null ? 'outside' : DATA.start);
+open(Math.max(DATA.layers.findIndex(l => String(l.key) === key), 0));
+const picked = asked.get('node') && document.querySelector(`#pane-after g.node[data-id="${CSS.escape(asked.get('node'))}"]`);
+if (picked) picked.dispatchEvent(new MouseEvent('click'));
+window.addEventListener('hashchange', () => location.reload());
 """
