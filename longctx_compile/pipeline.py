@@ -138,11 +138,11 @@ def run_pass(program: Program, name: str, config: Any = None) -> PassRecord:
     """Run one registered pass, lint the graph, and append its record to the history."""
     spec = PASSES[name]
     config = config if config is not None else spec.config_cls()
-    before = {n.name: [a.name for a in n.all_input_nodes] for n in program.gm.graph.nodes}
+    before = {n.name: (n.target, [a.name for a in n.all_input_nodes]) for n in program.gm.graph.nodes}
     start = time.perf_counter()
     result = spec.fn(program, config)
     seconds = time.perf_counter() - start
-    after = {n.name: [a.name for a in n.all_input_nodes] for n in program.gm.graph.nodes}
+    after = {n.name: (n.target, [a.name for a in n.all_input_nodes]) for n in program.gm.graph.nodes}
     where = inspect.getsourcefile(spec.fn) or ""
     parameters = {s.arg.name: s.target for s in program.ep.graph_signature.input_specs if s.target is not None}
     attribute(program.gm, set(after) - set(before), parameters, by=f"lcc pass {name} ({where.rpartition('longctx_compile/')[2]})")
@@ -159,7 +159,7 @@ def run_pass(program: Program, name: str, config: Any = None) -> PassRecord:
         changes={
             "added": [n for n in after if n not in before],
             "removed": [n for n in before if n not in after],
-            "rewired": [n for n, inputs in after.items() if n in before and before[n] != inputs],
+            "rewired": [n for n, op_inputs in after.items() if n in before and before[n] != op_inputs],  # other inputs or op
         },
     )
     program.history.append(record)

@@ -39,6 +39,9 @@ def test_identical_layers_fold_into_one_row(msa):
     assert layers.change.parameters == ("self_attn.router_k_proj.weight", "self_attn.router_q_proj.weight")
     assert layers.change.passes == ("canonicalize", "msa") and layers.describe().endswith("(×2)")
     assert overview(msa)["representative"] == 0
+    by_pass = {p["pass"]: [g["change"] for g in p["groups"] if g["layers"]] for p in overview(msa)["by_pass"]}
+    assert by_pass["canonicalize"][0].startswith("scaled_dot_product_attention → attention;")
+    assert by_pass["msa"][0].startswith("attention → msa_attention; +self_attn.router_k_proj.weight")  # a retargeted node
 
 
 def _node(node_id, target, layer, inputs=(), op="call_function", frm=()):

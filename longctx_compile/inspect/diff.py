@@ -17,7 +17,7 @@ COLLECTIVES = {
 
 @dataclass
 class Change:
-    kind: str  # "added" | "removed" | "rewired"
+    kind: str  # "added" | "removed" | "rewired" (the same node with other inputs or another op)
     id: str
     target: str
     layer: int | None
@@ -25,6 +25,7 @@ class Change:
     inputs_before: list[str] = field(default_factory=list)
     inputs_after: list[str] = field(default_factory=list)
     replaces: list[str] = field(default_factory=list)
+    target_before: str | None = None  # a rewired node's op before, when a pass changed it
     passes: list[str] = field(default_factory=list)  # the passes that made this change (empty: an artifact from before they were recorded)
 
 
@@ -37,14 +38,19 @@ class GraphDiff:
     changes: list[Change]
     before: dict[str, Any]
     after: dict[str, Any]
-    seen: dict[str, dict[str, Any]] = field(default_factory=dict)  # every node of the stages in between, by id
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # the snapshots from ``from_stage`` to ``to_stage``
+
+    @property
+    def seen(self) -> dict[str, dict[str, Any]]:
+        """Every node of the stages from ``from_stage`` to ``to_stage``, by id, as it last was."""
+        return {n["id"]: n for snap in self.stages.values() for n in snap["nodes"]}
 
     def origins(self, node_id: str) -> set[str]:
         """The ``from`` stage's nodes a node replaced, through the nodes of the stages in between."""
-        before = {n["id"] for n in self.before["nodes"]}
-        if node_id in before or node_id not in self.seen:
+        before, seen = {n["id"] for n in self.before["nodes"]}, self.seen
+        if node_id in before or node_id not in seen:
             return {node_id}
-        return set().union(*(self.origins(r) for r in self.seen[node_id].get("from", [])), set())
+        return set().union(*(self.origins(r) for r in seen[node_id].get("from", [])), set())
 
     def count(self, kind: str) -> int:
         return sum(c.kind == kind for c in self.changes)
@@ -105,11 +111,12 @@ def diff_snapshots(
             continue
         if node_id not in a:
             changes.append(Change("added", node_id, node["target"], node["layer"], node["module"], [], node["inputs"], node.get("from", [])))
-        elif a[node_id]["inputs"] != node["inputs"]:
-            changes.append(Change("rewired", node_id, node["target"], node["layer"], node["module"], a[node_id]["inputs"], node["inputs"]))
+        elif a[node_id]["inputs"] != node["inputs"] or a[node_id]["target"] != node["target"]:
+            was = a[node_id]["target"] if a[node_id]["target"] != node["target"] else None
+            changes.append(Change("rewired", node_id, node["target"], node["layer"], node["module"], a[node_id]["inputs"], node["inputs"], target_before=was))
     span = stages[stages.index(from_stage) + 1 : stages.index(to_stage) + 1]
     passes = [h for h in history if h["stage"] in span]
     for change in changes:
         change.passes = [h["name"] for h in passes if any(change.id in ids for ids in h.get("changes", {}).values())]
-    seen = {n["id"]: n for stage in stages[stages.index(from_stage) : stages.index(to_stage) + 1] for n in snapshots[stage]["nodes"]}
-    return GraphDiff(from_stage, to_stage, layer, passes, changes, snapshots[from_stage], snapshots[to_stage], seen)
+    spanned = {stage: snapshots[stage] for stage in stages[stages.index(from_stage) : stages.index(to_stage) + 1]}
+    return GraphDiff(from_stage, to_stage, layer, passes, changes, snapshots[from_stage], snapshots[to_stage], spanned)

@@ -122,33 +122,63 @@ def _ops_of(changes: list[Change], kind: str, headline: set[str]) -> tuple[tuple
     return tuple(sorted((op, n) for op, n in ops.items() if op not in headline))
 
 
-def layer_changes(d: GraphDiff) -> dict[int | None, LayerChange]:
-    """Each changed layer's ``LayerChange`` (``None``: the changes outside every layer)."""
-    targets = {node_id: n["target"] for node_id, n in d.seen.items()}
-    out = {}
-    for key, changes in d.by_layer().items():
-        layer = None if key == "global" else int(key.split()[-1])
-        replacing: dict[tuple[str, ...], list[str]] = {}
-        params = []
-        for c in changes:
-            if c.kind == "added" and c.replaces:
-                was = tuple(sorted({short(targets.get(r, r)) for r in set().union(*(d.origins(r) for r in c.replaces))}))
-                replacing.setdefault(was, []).append(short(c.target))
-            if c.kind == "added" and _is_parameter(c):
-                params.append(_parameter(c))
-        replaced = Counter()
-        for was, now in replacing.items():
-            shown = [t for t in now if t != "getitem"] or now  # a tuple's getitems are plumbing when the op is there
-            replaced[f"{' + '.join(was)} → {', '.join(sorted(set(shown)))}"] += len(now) // len(set(now))
-        headline = {t for now in replacing.values() for t in now} | {t for was in replacing for t in was}
-        out[layer] = LayerChange(
-            replaced=tuple(f"{r} ×{n}" if n > 1 else r for r, n in sorted(replaced.items())),
-            removed=_ops_of(changes, "removed", headline),
-            added=_ops_of(changes, "added", headline),
-            rewired=sum(c.kind == "rewired" for c in changes),
-            parameters=tuple(sorted(params)),
-            passes=tuple(p["name"] for p in d.passes if any(p["name"] in c.passes for c in changes)),
-        )
+def _layer_change(d: GraphDiff, changes: list[Change], direct: bool = False) -> LayerChange:
+    """One layer's changes in comparable terms: what replaced what (through the stages in between, or ``direct``ly
+    for one pass's changes), parameters, the other ops added and removed, the rewirings, and the passes involved."""
+    origins = (lambda r: {r}) if direct else d.origins
+    targets = {node_id: n["target"] for node_id, n in d.seen.items()} | {n["id"]: n["target"] for n in d.before["nodes"]}
+    replacing: dict[tuple[str, ...], list[str]] = {}
+    params = []
+    for c in changes:
+        if c.kind == "added" and c.replaces:
+            was = tuple(sorted({short(targets.get(r, r)) for r in set().union(*(origins(r) for r in c.replaces))}))
+            replacing.setdefault(was, []).append(short(c.target))
+        if c.kind == "rewired" and c.target_before:
+            replacing.setdefault((short(c.target_before),), []).append(short(c.target))
+        if c.kind == "added" and _is_parameter(c):
+            params.append(_parameter(c))
+    replaced = Counter()
+    for was, now in replacing.items():
+        shown = [t for t in now if t != "getitem"] or now  # a tuple's getitems are plumbing when the op is there
+        replaced[f"{' + '.join(was)} → {', '.join(sorted(set(shown)))}"] += len(now) // len(set(now))
+    headline = {t for now in replacing.values() for t in now} | {t for was in replacing for t in was}
+    return LayerChange(
+        replaced=tuple(f"{r} ×{n}" if n > 1 else r for r, n in sorted(replaced.items())),
+        removed=_ops_of(changes, "removed", headline),
+        added=_ops_of(changes, "added", headline),
+        rewired=sum(c.kind == "rewired" for c in changes),
+        parameters=tuple(sorted(params)),
+        passes=tuple(p["name"] for p in d.passes if any(p["name"] in c.passes for c in changes)),
+    )
+
+
+def layer_changes(d: GraphDiff, changes: list[Change] | None = None) -> dict[int | None, LayerChange]:
+    """Each changed layer's ``LayerChange`` (``None``: the changes outside every layer), of the diff's changes or of
+    one pass's ``changes``."""
+    by_layer: dict[int | None, list[Change]] = {}
+    for c in d.changes if changes is None else changes:
+        by_layer.setdefault(c.layer, []).append(c)
+    return {layer: _layer_change(d, items, direct=changes is not None) for layer, items in by_layer.items()}
+
+
+def pass_changes(d: GraphDiff, record: dict[str, Any]) -> list[Change]:
+    """The changes one pass made, as its record lists them, each node as the stages before and after the pass's
+    own show it (a node added and removed within one stage is in no snapshot and is left out)."""
+    names = list(d.stages)
+    if record["stage"] not in names or names.index(record["stage"]) == 0:
+        return []
+    before = {n["id"]: n for n in d.stages[names[names.index(record["stage"]) - 1]]["nodes"]}
+    after = {n["id"]: n for n in d.stages[record["stage"]]["nodes"]}
+    out = []
+    for kind, ids in record.get("changes", {}).items():
+        for node_id in ids:
+            n = (before if kind == "removed" else after).get(node_id)
+            if n is None or (d.layer is not None and n["layer"] != d.layer):
+                continue
+            was = before[node_id]["target"] if kind == "rewired" and node_id in before and before[node_id]["target"] != n["target"] else None
+            out.append(
+                Change(kind, node_id, n["target"], n["layer"], n["module"], replaces=list(n.get("from", [])), target_before=was, passes=[record["name"]])
+            )
     return out
 
 
@@ -157,10 +187,10 @@ def all_layers(d: GraphDiff) -> list[int]:
     return sorted({n["layer"] for snap in (d.before, d.after) for n in snap["nodes"] if n["layer"] is not None})
 
 
-def groups(d: GraphDiff) -> list[Group]:
+def groups(d: GraphDiff, changes: list[Change] | None = None) -> list[Group]:
     """The summary's rows: outside-layer changes first, then layers grouped by identical change, largest group of a
     kind first; a smaller group whose replacements match a larger one's is flagged with how it differs."""
-    changes = layer_changes(d)
+    changes = layer_changes(d, changes)
     rows: dict[LayerChange, Group] = {}
     outside = [Group(changes.pop(None))] if None in changes else []
     for layer, change in sorted(changes.items()):
@@ -186,4 +216,5 @@ def overview(d: GraphDiff) -> dict[str, Any]:
         "unchanged": [n for n in layers if n not in changed],
         "representative": representative,
         "flagged": [g.name for g in rows if g.differs_from],
+        "by_pass": [{"pass": p["name"], "stage": p["stage"], "groups": [g.to_json() for g in groups(d, pass_changes(d, p))]} for p in d.passes],
     }

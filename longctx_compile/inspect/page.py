@@ -135,13 +135,20 @@ def _summary_html(d: GraphDiff, summary: dict[str, Any]) -> str:
         f"<b>{html.escape(p['name'])}</b> ({html.escape(p['stage'])}: {p['matches']} matches, +{p['added']} −{p['removed']} nodes, {p['seconds']:.2f} s)"
         for p in d.passes
     )
+    by_pass = "".join(
+        f'<tr><td>{html.escape(p["pass"])}</td><td class="who">{html.escape(g["name"])}</td><td>{html.escape(g["change"])}</td></tr>'
+        for p in summary["by_pass"]
+        for g in p["groups"]
+    )
     scope = f"layer {d.layer}" if d.layer is not None else f"{summary['layers']} layers"
     return (
         f'<header id="summary"><h1>lcc diff: {html.escape(d.from_stage)} → {html.escape(d.to_stage)}</h1>'
         f'<p class="totals">{scope} · <span class="added">added {totals["added"]}</span> · '
         f'<span class="removed">removed {totals["removed"]}</span> · <span class="rewired">rewired {totals["rewired"]}</span></p>'
         f'<p class="passes">passes: {passes or "none"}</p>'
-        f'<table class="groups"><tr><th>where</th><th>what changed</th><th>passes</th></tr>{"".join(rows)}</table></header>'
+        f'<table class="groups"><tr><th>where</th><th>what changed</th><th>passes</th></tr>{"".join(rows)}</table>'
+        f'<details><summary>by pass</summary><table class="groups"><tr><th>pass</th><th>where</th><th>what it changed</th></tr>{by_pass}</table></details>'
+        "</header>"
     )
 
 
@@ -170,7 +177,7 @@ h1{font-size:17px;margin:2px 0} .totals,.passes{margin:3px 0;font-size:13px}
 table.groups{border-collapse:collapse;font-size:12px;margin-top:4px;width:100%}
 table.groups td,table.groups th{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}
 td.who{white-space:nowrap;font-weight:600} tr.flagged td{background:#fff4d6} .flag{color:#8a4b00;font-weight:600}
-tr.unchanged td{color:#888}
+tr.unchanged td{color:#888} details summary{font-size:12px;cursor:pointer;margin-top:3px}
 main{display:flex;gap:8px;padding:8px;align-items:flex-start}
 nav#model{position:relative;width:150px;flex:none;max-height:78vh;overflow:auto;font-size:12px}
 nav#model button{display:block;width:100%;text-align:left;margin:0 0 3px;padding:3px 6px;border:1px solid #bbb;border-radius:4px;background:#fff;cursor:pointer;font-size:12px}

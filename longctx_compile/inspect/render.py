@@ -39,6 +39,12 @@ def render_summary(d: GraphDiff, console: Console) -> list[Group]:
     if unchanged:
         table.add_row(f"layers {layer_range(unchanged)}", "[dim]unchanged[/]", "")
     console.print(table)
+    by_pass = Table("pass", "where", "what it changed", title="by pass", title_justify="left")
+    for p in overview(d)["by_pass"]:
+        for g in p["groups"]:
+            by_pass.add_row(p["pass"], g["name"], escape(g["change"]))
+    if by_pass.row_count:
+        console.print(by_pass)
     return rows
 
 
