@@ -32,6 +32,9 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="peak learning rate (warm-up over a tenth of the steps, then cosine)")] = 1e-4,
     clip: Annotated[float, typer.Option("--clip", help="gradient-norm clipping; 0: none")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    tile: Annotated[int, typer.Option("--tile", help="rows of logits at a time for the LM head and loss (0: all at once)")] = 0,
+    recompute: Annotated[bool, typer.Option("--recompute", help="recompute each layer in the backward (per-layer activation checkpointing)")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="keep what the backward needs in CPU memory")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="checkpoint file (default: OUT.train.pt beside OUT)")] = None,  # noqa: UP045
     save_every: Annotated[int, typer.Option("--save-every", help="steps between checkpoints")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run saved in the checkpoint")] = False,
@@ -58,6 +61,7 @@ def train(
         summary = api.train(
             path, data, output, force=force, checkpoint=checkpoint, resume=resume, save_every=save_every, metrics=metrics, progress=show,
             objective=objective, trainable=trainable, steps=steps, **({} if seq_len is None else {"length": seq_len}), batch=batch, accumulate=accumulate, lr=lr, clip=clip, seed=seed,
+            tile=tile, recompute=recompute, offload=offload,
         )  # fmt: skip
     table = Table(title=f"trained {path} → {output}")
     for column in ("objective", "trainable", "parameters", "steps", "first loss", "last loss"):

@@ -26,8 +26,9 @@ aten = torch.ops.aten
 def head_hidden(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, str, str | None]:
     """A copy of ``gm`` (parameters shared) returning the LM head's input; the head's weight and bias names.
 
-    The logits must be the output of a ``linear`` on parameters, up to casts and copies; anything
-    else after the head (soft-capping, scaling) is refused, since the tiled loss would skip it.
+    The logits must be the output of a ``linear`` on parameters (attributes of a module, or the lifted
+    parameter inputs of an exported program's graph), up to casts and copies; anything else after the head
+    (soft-capping, scaling) is refused, since the tiled loss would skip it.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, raised while copying the codegen
@@ -38,7 +39,7 @@ def head_hidden(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, str, st
     node = logits
     while is_call(node, *CASTS, *CLONES) and len(node.users) == 1:
         node = node.args[0]
-    if not is_call(node, aten.linear) or not all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr") for a in node.args[1:3]):
+    if not is_call(node, aten.linear) or not all(a is None or (isinstance(a, torch.fx.Node) and a.op in ("get_attr", "placeholder")) for a in node.args[1:3]):
         found = node.target if isinstance(node, torch.fx.Node) and node.op == "call_function" else getattr(node, "op", node)
         raise LccError(f"tile_loss needs logits straight from the LM head's linear layer, but they come from {found}")
     hidden, weight, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None

@@ -4,6 +4,7 @@ schedule, atomic checkpoints)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.export.graph_signature import InputKind
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import LccError
 
@@ -60,7 +62,11 @@ class TrainConfig:
     site dense, :mod:`..ops.teacher` — to the program's own) or ``lm`` (next-token cross-entropy). ``trainable``:
     ``new`` (the parameters the form added), ``all``, ``norms`` (normalisation weights) or ``layers=0,2`` (every
     parameter of those layers). Steps, tokens per sequence, sequences per micro-batch, micro-batches per step, peak
-    learning rate (warm-up over a tenth of the steps, then cosine), gradient clipping (0: none), the data seed."""
+    learning rate (warm-up over a tenth of the steps, then cosine), gradient clipping (0: none), the data seed.
+
+    Long sequences: ``tile`` rows of logits at a time (0: all at once) for the LM head and the loss, each tile
+    recomputed in the backward; ``recompute`` each decoder layer in the backward from its input (per-layer
+    activation checkpointing), ``offload`` what the backward keeps to CPU memory."""
 
     objective: str = "distill"
     trainable: str = "new"
@@ -71,6 +77,9 @@ class TrainConfig:
     lr: float = 1e-4
     clip: float = 1.0
     seed: int = 0
+    tile: int = 0
+    recompute: bool = False
+    offload: bool = False
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -80,6 +89,8 @@ class TrainConfig:
                 raise LccError(f"--{name.replace('length', 'seq-len')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.clip < 0:
             raise LccError(f"--lr must be positive and --clip at least 0, got {self.lr} and {self.clip}")
+        if self.tile < 0:
+            raise LccError(f"--tile must be at least 0 (0: the whole sequence at once), got {self.tile}")
 
 
 def trainable_names(ep: torch.export.ExportedProgram, signature: dict[str, Any], spec: str, form: str = "dense") -> list[str]:
@@ -122,18 +133,29 @@ def _layer_prefixes(ep: torch.export.ExportedProgram, text: str) -> tuple[str, .
 
 class ProgramTrainer:
     """A program's graph with its chosen parameters as fp32 leaves (the rest frozen, shared with the program, not
-    copied), the loss of a batch of token windows, and (``distill``) the same graph with every site dense as the teacher."""
+    copied), the loss of a batch of token windows, and (``distill``) the same graph with every site dense as the teacher.
+
+    With ``tile`` the graphs end at the LM head's input and the head runs a tile of rows at a time inside the
+    loss; with ``recompute`` the student's layers are recomputed in the backward (:mod:`.recompute`)."""
 
     def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str = "dense"):
         from ..ops.teacher import dense
         from .interpret import logits_index, step_state, with_site_hooks
+        from .recompute import by_layer
+        from .tile_loss import head_hidden
 
         cfg.check()
         self.ep, self.signature, self.cfg = ep, signature, cfg
         self.names = trainable_names(ep, signature, cfg.trainable, form)
         self.state = {name: value.detach() for name, value in step_state(ep).items()}
         self.index = logits_index(ep)
-        self.teacher = with_site_hooks(ep.graph_module, lambda site, call: dense(call)) if cfg.objective == "distill" else None
+        graph, self.head = ep.graph_module, None
+        if cfg.tile:
+            graph, weight, bias = head_hidden(graph)
+            inputs = ep.graph_signature.inputs_to_parameters
+            self.head = (inputs[weight], None if bias is None else inputs[bias])
+        self.teacher = with_site_hooks(graph, lambda site, call: dense(call)) if cfg.objective == "distill" else None
+        self.student = by_layer(graph) if cfg.recompute else graph
 
     def leaves(self) -> dict[str, torch.Tensor]:
         """The trainable parameters as fp32 leaves, swapped into the state the graph reads."""
@@ -141,21 +163,53 @@ class ProgramTrainer:
         self.state.update(leaves)
         return leaves
 
-    def _logits(self, graph: torch.fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+    def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+        """The graph's logits (or, tiled, the LM head's input) for a batch of windows."""
         from .interpret import flat_inputs
 
         B, T = ids.shape
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(T).expand(B, T)}
-        return graph(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))[self.index].float()
+        out = graph(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))[self.index]
+        return out if self.head else out.float()
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         """The objective's mean loss over the batch's predicted positions."""
-        logits = self._logits(self.ep.graph_module, ids)
-        if self.cfg.objective == "lm":
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        from .recompute import offloaded
+
+        with offloaded() if self.cfg.offload else contextlib.nullcontext():
+            out = self._run(self.student, ids)
         with torch.no_grad():
-            teacher = self._logits(self.teacher, ids).log_softmax(-1)
-        return distill_loss(logits, teacher)
+            teacher = None if self.teacher is None else self._run(self.teacher, ids)
+        if self.head:
+            return self._tiled(out, ids, teacher)
+        if self.cfg.objective == "lm":
+            return F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return distill_loss(out, teacher.log_softmax(-1))
+
+    def _tiled(self, hidden: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """The same mean loss with the head applied ``tile`` rows at a time; each tile's logits are recomputed in the
+        backward rather than kept, so no more than a tile's logits exist at once."""
+        weight, bias = (None if name is None else self.state[name] for name in self.head)
+        if self.cfg.objective == "lm":
+            rows, targets = hidden[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+        else:
+            rows, targets = hidden.flatten(0, 1), teacher.flatten(0, 1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], self.cfg.tile):
+            part = slice(start, start + self.cfg.tile)
+            total = total + checkpoint(_tile_loss, rows[part], targets[part], weight, bias, self.cfg.objective, use_reentrant=False)
+        return total / rows.shape[0]
+
+
+def _tile_loss(rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, objective: str) -> torch.Tensor:
+    """The summed loss of a tile of rows: cross-entropy against next tokens, or KL from the teacher's rows (its LM
+    head input, headed here too)."""
+    logits = F.linear(rows, weight, bias).float()
+    if objective == "lm":
+        return F.cross_entropy(logits, targets, reduction="sum")
+    with torch.no_grad():  # the teacher's head reads the current weights, but no gradient flows through the teacher
+        teacher = F.linear(targets, weight, bias).float().log_softmax(-1)
+    return distill_loss(logits, teacher) * rows.shape[0]
 
 
 def distill_loss(student: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
