@@ -7,6 +7,8 @@
   layout ([B, T, H, D] in memory), so models' ``transpose(1, 2).view(...)`` after attention stays valid.
 - ``seq_all_gather(x, dim, layout)``: every rank's shard of ``x`` put back in global token order
   (masks and positions, never differentiated).
+- ``seq_head_slice(x, dim, layout)``: this rank's share of per-head weights (a form's own parameters, such as
+  HSA's learned retrieval projections), for the heads its all-to-all gave it.
 """
 
 from __future__ import annotations
@@ -70,3 +72,37 @@ def _(x, dim, layout):
     shape = list(x.shape)
     shape[dim] *= layout[0] * layout[1]
     return x.new_empty(shape)
+
+
+@torch.library.custom_op("longctx::seq_head_slice", mutates_args=())
+def seq_head_slice(x: torch.Tensor, dim: int, layout: list[int]) -> torch.Tensor:
+    """This rank's 1/U of ``x`` along ``dim``: the per-head weights of the heads the rank's Ulysses all-to-all gave
+    it. Its gradient is zero outside the slice, so the usual sum of gradients over the group assembles the whole."""
+    lay = Layout.from_list(layout)
+    group, _ = groups.subgroups(lay)
+    n = x.shape[dim] // lay.ulysses
+    return x.narrow(dim, groups.rank_of(group) * n, n).clone()
+
+
+@seq_head_slice.register_fake
+def _(x, dim, layout):
+    shape = list(x.shape)
+    shape[dim] //= layout[0]
+    return x.new_empty(shape)
+
+
+def _slice_backward(ctx, grad):
+    lay = Layout.from_list(ctx.layout)
+    group, _ = groups.subgroups(lay)
+    whole = grad.new_zeros(ctx.shape)
+    n = ctx.shape[ctx.dim] // lay.ulysses
+    whole.narrow(ctx.dim, groups.rank_of(group) * n, n).copy_(grad)
+    return whole, None, None
+
+
+def _slice_setup(ctx, inputs, output):
+    x, ctx.dim, ctx.layout = inputs
+    ctx.shape = x.shape
+
+
+seq_head_slice.register_autograd(_slice_backward, setup_context=_slice_setup)

@@ -25,10 +25,12 @@ from ...errors import LccError
 from ...fx import COPIED_META, fake_call, is_call, new_call, val
 from ...ops.layout import Layout
 from ...ops.schema import Call
+from ...ops.sharding import ULYSSES
 from ...pipeline import PassResult, Program, Stage, register
 
 A2A = torch.ops.longctx.seq_all_to_all.default
 GATHER = torch.ops.longctx.seq_all_gather.default
+SLICE = torch.ops.longctx.seq_head_slice.default
 RING = torch.ops.longctx.ring_attention.default
 CANONICAL = torch.ops.longctx.attention.default
 HEADS, SEQ = 1, 2  # dims of [B, H, T, D]
@@ -155,52 +157,77 @@ def comm_bytes(facts: dict[str, Any], tokens: int, batch: int = 1) -> dict[str, 
     return forward_bytes(facts, Layout.from_list(facts["layout"]), tokens, batch)
 
 
-def _sites(program: Program) -> list[torch.fx.Node]:
+def _sites(program: Program, ring: int = 1) -> list[torch.fx.Node]:
+    """The attention sites, each one the layout can shard: a ring needs canonical attention; Ulysses alone runs any
+    op whose arguments ``ops.sharding`` declares (a form's attention, such as HSA's or MSA's, unchanged inside it)."""
     nodes = program.attention_nodes()
     for node in nodes:
         facts = node.meta["lcc"]
         where = f"layer {facts['layer']} ({facts['module']})"
-        if node.target is not CANONICAL:
-            raise LccError(f"{where}: sequence parallelism rewrites canonical attention; this site is already {node.target.name()}")
-        if Call.of(node).mask is not None:
+        if node.target is not CANONICAL and (ring > 1 or node.target not in ULYSSES):
+            how = "only Ulysses (--sp ulysses) shards it" if node.target in ULYSSES else "sequence parallelism rewrites canonical attention"
+            raise LccError(f"{where}: this site is {node.target.name()}; {how}")
+        roles = ULYSSES[node.target].roles
+        call = Call.of(node)
+        if any(call[name] is not None for name, role in roles.items() if role == "absent"):
             raise LccError(f"{where}: an arbitrary mask tensor cannot be sharded over the sequence")
     return nodes
 
 
+def _inputs(graph: torch.fx.Graph, node: torch.fx.Node, spec: list[int], gathered: dict) -> tuple[Call, int]:
+    """The site's call with each argument as the per-rank program needs it (``ops.sharding``), and the all-to-alls
+    inserted. Ulysses: per-head tensors all-to-all'd to all tokens of this rank's heads (K/V repeated first where
+    the op allows and KV heads are fewer than U), per-head weights sliced. Any layout: per-token inputs and
+    documents gathered, once for every site that reads them."""
+    U = spec[0]
+    facts, call = node.meta["lcc"], Call.of(node)
+    where = f"layer {facts['layer']} ({facts['module']})"
+    sharding = ULYSSES[node.target]
+    changes, exchanged = {}, 0
+    for name, role in sharding.roles.items():
+        x = call[name]
+        if x is None or role in ("local", "absent") or (U == 1 and role in ("heads", "head_weights")):
+            continue
+        if role == "heads":
+            heads = int(val(x).shape[HEADS])
+            if heads < U and not sharding.repeat_kv:
+                raise LccError(f"{where}: {node.target.name()} shares its selection over a KV head's query heads; {heads} heads cannot be split over {U} ranks")
+            if heads < U:
+                x = new_call(graph, torch.ops.aten.repeat_interleave.self_int, x, U // heads, HEADS, like=node)
+            changes[name], exchanged = new_call(graph, A2A, x, HEADS, SEQ, spec, like=node), exchanged + 1
+        elif role == "head_weights":
+            changes[name] = new_call(graph, SLICE, x, 0, spec, like=node)
+        else:
+            if x not in gathered:
+                gathered[x] = new_call(graph, GATHER, x, 1, spec) if role == "tokens" else _gather_documents(graph, x, spec)
+            changes[name] = gathered[x]
+    return call.replace(**changes), exchanged
+
+
 def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassResult:
-    """Make every canonical attention the per-rank program of ``layout``."""
+    """Make every attention site the per-rank program of ``layout``."""
     U, R = layout.ulysses, layout.ring
     spec = layout.to_list()
     graph = program.gm.graph
-    nodes = _sites(program)
+    nodes = _sites(program, R)
     for node in nodes:
         facts = node.meta["lcc"]
         check_heads(facts["hq"], facts["hkv"], U, f"layer {facts['layer']} ({facts['module']})")
     gathered: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in nodes:
         facts = node.meta["lcc"]
-        q, k, v, key_padding, doc_ids = node.args[:5]
         before = len(gathered)
         with graph.inserting_before(node):
-            if U > 1:
-                if facts["hkv"] < U:
-                    k, v = (new_call(graph, torch.ops.aten.repeat_interleave.self_int, x, U // facts["hkv"], HEADS, like=node) for x in (k, v))
-                q, k, v = (new_call(graph, A2A, x, HEADS, SEQ, spec, like=node) for x in (q, k, v))
-            if key_padding is not None and key_padding not in gathered:
-                gathered[key_padding] = new_call(graph, GATHER, key_padding, 1, spec)
-            if doc_ids is not None and doc_ids not in gathered:
-                gathered[doc_ids] = _gather_documents(graph, doc_ids, spec)
-        key_padding, doc_ids = gathered.get(key_padding), gathered.get(doc_ids)
-        scale, causal, window = node.args[6:9]
+            call, exchanged = _inputs(graph, node, spec, gathered)
         if R > 1:
             with graph.inserting_before(node):
-                site = new_call(graph, RING, q, k, v, key_padding, doc_ids, scale, causal, window, spec, like=node)
+                site = new_call(graph, RING, *call.to(RING, layout=spec).args(), like=node)
                 out = graph.call_function(operator.getitem, (site, 0))
             out.meta.update(val=site.meta["val"][0], **{key: node.meta[key] for key in COPIED_META if key in node.meta})
             site.meta["lcc"] = facts
             site.meta["lcc_from"] = out.meta["lcc_from"] = [node.name]
         else:
-            node.args = (q, k, v, key_padding, doc_ids, *node.args[5:])
+            node.args, node.kwargs = call.args(), {}
             node.meta["val"] = fake_call(node.target, *node.args)
             out = node
         result = out
@@ -211,14 +238,14 @@ def rewrite(program: Program, layout: Layout, form: str, why: str = "") -> PassR
         if R > 1:
             graph.erase_node(node)
         facts.update(
-            v_dim=int(val(v).shape[-1]),
-            dtype_bytes=val(q).element_size(),
-            form=form,
+            v_dim=int(val(call.v).shape[-1]),
+            dtype_bytes=val(call.q).element_size(),
+            form=form if node.target is CANONICAL else facts["form"],  # a form's site stays that form's, now sharded
             degree=layout.degree,
             layout=spec,
             kv_replicated=U // facts["hkv"] if facts["hkv"] < U else 1,
             # gathers are shared by every site that reads the same padding or documents: counted where inserted
-            collectives={"all_to_all": 4 if U > 1 else 0, "all_gather": len(gathered) - before, "send_recv": R - 1},
+            collectives={"all_to_all": exchanged + (U > 1), "all_gather": len(gathered) - before, "send_recv": R - 1},
         )
     program.signature["sequence_parallel"] = {"form": form, "degree": layout.degree, "ulysses": U, "ring": R, "zigzag": layout.zigzag}
     if why:
