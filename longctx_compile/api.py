@@ -150,6 +150,9 @@ def train(
     save_every: int = 50,
     metrics: str | Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    nproc: int = 1,
+    sp: str = "auto",
+    ranks: str = "processes",
     **options: Any,
 ) -> dict[str, Any]:
     """Adapt the artifact at ``path`` to its form and write the result to ``out`` (atomically; ``path`` is untouched).
@@ -158,10 +161,13 @@ def train(
     ``.jsonl`` of ``{"text"|"tokens"}`` lines, or a text file. ``options``:
     :class:`~.runtime.train.TrainConfig`'s fields (objective, trainable, steps, length, batch, accumulate, lr, clip,
     seed; ``length`` defaults to 1024 or the program's maximum). A checkpoint (default ``OUT.train.pt``) is written every ``save_every`` steps and removed at the end;
-    ``resume`` continues it. Returns the summary recorded in the new artifact's signature under ``train``.
+    ``resume`` continues it. ``nproc`` > 1 trains on that many local ranks, each on its shard of every window
+    under the sequence-parallel layout ``sp`` (``ulysses``, ``ring`` or ``auto``; ``ranks="threads"`` runs them as
+    threads of this process). Returns the summary recorded in the new artifact's signature under ``train``.
     """
     from .runtime.data import TASKS, data_stream
-    from .runtime.train import ProgramTrainer, TrainConfig, load_checkpoint, run
+    from .runtime.train import ProgramTrainer, TrainConfig, load_checkpoint, run, trainable_names
+    from .runtime.train_sp import layout_for, train_ranks
 
     path, out = Path(path), Path(out)
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -176,15 +182,27 @@ def train(
     cfg.check()
     if cfg.length > signature["max_len"]:
         raise LccError(f"--seq-len {cfg.length} exceeds the program's maximum length {signature['max_len']}; convert with a larger max_len")
-    ep = artifact.read_program(path, manifest)
-    trainer = ProgramTrainer(ep, signature, cfg, manifest.get("form", "dense"))
+    form = manifest.get("form", "dense")
     tokenizer = None if data in ("synthetic", *TASKS) else tokenizer_for(manifest)
     stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
+    ep = artifact.read_model_program(path, manifest).ep  # with each site's facts: what --trainable layers= and sharding read
+    layout = None
+    if nproc != 1:
+        trainable_names(ep, signature, cfg.trainable, form)  # what fails on every rank fails here first, in one line
+        layout = layout_for(ep, signature, nproc, sp, cfg.length)
+        ep = None  # sharded by the check: the ranks read their own copies, and the trained weights go into a fresh one
     checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"
-    fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps(dataclasses.asdict(cfg), sort_keys=True) + data
+    fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps(dataclasses.asdict(cfg), sort_keys=True) + data + str(layout or "")
     state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact, data or set of options")
-    result = run(trainer, stream, checkpoint, state, save_every, progress, Path(metrics) if metrics else None, fingerprint)
+    common = dict(checkpoint=checkpoint, resume=state, save_every=save_every, metrics=Path(metrics) if metrics else None, fingerprint=fingerprint)
+    if layout is None:
+        result = run(ProgramTrainer(ep, signature, cfg, form), stream, progress=progress, **common)
+    else:
+        result = train_ranks(path, nproc, dict(cfg=cfg, layout=layout, data=data, **common), progress, ranks)
+        ep = artifact.read_program(path, manifest)
     summary = {**result["summary"], "data": data, "length": cfg.length, "batch": cfg.batch, "accumulate": cfg.accumulate, "lr": cfg.lr, "seed": cfg.seed}
+    if layout is not None:
+        summary["ranks"] = {"nproc": nproc, "ulysses": layout.ulysses, "ring": layout.ring}
     manifest["signature"]["train"] = [*manifest["signature"].get("train", []), summary]
     artifact.rewrite_weights(path, manifest, ep, result["trained"], out=out)
     checkpoint.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +219,9 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_LOADING = threading.Lock()  # torch.export.load keeps its deserializer in a global: one load at a time (ranks as threads)
+
+
 def rewrite_weights(path: Path, manifest: dict[str, Any], ep: torch.export.ExportedProgram, values: dict[str, torch.Tensor], out: Path | None = None) -> None:
     """Put ``values`` into the artifact's model program and write it with ``manifest``, atomically: a copy of the
     folder with the new ``model.pt2`` replaces it, or becomes ``out`` (the other files are copied as they are)."""
@@ -325,7 +329,8 @@ def read_program(path: Path, manifest: dict[str, Any], name: str = "model", devi
     if progress is not None:
         progress(f"loading {relative}")
     try:
-        ep = torch.export.load(file)
+        with _LOADING:
+            ep = torch.export.load(file)
     except Exception as e:
         raise LccError(f"corrupt artifact '{path}': cannot load {file.name}: {str(e).splitlines()[0][:200]}") from None
     return move_to_device_pass(ep, torch.device(device)) if device is not None else ep

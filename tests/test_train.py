@@ -204,3 +204,72 @@ def test_recompute_splits_the_graph_into_one_piece_per_layer():
     split = by_layer(compiled.program.ep.graph_module)
     recomputed = [name for name, child in split.named_children() if isinstance(child, _Recomputed)]
     assert recomputed == ["submod_1", "submod_2"]  # tiny-llama's two layers; the embedding's piece is kept
+
+
+def _sharded_step(path, payload, degree, rank):
+    """One rank's loss and gradients, summed over the group as ``lcc train`` sums them."""
+    from longctx_compile.runtime.train import _summed
+
+    manifest = artifact.read_manifest(path)
+    trainer = ProgramTrainer(artifact.read_model_program(path, manifest).ep, manifest["signature"], payload["cfg"], manifest["form"], payload["layout"])
+    leaves = trainer.leaves()
+    loss = trainer.loss(payload["ids"])
+    loss.backward()
+    return _summed(leaves, loss.item()), {name: leaf.grad for name, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize(
+    ("options", "objective", "tile"),
+    [(LEARNED, "distill", 0), (dict(LEARNED, heads="each"), "lm", 6), (dict(to="msa"), "lm", 0)],
+    ids=["hsa-learned-distill", "hsa-each-lm-tiled", "msa-lm"],
+)
+def test_a_form_trained_on_two_ranks_under_ulysses_has_one_process_gradients(options, objective, tile, tmp_path):
+    """The form's own attention runs unchanged inside Ulysses (HSA's learned projections sliced per head): the loss
+    and every parameter's gradient summed over P=2 ranks equal one process's, for the whole model."""
+    from longctx_compile.distributed.ranks import spawn
+    from longctx_compile.ops.layout import Layout
+
+    path = lcc.compile("tiny-llama", **options).save(tmp_path / "a.lcc")
+    cfg = TrainConfig(objective=objective, trainable="all", length=32, tile=tile)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    manifest = artifact.read_manifest(path)
+    trainer = ProgramTrainer(artifact.read_model_program(path, manifest).ep, manifest["signature"], cfg, manifest["form"])
+    leaves = trainer.leaves()
+    loss = trainer.loss(ids)
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True))  # msa's routers: none
+    sharded_loss, sharded = spawn(_sharded_step, path, 2, dict(cfg=cfg, layout=Layout(ulysses=2), ids=ids), ranks="threads", loaded=False)
+    assert loss.item() > 1e-3
+    torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
+    assert sharded.keys() == grads.keys() and sum(g is not None for g in grads.values()) >= len(grads) - 4
+    for name, g in grads.items():
+        if g is None:
+            assert sharded[name] is None, name
+        else:
+            torch.testing.assert_close(sharded[name], g, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lcc_train_on_two_gloo_processes_ends_where_one_process_ends(learned_artifact, tmp_path):
+    """A real launch: two gloo processes train the HSA artifact under Ulysses; the weights they write are the
+    single process's (to float summation order), and the run is recorded with its ranks."""
+    args = ["--data", "synthetic", "--steps", "2", "--seq-len", "32", "--trainable", "all", "--lr", "1e-3"]
+    one = lcc_cli.run("train", learned_artifact, *args, "-o", tmp_path / "one.lcc")
+    two = lcc_cli.run("train", learned_artifact, *args, "--nproc", "2", "--sp", "ulysses", "-o", tmp_path / "two.lcc")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = (artifact.read_program(p, artifact.read_manifest(p)).state_dict for p in (tmp_path / "one.lcc", tmp_path / "two.lcc"))
+    source = artifact.read_program(learned_artifact, artifact.read_manifest(learned_artifact)).state_dict
+    assert any(not torch.equal(a[n], source[n]) for n in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], msg=lambda m, n=name: f"{n}: {m}")
+    assert lcc.load(tmp_path / "two.lcc").manifest["signature"]["train"][-1]["ranks"] == {"nproc": 2, "ulysses": 2, "ring": 1}
+
+
+def test_sequence_parallel_training_refuses_what_cannot_shard_in_one_line(learned_artifact, tmp_path):
+    for args, message in [
+        (["--nproc", "2", "--seq-len", "31"], "sequence length 31 is not divisible by 2"),
+        (["--nproc", "2", "--sp", "ring", "--seq-len", "32"], "only Ulysses (--sp ulysses) shards it"),
+        (["--nproc", "3", "--seq-len", "36"], "query heads are not divisible by the sequence-parallel degree 3"),
+        (["--nproc", "2", "--sp", "zigzag", "--seq-len", "32"], "unknown --sp 'zigzag'"),
+    ]:
+        result = lcc_cli.run("train", learned_artifact, "--data", "synthetic", *args, "-o", tmp_path / "out.lcc")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.lcc").exists()

@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload, out: str) -> None:
+def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload, out: str, loaded: bool = True) -> None:
     import torch.distributed as dist
 
     from ..loaded import load
@@ -38,7 +38,7 @@ def _rank_main(rank: int, degree: int, port: int, task: str, path: str, payload,
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=degree)
     try:
-        result = task(load(path), payload, degree, rank)
+        result = task(load(path) if loaded else path, payload, degree, rank)
         if rank == 0:
             torch.save(result, out)
         dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks to it can abort the peer
@@ -104,28 +104,30 @@ def _profile(model, batch: dict, degree: int, rank: int) -> dict:
     return {"ranks": per_rank}
 
 
-def spawn(task: Callable, path: str | Path, degree: int, payload, ranks: str = "processes"):
+def spawn(task: Callable, path: str | Path, degree: int, payload, ranks: str = "processes", loaded: bool = True):
     """``task(loaded artifact, payload, degree, rank)`` on ``degree`` local ranks; rank 0's result. With processes, ``task``
-    is a module-level function, so each rank's process can import it."""
+    is a module-level function, so each rank's process can import it. ``loaded=False``: the task gets the path and
+    reads what it needs itself."""
     if ranks == "threads":
-        return _in_threads(task, path, degree, payload)
+        return _in_threads(task, path, degree, payload, loaded)
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
         mp.set_forkserver_preload(["longctx_compile.loaded"])  # each rank forks from a process that imported lcc once
-        mp.start_processes(_rank_main, args=(degree, _free_port(), task, str(path), payload, out), nprocs=degree, join=True, start_method="forkserver")
+        args = (degree, _free_port(), task, str(path), payload, out, loaded)
+        mp.start_processes(_rank_main, args=args, nprocs=degree, join=True, start_method="forkserver")
         return torch.load(out)
 
 
-def _in_threads(task: Callable, path: str | Path, degree: int, payload):
+def _in_threads(task: Callable, path: str | Path, degree: int, payload, loaded: bool = True):
     import threading
 
     from ..loaded import load
     from ..ops import groups
 
     world = groups.LocalWorld(degree)
-    models = [load(path) for _ in range(degree)]  # each rank holds its own parameters and gradients
+    models = [load(path) if loaded else str(path) for _ in range(degree)]  # each rank holds its own parameters and gradients
     results, errors = [None] * degree, []
 
     def rank_main(rank: int) -> None:

@@ -27,6 +27,7 @@ def _hsa(call: Call) -> torch.Tensor:
 DENSE: dict[Any, Callable[[Call], Any]] = {
     L.attention.default: lambda call: call(),
     L.flash_attention.default: lambda call: (call.run(ATTENTION), None),
+    L.ring_attention.default: lambda call: call(),  # exact attention over every rank's keys: already dense
     L.msa_attention.default: lambda call: call.run(ATTENTION),  # over the sequence, msa is dense; its memory is read at query time
     L.evict_attention.default: lambda call: call.run(ATTENTION),  # the full program is dense; eviction acts on the cache
     L.hsa_attention.default: _hsa,

@@ -21,6 +21,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LccError
+from ..ops.layout import Layout
 
 
 def schedule(step: int, steps: int) -> float:
@@ -136,17 +137,22 @@ class ProgramTrainer:
     copied), the loss of a batch of token windows, and (``distill``) the same graph with every site dense as the teacher.
 
     With ``tile`` the graphs end at the LM head's input and the head runs a tile of rows at a time inside the
-    loss; with ``recompute`` the student's layers are recomputed in the backward (:mod:`.recompute`)."""
+    loss; with ``recompute`` the student's layers are recomputed in the backward (:mod:`.recompute`). With a
+    ``layout`` the program is first made the per-rank program of that sequence-parallel layout (the form's
+    attention unchanged inside Ulysses): each rank's loss covers its shard's tokens, normalised by the whole
+    batch's count, so the losses and the gradients summed over the ranks are one process's."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str = "dense"):
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str = "dense", layout: Layout | None = None):
         from ..ops.teacher import dense
         from .interpret import logits_index, step_state, with_site_hooks
         from .recompute import by_layer
         from .tile_loss import head_hidden
 
         cfg.check()
-        self.ep, self.signature, self.cfg = ep, signature, cfg
+        self.ep, self.signature, self.cfg, self.layout = ep, signature, cfg, layout
         self.names = trainable_names(ep, signature, cfg.trainable, form)
+        if layout is not None:
+            shard_program(ep, signature, layout)
         self.state = {name: value.detach() for name, value in step_state(ep).items()}
         self.index = logits_index(ep)
         graph, self.head = ep.graph_module, None
@@ -163,53 +169,82 @@ class ProgramTrainer:
         self.state.update(leaves)
         return leaves
 
-    def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+    def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The graph's logits (or, tiled, the LM head's input) for a batch of windows."""
         from .interpret import flat_inputs
 
-        B, T = ids.shape
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(T).expand(B, T)}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions}
         out = graph(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))[self.index]
         return out if self.head else out.float()
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """The objective's mean loss over the batch's predicted positions."""
+        """The objective's mean loss over the batch's predicted positions (this rank's share of it, with a layout)."""
+        from ..ops.groups import rank
+        from ..ops.loss import IGNORE
         from .recompute import offloaded
 
+        B, T = ids.shape
+        positions = torch.arange(T).expand(B, T)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = ids[:, 1:]
+        count = B * (T - 1) if self.cfg.objective == "lm" else B * T
+        if self.layout is not None:  # labels shifted before slicing: a shard's last target lives on the next rank
+            ids, positions, labels = (self.layout.shard(x, rank()) for x in (ids, positions, labels))
         with offloaded() if self.cfg.offload else contextlib.nullcontext():
-            out = self._run(self.student, ids)
+            out = self._run(self.student, ids, positions)
         with torch.no_grad():
-            teacher = None if self.teacher is None else self._run(self.teacher, ids)
-        if self.head:
-            return self._tiled(out, ids, teacher)
-        if self.cfg.objective == "lm":
-            return F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        return distill_loss(out, teacher.log_softmax(-1))
-
-    def _tiled(self, hidden: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
-        """The same mean loss with the head applied ``tile`` rows at a time; each tile's logits are recomputed in the
-        backward rather than kept, so no more than a tile's logits exist at once."""
+            teacher = None if self.teacher is None else self._run(self.teacher, ids, positions)
+        rows = out.flatten(0, 1)
+        targets = labels.flatten() if self.cfg.objective == "lm" else teacher.flatten(0, 1)
+        if not self.head:
+            return _loss_sum(rows, targets, self.cfg.objective) / count
         weight, bias = (None if name is None else self.state[name] for name in self.head)
-        if self.cfg.objective == "lm":
-            rows, targets = hidden[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
-        else:
-            rows, targets = hidden.flatten(0, 1), teacher.flatten(0, 1)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, rows.shape[0], self.cfg.tile):
+        total = rows.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], self.cfg.tile):  # each tile's logits recomputed in the backward, never kept
             part = slice(start, start + self.cfg.tile)
             total = total + checkpoint(_tile_loss, rows[part], targets[part], weight, bias, self.cfg.objective, use_reentrant=False)
-        return total / rows.shape[0]
+        return total / count
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:
+    """Summed over rows: cross-entropy against next tokens (ignored targets skipped), or KL(teacher ‖ student) from
+    the teacher's logits."""
+    if objective == "lm":
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    return distill_loss(logits, targets.float().log_softmax(-1)) * logits.shape[0]
 
 
 def _tile_loss(rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, objective: str) -> torch.Tensor:
-    """The summed loss of a tile of rows: cross-entropy against next tokens, or KL from the teacher's rows (its LM
-    head input, headed here too)."""
+    """A tile's summed loss, its rows (and, distilling, the teacher's rows) headed here."""
     logits = F.linear(rows, weight, bias).float()
     if objective == "lm":
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return _loss_sum(logits, targets, objective)
     with torch.no_grad():  # the teacher's head reads the current weights, but no gradient flows through the teacher
-        teacher = F.linear(targets, weight, bias).float().log_softmax(-1)
-    return distill_loss(logits, teacher) * rows.shape[0]
+        teacher = F.linear(targets, weight, bias)
+    return _loss_sum(logits, teacher, objective)
+
+
+def shard_program(ep: torch.export.ExportedProgram, signature: dict[str, Any], layout: Layout) -> None:
+    """Make ``ep``'s graph the per-rank program of ``layout`` in place (the sequence-parallel rewrite, run on a
+    loaded program)."""
+    from ..forms.sp.rewrite import rewrite
+    from ..pipeline import Program, lint
+
+    program = Program(ep=ep, signature={**signature}, source={})
+    rewrite(program, layout, "train")
+    lint(program)
+
+
+def _summed(leaves: dict[str, torch.Tensor], loss: float) -> float:
+    """Sum the leaves' gradients and the loss over the sequence-parallel group; the loss's sum."""
+    from ..ops import groups
+
+    for leaf in leaves.values():
+        if leaf.grad is not None:
+            groups.all_reduce(leaf.grad, groups.group())
+    value = torch.tensor([loss], dtype=torch.float64)
+    groups.all_reduce(value, groups.group())
+    return float(value)
 
 
 def distill_loss(student: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
@@ -251,6 +286,8 @@ def run(
             loss = trainer.loss(data(step * cfg.accumulate + micro)) / cfg.accumulate
             loss.backward()
             total += loss.item()
+        if trainer.layout is not None:  # each rank's loss is its share of the batch's: the sums are one process's
+            total = _summed(leaves, total)
         norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), cfg.clip if cfg.clip > 0 else float("inf"))
         optimizer.step()
         first, last = total if first is None else first, total
