@@ -140,6 +140,39 @@ def diff(converted: Any, from_stage: str = "capture", to_stage: str | None = Non
     return diff_snapshots(snapshots, history, from_stage, to_stage, layer)
 
 
+def _train_indexers(
+    path: Path, data: str, out: Path, force: bool, checkpoint: Any, resume: bool, save_every: int, progress: Callable | None, options: dict[str, Any]
+) -> dict[str, Any]:
+    """``lcc train --objective indexers``: an evict artifact's two-stage indexer and memory training (what ``lcc
+    train-indexers`` runs in place), written to a new artifact. ``steps``, ``length``, ``batch``, ``lr`` and ``seed``
+    carry over; the memory stage takes as many steps and its own learning rate."""
+    import time
+
+    from .forms.evict.train import TrainConfig as IndexerConfig
+    from .forms.evict.train import train_artifact
+
+    if not is_artifact(path):
+        raise LccError(f"'{path}' is not an lcc artifact (convert a model first: lcc convert MODEL --to FORM -o ARTIFACT)")
+    artifact.check_destination(out, force, [path])
+    manifest = artifact.read_manifest(path)
+    if manifest.get("form") != "evict":
+        raise LccError(f"--objective indexers trains an evict artifact's indexers and memories; this artifact's form is {manifest.get('form')}")
+    carried = {k: v for k, v in options.items() if k in ("steps", "length", "batch", "lr", "seed")}
+    cfg = IndexerConfig(**{"length": min(1024, manifest["signature"]["max_len"]), **carried})
+    began, done = time.perf_counter(), [0]
+
+    def report(stage: str, step: int, total: int, loss: float) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress({"step": done[0], "stage": stage, "loss": loss, "tokens_per_s": done[0] * cfg.batch * cfg.length / (time.perf_counter() - began)})
+
+    program = artifact.read_program(path, manifest)
+    checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"
+    summary = {"objective": "indexers", "trainable": "indexers and memories", "steps": cfg.steps, "data": data, "length": cfg.length}
+    train_artifact(path, manifest, program, data, cfg, out, checkpoint, resume, save_every, report, note=summary)
+    return summary
+
+
 def train(
     path: str | Path,
     data: str,
@@ -170,6 +203,8 @@ def train(
     from .runtime.train_sp import layout_for, train_ranks
 
     path, out = Path(path), Path(out)
+    if options.get("objective") == "indexers":
+        return _train_indexers(path, data, out, force, checkpoint, resume, save_every, progress, options)
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise LccError(f"unknown training option '{sorted(unknown)[0]}'; known: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}")

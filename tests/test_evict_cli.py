@@ -52,6 +52,23 @@ def test_training_lowers_the_kl_and_writes_the_weights_into_the_artifact(artifac
     assert generated.returncode == 0 and len(json.loads(generated.stdout)[0]["new_ids"]) == 6
 
 
+def test_lcc_train_has_an_indexers_mode_that_writes_a_new_artifact(artifact, tmp_path):
+    """``lcc train --objective indexers`` runs the same two stages as train-indexers, into a new artifact: the
+    source's indexers stay as they were, the new one's are trained and the run is recorded."""
+    before, _ = indexer_weights(artifact)
+    args = ["--data", "synthetic", "--objective", "indexers", "--steps", "20", "--seq-len", "96", "--lr", "1e-2"]
+    result = run("train", str(artifact), *args, "-o", str(tmp_path / "trained.lcc"))
+    assert result.returncode == 0, result.stderr
+    after, trained = indexer_weights(tmp_path / "trained.lcc")
+    assert all(torch.equal(before[n], indexer_weights(artifact)[0][n]) for n in before)  # the source is untouched
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    assert trained["indexer"]["last_loss"] < trained["indexer"]["first_loss"]
+    record = lcc.load(tmp_path / "trained.lcc").signature["train"][-1]
+    assert record["objective"] == "indexers" and record["stages"]["memory"]["steps"] == 20
+    refused = run("train", str(tmp_path / "trained.lcc"), "--data", "synthetic", "--objective", "nope", "-o", str(tmp_path / "x.lcc"))
+    assert refused.returncode == 2 and "indexers (an evict artifact's)" in refused.stderr
+
+
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(artifact, tmp_path):
     loaded = lcc.load(artifact)
     cfg = TrainConfig(steps=6, memory_steps=4, length=48)
@@ -81,6 +98,7 @@ def test_refusals_are_one_line(artifact, tmp_path):
     short.write_text(json.dumps({"tokens": [1, 2, 3]}) + "\n")
     cases = [
         (["train-indexers", str(dense)], "no eviction indexers to train"),
+        (["train", str(dense), "--data", "synthetic", "--objective", "indexers", "-o", str(tmp_path / "o.lcc")], "this artifact's form is dense"),
         (["train-indexers", str(artifact), "--data", str(short), "--length", "64"], "holds 3 tokens, fewer than --length 64"),
         (["train-indexers", str(artifact), "--length", "4"], "must exceed sinks + window"),
         (["train-indexers", str(artifact), "--data", str(tmp_path / "none.jsonl")], "no training data file"),

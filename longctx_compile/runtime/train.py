@@ -84,7 +84,7 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise LccError(f"unknown objective '{self.objective}'; known: {', '.join(OBJECTIVES)}")
+            raise LccError(f"unknown objective '{self.objective}'; known: {', '.join(OBJECTIVES)}, indexers (an evict artifact's)")
         for name in ("steps", "length", "batch", "accumulate"):
             if getattr(self, name) < 1:
                 raise LccError(f"--{name.replace('length', 'seq-len')} must be at least 1, got {getattr(self, name)}")

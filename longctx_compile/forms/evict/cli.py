@@ -9,8 +9,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ...errors import LccError
-
 
 def train_indexers(
     path: Annotated[str, typer.Argument(help="an evict artifact folder (updated in place, atomically)")],
@@ -30,29 +28,12 @@ def train_indexers(
 
     Example: lcc train-indexers model.evict.lcc --data synthetic --steps 200 --length 1024
     """
-    from ... import artifact
     from ...console import err, out, read_artifact
-    from ...runtime.data import read_tokens, token_stream
-    from ...runtime.tokenizer import tokenizer_for
-    from ...runtime.train import load_checkpoint
-    from .train import TrainConfig, Trainer, train
+    from .train import TrainConfig, train_artifact
 
     manifest, program = read_artifact(path)
-    signature = manifest["signature"]
-    trainer = Trainer(program, signature)
-    length = min(1024, signature["max_len"]) if length is None else length
+    length = min(1024, manifest["signature"]["max_len"]) if length is None else length
     cfg = TrainConfig(steps=steps, memory_steps=memory_steps, length=length, batch=batch, lr=lr, memory_lr=memory_lr, seed=seed)
-    evict = signature["evict"]
-    pinned = evict["sinks"] + evict["window"]
-    if steps < 1 or batch < 1 or save_every < 1:
-        raise LccError("--steps, --batch and --save-every must be at least 1")
-    if not pinned < length <= signature["max_len"]:
-        raise LccError(f"--length {length} must exceed sinks + window ({pinned}) and stay within the program's maximum length {signature['max_len']}")
-    stream = token_stream(read_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], length, batch, seed)
-    checkpoint = checkpoint or Path(str(Path(path)).rstrip("/") + ".train-indexers.pt")
-    fingerprint = manifest["files"][artifact.PROGRAM]
-    state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact (or an earlier version of this one)")
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         tasks: dict[str, int] = {}
@@ -62,10 +43,7 @@ def train_indexers(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=step, description=f"{stage} loss {loss:.4f}")
 
-        result = train(trainer, stream, cfg, checkpoint, state, save_every, show, fingerprint)
-    manifest["signature"]["evict"]["trained"] = {**result["done"], "data": data, "length": length, "batch": batch, "seed": seed}
-    artifact.rewrite_weights(Path(path), manifest, program, result["trained"])
-    checkpoint.unlink(missing_ok=True)
+        result = train_artifact(Path(path), manifest, program, data, cfg, checkpoint=checkpoint, resume=resume, save_every=save_every, progress=show)
     table = Table(title=f"trained {path}")
     for column in ("stage", "steps", "loss", "first", "last"):
         table.add_column(column, justify="right" if column in ("steps", "first", "last") else "left")

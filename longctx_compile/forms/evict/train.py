@@ -202,3 +202,47 @@ def train(
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"fingerprint": fingerprint, "stage": None, "step": 0, "done": done, "trained": trained})
     return {"trained": trained, "done": done}
+
+
+def train_artifact(
+    path: Path,
+    manifest: dict[str, Any],
+    program: torch.export.ExportedProgram,
+    data: str,
+    cfg: TrainConfig,
+    out: Path | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    save_every: int = 50,
+    progress: Callable[[str, int, int, float], None] | None = None,
+    note: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Both stages on the artifact at ``path``, written to ``out`` (None: in place, atomically): what ``lcc
+    train-indexers`` and ``lcc train --objective indexers`` run; ``note``, with the indexer stage's losses and
+    both stages' summaries, joins the signature's ``train`` records. Returns the per-stage summaries."""
+    from ... import artifact
+    from ...runtime.data import read_tokens, token_stream
+    from ...runtime.tokenizer import tokenizer_for
+    from ...runtime.train import load_checkpoint
+
+    signature = manifest["signature"]
+    trainer = Trainer(program, signature)
+    evict = signature["evict"]
+    pinned = evict["sinks"] + evict["window"]
+    if cfg.steps < 1 or cfg.batch < 1 or save_every < 1:
+        raise LccError("--steps, --batch and --save-every must be at least 1")
+    if not pinned < cfg.length <= signature["max_len"]:
+        raise LccError(f"--length {cfg.length} must exceed sinks + window ({pinned}) and stay within the program's maximum length {signature['max_len']}")
+    stream = token_stream(read_tokens(data, tokenizer_for(manifest) if data != "synthetic" else None), signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
+    checkpoint = checkpoint or Path(str(Path(out or path)).rstrip("/") + ".train-indexers.pt")
+    fingerprint = manifest["files"][artifact.PROGRAM]
+    state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact (or an earlier version of this one)")
+    result = train(trainer, stream, cfg, checkpoint, state, save_every, progress, fingerprint)
+    manifest["signature"]["evict"]["trained"] = {**result["done"], "data": data, "length": cfg.length, "batch": cfg.batch, "seed": cfg.seed}
+    if note is not None:
+        losses = {"first_loss": result["done"]["indexer"]["first_loss"], "last_loss": result["done"]["indexer"]["last_loss"]}
+        note.update(parameters=len(result["trained"]), **losses, stages=result["done"])
+        manifest["signature"]["train"] = [*manifest["signature"].get("train", []), note]
+    artifact.rewrite_weights(Path(path), manifest, program, result["trained"], out=out)
+    checkpoint.unlink(missing_ok=True)
+    return result
