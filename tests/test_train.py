@@ -273,3 +273,19 @@ def test_sequence_parallel_training_refuses_what_cannot_shard_in_one_line(learne
         result = lcc_cli.run("train", learned_artifact, "--data", "synthetic", *args, "-o", tmp_path / "out.lcc")
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.lcc").exists()
+
+
+def test_a_bf16_program_trains_with_fp32_master_weights():
+    """A bf16 artifact computes in bf16 and its trainables are fp32 leaves cast per step (this failed with a dtype
+    mismatch when the fp32 leaves were fed to the bf16 graph): gradients arrive in fp32 and point where the fp32
+    program's do."""
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for dtype in ("bf16", "fp32"):
+        compiled = lcc.compile("tiny-llama", **LEARNED, dtype=dtype)
+        trainer = ProgramTrainer(compiled.program.ep, compiled.program.signature, TrainConfig(objective="lm", trainable="norms", length=24))
+        leaves = trainer.leaves()
+        grads[dtype] = torch.cat([g.flatten() for g in torch.autograd.grad(trainer.loss(ids), list(leaves.values()))])
+        assert all(leaf.dtype == torch.float32 for leaf in leaves.values())
+    assert grads["bf16"].dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0) > 0.95

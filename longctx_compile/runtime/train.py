@@ -164,17 +164,22 @@ class ProgramTrainer:
         self.student = by_layer(graph) if cfg.recompute else graph
 
     def leaves(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters as fp32 leaves, swapped into the state the graph reads."""
-        leaves = {name: self.state[name].float().clone().requires_grad_() for name in self.names}
-        self.state.update(leaves)
-        return leaves
+        """The trainable parameters as fp32 leaves: the master weights the optimizer steps. The graph reads them cast
+        to the program's own dtype (a bf16 program computes in bf16, its updates accumulate in fp32)."""
+        self.trained = {name: self.state[name].float().clone().requires_grad_() for name in self.names}
+        return self.trained
 
-    def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The state the graph reads: frozen weights as they are, trained ones cast from their fp32 leaves."""
+        trained = getattr(self, "trained", {})
+        return {**self.state, **{name: leaf.to(self.state[name].dtype) for name, leaf in trained.items()}}
+
+    def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor, positions: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """The graph's logits (or, tiled, the LM head's input) for a batch of windows."""
         from .interpret import flat_inputs
 
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions}
-        out = graph(*flat_inputs(self.ep, self.signature["inputs"], self.state, inputs))[self.index]
+        out = graph(*flat_inputs(self.ep, self.signature["inputs"], weights, inputs))[self.index]
         return out if self.head else out.float()
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
@@ -190,15 +195,16 @@ class ProgramTrainer:
         count = B * (T - 1) if self.cfg.objective == "lm" else B * T
         if self.layout is not None:  # labels shifted before slicing: a shard's last target lives on the next rank
             ids, positions, labels = (self.layout.shard(x, rank()) for x in (ids, positions, labels))
+        weights = self._weights()
         with offloaded() if self.cfg.offload else contextlib.nullcontext():
-            out = self._run(self.student, ids, positions)
+            out = self._run(self.student, ids, positions, weights)
         with torch.no_grad():
-            teacher = None if self.teacher is None else self._run(self.teacher, ids, positions)
+            teacher = None if self.teacher is None else self._run(self.teacher, ids, positions, weights)
         rows = out.flatten(0, 1)
         targets = labels.flatten() if self.cfg.objective == "lm" else teacher.flatten(0, 1)
         if not self.head:
             return _loss_sum(rows, targets, self.cfg.objective) / count
-        weight, bias = (None if name is None else self.state[name] for name in self.head)
+        weight, bias = (None if name is None else weights[name] for name in self.head)
         total = rows.new_zeros((), dtype=torch.float32)
         for start in range(0, rows.shape[0], self.cfg.tile):  # each tile's logits recomputed in the backward, never kept
             part = slice(start, start + self.cfg.tile)
