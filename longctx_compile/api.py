@@ -199,7 +199,7 @@ def train(
     threads of this process). Returns the summary recorded in the new artifact's signature under ``train``.
     """
     from .runtime.data import TASKS, data_stream
-    from .runtime.train import ProgramTrainer, TrainConfig, load_checkpoint, run, trainable_names
+    from .runtime.train import ProgramTrainer, TrainConfig, check_program, load_checkpoint, run
     from .runtime.train_sp import layout_for, train_ranks
 
     path, out = Path(path), Path(out)
@@ -219,11 +219,11 @@ def train(
         raise LccError(f"--seq-len {cfg.length} exceeds the program's maximum length {signature['max_len']}; convert with a larger max_len")
     form = manifest.get("form", "dense")
     tokenizer = None if data in ("synthetic", *TASKS) else tokenizer_for(manifest)
-    stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
+    stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
     ep = artifact.read_model_program(path, manifest).ep  # with each site's facts: what --trainable layers= and sharding read
     layout = None
     if nproc != 1:
-        trainable_names(ep, signature, cfg.trainable, form)  # what fails on every rank fails here first, in one line
+        check_program(ep, signature, cfg, form)  # what fails on every rank fails here first, in one line
         layout = layout_for(ep, signature, nproc, sp, cfg.length)
         ep = None  # sharded by the check: the ranks read their own copies, and the trained weights go into a fresh one
     checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"

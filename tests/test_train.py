@@ -289,3 +289,25 @@ def test_a_bf16_program_trains_with_fp32_master_weights():
         assert all(leaf.dtype == torch.float32 for leaf in leaves.values())
     assert grads["bf16"].dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0) > 0.95
+
+
+def test_packed_documents_train_as_if_each_were_alone():
+    """Two documents packed into one row (positions restarting, the model's packed-document masking kept): the summed
+    next-token loss is the two documents' own, with no target across the boundary; HSA, without document masks, refuses."""
+    from longctx_compile.runtime.data import packed_stream
+
+    compiled = lcc.compile("tiny-llama", attention_mask="false")
+    cfg = TrainConfig(objective="lm", trainable="norms", length=24, pack=True)
+    trainer = ProgramTrainer(compiled.program.ep, compiled.program.signature, cfg)
+    trainer.leaves()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 256, (1, 10), generator=g), torch.randint(0, 256, (1, 14), generator=g)
+    packed = trainer.loss((torch.cat([a, b], 1), torch.cat([torch.arange(10), torch.arange(14)])[None]))
+    alone = [trainer.loss(x) for x in (a, b)]
+    torch.testing.assert_close(packed * 22, alone[0] * 9 + alone[1] * 13)
+    ids, positions = packed_stream([[1, 2, 3], list(range(10, 40))], 256, 16, 2, seed=0)(0)
+    assert ids.shape == positions.shape == (2, 16) and (positions == 0).sum() >= 2
+    starts = (positions == 0).nonzero()[:, 1].tolist()
+    assert 0 in starts and all(ids[0, s].item() in (1, *range(10, 40)) for s in starts)
+    with pytest.raises(LccError, match="--pack needs a program with document masks"):
+        ProgramTrainer(*(lambda c: (c.program.ep, c.program.signature))(lcc.compile("tiny-llama", **LEARNED)), cfg)

@@ -35,6 +35,7 @@ def train(
     tile: Annotated[int, typer.Option("--tile", help="rows of logits at a time for the LM head and loss (0: all at once)")] = 0,
     recompute: Annotated[bool, typer.Option("--recompute", help="recompute each layer in the backward (per-layer activation checkpointing)")] = False,
     offload: Annotated[bool, typer.Option("--offload", help="keep what the backward needs in CPU memory")] = False,
+    pack: Annotated[bool, typer.Option("--pack", help="rows of whole documents, attended within each (programs with document masks)")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="local ranks sharing each sequence (gloo on CPU, NCCL on GPUs)")] = 1,
     sp: Annotated[str, typer.Option("--sp", help="with --nproc: ulysses, ring, or auto (a form's attention runs under Ulysses)")] = "auto",
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="checkpoint file (default: OUT.train.pt beside OUT)")] = None,  # noqa: UP045
@@ -63,7 +64,7 @@ def train(
         summary = api.train(
             path, data, output, force=force, checkpoint=checkpoint, resume=resume, save_every=save_every, metrics=metrics, progress=show,
             objective=objective, trainable=trainable, steps=steps, **({} if seq_len is None else {"length": seq_len}), batch=batch, accumulate=accumulate, lr=lr, clip=clip, seed=seed,
-            tile=tile, recompute=recompute, offload=offload, nproc=nproc, sp=sp,
+            tile=tile, recompute=recompute, offload=offload, pack=pack, nproc=nproc, sp=sp,
         )  # fmt: skip
     table = Table(title=f"trained {path} → {output}")
     for column in ("objective", "trainable", "parameters", "steps", "first loss", "last loss"):

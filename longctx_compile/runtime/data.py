@@ -84,6 +84,36 @@ def token_stream(tokens: list[list[int]] | None, vocab: int, length: int, batch:
     return draw
 
 
+def packed_stream(tokens: list[list[int]], vocab: int, length: int, batch: int, seed: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``step -> (ids, position ids)`` [batch, length]: each row packs whole documents drawn at seeded random, their
+    positions restarting at 0 where each begins (a program with document masks attends within documents only);
+    a document longer than the room left is cut, one longer than the window gives a window of itself."""
+    docs = [torch.tensor(doc, dtype=torch.long) for doc in tokens]
+    top = max(int(doc.max()) for doc in docs)
+    if top >= vocab:
+        raise LccError(f"the training data has token id {top}, outside the model's vocabulary 0..{vocab - 1}")
+
+    def row(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, positions, filled = [], [], 0
+        while filled < length:
+            doc = docs[int(torch.randint(0, len(docs), (1,), generator=g))]
+            if len(doc) > length:
+                start = int(torch.randint(0, len(doc) - length + 1, (1,), generator=g))
+                doc = doc[start : start + length]
+            doc = doc[: length - filled]
+            ids.append(doc)
+            positions.append(torch.arange(len(doc)))
+            filled += len(doc)
+        return torch.cat(ids), torch.cat(positions)
+
+    def draw(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rows = [row(g) for _ in range(batch)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    return draw
+
+
 TASKS = ("passkey", "kv-recall")  # synthetic retrieval tasks generated on the fly
 KEY_TOKENS = 5  # a passkey's length in tokens
 
@@ -122,8 +152,13 @@ def task_stream(task: str, vocab: int, length: int, batch: int, seed: int) -> Ca
     return lambda step: torch.stack([row(torch.Generator().manual_seed(seed * 1_000_003 + step * batch + i)) for i in range(batch)])
 
 
-def data_stream(data: str, tokenizer: Any, vocab: int, length: int, batch: int, seed: int) -> Callable[[int], torch.Tensor]:
-    """The windows a trainer draws from ``data``: a synthetic task's name, ``synthetic`` (random tokens), or a file."""
+def data_stream(data: str, tokenizer: Any, vocab: int, length: int, batch: int, seed: int, pack: bool = False) -> Callable[[int], Any]:
+    """The windows a trainer draws from ``data``: a synthetic task's name, ``synthetic`` (random tokens), or a file;
+    with ``pack``, rows of whole documents with their position ids (:func:`packed_stream`)."""
+    if pack and (data in TASKS or data == "synthetic"):
+        raise LccError(f"--pack packs documents: give a .jsonl or text file, not '{data}'")
     if data in TASKS:
         return task_stream(data, vocab, length, batch, seed)
+    if pack:
+        return packed_stream(read_tokens(data, tokenizer), vocab, length, batch, seed)
     return token_stream(read_tokens(data, tokenizer), vocab, length, batch, seed)

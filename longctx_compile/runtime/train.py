@@ -67,7 +67,8 @@ class TrainConfig:
 
     Long sequences: ``tile`` rows of logits at a time (0: all at once) for the LM head and the loss, each tile
     recomputed in the backward; ``recompute`` each decoder layer in the backward from its input (per-layer
-    activation checkpointing), ``offload`` what the backward keeps to CPU memory."""
+    activation checkpointing), ``offload`` what the backward keeps to CPU memory. ``pack``: rows of whole documents,
+    attended within each (the program must have document masks), no target across a boundary."""
 
     objective: str = "distill"
     trainable: str = "new"
@@ -81,6 +82,7 @@ class TrainConfig:
     tile: int = 0
     recompute: bool = False
     offload: bool = False
+    pack: bool = False
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -150,7 +152,7 @@ class ProgramTrainer:
 
         cfg.check()
         self.ep, self.signature, self.cfg, self.layout = ep, signature, cfg, layout
-        self.names = trainable_names(ep, signature, cfg.trainable, form)
+        self.names = check_program(ep, signature, cfg, form)
         if layout is not None:
             shard_program(ep, signature, layout)
         self.state = {name: value.detach() for name, value in step_state(ep).items()}
@@ -182,17 +184,18 @@ class ProgramTrainer:
         out = graph(*flat_inputs(self.ep, self.signature["inputs"], weights, inputs))[self.index]
         return out if self.head else out.float()
 
-    def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """The objective's mean loss over the batch's predicted positions (this rank's share of it, with a layout)."""
+    def loss(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The objective's mean loss over the batch's predicted positions (this rank's share of it, with a layout).
+        ``batch``: token ids, or (ids, position ids) of packed documents (no target across a document's end)."""
         from ..ops.groups import rank
         from ..ops.loss import IGNORE
         from .recompute import offloaded
 
+        ids, positions = batch if isinstance(batch, tuple) else (batch, torch.arange(batch.shape[1]).expand(batch.shape))
         B, T = ids.shape
-        positions = torch.arange(T).expand(B, T)
         labels = torch.full_like(ids, IGNORE)
-        labels[:, :-1] = ids[:, 1:]
-        count = B * (T - 1) if self.cfg.objective == "lm" else B * T
+        labels[:, :-1] = ids[:, 1:].masked_fill(positions[:, 1:] == 0, IGNORE)
+        count = int((labels != IGNORE).sum()) if self.cfg.objective == "lm" else B * T
         if self.layout is not None:  # labels shifted before slicing: a shard's last target lives on the next rank
             ids, positions, labels = (self.layout.shard(x, rank()) for x in (ids, positions, labels))
         weights = self._weights()
@@ -210,6 +213,23 @@ class ProgramTrainer:
             part = slice(start, start + self.cfg.tile)
             total = total + checkpoint(_tile_loss, rows[part], targets[part], weight, bias, self.cfg.objective, use_reentrant=False)
         return total / count
+
+
+def check_program(ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str) -> list[str]:
+    """What ``cfg`` asks of the program, refused in one line where it cannot be: the trainable parameters' names."""
+    if cfg.pack and not _has_documents(ep):
+        raise LccError(
+            "--pack needs a program with document masks (convert with --opt attention_mask=false to keep the model's packed-document masking; HSA has none)"
+        )
+    return trainable_names(ep, signature, cfg.trainable, form)
+
+
+def _has_documents(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the program's attention masks documents (document ids from position resets reach its sites)."""
+    from ..ops.schema import Call
+    from .interpret import attention_sites
+
+    return any(Call.of(n).get("doc_ids") is not None for n in attention_sites(ep))
 
 
 def _loss_sum(logits: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:

@@ -59,7 +59,7 @@ def train_rank(path: str, payload: dict[str, Any], degree: int, rank: int) -> di
     signature = manifest["signature"]
     trainer = ProgramTrainer(artifact.read_model_program(Path(path), manifest).ep, signature, cfg, manifest.get("form", "dense"), layout)
     tokenizer = None if payload["data"] in ("synthetic", *TASKS) else tokenizer_for(manifest)
-    stream = data_stream(payload["data"], tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed)
+    stream = data_stream(payload["data"], tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
     first = rank == 0
     report = payload["report"].put if first and payload["report"] is not None else None
     result = run(
