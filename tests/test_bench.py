@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import longctx_compile as lcc
+
 pytestmark = pytest.mark.slow  # the slow tier: python -m pytest -m 'not slow' leaves it out
 
 BENCH = Path(__file__).parent.parent / "bench" / "attention_kernels.py"
@@ -80,6 +82,35 @@ def test_hsa_quality_bench_smoke():
     report = json.loads(result.stdout)
     assert sorted(report["accuracy"]) == sorted(["dense", *(f"hsa {m} K={k}" for m in ("landmark", "exact") for k in (8, 16)), "hsa learned K=8, 2 steps"])
     assert all(0 <= a <= 1 for accs in report["accuracy"].values() for a in accs.values())
+
+
+def test_train_bench_smoke():
+    """bench/train.py trains the recall model, converts it to HSA and adapts it twice with lcc.train (tiny sizes)."""
+    result = subprocess.run([sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["steps"] for r in rows] == [0, 0, 2, 2] and all(0 <= r["320"] <= 1 for r in rows)
+
+
+def test_train_memory_bench_smoke(tmp_path):
+    """bench/train_memory.py measures each setting in its own process, on 2 gloo ranks too (a tiny artifact)."""
+    lcc.compile("tiny-llama").save(tmp_path / "d.lcc")
+    command = [
+        sys.executable,
+        str(BENCH.parent / "train_memory.py"),
+        str(tmp_path / "d.lcc"),
+        "--tokens",
+        "64",
+        "--tile",
+        "16",
+        "--probe",
+        "32",
+        "--nproc",
+        "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "both · ulysses ×2" in result.stdout and "recompute" in result.stdout
 
 
 def test_msa_bench_smoke(tmp_path):
