@@ -131,14 +131,16 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(learned_artifact, tm
 
 
 def test_bad_input_is_one_line(learned_artifact, tmp_path):
-    dense = tmp_path / "dense.lcc"
+    dense, msa = tmp_path / "dense.lcc", tmp_path / "msa.lcc"
     lcc.compile("tiny-llama").save(dense)
+    lcc.compile("tiny-llama", to="msa").save(msa)
     for args, message in [
         ([learned_artifact, "--data", tmp_path / "none.txt"], "no training data file"),
         ([dense, "--data", "synthetic"], "the dense form added no parameters"),
         ([learned_artifact, "--data", "synthetic", "--seq-len", "4096"], "exceeds the program's maximum length 512"),
         ([tmp_path, "--data", "synthetic"], "is not an lcc artifact"),
         ([learned_artifact, "--data", "synthetic", "--tile", "-1"], "--tile must be at least 0"),
+        ([msa, "--data", "synthetic", "--objective", "lm", "--seq-len", "16"], "none of the --trainable new parameters reaches the lm loss"),
     ]:
         result = lcc_cli.run("train", *args, "-o", tmp_path / "out.lcc")
         assert result.returncode == 2 and message in result.stderr, result.stderr
