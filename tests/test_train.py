@@ -197,6 +197,8 @@ def test_the_cli_trains_tiled_and_recomputed(learned_artifact, tmp_path):
     assert result.returncode == 0, result.stderr
     run = lcc.load(tmp_path / "t.lcc").manifest["signature"]["train"][-1]
     assert run["steps"] == 2 and run["objective"] == "lm"
+    shown = lcc_cli.run("inspect", tmp_path / "t.lcc")
+    assert shown.returncode == 0 and "training runs (lcc train)" in shown.stdout and "synthetic" in shown.stdout
 
 
 def test_recompute_splits_the_graph_into_one_piece_per_layer():

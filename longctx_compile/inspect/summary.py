@@ -160,6 +160,18 @@ def render(info: dict[str, Any], console: Console) -> None:
     for h in info["history"]:
         history.add_row(h["name"], h["stage"], str(h["matches"]), str(h["added"]), str(h["removed"]), f"{h['seconds']:.3f}")
     console.print(history)
+    runs = sig.get("train", [])
+    if runs:
+        table = Table(
+            "objective", "trainable", "steps", "tokens", "ranks", "first loss", "last loss", "data", title="training runs (lcc train)", title_justify="left"
+        )
+        for r in runs:
+            ranks = r.get("ranks", {}).get("nproc", 1)
+            losses = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else "-" for k in ("first_loss", "last_loss")]
+            table.add_row(
+                r["objective"], str(r["trainable"]), str(r["steps"]), f"{r.get('length', '-')}×{r.get('batch', 1)}", str(ranks), *losses, escape(str(r["data"]))
+            )
+        console.print(table)
     if info.get("equivalence"):
         eq = info["equivalence"]
         console.print(f"equivalence: {'passed' if eq['passed'] else 'FAILED'} max_abs={eq['max_abs']:.3g} top1={eq['top1']:.3f} kl={eq['kl']:.3g}")
