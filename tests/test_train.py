@@ -315,3 +315,24 @@ def test_packed_documents_train_as_if_each_were_alone():
     assert 0 in starts and all(ids[0, s].item() in (1, *range(10, 40)) for s in starts)
     with pytest.raises(LccError, match="--pack needs a program with document masks"):
         ProgramTrainer(*(lambda c: (c.program.ep, c.program.signature))(lcc.compile("tiny-llama", **LEARNED)), cfg)
+
+
+def test_packed_documents_shard_like_one_process(tmp_path):
+    """Packing under Ulysses: the documents come from the gathered positions on every rank, so two ranks' summed loss
+    and gradients equal one process's."""
+    from longctx_compile.distributed.ranks import spawn
+    from longctx_compile.ops.layout import Layout
+
+    path = lcc.compile("tiny-llama", attention_mask="false").save(tmp_path / "p.lcc")
+    cfg = TrainConfig(objective="lm", trainable="all", length=24, pack=True)
+    g = torch.Generator().manual_seed(6)
+    batch = (torch.randint(0, 256, (1, 24), generator=g), torch.cat([torch.arange(11), torch.arange(13)])[None])
+    manifest = artifact.read_manifest(path)
+    trainer = ProgramTrainer(artifact.read_model_program(path, manifest).ep, manifest["signature"], cfg)
+    leaves = trainer.leaves()
+    loss = trainer.loss(batch)
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+    sharded_loss, sharded = spawn(_sharded_step, path, 2, dict(cfg=cfg, layout=Layout(ulysses=2), ids=batch), ranks="threads", loaded=False)
+    torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
+    for name, grad in grads.items():
+        torch.testing.assert_close(sharded[name], grad, msg=lambda m, n=name: f"{n}: {m}")
