@@ -21,7 +21,9 @@ def train(
         ),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="the trained artifact to write")],
-    objective: Annotated[str, typer.Option("--objective", help="distill (KL to the dense source model) or lm (next-token loss)")] = "distill",
+    objective: Annotated[
+        str, typer.Option("--objective", help="distill (KL to the dense source model), lm (next-token loss), or indexers (an evict artifact's)")
+    ] = "distill",
     trainable: Annotated[str, typer.Option("--trainable", help="new (the form's added parameters), all, norms, or layers=0,2,5")] = "new",
     steps: Annotated[int, typer.Option("--steps")] = 100,
     seq_len: Annotated[
