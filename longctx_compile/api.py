@@ -198,9 +198,9 @@ def train(
     under the sequence-parallel layout ``sp`` (``ulysses``, ``ring`` or ``auto``; ``ranks="threads"`` runs them as
     threads of this process). Returns the summary recorded in the new artifact's signature under ``train``.
     """
+    from .forms.sp.train import layout_for, train_ranks
     from .runtime.data import TASKS, data_stream
     from .runtime.train import ProgramTrainer, TrainConfig, check_program, load_checkpoint, run
-    from .runtime.train_sp import layout_for, train_ranks
 
     path, out = Path(path), Path(out)
     if options.get("objective") == "indexers":

@@ -212,10 +212,13 @@ def test_recompute_splits_the_graph_into_one_piece_per_layer():
 
 def _sharded_step(path, payload, degree, rank):
     """One rank's loss and gradients, summed over the group as ``lcc train`` sums them."""
+    from longctx_compile.forms.sp.train import shard_program
     from longctx_compile.runtime.train import _summed
 
     manifest = artifact.read_manifest(path)
-    trainer = ProgramTrainer(artifact.read_model_program(path, manifest).ep, manifest["signature"], payload["cfg"], manifest["form"], payload["layout"])
+    ep = artifact.read_model_program(path, manifest).ep
+    shard_program(ep, manifest["signature"], payload["layout"])
+    trainer = ProgramTrainer(ep, manifest["signature"], payload["cfg"], manifest["form"], payload["layout"])
     leaves = trainer.leaves()
     loss = trainer.loss(payload["ids"])
     loss.backward()

@@ -140,21 +140,21 @@ class ProgramTrainer:
 
     With ``tile`` the graphs end at the LM head's input and the head runs a tile of rows at a time inside the
     loss; with ``recompute`` the student's layers are recomputed in the backward (:mod:`.recompute`). With a
-    ``layout`` the program is first made the per-rank program of that sequence-parallel layout (the form's
-    attention unchanged inside Ulysses): each rank's loss covers its shard's tokens, normalised by the whole
-    batch's count, so the losses and the gradients summed over the ranks are one process's."""
+    ``layout``, ``ep`` is the per-rank program of that sequence-parallel layout (``forms.sp.train.shard_program``):
+    each rank's loss covers its shard's tokens, normalised by the whole batch's count, so the losses and the
+    gradients summed over the ranks are one process's."""
 
     def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str = "dense", layout: Layout | None = None):
         from ..ops.teacher import dense
-        from .interpret import logits_index, step_state, with_site_hooks
+        from .interpret import attention_sites, logits_index, step_state, with_site_hooks
         from .recompute import by_layer
         from .tile_loss import head_hidden
 
         cfg.check()
         self.ep, self.signature, self.cfg, self.layout = ep, signature, cfg, layout
         self.names = check_program(ep, signature, cfg, form)
-        if layout is not None:
-            shard_program(ep, signature, layout)
+        if layout is not None and any(n.meta.get("lcc", {}).get("layout") != layout.to_list() for n in attention_sites(ep)):
+            raise LccError("a sequence-parallel trainer needs the per-rank program of its layout (forms.sp.train.shard_program)")
         self.state = {name: value.detach() for name, value in step_state(ep).items()}
         self.index = logits_index(ep)
         graph, self.head = ep.graph_module, None
@@ -248,17 +248,6 @@ def _tile_loss(rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
     with torch.no_grad():  # the teacher's head reads the current weights, but no gradient flows through the teacher
         teacher = F.linear(targets, weight, bias)
     return _loss_sum(logits, teacher, objective)
-
-
-def shard_program(ep: torch.export.ExportedProgram, signature: dict[str, Any], layout: Layout) -> None:
-    """Make ``ep``'s graph the per-rank program of ``layout`` in place (the sequence-parallel rewrite, run on a
-    loaded program)."""
-    from ..forms.sp.rewrite import rewrite
-    from ..pipeline import Program, lint
-
-    program = Program(ep=ep, signature={**signature}, source={})
-    rewrite(program, layout, "train")
-    lint(program)
 
 
 def _summed(leaves: dict[str, torch.Tensor], loss: float) -> float:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..errors import LccError
-from ..ops.layout import Layout
+from ...errors import LccError
+from ...ops.layout import Layout
 
 SP = ("auto", "ulysses", "ring")
 
@@ -27,9 +27,8 @@ SP = ("auto", "ulysses", "ring")
 def layout_for(ep: torch.export.ExportedProgram, signature: dict[str, Any], nproc: int, sp: str, length: int) -> Layout:
     """The layout of ``--nproc P --sp …`` for this program, checked by sharding ``ep`` (which this consumes) and
     against the sequence length: what cannot run fails here in one line, before any rank starts."""
-    from ..forms.sp.rewrite import CANONICAL, SpConfig, choose
-    from .interpret import attention_sites
-    from .train import shard_program
+    from ...runtime.interpret import attention_sites
+    from .rewrite import CANONICAL, SpConfig, choose
 
     if sp not in SP:
         raise LccError(f"unknown --sp '{sp}'; choose {', '.join(SP)}")
@@ -47,17 +46,30 @@ def layout_for(ep: torch.export.ExportedProgram, signature: dict[str, Any], npro
     return layout
 
 
+def shard_program(ep: torch.export.ExportedProgram, signature: dict[str, Any], layout: Layout) -> None:
+    """Make ``ep``'s graph the per-rank program of ``layout`` in place (the sequence-parallel rewrite, run on a
+    loaded program)."""
+    from ...pipeline import Program, lint
+    from .rewrite import rewrite
+
+    program = Program(ep=ep, signature={**signature}, source={})
+    rewrite(program, layout, "train")
+    lint(program)
+
+
 def train_rank(path: str, payload: dict[str, Any], degree: int, rank: int) -> dict[str, Any] | None:
     """One rank: its own copy of the program, sharded; rank 0 reports progress, checkpoints and returns the result."""
-    from .. import artifact
-    from .data import TASKS, data_stream
-    from .tokenizer import tokenizer_for
-    from .train import ProgramTrainer, run
+    from ... import artifact
+    from ...runtime.data import TASKS, data_stream
+    from ...runtime.tokenizer import tokenizer_for
+    from ...runtime.train import ProgramTrainer, run
 
     cfg, layout = payload["cfg"], payload["layout"]
     manifest = artifact.read_manifest(Path(path))
     signature = manifest["signature"]
-    trainer = ProgramTrainer(artifact.read_model_program(Path(path), manifest).ep, signature, cfg, manifest.get("form", "dense"), layout)
+    ep = artifact.read_model_program(Path(path), manifest).ep
+    shard_program(ep, signature, layout)
+    trainer = ProgramTrainer(ep, signature, cfg, manifest.get("form", "dense"), layout)
     tokenizer = None if payload["data"] in ("synthetic", *TASKS) else tokenizer_for(manifest)
     stream = data_stream(payload["data"], tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
     first = rank == 0
@@ -77,7 +89,7 @@ def train_rank(path: str, payload: dict[str, Any], degree: int, rank: int) -> di
 
 def train_ranks(path: Path, nproc: int, payload: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None, ranks: str = "processes") -> dict[str, Any]:
     """Run :func:`train_rank` on ``nproc`` ranks; rank 0's progress rows reach ``progress`` in this process."""
-    from ..distributed.ranks import spawn
+    from ...distributed.ranks import spawn
 
     if ranks == "threads":
         return spawn(train_rank, path, nproc, {**payload, "report": _Direct(progress)}, ranks="threads", loaded=False)
