@@ -41,6 +41,10 @@ def _trainer(path: str, tokens: int, tile: int = 0, recompute: bool = False, lay
 
     manifest = artifact.read_manifest(path)
     ep = artifact.read_model_program(path, manifest).ep
+    if layout is not None:  # this rank's program
+        from longctx_compile.forms.sp.train import shard_program
+
+        shard_program(ep, manifest["signature"], layout)
     cfg = TrainConfig(objective="lm", trainable="norms", length=tokens, tile=tile, recompute=recompute)
     return ProgramTrainer(ep, manifest["signature"], cfg, manifest.get("form", "dense"), layout), manifest
 
@@ -148,7 +152,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--probe", type=int, default=512, help="tokens at which a(T) is measured, then scaled")
-    parser.add_argument("--nproc", type=int, default=1, help="also run plain and recompute on this many ranks")
+    parser.add_argument("--settings", type=lambda t: t.split(","), default=list(SETTINGS), help="which of plain,tiled,recompute,both to run")
+    parser.add_argument("--nproc", type=int, default=1, help="also run plain and both on this many ranks")
     parser.add_argument("--sp", choices=("ulysses", "ring"), default="ulysses")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--kept", action="store_true", help=argparse.SUPPRESS)
@@ -186,7 +191,11 @@ def main() -> None:
     from longctx_compile.console import out as console  # as wide as its table when written to a file
 
     rows = []
-    runs = [(setting, 1) for setting in SETTINGS] + ([("plain", args.nproc), ("both", args.nproc)] if args.nproc > 1 else [])
+    unknown = set(args.settings) - set(SETTINGS)
+    if unknown:
+        sys.exit(f"unknown setting {sorted(unknown)[0]}; choose from {', '.join(SETTINGS)}")
+    chosen = [s for s in SETTINGS if s in args.settings]
+    runs = [(setting, 1) for setting in chosen] + ([(s, args.nproc) for s in ("plain", "both") if s in chosen] if args.nproc > 1 else [])
     for setting, nproc in runs:
         rows.append({"ranks": 1, **json.loads(run("--one", setting, nproc=nproc))})
         rows[-1]["account"] = model[setting] / nproc  # every term is per token (or per head, in the attention): 1/P of it
@@ -196,7 +205,7 @@ def main() -> None:
     )
     for column in ("setting", "peak MiB per rank (measured)", "× plain", "MiB (account)", "measured / account", "seconds", "loss"):
         table.add_column(column, justify="left" if column == "setting" else "right")
-    plain = rows[0]["peak_mib"]
+    plain = rows[0]["peak_mib"]  # the first row run: plain unless --settings leaves it out
     for r in rows:
         expect = r["account"]
         table.add_row(

@@ -93,7 +93,7 @@ def test_train_bench_smoke():
 
 
 def test_train_memory_bench_smoke(tmp_path):
-    """bench/train_memory.py measures each setting in its own process, on 2 gloo ranks too (a tiny artifact)."""
+    """bench/train_memory.py measures each setting in its own process, and plain and both on 2 gloo ranks (a tiny artifact)."""
     lcc.compile("tiny-llama").save(tmp_path / "d.lcc")
     command = [
         sys.executable,
