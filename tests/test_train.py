@@ -3,6 +3,7 @@ logits, a hand-written KL), resumed bit for bit, written to a new artifact with 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import lcc_cli
@@ -56,6 +57,26 @@ def test_one_steps_gradients_equal_a_hand_written_reference():
     for a, b in zip(got, want, strict=True):
         assert b.abs().max() > 1e-7  # the projections do reach the loss
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tile", [0, 8])
+def test_the_teacher_is_the_source_model_not_the_weights_being_trained(tile):
+    """Training every weight of a dense program, the teacher stays the source: once the weights move, the loss is
+    KL(source ‖ moved model) (before the fix the teacher read the moved weights, so distilling a dense program was 0)."""
+    compiled = lcc.compile("tiny-llama")
+    trainer = ProgramTrainer(compiled.program.ep, compiled.program.signature, TrainConfig(trainable="all", length=16, tile=tile))
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    leaves = trainer.leaves()
+    assert abs(trainer.loss(ids).item()) < 1e-6
+    with torch.no_grad():
+        for name, leaf in leaves.items():
+            leaf.add_(torch.randn(leaf.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    moved = copy.deepcopy(compiled.original)  # the HF source model, and a copy holding the moved weights
+    with torch.no_grad():
+        for name, param in moved.named_parameters():
+            param.copy_(leaves[f"model.{name}"])  # the program captured a wrapper around the HF model
+        teacher, student = (m(ids, position_ids=torch.arange(16)[None]).logits[0] for m in (compiled.original, moved))
+    torch.testing.assert_close(trainer.loss(ids), distill_loss(student, teacher.log_softmax(-1)))
 
 
 def test_trainable_selections():

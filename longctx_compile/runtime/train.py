@@ -134,7 +134,28 @@ def _layer_prefixes(ep: torch.export.ExportedProgram, text: str) -> tuple[str, .
     return tuple(sites[layer].meta["lcc"]["module"].rsplit(".", 1)[0] + "." for layer in layers)
 
 
-class ProgramTrainer:
+class Trainer:
+    """What every trainer :func:`run` drives has: the program's weights (``state``, frozen, never copied), the names
+    of the ones it trains (``names``), a sequence-parallel ``layout`` or None; each defines its ``loss(batch)``."""
+
+    state: dict[str, torch.Tensor]
+    names: list[str]
+    cfg: TrainConfig
+    layout: Layout | None = None
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters as fp32 leaves: the master weights the optimizer steps. The graph reads them cast
+        to the program's own dtype (a bf16 program computes in bf16, its updates accumulate in fp32)."""
+        self.trained = {name: self.state[name].float().clone().requires_grad_() for name in self.names}
+        return self.trained
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The state the graph reads: frozen weights as they are, trained ones cast from their fp32 leaves."""
+        trained = getattr(self, "trained", {})
+        return {**self.state, **{name: leaf.to(self.state[name].dtype) for name, leaf in trained.items()}}
+
+
+class ProgramTrainer(Trainer):
     """A program's graph with its chosen parameters as fp32 leaves (the rest frozen, shared with the program, not
     copied), the loss of a batch of token windows, and (``distill``) the same graph with every site dense as the teacher.
 
@@ -165,17 +186,6 @@ class ProgramTrainer:
         self.teacher = with_site_hooks(graph, lambda site, call: dense(call)) if cfg.objective == "distill" else None
         self.student = by_layer(graph) if cfg.recompute else graph
 
-    def leaves(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters as fp32 leaves: the master weights the optimizer steps. The graph reads them cast
-        to the program's own dtype (a bf16 program computes in bf16, its updates accumulate in fp32)."""
-        self.trained = {name: self.state[name].float().clone().requires_grad_() for name in self.names}
-        return self.trained
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        """The state the graph reads: frozen weights as they are, trained ones cast from their fp32 leaves."""
-        trained = getattr(self, "trained", {})
-        return {**self.state, **{name: leaf.to(self.state[name].dtype) for name, leaf in trained.items()}}
-
     def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor, positions: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """The graph's logits (or, tiled, the LM head's input) for a batch of windows."""
         from .interpret import flat_inputs
@@ -201,17 +211,18 @@ class ProgramTrainer:
         weights = self._weights()
         with offloaded() if self.cfg.offload else contextlib.nullcontext():
             out = self._run(self.student, ids, positions, weights)
-        with torch.no_grad():
-            teacher = None if self.teacher is None else self._run(self.teacher, ids, positions, weights)
+        with torch.no_grad():  # the source model: the program's own weights, not the ones being trained
+            teacher = None if self.teacher is None else self._run(self.teacher, ids, positions, self.state)
         rows = out.flatten(0, 1)
         targets = labels.flatten() if self.cfg.objective == "lm" else teacher.flatten(0, 1)
         if not self.head:
             return _loss_sum(rows, targets, self.cfg.objective) / count
-        weight, bias = (None if name is None else weights[name] for name in self.head)
+        head = [None if name is None else weights[name] for name in self.head]
+        source = [None if name is None else self.state[name] for name in self.head]  # the teacher's head
         total = rows.new_zeros((), dtype=torch.float32)
         for start in range(0, rows.shape[0], self.cfg.tile):  # each tile's logits recomputed in the backward, never kept
             part = slice(start, start + self.cfg.tile)
-            total = total + checkpoint(_tile_loss, rows[part], targets[part], weight, bias, self.cfg.objective, use_reentrant=False)
+            total = total + checkpoint(_tile_loss, rows[part], targets[part], *head, *source, self.cfg.objective, use_reentrant=False)
         return total / count
 
 
@@ -240,13 +251,21 @@ def _loss_sum(logits: torch.Tensor, targets: torch.Tensor, objective: str) -> to
     return distill_loss(logits, targets.float().log_softmax(-1)) * logits.shape[0]
 
 
-def _tile_loss(rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, objective: str) -> torch.Tensor:
-    """A tile's summed loss, its rows (and, distilling, the teacher's rows) headed here."""
+def _tile_loss(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    source: torch.Tensor,
+    source_bias: torch.Tensor | None,
+    objective: str,
+) -> torch.Tensor:
+    """A tile's summed loss, its rows headed here by the trained head (and, distilling, the teacher's rows by the source's)."""
     logits = F.linear(rows, weight, bias).float()
     if objective == "lm":
         return _loss_sum(logits, targets, objective)
-    with torch.no_grad():  # the teacher's head reads the current weights, but no gradient flows through the teacher
-        teacher = F.linear(targets, weight, bias)
+    with torch.no_grad():
+        teacher = F.linear(targets, source, source_bias)
     return _loss_sum(logits, teacher, objective)
 
 
