@@ -27,6 +27,20 @@ def test_pool_averages_each_chunk_over_its_real_tokens():
             torch.testing.assert_close(pooled[n, :, c], want)
 
 
+def test_pool_gradient_equals_the_loop_of_means():
+    """The op's backward (MSA's continued pre-training reaches the encoder through it) equals autograd through the
+    per-document loop of means; padding gets none. Fails where the op has no gradient at all."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 8, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    real = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    weight = torch.randn(2, 2, 2, 3, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((msa.msa_pool(x, real, 4)[0] * weight).sum(), x)
+    want = [torch.stack([x[n, :, 4 * c : min(4 * c + 4, int(real[n].sum()))].mean(1) for c in range(2)], 1) for n in range(2)]
+    (expected,) = torch.autograd.grad((torch.stack(want) * weight).sum(), x)
+    torch.testing.assert_close(grad, expected)
+    assert grad[1, :, 5:].abs().sum() == 0
+
+
 def brute_force_route(router_q, query_mask, router_keys, chunk_doc, n_docs, cosine):
     """Every (batch, head, token, chunk) score, then the paper's reductions one by one."""
     B, Hq, T, D = router_q.shape

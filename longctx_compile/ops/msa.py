@@ -49,6 +49,25 @@ def _(x, real, pool):
     return x.new_empty(N, H, L // pool, D, dtype=torch.float32), x.new_empty(N, L // pool, dtype=torch.float32)
 
 
+def _pool_setup(ctx, inputs, output):
+    x, real, pool = inputs
+    ctx.save_for_backward(real, output[1])
+    ctx.pool, ctx.dtype = pool, x.dtype
+
+
+def _pool_backward(ctx, grad_mean, grad_count):
+    """Each real token of a chunk receives the chunk mean's gradient over the chunk's count; padding receives none.
+    (MSA's continued pre-training reaches the document encoder through the pooled keys and values.)"""
+    real, count = ctx.saved_tensors
+    N, H, C, D = grad_mean.shape
+    share = grad_mean / count.clamp(min=1).view(N, 1, C, 1)
+    grad = share[:, :, :, None, :].expand(N, H, C, ctx.pool, D).reshape(N, H, C * ctx.pool, D)
+    return (grad * real.to(grad.dtype).view(N, 1, -1, 1)).to(ctx.dtype), None, None
+
+
+msa_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
 def route_ref(router_q: torch.Tensor, query_mask: torch.Tensor, router_keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, cosine: bool) -> torch.Tensor:
     """Document scores [B, n_docs] fp32 (-inf for a document no routing token reaches).
 
