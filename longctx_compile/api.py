@@ -186,6 +186,7 @@ def train(
     nproc: int = 1,
     sp: str = "auto",
     ranks: str = "processes",
+    form_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Adapt the artifact at ``path`` to its form and write the result to ``out`` (atomically; ``path`` is untouched).
@@ -196,7 +197,9 @@ def train(
     seed; ``length`` defaults to 1024 or the program's maximum). A checkpoint (default ``OUT.train.pt``) is written every ``save_every`` steps and removed at the end;
     ``resume`` continues it. ``nproc`` > 1 trains on that many local ranks, each on its shard of every window
     under the sequence-parallel layout ``sp`` (``ulysses``, ``ring`` or ``auto``; ``ranks="threads"`` runs them as
-    threads of this process). Returns the summary recorded in the new artifact's signature under ``train``.
+    threads of this process). ``form_options`` (``lcc train --opt``) configure a form that trains on its own
+    examples (msa: documents, queries and answers; ``forms.msa.train``). Returns the summary recorded in the new
+    artifact's signature under ``train``.
     """
     from .forms.sp.train import layout_for, train_ranks
     from .runtime.data import TASKS, data_stream
@@ -217,25 +220,37 @@ def train(
     cfg.check()
     if cfg.length > signature["max_len"]:
         raise LccError(f"--seq-len {cfg.length} exceeds the program's maximum length {signature['max_len']}; convert with a larger max_len")
-    form = manifest.get("form", "dense")
+    form = get_form(manifest.get("form", "dense"))
     tokenizer = None if data in ("synthetic", *TASKS) else tokenizer_for(manifest)
-    stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
+    form_options = dict(form_options or {})
+    if form.train is None:
+        if form_options:
+            raise LccError(f"--opt configures a form's own training (msa's); the {form.name} form trains on token windows and takes none")
+        stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
+    elif nproc != 1:
+        raise LccError(f"the {form.name} form trains on one rank (its examples are documents and queries, not windows to shard)")
     ep = artifact.read_model_program(path, manifest).ep  # with each site's facts: what --trainable layers= and sharding read
     layout = None
-    if nproc != 1:
-        check_program(ep, signature, cfg, form)  # what fails on every rank fails here first, in one line
+    if form.train is not None:
+        trainer, stream = form.train(ep, signature, cfg, data, tokenizer, form_options)
+    elif nproc != 1:
+        check_program(ep, signature, cfg, form.name)  # what fails on every rank fails here first, in one line
         layout = layout_for(ep, signature, nproc, sp, cfg.length)
         ep = None  # sharded by the check: the ranks read their own copies, and the trained weights go into a fresh one
     checkpoint = Path(checkpoint) if checkpoint else out.parent / f"{out.name}.train.pt"
-    fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps(dataclasses.asdict(cfg), sort_keys=True) + data + str(layout or "")
+    fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps([dataclasses.asdict(cfg), form_options], sort_keys=True) + data + str(layout or "")
     state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact, data or set of options")
     common = dict(checkpoint=checkpoint, resume=state, save_every=save_every, metrics=Path(metrics) if metrics else None, fingerprint=fingerprint)
-    if layout is None:
-        result = run(ProgramTrainer(ep, signature, cfg, form), stream, progress=progress, **common)
+    if form.train is not None:
+        result = run(trainer, stream, progress=progress, **common)
+    elif layout is None:
+        result = run(ProgramTrainer(ep, signature, cfg, form.name), stream, progress=progress, **common)
     else:
         result = train_ranks(path, nproc, dict(cfg=cfg, layout=layout, data=data, **common), progress, ranks)
         ep = artifact.read_program(path, manifest)
     summary = {**result["summary"], "data": data, "length": cfg.length, "batch": cfg.batch, "accumulate": cfg.accumulate, "lr": cfg.lr, "seed": cfg.seed}
+    if form_options:
+        summary["options"] = form_options
     if layout is not None:
         summary["ranks"] = {"nproc": nproc, "ulysses": layout.ulysses, "ring": layout.ring}
     manifest["signature"]["train"] = [*manifest["signature"].get("train", []), summary]

@@ -45,12 +45,20 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run saved in the checkpoint")] = False,
     metrics: Annotated[Optional[Path], typer.Option("--metrics", help="append one JSON line per step (loss, lr, grad norm, tokens/s)")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    opt: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--opt", help="a form's own training option key=value (repeatable); msa: docs, query, answer, aux, temperature, select"),
+    ] = None,
 ) -> None:
     """Train an artifact in its form: its new parameters (or the ones --trainable names), the rest frozen.
 
     Example: lcc train model.hsa.lcc --data corpus.txt --steps 200 --seq-len 2048 -o model.hsa.trained.lcc
+
+    An msa artifact trains on documents and queries (MSA's continued pre-training): a .jsonl of
+    {"documents", "query", "answer", "positive"} records, or examples cut from a corpus (--seq-len: tokens per document).
     """
     from .. import api
+    from ..options import parse_pairs
 
     if save_every < 1:
         from ..errors import LccError
@@ -66,7 +74,7 @@ def train(
         summary = api.train(
             path, data, output, force=force, checkpoint=checkpoint, resume=resume, save_every=save_every, metrics=metrics, progress=show,
             objective=objective, trainable=trainable, steps=steps, **({} if seq_len is None else {"length": seq_len}), batch=batch, accumulate=accumulate, lr=lr, clip=clip, seed=seed,
-            tile=tile, recompute=recompute, offload=offload, pack=pack, nproc=nproc, sp=sp,
+            tile=tile, recompute=recompute, offload=offload, pack=pack, nproc=nproc, sp=sp, form_options=parse_pairs(opt),
         )  # fmt: skip
     table = Table(title=f"trained {path} → {output}")
     for column in ("objective", "trainable", "parameters", "steps", "first loss", "last loss"):

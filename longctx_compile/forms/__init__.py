@@ -27,6 +27,8 @@ class Form:
       chunks, shards, windows or budgets), which ``lcc verify`` adds to its short ones;
     - ``cache_note``: why the form has no KV cache at all;
     - ``onnx_model(ep, manifest) -> (ep, extra output names)``: what the model program exports as;
+    - ``train(ep, signature, cfg, data, tokenizer, options) -> (trainer, stream)``: the form's own training in place
+      of token windows (msa: documents and queries); ``options``: ``lcc train --opt``;
     - ``describe(site facts) -> str``: a site's settings in ``lcc inspect``;
     - ``cli(app)``: adds the form's commands to ``lcc``.
     """
@@ -44,6 +46,7 @@ class Form:
     verify_lengths: Callable[..., tuple[int, ...]] | None = None
     cache_note: str | None = None
     onnx_model: Callable[..., Any] | None = None
+    train: Callable[..., Any] | None = None
     describe: Callable[[dict[str, Any]], str] | None = None
     cli: Callable[[Any], None] | None = None
 

@@ -107,7 +107,7 @@ def standardised(scores: torch.Tensor, totals: torch.Tensor | None = None) -> to
     totals = moments(scores) if totals is None else totals
     count = totals[..., 0:1].clamp(min=1)
     mean = totals[..., 1:2] / count
-    spread = (totals[..., 2:3] / count - mean.square()).clamp(min=0).sqrt().clamp(min=1e-6)
+    spread = (totals[..., 2:3] / count - mean.square()).clamp(min=1e-12).sqrt()  # ≥ 1e-6, and a finite gradient (the router loss)
     return ((scores.double() - mean) / spread).to(scores.dtype).masked_fill(~scores.isfinite(), float("-inf"))
 
 

@@ -318,14 +318,15 @@ def run(
         total = 0.0
         for micro in range(cfg.accumulate):
             loss = trainer.loss(data(step * cfg.accumulate + micro)) / cfg.accumulate
-            loss.backward()
+            if loss.requires_grad:  # else no trainable reaches it: refused below
+                loss.backward()
             total += loss.item()
         if trainer.layout is not None:  # each rank's loss is its share of the batch's: the sums are one process's
             total = _summed(leaves, total)
         if all(leaf.grad is None for leaf in leaves.values()):  # else every step would leave the weights as they are
             raise LccError(
                 f"none of the --trainable {cfg.trainable} parameters reaches the {cfg.objective} loss (msa's routers, for one, learn "
-                "from a router loss lcc train does not build); choose --trainable all, norms or layers=…"
+                "from the router loss alone: give it a weight, --opt aux=…); choose --trainable all, norms or layers=…"
             )
         norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), cfg.clip if cfg.clip > 0 else float("inf"))
         optimizer.step()

@@ -32,6 +32,13 @@ def verify(original, ep, signature, lengths, rtol, atol):
     return verify_msa(original, ep, signature, lengths, rtol, atol)
 
 
+def train(ep, signature, cfg, data, tokenizer, options):
+    """Documents encoded into pooled memory and queries answered over it, as the form runs them (``train.py``)."""
+    from .train import trainer
+
+    return trainer(ep, signature, cfg, data, tokenizer, options)
+
+
 def describe(site: dict[str, Any]) -> str:
     topk = "all" if site["topk"] < 0 else site["topk"]
     votes = " (votes)" if site.get("votes") else ""  # a layer whose scores pick every layer's documents (shared routing)
@@ -54,6 +61,7 @@ FORMS = [
         program_names=("encode", "query", "decode"),
         generate=generate,
         verify=verify,
+        train=train,
         describe=describe,
         cli=cli,
     )

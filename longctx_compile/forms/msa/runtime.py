@@ -146,6 +146,7 @@ class MsaModel:
         routers = [Call.of(n).router_q.args[0].name for n in sites if n.target is MSA]
         self._hook: Any = None
         self._hidden: list | None = None
+        self.grad = False  # whether runs keep the autograd graph (lcc train's document training sets it)
         self.graph = with_site_hooks(ep.graph_module, lambda site, call: self._hook(site, call), taps=routers, tap=self._tap)
         self.rotations = self._rotations(sites) if self.positions == "contiguous" else {}
         self.voters = set(self.config.get("route") or ())  # the layers whose scores pick every layer's documents (shared routing)
@@ -195,7 +196,7 @@ class MsaModel:
         self._hook = hook if every else (lambda site, call: hook(site, call) if call.op is MSA else call())
         self._hidden = hidden
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.grad):
                 return self.graph(*flat)[self.logits_index]
         finally:
             self._hook, self._hidden = None, None
@@ -287,10 +288,13 @@ class MsaModel:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         hidden: list | None = None,
+        routing: torch.Tensor | None = None,
     ) -> QueryResult:
         """Logits of ``[prefix ; query]`` rows (left padding allowed) routed over ``bank``: a :class:`MemoryBank`,
         or a memory with the same ``select`` as :class:`LocalMemory` (``runtime.memory_parallel.ParallelMemory``).
-        ``hidden``, when given, receives each routed layer's input hidden states (what the routers project)."""
+        ``hidden``, when given, receives each routed layer's input hidden states (what the routers project).
+        ``routing`` [B, T] (default: every token after the prefix) limits which of those tokens route; the others
+        still read the memory, as decoded tokens do (training appends the answer to the query this way)."""
         from .bank import check_matches
 
         memory = LocalMemory.of(bank, self.kernels) if isinstance(bank, MemoryBank) else bank
@@ -306,12 +310,13 @@ class MsaModel:
                     raise LccError(f"the bank's documents were encoded after the prefix {memory.prefix}; start each query with it")
         k = memory.n_docs if topk < 0 else min(topk, memory.n_docs)
         seen = mask.cumsum(-1)  # real tokens so far, this one included
-        routes = (seen > prefix) & (mask > 0)  # query tokens route; the prefix and padding do not
+        after = (seen > prefix) & (mask > 0)  # query tokens read the memory; the prefix and padding do not
+        routes = after if routing is None else after & routing.bool()  # and those route
         if position_ids is None:  # the prefix at 0.., the query from prefix + k (global) or prefix + G (contiguous)
             offset = self.gap(memory, k) if self.rotations else (topk if topk > 0 else memory.n_docs)
-            position_ids = (seen - 1).clamp(min=0) + torch.where(routes, offset, 0)
+            position_ids = (seen - 1).clamp(min=0) + torch.where(after, offset, 0)
         # the first query position of each row: contiguous documents end right before it
-        start = torch.where(routes.any(1), position_ids.masked_fill(~routes, torch.iinfo(position_ids.dtype).max).amin(1), 0)
+        start = torch.where(after.any(1), position_ids.masked_fill(~after, torch.iinfo(position_ids.dtype).max).amin(1), 0)
         inputs = self._inputs(input_ids, mask, position_ids)
         votes: list[torch.Tensor] = []  # shared routing: the voting layers' standardised scores so far
         chosen, scored, context = {}, {}, []
@@ -338,11 +343,16 @@ class MsaModel:
             keys, values = torch.cat([keys.to(k_self.dtype), k_self], dim=2), torch.cat([values.to(v_self.dtype), v_self], dim=2)
             padding = torch.cat([valid, own_keys], dim=1)
             context.append((keys, values, padding))
-            memory_rows = torch.cat([routes[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool, device=q.device)], dim=2)
+            memory_rows = torch.cat([after[:, :, None].expand(B, T, valid.shape[1]), torch.ones(B, T, T, dtype=torch.bool, device=q.device)], dim=2)
             return ATTENTION(q, keys, values, padding, None, memory_rows[:, None], call.scale, True, 0)
 
         logits = self._run(hook, inputs, every=True, hidden=hidden)
         return QueryResult(logits, chosen, scored, context, position_ids)
+
+    def dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of plain rows from position 0, every layer over its own input: the source model."""
+        ones = torch.ones_like(input_ids)
+        return self._run(lambda site, call: call(), self._inputs(input_ids, ones, ones.cumsum(-1) - 1), every=True)
 
     def document_hidden(self, docs: list[list[int]]) -> list[list[torch.Tensor]]:
         """Per document, each routed layer's input hidden states [L, hidden] as encode computes them (positions from 0)."""

@@ -1,0 +1,259 @@
+"""``lcc train`` on an msa artifact: documents and queries as the form runs them (MSA's continued pre-training).
+
+An example is a bank of documents, a query and its answer. Each step encodes the documents into pooled memory
+(``MsaModel.encode``, positions restarting per document) and answers the query over the routed top-k
+(``MsaModel.query``, the artifact's position scheme), with the autograd graph kept: the answer's loss reaches the
+backbone through the pooled keys and values. The top-k is a hard choice, so the routers learn from the auxiliary
+loss only: InfoNCE over each routing layer's document scores, the positive documents against the rest (the
+paper's ``INFONCE_DECOUPLE``: other positives are left out of each one's denominator).
+
+Examples come from a JSONL of ``{"documents": [...], "query": ..., "answer": ..., "positive": i | [i, ...]}``
+(token lists or text), or are cut from any corpus (text, JSONL of text/tokens, ``synthetic`` random tokens):
+``docs`` documents of ``--seq-len`` tokens, one of them the positive, the query a span copied from it and the
+answer the tokens that follow (recall a continuation from memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import LccError
+from ...ops.msa import route_headwise, route_ref
+from ...options import build, check_known
+from ...runtime.data import TASKS, read_tokens
+from ...runtime.train import TrainConfig, Trainer, distill_loss, trainable_names
+from .bank import MemoryBank
+from .runtime import LocalMemory, MsaModel
+
+
+@dataclass
+class MsaTrainConfig:
+    """``lcc train --opt`` for msa. ``docs``: documents in each example's bank when examples are cut from a corpus
+    (the positive and ``docs - 1`` others); ``query`` / ``answer``: the tokens of the span copied from the positive
+    and of the continuation to recall. ``aux``: the router loss's weight beside the answer's (the paper: 0.1 in its
+    main phase; 10 in its warm-up, where the LM loss has 0.1); ``temperature``: InfoNCE's (0.1 as in the paper).
+    ``select``: ``gold`` puts the positives in the first top-k slots, so the answer loss trains reading the memory
+    however the routers do; ``routed`` answers over the routers' own top-k, as MSA trains."""
+
+    docs: int = 8
+    query: int = 8
+    answer: int = 8
+    aux: float = 0.1
+    temperature: float = 0.1
+    select: Literal["gold", "routed"] = "gold"
+
+    def check(self) -> None:
+        for name in ("docs", "query", "answer"):
+            if getattr(self, name) < 1:
+                raise LccError(f"invalid --opt {name}={getattr(self, name)}: at least 1")
+        if self.aux < 0 or not 0 < self.temperature <= 1:
+            raise LccError(f"invalid --opt aux={self.aux} temperature={self.temperature}: aux at least 0, temperature in (0, 1]")
+
+
+@dataclass
+class Example:
+    """A bank of token-id documents, a query, the answer after it, and the documents that hold it."""
+
+    documents: list[list[int]]
+    query: list[int]
+    answer: list[int]
+    positives: list[int]
+
+
+def router_loss(scores: torch.Tensor, positives: list[int], temperature: float) -> torch.Tensor:
+    """InfoNCE over one query's document scores [n_docs], each positive against the negatives only, averaged."""
+    z = scores.float() / temperature
+    negative = torch.ones_like(z, dtype=torch.bool)
+    negative[positives] = False
+    rest = z[negative].logsumexp(0)
+    pos = z[positives]
+    return (torch.logaddexp(pos, rest) - pos).mean()
+
+
+class TrainingMemory(LocalMemory):
+    """A bank encoded in this step (its pooled tensors carry gradients): each routing layer's scores are computed by
+    the differentiable reference and kept for the router loss; with ``force`` the positives take the first slots."""
+
+    def __init__(self, bank: MemoryBank, positives: list[int], force: bool):
+        super().__init__({name: getattr(bank, name) for name in ("keys", "values", "router_keys")}, bank.chunk_doc, bank.doc_chunks(), bank.model)
+        self.positives, self.force, self.scored = positives, force, {}
+
+    def scores(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, score: str) -> torch.Tensor:
+        keys = self.parts["router_keys"][site]
+        if score == "headwise":
+            scores = route_headwise(router_q, routes, keys, self.chunk_doc, self.n_docs)
+        else:
+            scores = route_ref(router_q, routes, keys, self.chunk_doc, self.n_docs, score == "cosine")
+        self.scored[site] = scores
+        return scores.detach()  # the choice itself takes no gradient (the top-k is hard)
+
+    def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, score: str, chosen=None):
+        if chosen is None:
+            top = self.scores(site, router_q, routes, score).topk(k, dim=-1)
+            chosen = top.indices, top.values
+        if self.force:
+            gold = self.positives[:k]
+            rest = [d for d in chosen[0][0].tolist() if d not in gold]
+            chosen = torch.tensor([gold + rest[: k - len(gold)]], device=chosen[0].device), chosen[1]
+        return chosen[0], chosen[1], *self.fetch(site, chosen[0], router_q.device)
+
+
+class MsaTrainer(Trainer):
+    """An msa program trained on :class:`Example` batches: the answer's loss (``lm``: cross-entropy; ``distill``: KL to
+    the source model given the positive documents in its prompt, ``[prefix ; documents ; query ; answer]``) plus
+    ``aux`` × the router loss."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, opts: MsaTrainConfig):
+        cfg.check()
+        if cfg.tile or cfg.recompute or cfg.offload or cfg.pack:
+            raise LccError("msa trains on documents and queries: --tile, --recompute, --offload and --pack apply to token windows, not to it")
+        self.cfg, self.opts = cfg, opts
+        self.model = MsaModel(ep, signature)
+        self.model.kernels = "reference"  # gradients run through the reference ops
+        self.names = trainable_names(ep, signature, cfg.trainable, "msa")
+        self.state = {name: value.detach() for name, value in self.model.state.items()}
+        self.layout = None
+
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        """The mean over the batch's examples of the answer's loss plus ``aux`` × the router loss."""
+        m = self.model
+        teachers = [self._teacher(e) for e in batch] if self.cfg.objective == "distill" else [None] * len(batch)
+        m.state, m.grad = self._weights(), True
+        try:
+            return sum(self._loss(e, t) for e, t in zip(batch, teachers, strict=True)) / len(batch)
+        finally:
+            m.state, m.grad = self.state, False
+
+    def _loss(self, e: Example, teacher: torch.Tensor | None) -> torch.Tensor:
+        m = self.model
+        bank = m.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], batch_size=len(e.documents))
+        memory = TrainingMemory(bank, [bank.docs.index(str(p)) for p in e.positives], self.opts.select == "gold")
+        ids = torch.tensor([e.query + e.answer[:-1]])
+        routing = torch.arange(ids.shape[1])[None] < len(e.query)  # the answer reads the memory but does not route
+        logits = m.query(memory, ids, routing=routing).logits[0, len(e.query) - 1 :].float()
+        if teacher is None:
+            answer = F.cross_entropy(logits, torch.tensor(e.answer))
+        else:
+            answer = distill_loss(logits, teacher)
+        if not self.opts.aux or not memory.scored:
+            return answer
+        positives = memory.positives
+        aux = torch.stack([router_loss(s[0], positives, self.opts.temperature) for s in memory.scored.values()]).mean()
+        return answer + self.opts.aux * aux
+
+    def _teacher(self, e: Example) -> torch.Tensor:
+        """The source model's next-token log-probabilities over the answer, the positive documents in its prompt."""
+        prefix = self.model.config["prefix"]
+        documents = [t for p in e.positives for t in e.documents[p]]
+        logits = self.model.dense(torch.tensor([e.query[:prefix] + documents + e.query[prefix:] + e.answer[:-1]]))
+        return logits[0, -len(e.answer) :].float().log_softmax(-1)
+
+
+def _tokens(value: Any, tokenizer: Any, where: str, field: str) -> list[int]:
+    """A record field as token ids: a list of ids, or text through the artifact's tokenizer."""
+    if isinstance(value, str):
+        if tokenizer is None:
+            raise LccError(f'{where}: "{field}" is text, and the artifact\'s source has no tokenizer saved; give token ids')
+        tokens = tokenizer.encode(value, add_special_tokens=False)
+    elif isinstance(value, list) and all(isinstance(t, int) and t >= 0 for t in value):
+        tokens = value
+    else:
+        raise LccError(f'{where}: "{field}" must be text or a list of token ids')
+    if not tokens:
+        raise LccError(f'{where}: "{field}" is empty')
+    return tokens
+
+
+def read_examples(path: Path, tokenizer: Any) -> list[Example] | None:
+    """The examples of a JSONL of ``documents`` records, or None when the file holds plain documents."""
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    try:
+        first = json.loads(lines[0][1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(first, dict) or "documents" not in first:
+        return None
+    examples = []
+    for number, line in lines:
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LccError(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict) or not {"documents", "query", "answer", "positive"} <= set(row):
+            raise LccError(f'{where}: expected an object with "documents", "query", "answer" and "positive"')
+        if not isinstance(row["documents"], list) or not row["documents"]:
+            raise LccError(f'{where}: "documents" must be a non-empty list')
+        docs = [_tokens(d, tokenizer, where, "documents") for d in row["documents"]]
+        positives = row["positive"] if isinstance(row["positive"], list) else [row["positive"]]
+        if not positives or not all(isinstance(p, int) and 0 <= p < len(docs) for p in positives) or len(set(positives)) != len(positives):
+            raise LccError(f'{where}: "positive" must be distinct indices into "documents" (0..{len(docs) - 1})')
+        examples.append(Example(docs, _tokens(row["query"], tokenizer, where, "query"), _tokens(row["answer"], tokenizer, where, "answer"), positives))
+    return examples
+
+
+def recall_examples(tokens: list[list[int]] | None, vocab: int, length: int, opts: MsaTrainConfig) -> Callable[[torch.Generator], Example]:
+    """``g -> Example`` cut from a corpus (None: random tokens): ``docs`` windows of ``length`` tokens, one the positive,
+    the query a span of it and the answer the tokens after the span."""
+    need = opts.query + opts.answer
+    if length < need:
+        raise LccError(f"--seq-len {length} (tokens per document) is shorter than --opt query={opts.query} plus answer={opts.answer}")
+    corpus = None if tokens is None else torch.tensor([t for doc in tokens for t in doc], dtype=torch.long)
+    if corpus is not None and len(corpus) < length:
+        raise LccError(f"the training data holds {len(corpus)} tokens, fewer than one document of --seq-len {length}")
+
+    def draw(g: torch.Generator) -> Example:
+        if corpus is None:
+            docs = torch.randint(0, vocab, (opts.docs, length), generator=g)
+        else:
+            starts = torch.randint(0, len(corpus) - length + 1, (opts.docs,), generator=g)
+            docs = torch.stack([corpus[s : s + length] for s in starts.tolist()])
+        positive = int(torch.randint(0, opts.docs, (1,), generator=g))
+        at = int(torch.randint(0, length - need + 1, (1,), generator=g))
+        span = docs[positive, at : at + need].tolist()
+        return Example(docs.tolist(), span[: opts.query], span[opts.query :], [positive])
+
+    return draw
+
+
+def example_stream(data: str, tokenizer: Any, signature: dict[str, Any], cfg: TrainConfig, opts: MsaTrainConfig) -> Callable[[int], list[Example]]:
+    """``step -> [Example] * batch``, seeded by the step (a resumed run draws what an uninterrupted one would)."""
+    vocab, longest = signature["vocab_size"], signature["max_len"]
+    if data in TASKS:
+        raise LccError(f"msa trains on documents and queries, not on '{data}' windows: give a .jsonl of documents records, a text corpus, or synthetic")
+    examples = read_examples(Path(data), tokenizer) if data != "synthetic" and Path(data).suffix == ".jsonl" and Path(data).is_file() else None
+    if examples is None:
+        if math.ceil(cfg.length / signature["msa"]["pool"]) * signature["msa"]["pool"] > longest:
+            raise LccError(f"--seq-len {cfg.length} (tokens per document) exceeds the program's maximum length {longest}")
+        draw = recall_examples(read_tokens(data, tokenizer), vocab, cfg.length, opts)
+    else:
+        top = max(max(max(d) for d in e.documents + [e.query, e.answer]) for e in examples)
+        if top >= vocab:
+            raise LccError(f"the training data has token id {top}, outside the model's vocabulary 0..{vocab - 1}")
+        if max(len(d) for e in examples for d in e.documents) > longest:
+            raise LccError(f"a document of the training data is longer than the program's maximum length {longest}")
+
+        def draw(g: torch.Generator) -> Example:
+            return examples[int(torch.randint(0, len(examples), (1,), generator=g))]
+
+    def batch(step: int) -> list[Example]:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        return [draw(g) for _ in range(cfg.batch)]
+
+    return batch
+
+
+def trainer(ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, data: str, tokenizer: Any, options: dict[str, Any]):
+    """(:class:`MsaTrainer`, its example stream) for ``lcc train`` on an msa artifact; ``options``: ``--opt`` of
+    :class:`MsaTrainConfig`."""
+    check_known(options, [MsaTrainConfig])
+    opts = build(MsaTrainConfig, options)
+    return MsaTrainer(ep, signature, cfg, opts), example_stream(data, tokenizer, signature, cfg, opts)
