@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=64, help="hsa: task sequences in the training file")
     parser.add_argument("--pools", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64], help="msa: pool sizes")
     parser.add_argument("--bank", type=int, default=16, help="msa: documents in each training bank")
-    parser.add_argument("--aux", type=float, default=1.0, help="msa: the router loss's weight")
+    parser.add_argument("--aux", type=float, default=10.0, help="msa: the router loss's weight")
     parser.add_argument("--batch", type=int, default=8, help="msa: banks per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

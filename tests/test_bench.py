@@ -92,6 +92,14 @@ def test_train_bench_smoke():
     assert [r["steps"] for r in rows] == [0, 0, 2, 2] and all(0 <= r["320"] <= 1 for r in rows)
 
 
+def test_train_bench_msa_smoke():
+    """bench/train.py --form msa trains the documents model, converts it to msa and adapts it with lcc.train (tiny sizes)."""
+    result = subprocess.run([sys.executable, str(BENCH.parent / "train.py"), "--form", "msa", "--smoke", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["steps"] for r in rows] == [0, 0, 2] and all(0 <= r["accuracy"] <= 1 for r in rows) and rows[2]["hit"] is not None
+
+
 def test_train_memory_bench_smoke(tmp_path):
     """bench/train_memory.py measures each setting in its own process, and plain and both on 2 gloo ranks (a tiny artifact)."""
     lcc.compile("tiny-llama").save(tmp_path / "d.lcc")
