@@ -38,6 +38,13 @@ def inside_layer(path: str) -> str:
     return path[match.end() :] if match else path
 
 
+def parameter_path(node_id: str, module: str | None) -> str | None:
+    """The parameter a placeholder holds, from its name (``p_<module with _>_<name>``) and the module it was filed
+    under: ``model.layers.3.self_attn.router_q_proj.weight``; None when the name is not a parameter of that module."""
+    stem = "p_" + (module or "").replace(".", "_") + "_"
+    return f"{module}.{node_id[len(stem) :]}" if module and node_id.startswith(stem) else None
+
+
 def target_name(node: torch.fx.Node) -> str:
     if node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,9 +41,10 @@ class GraphDiff:
     after: dict[str, Any]
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # the snapshots from ``from_stage`` to ``to_stage``
 
-    @property
+    @functools.cached_property
     def seen(self) -> dict[str, dict[str, Any]]:
-        """Every node of the stages from ``from_stage`` to ``to_stage``, by id, as it last was."""
+        """Every node of the stages from ``from_stage`` to ``to_stage``, by id, as it last was (built once: ``origins``
+        reads it at every step of its walk)."""
         return {n["id"]: n for snap in self.stages.values() for n in snap["nodes"]}
 
     def origins(self, node_id: str) -> set[str]:

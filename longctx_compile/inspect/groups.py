@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..snapshot import inside_layer
+from ..snapshot import inside_layer, parameter_path
 from .diff import Change, GraphDiff
 
 
@@ -111,8 +111,7 @@ def _is_parameter(c: Change) -> bool:
 
 def _parameter(c: Change) -> str:
     """An added parameter's name inside its layer (``self_attn.router_q_proj.weight``); its full name outside layers."""
-    stem = "p_" + c.module.replace(".", "_") + "_"
-    full = f"{c.module}.{c.id[len(stem) :]}" if c.module and c.id.startswith(stem) else c.id
+    full = parameter_path(c.id, c.module) or c.id
     return inside_layer(full) if c.layer is not None else full
 
 
@@ -203,9 +202,15 @@ def groups(d: GraphDiff, changes: list[Change] | None = None) -> list[Group]:
     return outside + ordered
 
 
-def overview(d: GraphDiff) -> dict[str, Any]:
-    """The summary as data: totals, groups, unchanged layers and the representative layer drawn in full."""
-    rows = groups(d)
+def by_pass(d: GraphDiff) -> list[dict[str, Any]]:
+    """Each pass's own changes, grouped as :func:`groups` groups the whole diff's."""
+    return [{"pass": p["name"], "stage": p["stage"], "groups": [g.to_json() for g in groups(d, pass_changes(d, p))]} for p in d.passes]
+
+
+def overview(d: GraphDiff, rows: list[Group] | None = None) -> dict[str, Any]:
+    """The summary as data: totals, groups (``rows``: :func:`groups` of ``d`` when computed already), unchanged layers
+    and the representative layer drawn in full."""
+    rows = groups(d) if rows is None else rows
     changed = {n for g in rows for n in g.layers}
     layers = all_layers(d)
     representative = rows[1 if rows and not rows[0].layers else 0].layers[0] if any(g.layers for g in rows) else None
@@ -216,5 +221,5 @@ def overview(d: GraphDiff) -> dict[str, Any]:
         "unchanged": [n for n in layers if n not in changed],
         "representative": representative,
         "flagged": [g.name for g in rows if g.differs_from],
-        "by_pass": [{"pass": p["name"], "stage": p["stage"], "groups": [g.to_json() for g in groups(d, pass_changes(d, p))]} for p in d.passes],
+        "by_pass": by_pass(d),
     }

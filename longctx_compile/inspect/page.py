@@ -11,7 +11,7 @@ import html
 import json
 from typing import Any
 
-from ..snapshot import inside_layer
+from ..snapshot import inside_layer, parameter_path
 from .diff import GraphDiff
 from .groups import all_layers, groups, layer_range, overview
 from .layout import aligned
@@ -25,9 +25,9 @@ def _plumbing(node: dict[str, Any]) -> bool:
 
 def _label(node: dict[str, Any]) -> tuple[str, str]:
     """The two lines a node's box shows: a parameter by its path inside the layer, anything else by id and op."""
-    stem = "p_" + node["module"].replace(".", "_") + "_"
-    if node["op"] == "placeholder" and node["module"] and node["id"].startswith(stem):
-        path = inside_layer(f"{node['module']}.{node['id'][len(stem) :]}")
+    full = parameter_path(node["id"], node["module"]) if node["op"] == "placeholder" else None
+    if full is not None:
+        path = inside_layer(full)
         return ".".join(path.split(".")[-2:]), f"parameter {path}"
     return node["id"], node["target"].removeprefix("aten.")
 
@@ -96,8 +96,8 @@ def _layer_data(d: GraphDiff, layer: int | None, strings: _Strings) -> dict[str,
 def page_data(d: GraphDiff) -> dict[str, Any]:
     """Everything the page draws: the summary, each layer's group, and every layer's graphs."""
     strings = _Strings()
-    summary = overview(d)
     rows = groups(d)
+    summary = overview(d, rows)
     layers: list[int | None] = [None, *all_layers(d)] if d.layer is None else [d.layer]
     group_of = {n: i for i, g in enumerate(rows) for n in g.layers} | {None: 0 if rows and not rows[0].layers else -1}
     data = {

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .diff import GraphDiff
-from .groups import Group, all_layers, groups, layer_range, overview
+from .groups import Group, all_layers, by_pass, groups, layer_range, overview
 
 COLORS = {"added": "#c8f7c5", "removed": "#f7c5c5", "rewired": "#fbeea6", None: "#ffffff"}
 RICH = {"added": "green", "removed": "red", "rewired": "yellow"}
@@ -39,12 +39,12 @@ def render_summary(d: GraphDiff, console: Console) -> list[Group]:
     if unchanged:
         table.add_row(f"layers {layer_range(unchanged)}", "[dim]unchanged[/]", "")
     console.print(table)
-    by_pass = Table("pass", "where", "what it changed", title="by pass", title_justify="left")
-    for p in overview(d)["by_pass"]:
+    passes_table = Table("pass", "where", "what it changed", title="by pass", title_justify="left")
+    for p in by_pass(d):
         for g in p["groups"]:
-            by_pass.add_row(p["pass"], g["name"], escape(g["change"]))
-    if by_pass.row_count:
-        console.print(by_pass)
+            passes_table.add_row(p["pass"], g["name"], escape(g["change"]))
+    if passes_table.row_count:
+        console.print(passes_table)
     return rows
 
 
