@@ -50,6 +50,20 @@ def test_one_document_unpooled_trains_as_the_dense_prompt_does(objective):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_documents_encoded_after_a_template_prefix_train_as_the_dense_prompt_does():
+    """A record's prefix (a chat header) is what its documents are encoded after and its query starts with: with pool
+    1 the loss equals the source model's over ``[prefix ; document ; rest of the query ; answer]``."""
+    compiled = lcc.compile("tiny-llama", **EXACT, prefix=3)
+    trainer = MsaTrainer(compiled.program.ep, compiled.program.signature, TrainConfig(objective="lm", trainable="all", length=12), MsaTrainConfig(aux=0))
+    trainer.leaves()
+    e = _example(torch.Generator().manual_seed(5), 1)
+    e.prefix, e.query = [7, 8, 9], [7, 8, 9, *e.query]
+    ids = torch.tensor([e.prefix + e.documents[0] + e.query[3:] + e.answer[:-1]])
+    with torch.no_grad():
+        logits = compiled.original(ids, position_ids=torch.arange(ids.shape[1])[None]).logits[0, -len(e.answer) :]
+        torch.testing.assert_close(trainer.loss([e]), torch.nn.functional.cross_entropy(logits, torch.tensor(e.answer)))
+
+
 def test_the_router_loss_is_infonce_with_other_positives_left_out():
     """Each positive against the negatives alone (the paper's decoupled variant), averaged; written out by hand."""
     scores = torch.tensor([0.3, -1.2, 2.0, 0.5, -0.1])
@@ -150,6 +164,9 @@ def test_lcc_train_on_an_msa_artifact_writes_trained_weights_and_refuses_bad_inp
     hsa = lcc.compile("tiny-llama", **{"to": "hsa", "chunk": "4"}).save(tmp_path / "h.lcc")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"documents": [[1, 2]], "query": [1], "positive": 0}))
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({"documents": [[1, 2]], "prefix": [4, 5], "query": [1, 2], "answer": [3], "positive": 0}))
+    headed = lcc.compile("tiny-llama", to="msa", pool=2, topk="1", prefix=2).save(tmp_path / "p.lcc")
     out = tmp_path / "x.lcc"
     for args, message in [
         ((path, "--data", records, "--opt", "bogus=1"), "unknown --opt 'bogus'"),
@@ -160,6 +177,8 @@ def test_lcc_train_on_an_msa_artifact_writes_trained_weights_and_refuses_bad_inp
         ((path, "--data", records, "--tile", "4"), "--tile, --recompute"),
         ((path, "--data", records, "--opt", "aux=0"), "reaches the"),
         ((hsa, "--data", "synthetic", "--opt", "aux=1"), "takes none"),
+        ((path, "--data", stray), "must start with the"),
+        ((headed, "--data", "synthetic"), "template prefix"),
     ]:
         result = lcc_cli.run("train", *args, "--steps", "1", "-o", out)
         assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, (args, result.stderr)

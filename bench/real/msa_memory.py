@@ -74,7 +74,7 @@ def run_one(model: str, setting: str, docs: int, length: int, count: int, new: i
     from longctx_compile.runtime.tokenizer import tokenizer_for
 
     form, _, text = setting.partition(":")
-    options = dict(pair.split("=", 1) for pair in text.split(",") if pair)
+    options = {} if form == "artifact" else dict(pair.split("=", 1) for pair in text.split(",") if pair)
     tokenizer = tokenizer_for({"source": load_model(model)[1].to_json()})
     header, tail = chat_pieces(tokenizer)
     question = tokenizer.encode(QUESTION, add_special_tokens=False) + tail
@@ -83,11 +83,18 @@ def run_one(model: str, setting: str, docs: int, length: int, count: int, new: i
     start = time.perf_counter()
     if form == "dense":
         compiled = lcc.compile(model, max_len=max_len)
+        signature = compiled.program.signature
+    elif form == "artifact":  # an msa artifact saved already (e.g. after lcc train): artifact:PATH
+        compiled, encode = lcc.load(text), "after"
+        signature = compiled.signature
+        msa = MsaModel(compiled.program, signature)
     else:
         options.setdefault("prefix", str(len(header)))  # the chat header is the template prefix: it does not route
         encode = options.pop("encode", "after")
         compiled = lcc.compile(model, to=form, max_len=max_len, **options)
-        msa = MsaModel(compiled.program.ep, compiled.program.signature)
+        signature = compiled.program.signature
+        msa = MsaModel(compiled.program.ep, signature)
+    if form != "dense":
         after = [] if encode == "alone" else header  # documents encoded after the chat header, or alone
         bank = msa.encode(distractors, ids=[f"d{i}" for i in range(len(distractors))], prefix=after) if distractors else None
     convert_s = time.perf_counter() - start
@@ -107,7 +114,7 @@ def run_one(model: str, setting: str, docs: int, length: int, count: int, new: i
         hits += bool(found and found.group() == key)
         answers.append(answer.strip()[:40])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    positions = compiled.program.signature.get("msa", {}).get("positions", "-")
+    positions = signature.get("msa", {}).get("positions", "-")
     return dict(
         setting=setting,
         positions=positions,
@@ -123,7 +130,9 @@ def run_one(model: str, setting: str, docs: int, length: int, count: int, new: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a Hugging Face folder or a .gguf file with a tokenizer")
-    parser.add_argument("settings", nargs="*", help="msa:key=value,... (dense on the needle document alone is always run first)")
+    parser.add_argument(
+        "settings", nargs="*", help="msa:key=value,... or artifact:PATH (an msa artifact; dense on the needle document alone is always run first)"
+    )
     parser.add_argument("--docs", type=int, default=20, help="documents in the bank, one of them the needle's")
     parser.add_argument("--doc-tokens", type=int, default=256, help="tokens per document")
     parser.add_argument("--prompts", type=int, default=20)

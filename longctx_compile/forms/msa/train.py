@@ -8,13 +8,15 @@ loss only: InfoNCE over each routing layer's document scores, the positive docum
 paper's ``INFONCE_DECOUPLE``: other positives are left out of each one's denominator).
 
 Examples come from a JSONL of ``{"documents": [...], "query": ..., "answer": ..., "positive": i | [i, ...]}``
-(token lists or text), or are cut from any corpus (text, JSONL of text/tokens, ``synthetic`` random tokens):
+(token lists or text; an optional ``"prefix"``, e.g. a chat header, that the documents are encoded after and the
+query starts with, as ``lcc memory`` banks hold them), or are cut from any corpus (text, JSONL of text/tokens, ``synthetic`` random tokens):
 ``docs`` documents of ``--seq-len`` tokens, one of them the positive, the query a span copied from it and the
 answer the tokens that follow (recall a continuation from memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -60,12 +62,14 @@ class MsaTrainConfig:
 
 @dataclass
 class Example:
-    """A bank of token-id documents, a query, the answer after it, and the documents that hold it."""
+    """A bank of token-id documents, a query, the answer after it, the documents that hold it, and the template
+    prefix (a chat header) the documents are encoded after and the query starts with (none: documents alone)."""
 
     documents: list[list[int]]
     query: list[int]
     answer: list[int]
     positives: list[int]
+    prefix: list[int] = dataclasses.field(default_factory=list)
 
 
 def router_loss(scores: torch.Tensor, positives: list[int], temperature: float) -> torch.Tensor:
@@ -83,7 +87,8 @@ class TrainingMemory(LocalMemory):
     the differentiable reference and kept for the router loss; with ``force`` the positives take the first slots."""
 
     def __init__(self, bank: MemoryBank, positives: list[int], force: bool):
-        super().__init__({name: getattr(bank, name) for name in ("keys", "values", "router_keys")}, bank.chunk_doc, bank.doc_chunks(), bank.model)
+        parts = {name: getattr(bank, name) for name in ("keys", "values", "router_keys")}
+        super().__init__(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, prefix=bank.prefix)
         self.positives, self.force, self.scored = positives, force, {}
 
     def scores(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, score: str) -> torch.Tensor:
@@ -134,7 +139,7 @@ class MsaTrainer(Trainer):
 
     def _loss(self, e: Example, teacher: torch.Tensor | None) -> torch.Tensor:
         m = self.model
-        bank = m.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], batch_size=len(e.documents))
+        bank = m.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], batch_size=len(e.documents), prefix=e.prefix)
         memory = TrainingMemory(bank, [bank.docs.index(str(p)) for p in e.positives], self.opts.select == "gold")
         ids = torch.tensor([e.query + e.answer[:-1]])
         routing = torch.arange(ids.shape[1])[None] < len(e.query)  # the answer reads the memory but does not route
@@ -151,7 +156,7 @@ class MsaTrainer(Trainer):
 
     def _teacher(self, e: Example) -> torch.Tensor:
         """The source model's next-token log-probabilities over the answer, the positive documents in its prompt."""
-        prefix = self.model.config["prefix"]
+        prefix = self.model.config["prefix"]  # the query's first tokens (the template prefix, when it has one)
         documents = [t for p in e.positives for t in e.documents[p]]
         logits = self.model.dense(torch.tensor([e.query[:prefix] + documents + e.query[prefix:] + e.answer[:-1]]))
         return logits[0, -len(e.answer) :].float().log_softmax(-1)
@@ -194,9 +199,13 @@ def read_examples(path: Path, tokenizer: Any) -> list[Example] | None:
             raise LccError(f'{where}: "documents" must be a non-empty list')
         docs = [_tokens(d, tokenizer, where, "documents") for d in row["documents"]]
         positives = row["positive"] if isinstance(row["positive"], list) else [row["positive"]]
+        prefix = _tokens(row["prefix"], tokenizer, where, "prefix") if row.get("prefix") else []
         if not positives or not all(isinstance(p, int) and 0 <= p < len(docs) for p in positives) or len(set(positives)) != len(positives):
             raise LccError(f'{where}: "positive" must be distinct indices into "documents" (0..{len(docs) - 1})')
-        examples.append(Example(docs, _tokens(row["query"], tokenizer, where, "query"), _tokens(row["answer"], tokenizer, where, "answer"), positives))
+        query = _tokens(row["query"], tokenizer, where, "query")
+        if query[: len(prefix)] != prefix:
+            raise LccError(f'{where}: the query must start with the "prefix" its documents are encoded after')
+        examples.append(Example(docs, query, _tokens(row["answer"], tokenizer, where, "answer"), positives, prefix))
     return examples
 
 
@@ -231,6 +240,11 @@ def example_stream(data: str, tokenizer: Any, signature: dict[str, Any], cfg: Tr
         raise LccError(f"msa trains on documents and queries, not on '{data}' windows: give a .jsonl of documents records, a text corpus, or synthetic")
     examples = read_examples(Path(data), tokenizer) if data != "synthetic" and Path(data).suffix == ".jsonl" and Path(data).is_file() else None
     if examples is None:
+        if signature["msa"]["prefix"]:
+            raise LccError(
+                f"the artifact routes after a {signature['msa']['prefix']}-token template prefix, which examples cut from a corpus lack: "
+                'give a .jsonl of records with a "prefix"'
+            )
         if math.ceil(cfg.length / signature["msa"]["pool"]) * signature["msa"]["pool"] > longest:
             raise LccError(f"--seq-len {cfg.length} (tokens per document) exceeds the program's maximum length {longest}")
         draw = recall_examples(read_tokens(data, tokenizer), vocab, cfg.length, opts)
