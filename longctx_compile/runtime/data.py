@@ -4,7 +4,7 @@ seeded stream of fixed-length windows a training loop draws, batch ``step`` the 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +13,25 @@ import torch
 from ..errors import LccError
 
 
-def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
-    """(ids, token lists) from JSONL lines ``{"id": ..., "text": ...}`` or ``{"id": ..., "tokens": [...]}`` (id: the line number if absent)."""
-    if not path.is_file():
-        raise LccError(f"no documents file '{path}'")
-    ids, docs = [], []
+def jsonl_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, ``path:line``, parsed value) of each non-blank line of a JSONL file; a line that is not JSON is
+    refused in one line naming where it is."""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
+            yield number, where, json.loads(line)
         except json.JSONDecodeError as e:
             raise LccError(f"{where}: not a JSON object ({e.msg})") from None
+
+
+def read_docs(path: Path, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+    """(ids, token lists) from JSONL lines ``{"id": ..., "text": ...}`` or ``{"id": ..., "tokens": [...]}`` (id: the line number if absent)."""
+    if not path.is_file():
+        raise LccError(f"no documents file '{path}'")
+    ids, docs = [], []
+    for number, where, row in jsonl_rows(path):
         if not isinstance(row, dict) or ("text" in row) == ("tokens" in row):
             raise LccError(f'{where}: expected an object with "text" or "tokens" (one of them)')
         if "text" in row:

@@ -17,7 +17,6 @@ answer the tokens that follow (recall a continuation from memory).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from ...errors import LccError
 from ...ops.msa import route_headwise, route_ref
 from ...options import build, check_known
-from ...runtime.data import TASKS, read_tokens
+from ...runtime.data import TASKS, jsonl_rows, read_tokens
 from ...runtime.train import TrainConfig, Trainer, distill_loss, trainable_names
 from .bank import MemoryBank
 from .runtime import LocalMemory, MsaModel
@@ -179,20 +178,10 @@ def _tokens(value: Any, tokenizer: Any, where: str, field: str) -> list[int]:
 
 def read_examples(path: Path, tokenizer: Any) -> list[Example] | None:
     """The examples of a JSONL of ``documents`` records, or None when the file holds plain documents."""
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
-    try:
-        first = json.loads(lines[0][1]) if lines else None
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(first, dict) or "documents" not in first:
-        return None
     examples = []
-    for number, line in lines:
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LccError(f"{where}: not a JSON object ({e.msg})") from None
+    for _, where, row in jsonl_rows(path):
+        if not examples and (not isinstance(row, dict) or "documents" not in row):
+            return None  # plain documents (read_tokens reads them)
         if not isinstance(row, dict) or not {"documents", "query", "answer", "positive"} <= set(row):
             raise LccError(f'{where}: expected an object with "documents", "query", "answer" and "positive"')
         if not isinstance(row["documents"], list) or not row["documents"]:
@@ -206,7 +195,7 @@ def read_examples(path: Path, tokenizer: Any) -> list[Example] | None:
         if query[: len(prefix)] != prefix:
             raise LccError(f'{where}: the query must start with the "prefix" its documents are encoded after')
         examples.append(Example(docs, query, _tokens(row["answer"], tokenizer, where, "answer"), positives, prefix))
-    return examples
+    return examples or None  # an empty file: read_tokens says so
 
 
 def recall_examples(tokens: list[list[int]] | None, vocab: int, length: int, opts: MsaTrainConfig) -> Callable[[torch.Generator], Example]:
