@@ -78,12 +78,14 @@ def one(path: str, tokens: int, tile: int, setting: str, layout=None) -> dict:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    start = time.perf_counter()
-    loss = trainer.loss(ids)
-    torch.autograd.grad(loss, list(leaves.values()))
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    try:  # a failing step must stop the sampler too, or its thread keeps the rank's process (and the launch) alive
+        start = time.perf_counter()
+        loss = trainer.loss(ids)
+        torch.autograd.grad(loss, list(leaves.values()))
+        seconds = time.perf_counter() - start
+    finally:
+        done.set()
+        sampler.join()
     return {"setting": setting, "peak_mib": (peak[0] - base) / 2**20, "seconds": seconds, "loss": loss.item()}
 
 
@@ -95,13 +97,17 @@ def _rank(path: str, payload: dict, degree: int, rank: int) -> list[dict]:
     return everyone
 
 
+def _layout(nproc: int, sp: str):
+    from longctx_compile.ops.layout import Layout
+
+    return Layout(ulysses=nproc) if sp == "ulysses" else Layout(ring=nproc, zigzag=True)
+
+
 def on_ranks(path: str, tokens: int, tile: int, setting: str, nproc: int, sp: str) -> dict:
     """The step on ``nproc`` gloo processes: the largest rank's peak, the slowest rank's time."""
     from longctx_compile.distributed.ranks import spawn
-    from longctx_compile.ops.layout import Layout
 
-    layout = Layout(ulysses=nproc) if sp == "ulysses" else Layout(ring=nproc, zigzag=True)
-    ranks = spawn(_rank, path, nproc, dict(tokens=tokens, tile=tile, setting=setting, layout=layout), loaded=False)
+    ranks = spawn(_rank, path, nproc, dict(tokens=tokens, tile=tile, setting=setting, layout=_layout(nproc, sp)), loaded=False)
     return {
         "setting": f"{setting} · {sp} ×{nproc}",
         "peak_mib": max(r["peak_mib"] for r in ranks),
@@ -153,7 +159,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--probe", type=int, default=512, help="tokens at which a(T) is measured, then scaled")
     parser.add_argument("--settings", type=lambda t: t.split(","), default=list(SETTINGS), help="which of plain,tiled,recompute,both to run")
-    parser.add_argument("--nproc", type=int, default=1, help="also run plain and both on this many ranks")
+    parser.add_argument("--nproc", type=int, default=1, help="also run each setting on this many ranks")
     parser.add_argument("--sp", choices=("ulysses", "ring"), default="ulysses")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--kept", action="store_true", help=argparse.SUPPRESS)
@@ -170,8 +176,13 @@ def main() -> None:
         print(json.dumps(kept_per_layer(args.artifact, args.probe)))
         return
     from longctx_compile import artifact
+    from longctx_compile.errors import LccError
     from longctx_compile.runtime.interpret import attention_sites
 
+    try:  # before any run: a length the ranks cannot split is one line, not a failed launch
+        _layout(args.nproc, args.sp).check(args.tokens)
+    except LccError as e:
+        sys.exit(str(e))
     manifest = artifact.read_manifest(args.artifact)
     ep = artifact.read_program(args.artifact, manifest)
     layers = len(attention_sites(ep))
@@ -195,7 +206,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown setting {sorted(unknown)[0]}; choose from {', '.join(SETTINGS)}")
     chosen = [s for s in SETTINGS if s in args.settings]
-    runs = [(setting, 1) for setting in chosen] + ([(s, args.nproc) for s in ("plain", "both") if s in chosen] if args.nproc > 1 else [])
+    runs = [(setting, 1) for setting in chosen] + ([(s, args.nproc) for s in chosen] if args.nproc > 1 else [])
     for setting, nproc in runs:
         rows.append({"ranks": 1, **json.loads(run("--one", setting, nproc=nproc))})
         rows[-1]["account"] = model[setting] / nproc  # every term is per token (or per head, in the attention): 1/P of it
