@@ -41,7 +41,7 @@ def main() -> None:
     model = MsaModel(loaded.program, loaded.signature)
     bank = memory_bank.load(args.bank, model=model.facts)
     # the tiers: router keys beside the model, pooled K/V in pinned host memory (only the selected chunks move)
-    memory = ParallelMemory(bank.placed(router=device, kv="cpu", pin=cuda), kernels=model.kernels)
+    memory = ParallelMemory.share(bank.placed(router=device, kv="cpu", pin=cuda), kernels=model.kernels)
     question = args.question_ids[min(rank, len(args.question_ids) - 1)]
     ids = torch.tensor([[int(t) for t in question.split(",")]], device=device)
     tokens, result = model.generate(memory, ids, args.max_new_tokens)

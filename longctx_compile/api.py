@@ -197,7 +197,8 @@ def train(
     seed; ``length`` defaults to 1024 or the program's maximum). A checkpoint (default ``OUT.train.pt``) is written every ``save_every`` steps and removed at the end;
     ``resume`` continues it. ``nproc`` > 1 trains on that many local ranks, each on its shard of every window
     under the sequence-parallel layout ``sp`` (``ulysses``, ``ring`` or ``auto``; ``ranks="threads"`` runs them as
-    threads of this process). ``form_options`` (``lcc train --opt``) configure a form that trains on its own
+    threads of this process; an msa artifact shards each example's bank over them instead, Memory Parallel, on
+    processes). ``form_options`` (``lcc train --opt``) configure a form that trains on its own
     examples (msa: documents, queries and answers; ``forms.msa.train``). Returns the summary recorded in the new
     artifact's signature under ``train``.
     """
@@ -227,12 +228,14 @@ def train(
         if form_options:
             raise LccError(f"--opt configures a form's own training (msa's); the {form.name} form trains on token windows and takes none")
         stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
-    elif nproc != 1:
-        raise LccError(f"the {form.name} form trains on one rank (its examples are documents and queries, not windows to shard)")
+    elif nproc != 1 and ranks != "processes":
+        raise LccError(f"the {form.name} form's training runs its ranks as processes (torch.distributed), not as threads")
     ep = artifact.read_model_program(path, manifest).ep  # with each site's facts: what --trainable layers= and sharding read
     layout = None
     if form.train is not None:
-        trainer, stream = form.train(ep, signature, cfg, data, tokenizer, form_options)
+        if nproc < 1:
+            raise LccError(f"--nproc must be at least 1, got {nproc}")
+        trainer, stream = form.train(ep, signature, cfg, data, tokenizer, form_options, nproc)  # what would fail on every rank fails here
     elif nproc != 1:
         check_program(ep, signature, cfg, form.name)  # what fails on every rank fails here first, in one line
         layout = layout_for(ep, signature, nproc, sp, cfg.length)
@@ -241,7 +244,9 @@ def train(
     fingerprint = manifest["files"][artifact.PROGRAM] + json.dumps([dataclasses.asdict(cfg), form_options], sort_keys=True) + data + str(layout or "")
     state = load_checkpoint(checkpoint, resume, fingerprint, "another artifact, data or set of options")
     common = dict(checkpoint=checkpoint, resume=state, save_every=save_every, metrics=Path(metrics) if metrics else None, fingerprint=fingerprint)
-    if form.train is not None:
+    if form.train is not None and nproc > 1:
+        result = train_ranks(path, nproc, dict(cfg=cfg, layout=None, data=data, options=form_options, **common), progress, ranks)
+    elif form.train is not None:
         result = run(trainer, stream, progress=progress, **common)
     elif layout is None:
         result = run(ProgramTrainer(ep, signature, cfg, form.name), stream, progress=progress, **common)
@@ -253,6 +258,8 @@ def train(
         summary["options"] = form_options
     if layout is not None:
         summary["ranks"] = {"nproc": nproc, "ulysses": layout.ulysses, "ring": layout.ring}
+    elif nproc > 1:
+        summary["ranks"] = {"nproc": nproc}
     manifest["signature"]["train"] = [*manifest["signature"].get("train", []), summary]
     artifact.rewrite_weights(path, manifest, ep, result["trained"], out=out)
     checkpoint.unlink(missing_ok=True)

@@ -93,6 +93,56 @@ def test_gold_selection_puts_the_positives_in_every_layers_top_k():
     assert isinstance(TrainingMemory(bank, [0], True), LocalMemory)
 
 
+def _memory_parallel_step(path, payload, degree, rank):
+    """One rank's share of an msa step with the bank sharded over the ranks, loss and gradients summed as lcc train sums them."""
+    from longctx_compile.runtime.train import _summed
+
+    manifest = artifact.read_manifest(path)
+    ep = artifact.read_model_program(path, manifest).ep
+    trainer = MsaTrainer(ep, manifest["signature"], payload["cfg"], payload["opts"], degree)
+    leaves = trainer.leaves()
+    loss = trainer.loss(payload["batch"])
+    loss.backward()
+    return _summed(leaves, loss.item()), {name: leaf.grad for name, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize(
+    ("options", "objective", "select"),
+    [
+        (dict(score="headwise", positions="contiguous", route="lower"), "lm", "routed"),
+        (dict(score="dot", positions="global", route="layer"), "distill", "gold"),
+    ],
+    ids=["headwise-contiguous-shared-routed", "dot-global-gold-distill"],
+)
+def test_memory_parallel_training_on_two_ranks_has_one_process_gradients(options, objective, select, tmp_path):
+    """Each example's documents sharded over 2 gloo processes (uneven shards), every rank answering the query over the
+    sharded bank: the loss and every parameter's gradient summed over the ranks equal one process's, so the answer's
+    and router's losses reach the documents on the other rank through the collectives' gradients (routers included)."""
+    from longctx_compile.distributed.ranks import spawn
+
+    compiled = lcc.compile("tiny-llama", to="msa", pool=2, topk="2", routed_layers="all", router_init="qk", **options)
+    path = compiled.save(tmp_path / "m.lcc")
+    g = torch.Generator().manual_seed(11)
+    docs = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (9, 4, 13, 6, 3)]
+    batch = [Example(docs, docs[2][3:8], docs[2][8:11], [2]), Example(docs[:4], docs[0][1:5], docs[0][5:8], [0, 3])]
+    cfg = TrainConfig(objective=objective, trainable="all", length=16)
+    opts = MsaTrainConfig(aux=0.5, select=select)
+    trainer = MsaTrainer(compiled.program.ep, compiled.program.signature, cfg, opts)
+    leaves = trainer.leaves()
+    loss = trainer.loss(batch)
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True))
+    sharded_loss, sharded = spawn(_memory_parallel_step, path, 2, dict(cfg=cfg, opts=opts, batch=batch), loaded=False)
+    assert loss.item() > 1e-3
+    torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
+    routers = [n for n in grads if "router" in n and grads[n] is not None]  # the scoring layers' (the voters', when shared)
+    assert len(routers) >= 2 and all(grads[n].abs().max() > 0 for n in routers)
+    for name, grad in grads.items():
+        if grad is None:
+            assert sharded[name] is None, name
+        else:
+            torch.testing.assert_close(sharded[name], grad, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_training_the_routers_alone_fits_them_to_the_positives():
     """``--trainable new`` with the router loss: routers that start at chance (``router_init=qk`` on a random model)
     come to rank each example's positive first in every layer (a broken gradient path, or a loss on the wrong
@@ -161,6 +211,30 @@ def test_lcc_train_on_an_msa_artifact_writes_trained_weights_and_refuses_bad_inp
     assert trained.manifest["signature"]["train"][-1]["options"] == {"aux": "0.5", "select": "routed"}
     ids = torch.tensor([[5, 9, 13, 200, 7]])
     assert (trained(ids) - lcc.load(path)(ids)).abs().max() > 1e-4
+    # a real launch: two gloo processes share each bank (Memory Parallel) and end where one process ends
+    two = lcc_cli.run(
+        "train",
+        path,
+        "--data",
+        records,
+        "--steps",
+        "3",
+        "--trainable",
+        "all",
+        "--opt",
+        "aux=0.5",
+        "--opt",
+        "select=routed",
+        "--nproc",
+        "2",
+        "-o",
+        tmp_path / "t2.lcc",
+    )
+    assert two.returncode == 0, two.stderr
+    a, b = (artifact.read_program(p, artifact.read_manifest(p)).state_dict for p in (tmp_path / "t.lcc", tmp_path / "t2.lcc"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], msg=lambda m, n=name: f"{n}: {m}")
+    assert lcc.load(tmp_path / "t2.lcc").manifest["signature"]["train"][-1]["ranks"] == {"nproc": 2}
     hsa = lcc.compile("tiny-llama", **{"to": "hsa", "chunk": "4"}).save(tmp_path / "h.lcc")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"documents": [[1, 2]], "query": [1], "positive": 0}))
@@ -173,7 +247,7 @@ def test_lcc_train_on_an_msa_artifact_writes_trained_weights_and_refuses_bad_inp
         ((path, "--data", records, "--opt", "select=maybe"), "expected one of gold, routed"),
         ((path, "--data", bad), '"answer" and "positive"'),
         ((path, "--data", "passkey"), "msa trains on documents and queries"),
-        ((path, "--data", records, "--nproc", "2"), "trains on one rank"),
+        ((path, "--data", records, "--nproc", "4"), "a bank of the training data holds only 3"),
         ((path, "--data", records, "--tile", "4"), "--tile, --recompute"),
         ((path, "--data", records, "--opt", "aux=0"), "reaches the"),
         ((hsa, "--data", "synthetic", "--opt", "aux=1"), "takes none"),

@@ -27,8 +27,9 @@ class Form:
       chunks, shards, windows or budgets), which ``lcc verify`` adds to its short ones;
     - ``cache_note``: why the form has no KV cache at all;
     - ``onnx_model(ep, manifest) -> (ep, extra output names)``: what the model program exports as;
-    - ``train(ep, signature, cfg, data, tokenizer, options) -> (trainer, stream)``: the form's own training in place
-      of token windows (msa: documents and queries); ``options``: ``lcc train --opt``;
+    - ``train(ep, signature, cfg, data, tokenizer, options, nproc) -> (trainer, stream)``: the form's own training in
+      place of token windows (msa: documents and queries); ``options``: ``lcc train --opt``; ``nproc``: the ranks the
+      trainer runs on (each builds its own; msa shards its banks over them);
     - ``describe(site facts) -> str``: a site's settings in ``lcc inspect``;
     - ``cli(app)``: adds the form's commands to ``lcc``.
     """

@@ -143,6 +143,10 @@ class Trainer:
     cfg: TrainConfig
     layout: Layout | None = None
 
+    def sharded(self) -> bool:
+        """Whether the loss is this rank's share of the step's (gradients and losses are summed over the ranks)."""
+        return self.layout is not None
+
     def leaves(self) -> dict[str, torch.Tensor]:
         """The trainable parameters as fp32 leaves: the master weights the optimizer steps. The graph reads them cast
         to the program's own dtype (a bf16 program computes in bf16, its updates accumulate in fp32)."""
@@ -321,7 +325,7 @@ def run(
             if loss.requires_grad:  # else no trainable reaches it: refused below
                 loss.backward()
             total += loss.item()
-        if trainer.layout is not None:  # each rank's loss is its share of the batch's: the sums are one process's
+        if trainer.sharded():  # each rank's loss is its share of the batch's: the sums are one process's
             total = _summed(leaves, total)
         if all(leaf.grad is None for leaf in leaves.values()):  # else every step would leave the weights as they are
             raise LccError(

@@ -32,11 +32,12 @@ def verify(original, ep, signature, lengths, rtol, atol):
     return verify_msa(original, ep, signature, lengths, rtol, atol)
 
 
-def train(ep, signature, cfg, data, tokenizer, options):
-    """Documents encoded into pooled memory and queries answered over it, as the form runs them (``train.py``)."""
+def train(ep, signature, cfg, data, tokenizer, options, nproc=1):
+    """Documents encoded into pooled memory and queries answered over it, as the form runs them (``train.py``); on
+    ``nproc`` ranks each bank is sharded over them (Memory Parallel)."""
     from .train import trainer
 
-    return trainer(ep, signature, cfg, data, tokenizer, options)
+    return trainer(ep, signature, cfg, data, tokenizer, options, nproc)
 
 
 def describe(site: dict[str, Any]) -> str:

@@ -13,6 +13,10 @@ Per routed layer, each query round runs the paper's collectives over the default
 
 Decoding afterwards needs no collective: the assembled context is local (``MsaModel.decode``).
 Results equal one rank's up to the order of keys in the softmax and ties in scores.
+
+The exchanges of queries, scores and K/V carry gradients (the reverse exchange), as does the all-reduce of
+headwise moments, so ``lcc train --nproc P`` runs MSA's document training over a bank sharded this way: each rank
+encodes only its documents, and the answer's and router's losses reach them through the collectives (``train.py``).
 """
 
 from __future__ import annotations
@@ -28,25 +32,68 @@ from .bank import MemoryBank, partition
 from .runtime import route_fn
 
 
+class _Exchange(torch.autograd.Function):
+    """All-to-all with variable splits whose gradient is the reverse exchange: what this rank sent to rank s comes
+    back as s's gradient of it (so keys and scores fetched from their owners train the owners' encodings)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        out = x.new_empty(sum(receive), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.receive, group=ctx.group)
+        return back, None, None, None
+
+
+class _Summed(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the sum of every rank's: each rank's loss reads the same total."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class ParallelMemory:
     """This rank's shard of a bank, with the routing and fetching collectives of Memory Parallel."""
 
-    def __init__(self, bank: MemoryBank, group: dist.ProcessGroup | None = None, kernels: str = "reference"):
-        """Take this rank's share of ``bank`` (every rank passes the same whole bank, or loads it); ``kernels``
-        as the artifact's ``msa.kernels`` (the reference routing op, or the Triton kernel)."""
+    def __init__(
+        self, shard: MemoryBank, shards: list[list[int]], chunk_counts: torch.Tensor, group: dist.ProcessGroup | None = None, kernels: str = "reference"
+    ):
+        """``shard``: the documents ``shards[rank]`` of a whole bank (global indices, in that order) whose every
+        document has ``chunk_counts`` chunks; ``kernels`` as the artifact's ``msa.kernels`` (the reference routing op,
+        or the Triton kernel). The collectives are differentiable: training runs them with the shard's tensors."""
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.chunk_counts = torch.bincount(bank.chunk_doc, minlength=len(bank.docs))  # every document's, for positions=contiguous
-        self.shards = partition(self.chunk_counts.tolist(), self.world)
-        self.owner = torch.empty(len(bank.docs), dtype=torch.long)  # each document's rank
-        for rank, shard in enumerate(self.shards):
-            self.owner[shard] = rank
+        self.chunk_counts, self.shards = chunk_counts, shards  # every document's, for positions=contiguous
+        self.owner = torch.empty(len(chunk_counts), dtype=torch.long)  # each document's rank
+        for rank, owned in enumerate(self.shards):
+            self.owner[owned] = rank
         self.owned = self.shards[self.rank]  # global indices of this rank's documents, in order
-        self.bank = bank.subset(self.owned)
-        self.table = self.bank.doc_chunks()
-        self.layers, self.model, self.n_docs, self.prefix = bank.layers, bank.model, len(bank.docs), list(bank.prefix)
+        self.bank, self.table = shard, shard.doc_chunks()
+        self.layers, self.model, self.n_docs, self.prefix = shard.layers, shard.model, len(chunk_counts), list(shard.prefix)
         self.sent_bytes = 0
         self.route = route_fn(kernels)
+
+    @classmethod
+    def share(cls, bank: MemoryBank, group: dist.ProcessGroup | None = None, kernels: str = "reference") -> ParallelMemory:
+        """This rank's share of a whole ``bank`` (every rank passes the same one, or loads it), balanced by chunk count."""
+        counts = torch.bincount(bank.chunk_doc.cpu(), minlength=len(bank.docs))
+        shards = partition(counts.tolist(), dist.get_world_size(group))
+        return cls(bank.subset(shards[dist.get_rank(group)]), shards, counts, group, kernels)
 
     def _all_to_all(self, send: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """Rank r's ``send[r]`` to rank r, of any lengths along dim 0: what every rank sent to this one (on ``device``:
@@ -54,9 +101,7 @@ class ParallelMemory:
         sizes = torch.tensor([len(t) for t in send], device=device)
         incoming = torch.empty_like(sizes)
         dist.all_to_all_single(incoming, sizes, group=self.group)
-        tail = send[0].shape[1:]
-        out = torch.empty(int(incoming.sum()), *tail, dtype=send[0].dtype, device=device)
-        dist.all_to_all_single(out, torch.cat(send).to(device), incoming.tolist(), sizes.tolist(), group=self.group)
+        out = _Exchange.apply(torch.cat(send).to(device), sizes.tolist(), incoming.tolist(), self.group)
         self.sent_bytes += sum(t.numel() * t.element_size() for i, t in enumerate(send) if i != self.rank)
         return list(out.split(incoming.tolist()))
 
@@ -72,11 +117,11 @@ class ParallelMemory:
         q[:B, :, :T] = router_q
         r = torch.zeros(Bm, Tm, dtype=torch.uint8, device=dev)  # gloo has no bool collectives
         r[:B, :T] = routes
-        qs, rs = [torch.empty_like(q) for _ in range(self.world)], [torch.empty_like(r) for _ in range(self.world)]
-        dist.all_gather(qs, q, group=self.group)
+        rs = [torch.empty_like(r) for _ in range(self.world)]
         dist.all_gather(rs, r, group=self.group)
+        qs = _Exchange.apply(q.repeat(self.world, 1, 1, 1), [Bm] * self.world, [Bm] * self.world, self.group)  # an all-gather with a gradient
         self.sent_bytes += q.numel() * q.element_size() + r.numel()
-        return torch.cat(qs), torch.cat(rs), Bm
+        return qs, torch.cat(rs), Bm
 
     def _local_scores(self, site: int, qs: torch.Tensor, rs: torch.Tensor, score: str) -> torch.Tensor:
         """This shard's document scores [world·Bm, local] for every rank's queries (headwise: standardised over every
@@ -84,8 +129,7 @@ class ParallelMemory:
         if score == "headwise":
             keys = self.bank.router_keys[site]
             matches = headwise_matches(qs, rs, keys, self.bank.chunk_doc, len(self.owned)) if self.owned else qs.new_zeros(*qs.shape[:3], 0)
-            totals = moments(matches)
-            dist.all_reduce(totals, group=self.group)
+            totals = _Summed.apply(moments(matches), self.group)
             return headwise_scores(matches, rs, totals)
         if not self.owned:
             return torch.zeros(qs.shape[0], 0, device=qs.device)
@@ -171,7 +215,7 @@ def _parallel_msa(model, bank: str, positions: str | None = None):
     from .runtime import MsaModel
 
     msa = MsaModel(model.program, model.signature, positions)
-    return msa, ParallelMemory(memory_bank.load(bank, model=msa.facts), kernels=msa.kernels)
+    return msa, ParallelMemory.share(memory_bank.load(bank, model=msa.facts), kernels=msa.kernels)
 
 
 def _msa_query(model, payload: dict, degree: int, rank: int) -> list[dict]:

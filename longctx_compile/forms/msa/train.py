@@ -31,7 +31,8 @@ from ...ops.msa import route_headwise, route_ref
 from ...options import build, check_known
 from ...runtime.data import TASKS, jsonl_rows, read_tokens
 from ...runtime.train import TrainConfig, Trainer, distill_loss, trainable_names
-from .bank import MemoryBank
+from .bank import MemoryBank, partition
+from .parallel import ParallelMemory
 from .runtime import LocalMemory, MsaModel
 
 
@@ -81,26 +82,29 @@ def router_loss(scores: torch.Tensor, positives: list[int], temperature: float) 
     return (torch.logaddexp(pos, rest) - pos).mean()
 
 
-class TrainingMemory(LocalMemory):
-    """A bank encoded in this step (its pooled tensors carry gradients): each routing layer's scores are computed by
-    the differentiable reference and kept for the router loss; with ``force`` the positives take the first slots."""
+def _route(router_q: torch.Tensor, routes: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor, table: torch.Tensor, score: str) -> torch.Tensor:
+    """Routing by the differentiable references (the routing op and kernel have no backward), as ``route_fn``'s."""
+    if score == "headwise":
+        return route_headwise(router_q, routes, keys, chunk_doc, table.shape[0])
+    return route_ref(router_q, routes, keys, chunk_doc, table.shape[0], score == "cosine")
 
-    def __init__(self, bank: MemoryBank, positives: list[int], force: bool):
-        parts = {name: getattr(bank, name) for name in ("keys", "values", "router_keys")}
-        super().__init__(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, prefix=bank.prefix)
-        self.positives, self.force, self.scored = positives, force, {}
+
+class _Training:
+    """What a memory encoded in this step does for training, over a whole bank or a shard of one: each routing layer's
+    scores are kept (with their gradient) for the router loss, and with ``force`` the positives (global document
+    indices) take the first top-k slots."""
+
+    positives: list[int]
+    force: bool
+    scored: dict[int, torch.Tensor]
 
     def scores(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, score: str) -> torch.Tensor:
-        keys = self.parts["router_keys"][site]
-        if score == "headwise":
-            scores = route_headwise(router_q, routes, keys, self.chunk_doc, self.n_docs)
-        else:
-            scores = route_ref(router_q, routes, keys, self.chunk_doc, self.n_docs, score == "cosine")
+        scores = super().scores(site, router_q, routes, score)
         self.scored[site] = scores
         return scores.detach()  # the choice itself takes no gradient (the top-k is hard)
 
     def select(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, k: int, score: str, chosen=None):
-        if chosen is None:
+        if chosen is None:  # every document's score (a shard's memory gathers them): the router loss reads them all
             top = self.scores(site, router_q, routes, score).topk(k, dim=-1)
             chosen = top.indices, top.values
         if self.force:
@@ -110,21 +114,46 @@ class TrainingMemory(LocalMemory):
         return chosen[0], chosen[1], *self.fetch(site, chosen[0], router_q.device)
 
 
+class TrainingMemory(_Training, LocalMemory):
+    """A whole bank encoded in this step (its pooled tensors carry gradients), on this process."""
+
+    def __init__(self, bank: MemoryBank, positives: list[int], force: bool):
+        parts = {name: getattr(bank, name) for name in ("keys", "values", "router_keys")}
+        super().__init__(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, prefix=bank.prefix)
+        self.route, self.positives, self.force, self.scored = _route, positives, force, {}
+
+
+class TrainingParallelMemory(_Training, ParallelMemory):
+    """This rank's shard of a bank encoded in this step: Memory Parallel's differentiable collectives reach the other
+    ranks' documents, and the gradients of the keys and values they fetch from this one come back to it."""
+
+    def __init__(self, shard: MemoryBank, shards: list[list[int]], chunk_counts: torch.Tensor, positives: list[int], force: bool):
+        super().__init__(shard, shards, chunk_counts)
+        self.route, self.positives, self.force, self.scored = _route, positives, force, {}
+
+
 class MsaTrainer(Trainer):
     """An msa program trained on :class:`Example` batches: the answer's loss (``lm``: cross-entropy; ``distill``: KL to
     the source model given the positive documents in its prompt, ``[prefix ; documents ; query ; answer]``) plus
-    ``aux`` × the router loss."""
+    ``aux`` × the router loss.
 
-    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, opts: MsaTrainConfig):
+    On ``nproc`` ranks (Memory Parallel, the default process group) each example's documents are sharded by chunk
+    count and each rank encodes only its own; every rank answers the same query over the sharded bank and takes 1/P
+    of its loss, so the gradients summed over the ranks are one process's."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, opts: MsaTrainConfig, nproc: int = 1):
         cfg.check()
         if cfg.tile or cfg.recompute or cfg.offload or cfg.pack:
             raise LccError("msa trains on documents and queries: --tile, --recompute, --offload and --pack apply to token windows, not to it")
-        self.cfg, self.opts = cfg, opts
+        self.cfg, self.opts, self.nproc = cfg, opts, nproc
         self.model = MsaModel(ep, signature)
         self.model.kernels = "reference"  # gradients run through the reference ops
         self.names = trainable_names(ep, signature, cfg.trainable, "msa")
         self.state = {name: value.detach() for name, value in self.model.state.items()}
         self.layout = None
+
+    def sharded(self) -> bool:
+        return self.nproc > 1
 
     def loss(self, batch: list[Example]) -> torch.Tensor:
         """The mean over the batch's examples of the answer's loss plus ``aux`` × the router loss."""
@@ -138,8 +167,7 @@ class MsaTrainer(Trainer):
 
     def _loss(self, e: Example, teacher: torch.Tensor | None) -> torch.Tensor:
         m = self.model
-        bank = m.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], batch_size=len(e.documents), prefix=e.prefix)
-        memory = TrainingMemory(bank, [bank.docs.index(str(p)) for p in e.positives], self.opts.select == "gold")
+        memory = self._memory(e)
         ids = torch.tensor([e.query + e.answer[:-1]])
         routing = torch.arange(ids.shape[1])[None] < len(e.query)  # the answer reads the memory but does not route
         logits = m.query(memory, ids, routing=routing).logits[0, len(e.query) - 1 :].float()
@@ -147,11 +175,25 @@ class MsaTrainer(Trainer):
             answer = F.cross_entropy(logits, torch.tensor(e.answer))
         else:
             answer = distill_loss(logits, teacher)
-        if not self.opts.aux or not memory.scored:
-            return answer
-        positives = memory.positives
-        aux = torch.stack([router_loss(s[0], positives, self.opts.temperature) for s in memory.scored.values()]).mean()
-        return answer + self.opts.aux * aux
+        if self.opts.aux and memory.scored:
+            aux = torch.stack([router_loss(s[0], memory.positives, self.opts.temperature) for s in memory.scored.values()]).mean()
+            answer = answer + self.opts.aux * aux
+        return answer / self.nproc  # each rank's share: the sum over the ranks is the loss
+
+    def _memory(self, e: Example) -> _Training:
+        """The example's documents encoded in this step: all of them, or on ranks this rank's shard of them."""
+        force = self.opts.select == "gold"
+        if not self.sharded():
+            bank = self.model.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], batch_size=len(e.documents), prefix=e.prefix)
+            return TrainingMemory(bank, [bank.docs.index(str(p)) for p in e.positives], force)
+        import torch.distributed as dist
+
+        counts = [math.ceil(len(d) / self.model.config["pool"]) for d in e.documents]  # each document's chunks, as encode pools them
+        shards = partition(counts, self.nproc)
+        owned = shards[dist.get_rank()]
+        bank = self.model.encode([e.documents[g] for g in owned], ids=[str(g) for g in owned], batch_size=len(owned), prefix=e.prefix)
+        shard = bank.subset([bank.docs.index(str(g)) for g in owned])  # in the shard's order (encode sorts by length)
+        return TrainingParallelMemory(shard, shards, torch.tensor(counts), e.positives, force)
 
     def _teacher(self, e: Example) -> torch.Tensor:
         """The source model's next-token log-probabilities over the answer, the positive documents in its prompt."""
@@ -222,12 +264,18 @@ def recall_examples(tokens: list[list[int]] | None, vocab: int, length: int, opt
     return draw
 
 
-def example_stream(data: str, tokenizer: Any, signature: dict[str, Any], cfg: TrainConfig, opts: MsaTrainConfig) -> Callable[[int], list[Example]]:
-    """``step -> [Example] * batch``, seeded by the step (a resumed run draws what an uninterrupted one would)."""
+def example_stream(
+    data: str, tokenizer: Any, signature: dict[str, Any], cfg: TrainConfig, opts: MsaTrainConfig, nproc: int = 1
+) -> Callable[[int], list[Example]]:
+    """``step -> [Example] * batch``, seeded by the step (a resumed run draws what an uninterrupted one would); on
+    ``nproc`` ranks every bank must give each rank a document."""
     vocab, longest = signature["vocab_size"], signature["max_len"]
     if data in TASKS:
         raise LccError(f"msa trains on documents and queries, not on '{data}' windows: give a .jsonl of documents records, a text corpus, or synthetic")
     examples = read_examples(Path(data), tokenizer) if data != "synthetic" and Path(data).suffix == ".jsonl" and Path(data).is_file() else None
+    fewest = opts.docs if examples is None else min(len(e.documents) for e in examples)
+    if fewest < nproc:
+        raise LccError(f"--nproc {nproc} shards each bank's documents over the ranks, and a bank of the training data holds only {fewest}")
     if examples is None:
         if signature["msa"]["prefix"]:
             raise LccError(
@@ -254,9 +302,9 @@ def example_stream(data: str, tokenizer: Any, signature: dict[str, Any], cfg: Tr
     return batch
 
 
-def trainer(ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, data: str, tokenizer: Any, options: dict[str, Any]):
+def trainer(ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, data: str, tokenizer: Any, options: dict[str, Any], nproc: int = 1):
     """(:class:`MsaTrainer`, its example stream) for ``lcc train`` on an msa artifact; ``options``: ``--opt`` of
-    :class:`MsaTrainConfig`."""
+    :class:`MsaTrainConfig`; ``nproc`` ranks share each example's bank (Memory Parallel)."""
     check_known(options, [MsaTrainConfig])
     opts = build(MsaTrainConfig, options)
-    return MsaTrainer(ep, signature, cfg, opts), example_stream(data, tokenizer, signature, cfg, opts)
+    return MsaTrainer(ep, signature, cfg, opts, nproc), example_stream(data, tokenizer, signature, cfg, opts, nproc)

@@ -1,6 +1,7 @@
 """``lcc train --nproc P --sp ulysses|ring|auto``: the same training on P ranks, each running the per-rank program of a
 sequence-parallel layout on its shard of every window (gloo processes on CPU, NCCL on GPUs; threads over a
-``LocalWorld`` for the tests' fast tier).
+``LocalWorld`` for the tests' fast tier). A form with its own training runs its trainer on the P ranks instead
+(msa: each example's bank sharded over them, Memory Parallel; processes only).
 
 A form's program composes with Ulysses unchanged: every rank attends over the whole sequence for its heads
 (``ops.sharding``). A ring needs canonical attention. Every rank draws the same windows, keeps the same
@@ -58,20 +59,25 @@ def shard_program(ep: torch.export.ExportedProgram, signature: dict[str, Any], l
 
 
 def train_rank(path: str, payload: dict[str, Any], degree: int, rank: int) -> dict[str, Any] | None:
-    """One rank: its own copy of the program, sharded; rank 0 reports progress, checkpoints and returns the result."""
+    """One rank: its own copy of the program, sharded, or (a form with its own training: ``payload["options"]``) the
+    form's trainer on ``degree`` ranks; rank 0 reports progress, checkpoints and returns the result."""
     from ... import artifact
     from ...runtime.data import TASKS, data_stream
     from ...runtime.tokenizer import tokenizer_for
     from ...runtime.train import ProgramTrainer, run
+    from .. import get_form
 
     cfg, layout = payload["cfg"], payload["layout"]
     manifest = artifact.read_manifest(Path(path))
     signature = manifest["signature"]
     ep = artifact.read_model_program(Path(path), manifest).ep
-    shard_program(ep, signature, layout)
-    trainer = ProgramTrainer(ep, signature, cfg, manifest.get("form", "dense"), layout)
     tokenizer = None if payload["data"] in ("synthetic", *TASKS) else tokenizer_for(manifest)
-    stream = data_stream(payload["data"], tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
+    if layout is None:
+        trainer, stream = get_form(manifest["form"]).train(ep, signature, cfg, payload["data"], tokenizer, payload["options"], degree)
+    else:
+        shard_program(ep, signature, layout)
+        trainer = ProgramTrainer(ep, signature, cfg, manifest.get("form", "dense"), layout)
+        stream = data_stream(payload["data"], tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
     first = rank == 0
     report = payload["report"].put if first and payload["report"] is not None else None
     result = run(
