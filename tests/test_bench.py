@@ -101,7 +101,8 @@ def test_train_bench_msa_smoke():
 
 
 def test_train_memory_bench_smoke(tmp_path):
-    """bench/train_memory.py measures each setting in its own process, and plain and both on 2 gloo ranks (a tiny artifact)."""
+    """bench/train_memory.py measures each setting in its own process and on 2 gloo ranks (a tiny artifact); a length the
+    ranks cannot split is one line, and a rank whose step fails ends its launch."""
     lcc.compile("tiny-llama").save(tmp_path / "d.lcc")
     command = [
         sys.executable,
@@ -116,9 +117,14 @@ def test_train_memory_bench_smoke(tmp_path):
         "--nproc",
         "2",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run([*command, "--settings", "plain,both"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "both · ulysses ×2" in result.stdout and "recompute" in result.stdout
+    assert "both · ulysses ×2" in result.stdout and "plain · ulysses ×2" in result.stdout
+    refused = subprocess.run([*command[:-1], "3"], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.strip() == "sequence length 64 is not divisible by 3 (the sequence-parallel degree 3)"
+    # a rank whose step fails exits (its memory sampler stopped) rather than keeping the launch alive
+    failing = subprocess.run([*command[:-1], "3", "--sp", "ring", "--one", "plain"], capture_output=True, text=True, timeout=300)
+    assert failing.returncode != 0 and "sequence length 64 is not divisible by 6" in failing.stderr
 
 
 def test_msa_bench_smoke(tmp_path):
