@@ -235,6 +235,8 @@ def train(
     if form.train is not None:
         if nproc < 1:
             raise LccError(f"--nproc must be at least 1, got {nproc}")
+        if sp != "auto":
+            raise LccError(f"--sp {sp} lays out token windows; the {form.name} form shards each example's documents over the ranks instead")
         trainer, stream = form.train(ep, signature, cfg, data, tokenizer, form_options, nproc)  # what would fail on every rank fails here
     elif nproc != 1:
         check_program(ep, signature, cfg, form.name)  # what fails on every rank fails here first, in one line

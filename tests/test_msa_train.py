@@ -248,6 +248,7 @@ def test_lcc_train_on_an_msa_artifact_writes_trained_weights_and_refuses_bad_inp
         ((path, "--data", bad), '"answer" and "positive"'),
         ((path, "--data", "passkey"), "msa trains on documents and queries"),
         ((path, "--data", records, "--nproc", "4"), "a bank of the training data holds only 3"),
+        ((path, "--data", records, "--nproc", "2", "--sp", "ring"), "--sp ring lays out token windows"),
         ((path, "--data", records, "--tile", "4"), "--tile, --recompute"),
         ((path, "--data", records, "--opt", "aux=0"), "reaches the"),
         ((hsa, "--data", "synthetic", "--opt", "aux=1"), "takes none"),
