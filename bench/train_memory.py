@@ -15,10 +15,12 @@ reference materialises (the Triton kernels' backward is O(T)):
     recompute  L·T·h·4 + a(T)  + 3·T·V·4  + S    (one input per layer kept, one layer live in its backward)
     both       L·T·h·4 + a(T)  + 3·t·V·4 + T·h·4 + S
 
-On P ranks (``--nproc P``, Ulysses or ring) each rank holds 1/P of every term: its tokens' activations and
-logits, and in the attention all tokens of 1/P of the heads (ALST's per-GPU account).
+On P ranks (``--nproc P``) each rank holds T/P tokens: 1/P of the activations and logits (a tile stays t rows),
+ALST's per-GPU account. The attention term differs by layout: under Ulysses a rank attends all T tokens for H/P
+heads (S/P); a zigzag ring computes one pair of T/2P-token chunks at a time for all heads (3·H·(T/2P)²·4).
 
-    python bench/train_memory.py SMOLLM2.lcc --tokens 8192 --tile 1024 --nproc 3    # SmolLM2: 9 heads, Ulysses ×3
+    python bench/train_memory.py SMOLLM2.lcc --tokens 8192 --tile 1024 --settings tiled,both --nproc 2 --sp ring
+    # SmolLM2's 9 heads: Ulysses needs P | 9 (and P | T), so 2 ranks run a ring
 """
 
 from __future__ import annotations
@@ -140,16 +142,17 @@ def kept_per_layer(path: str, tokens: int) -> float:
     return sum(storages.values()) / len(attention_sites(trainer.ep))
 
 
-def predicted(a_T: float, layers: int, tokens: int, hidden: int, heads: int, vocab: int, tile: int) -> dict[str, float]:
-    """The account above, in MiB."""
-    logits, tiled = 3 * tokens * vocab * 4, 3 * tile * vocab * 4 + tokens * hidden * 4
-    kept = layers * tokens * hidden * 4 + a_T
-    scores = 3 * heads * tokens * tokens * 4  # one layer's attention backward on the CPU reference
-    mib = 2**20
-    return {
-        k: (v + scores) / mib
-        for k, v in {"plain": layers * a_T + logits, "tiled": layers * a_T + tiled, "recompute": kept + logits, "both": kept + tiled}.items()
-    }
+def predicted(a_T: float, layers: int, tokens: int, hidden: int, heads: int, vocab: int, tile: int, nproc: int = 1, sp: str = "ulysses") -> dict[str, float]:
+    """The account above for one rank of ``nproc``, in MiB: its T/P tokens' terms (a(T) and the logits scale with
+    them; a tile does not), and the attention backward's scores — of H/P heads over all T tokens under Ulysses, of one
+    pair of zigzag chunks (T/2P tokens each, all heads) around a ring, which computes pair by pair."""
+    local = tokens // nproc
+    logits, tiled = 3 * local * vocab * 4, 3 * tile * vocab * 4 + local * hidden * 4
+    kept = layers * local * hidden * 4 + a_T / nproc
+    chunk = tokens // (2 * nproc) if sp == "ring" and nproc > 1 else tokens
+    scores = 3 * heads * chunk * chunk * 4 / (nproc if sp == "ulysses" else 1)
+    terms = {"plain": layers * a_T / nproc + logits, "tiled": layers * a_T / nproc + tiled, "recompute": kept + logits, "both": kept + tiled}
+    return {k: (v + scores) / 2**20 for k, v in terms.items()}
 
 
 def main() -> None:
@@ -198,7 +201,6 @@ def main() -> None:
         return done.stdout.strip().splitlines()[-1]
 
     a_T = json.loads(run("--kept")) * args.tokens / args.probe
-    model = predicted(a_T, layers, args.tokens, hidden, heads, vocab, args.tile)
     from longctx_compile.console import out as console  # as wide as its table when written to a file
 
     rows = []
@@ -209,7 +211,7 @@ def main() -> None:
     runs = [(setting, 1) for setting in chosen] + ([(s, args.nproc) for s in chosen] if args.nproc > 1 else [])
     for setting, nproc in runs:
         rows.append({"ranks": 1, **json.loads(run("--one", setting, nproc=nproc))})
-        rows[-1]["account"] = model[setting] / nproc  # every term is per token (or per head, in the attention): 1/P of it
+        rows[-1]["account"] = predicted(a_T, layers, args.tokens, hidden, heads, vocab, args.tile, nproc, args.sp)[setting]
         console.print(f"{rows[-1]['setting']}: {rows[-1]['peak_mib']:.0f} MiB, {rows[-1]['seconds']:.1f} s")
     table = Table(
         title=f"{args.artifact}: one training step at {args.tokens:,} tokens (lm, trainable norms), tile {args.tile}; a(T) = {a_T / 2**20:.0f} MiB per layer"
