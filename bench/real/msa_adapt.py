@@ -53,21 +53,19 @@ def records(tokens: list[int], header: list[int], count: int, bank: int, length:
 
 def answer_nll(model, held_out: list[dict]) -> tuple[float, float, float]:
     """(NLL of the model run dense with the positive in its prompt, NLL routed over the bank, routing hit) per answer token."""
-    from longctx_compile.forms.msa.train import Example
+    from longctx_compile.forms.msa.train import Example, answer_logits
 
     dense = routed = hits = layers = 0.0
     tokens = 0
     for r in held_out:
         e = Example(r["documents"], r["query"], r["answer"], [r["positive"]], r["prefix"])
-        p = len(e.prefix)
         target = torch.tensor(e.answer)
         with torch.no_grad():
-            logits = model.dense(torch.tensor([e.query[:p] + e.documents[r["positive"]] + e.query[p:] + e.answer[:-1]]))[0, -len(e.answer) :]
+            logits = model.dense(e.dense_prompt(len(e.prefix)))[0, -len(e.answer) :]
             dense += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
             bank = model.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], prefix=e.prefix)
-            routing = torch.arange(len(e.query) + len(e.answer) - 1)[None] < len(e.query)
-            result = model.query(bank, torch.tensor([e.query + e.answer[:-1]]), routing=routing)
-            routed += float(torch.nn.functional.cross_entropy(result.logits[0, len(e.query) - 1 :].float(), target, reduction="sum"))
+            logits, result = answer_logits(model, bank, e)
+            routed += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         needle = bank.docs.index(str(r["positive"]))
         hits += sum(float((chosen[0] == needle).any()) for chosen in result.docs.values())
         layers += len(result.docs)

@@ -71,6 +71,21 @@ class Example:
     positives: list[int]
     prefix: list[int] = dataclasses.field(default_factory=list)
 
+    def dense_prompt(self, prefix: int) -> torch.Tensor:
+        """[1, n]: what the source model reads to answer with the positives in its prompt, ``[the query's first
+        prefix tokens ; positive documents ; the rest of the query ; the answer but its last token]``."""
+        documents = [t for p in self.positives for t in self.documents[p]]
+        return torch.tensor([self.query[:prefix] + documents + self.query[prefix:] + self.answer[:-1]])
+
+
+def answer_logits(model: MsaModel, memory: Any, e: Example) -> tuple[torch.Tensor, Any]:
+    """The logits [len(answer), V] (fp32) predicting ``e``'s answer after its query routed over ``memory`` (a bank or a
+    training memory), the answer's tokens reading the memory without routing; and the query's result."""
+    ids = torch.tensor([e.query + e.answer[:-1]])
+    routing = torch.arange(ids.shape[1])[None] < len(e.query)
+    result = model.query(memory, ids, routing=routing)
+    return result.logits[0, len(e.query) - 1 :].float(), result
+
 
 def router_loss(scores: torch.Tensor, positives: list[int], temperature: float) -> torch.Tensor:
     """InfoNCE over one query's document scores [n_docs], each positive against the negatives only, averaged."""
@@ -166,11 +181,8 @@ class MsaTrainer(Trainer):
             m.state, m.grad = self.state, False
 
     def _loss(self, e: Example, teacher: torch.Tensor | None) -> torch.Tensor:
-        m = self.model
         memory = self._memory(e)
-        ids = torch.tensor([e.query + e.answer[:-1]])
-        routing = torch.arange(ids.shape[1])[None] < len(e.query)  # the answer reads the memory but does not route
-        logits = m.query(memory, ids, routing=routing).logits[0, len(e.query) - 1 :].float()
+        logits, _ = answer_logits(self.model, memory, e)
         if teacher is None:
             answer = F.cross_entropy(logits, torch.tensor(e.answer))
         else:
@@ -197,9 +209,7 @@ class MsaTrainer(Trainer):
 
     def _teacher(self, e: Example) -> torch.Tensor:
         """The source model's next-token log-probabilities over the answer, the positive documents in its prompt."""
-        prefix = self.model.config["prefix"]  # the query's first tokens (the template prefix, when it has one)
-        documents = [t for p in e.positives for t in e.documents[p]]
-        logits = self.model.dense(torch.tensor([e.query[:prefix] + documents + e.query[prefix:] + e.answer[:-1]]))
+        logits = self.model.dense(e.dense_prompt(self.model.config["prefix"]))  # prefix: the template's, when it has one
         return logits[0, -len(e.answer) :].float().log_softmax(-1)
 
 
