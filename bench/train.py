@@ -91,7 +91,7 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
     score("dense", lcc.compile(str(folder), to="dense", max_len=longest))
     source = lcc.compile(str(folder), **hsa).save(args.tmp / "hsa.lcc")
     score("hsa paper K=8, training-free", lcc.load(source))
-    for trainable in ("new", "all"):
+    for trainable in args.trainable:
         start = time.process_time()
         lcc.train(source, str(data), args.tmp / f"{trainable}.lcc", trainable=trainable, steps=args.steps, length=args.seq_len, lr=args.lr, seed=args.seed)
         score(f"hsa paper K=8, lcc train --trainable {trainable}", lcc.load(args.tmp / f"{trainable}.lcc"), args.steps, time.process_time() - start)
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--eval-seqs", type=int, default=16, help="hsa: evaluated sequences per length")
     parser.add_argument("--steps", type=int, default=200, help="lcc train steps per adapted row")
     parser.add_argument("--seq-len", type=int, default=2048, help="hsa: lcc train window")
+    parser.add_argument("--trainable", type=lambda s: s.split(","), default=["new", "all"], help="hsa: the adapted rows (lcc train --trainable)")
     parser.add_argument("--docs", type=int, default=64, help="hsa: task sequences in the training file")
     parser.add_argument("--pools", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64], help="msa: pool sizes")
     parser.add_argument("--bank", type=int, default=16, help="msa: documents in each training bank")
