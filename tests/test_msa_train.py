@@ -8,6 +8,7 @@ import json
 import lcc_cli
 import pytest
 import torch
+from rank_steps import memory_parallel_step
 
 import longctx_compile as lcc
 from longctx_compile import artifact
@@ -93,19 +94,6 @@ def test_gold_selection_puts_the_positives_in_every_layers_top_k():
     assert isinstance(TrainingMemory(bank, [0], True), LocalMemory)
 
 
-def _memory_parallel_step(path, payload, degree, rank):
-    """One rank's share of an msa step with the bank sharded over the ranks, loss and gradients summed as lcc train sums them."""
-    from longctx_compile.runtime.train import _summed
-
-    manifest = artifact.read_manifest(path)
-    ep = artifact.read_model_program(path, manifest).ep
-    trainer = MsaTrainer(ep, manifest["signature"], payload["cfg"], payload["opts"], degree)
-    leaves = trainer.leaves()
-    loss = trainer.loss(payload["batch"])
-    loss.backward()
-    return _summed(leaves, loss.item()), {name: leaf.grad for name, leaf in leaves.items()}
-
-
 @pytest.mark.parametrize(
     ("options", "objective", "select"),
     [
@@ -131,7 +119,7 @@ def test_memory_parallel_training_on_two_ranks_has_one_process_gradients(options
     leaves = trainer.leaves()
     loss = trainer.loss(batch)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True))
-    sharded_loss, sharded = spawn(_memory_parallel_step, path, 2, dict(cfg=cfg, opts=opts, batch=batch), loaded=False)
+    sharded_loss, sharded = spawn(memory_parallel_step, path, 2, dict(cfg=cfg, opts=opts, batch=batch), loaded=False)
     assert loss.item() > 1e-3
     torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
     routers = [n for n in grads if "router" in n and grads[n] is not None]  # the scoring layers' (the voters', when shared)

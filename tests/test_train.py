@@ -9,6 +9,7 @@ import json
 import lcc_cli
 import pytest
 import torch
+from rank_steps import sharded_step
 
 import longctx_compile as lcc
 from longctx_compile import artifact
@@ -231,21 +232,6 @@ def test_recompute_splits_the_graph_into_one_piece_per_layer():
     assert recomputed == ["submod_1", "submod_2"]  # tiny-llama's two layers; the embedding's piece is kept
 
 
-def _sharded_step(path, payload, degree, rank):
-    """One rank's loss and gradients, summed over the group as ``lcc train`` sums them."""
-    from longctx_compile.forms.sp.train import shard_program
-    from longctx_compile.runtime.train import _summed
-
-    manifest = artifact.read_manifest(path)
-    ep = artifact.read_model_program(path, manifest).ep
-    shard_program(ep, manifest["signature"], payload["layout"])
-    trainer = ProgramTrainer(ep, manifest["signature"], payload["cfg"], manifest["form"], payload["layout"])
-    leaves = trainer.leaves()
-    loss = trainer.loss(payload["ids"])
-    loss.backward()
-    return _summed(leaves, loss.item()), {name: leaf.grad for name, leaf in leaves.items()}
-
-
 @pytest.mark.parametrize(
     ("options", "objective", "tile"),
     [(LEARNED, "distill", 0), (dict(LEARNED, heads="each"), "lm", 6), (dict(to="msa"), "lm", 0)],
@@ -265,7 +251,7 @@ def test_a_form_trained_on_two_ranks_under_ulysses_has_one_process_gradients(opt
     leaves = trainer.leaves()
     loss = trainer.loss(ids)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True))  # msa's routers: none
-    sharded_loss, sharded = spawn(_sharded_step, path, 2, dict(cfg=cfg, layout=Layout(ulysses=2), ids=ids), ranks="threads", loaded=False)
+    sharded_loss, sharded = spawn(sharded_step, path, 2, dict(cfg=cfg, layout=Layout(ulysses=2), ids=ids), ranks="threads", loaded=False)
     assert loss.item() > 1e-3
     torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
     assert sharded.keys() == grads.keys() and sum(g is not None for g in grads.values()) >= len(grads) - 4
@@ -356,7 +342,7 @@ def test_packed_documents_shard_like_one_process(tmp_path):
     leaves = trainer.leaves()
     loss = trainer.loss(batch)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
-    sharded_loss, sharded = spawn(_sharded_step, path, 2, dict(cfg=cfg, layout=Layout(ulysses=2), ids=batch), ranks="threads", loaded=False)
+    sharded_loss, sharded = spawn(sharded_step, path, 2, dict(cfg=cfg, layout=Layout(ulysses=2), ids=batch), ranks="threads", loaded=False)
     torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
     for name, grad in grads.items():
         torch.testing.assert_close(sharded[name], grad, msg=lambda m, n=name: f"{n}: {m}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...errors import LccError
@@ -109,9 +110,9 @@ class _Training:
     scores are kept (with their gradient) for the router loss, and with ``force`` the positives (global document
     indices) take the first top-k slots."""
 
-    positives: list[int]
-    force: bool
-    scored: dict[int, torch.Tensor]
+    def __init__(self, *memory: Any, positives: list[int], force: bool, **named: Any):
+        super().__init__(*memory, **named)
+        self.route, self.positives, self.force, self.scored = _route, positives, force, {}
 
     def scores(self, site: int, router_q: torch.Tensor, routes: torch.Tensor, score: str) -> torch.Tensor:
         scores = super().scores(site, router_q, routes, score)
@@ -134,17 +135,13 @@ class TrainingMemory(_Training, LocalMemory):
 
     def __init__(self, bank: MemoryBank, positives: list[int], force: bool):
         parts = {name: getattr(bank, name) for name in ("keys", "values", "router_keys")}
-        super().__init__(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, prefix=bank.prefix)
-        self.route, self.positives, self.force, self.scored = _route, positives, force, {}
+        super().__init__(parts, bank.chunk_doc, bank.doc_chunks(), bank.model, prefix=bank.prefix, positives=positives, force=force)
 
 
 class TrainingParallelMemory(_Training, ParallelMemory):
-    """This rank's shard of a bank encoded in this step: Memory Parallel's differentiable collectives reach the other
-    ranks' documents, and the gradients of the keys and values they fetch from this one come back to it."""
-
-    def __init__(self, shard: MemoryBank, shards: list[list[int]], chunk_counts: torch.Tensor, positives: list[int], force: bool):
-        super().__init__(shard, shards, chunk_counts)
-        self.route, self.positives, self.force, self.scored = _route, positives, force, {}
+    """This rank's shard of a bank encoded in this step (``ParallelMemory``'s arguments, then ``positives`` and
+    ``force``): Memory Parallel's differentiable collectives reach the other ranks' documents, and the gradients of
+    the keys and values they fetch from this one come back to it."""
 
 
 class MsaTrainer(Trainer):
@@ -198,14 +195,12 @@ class MsaTrainer(Trainer):
         if not self.sharded():
             bank = self.model.encode(e.documents, ids=[str(i) for i in range(len(e.documents))], batch_size=len(e.documents), prefix=e.prefix)
             return TrainingMemory(bank, [bank.docs.index(str(p)) for p in e.positives], force)
-        import torch.distributed as dist
-
         counts = [math.ceil(len(d) / self.model.config["pool"]) for d in e.documents]  # each document's chunks, as encode pools them
         shards = partition(counts, self.nproc)
         owned = shards[dist.get_rank()]
         bank = self.model.encode([e.documents[g] for g in owned], ids=[str(g) for g in owned], batch_size=len(owned), prefix=e.prefix)
         shard = bank.subset([bank.docs.index(str(g)) for g in owned])  # in the shard's order (encode sorts by length)
-        return TrainingParallelMemory(shard, shards, torch.tensor(counts), e.positives, force)
+        return TrainingParallelMemory(shard, shards, torch.tensor(counts), positives=e.positives, force=force)
 
     def _teacher(self, e: Example) -> torch.Tensor:
         """The source model's next-token log-probabilities over the answer, the positive documents in its prompt."""
