@@ -204,6 +204,7 @@ def train(
     """
     from .forms.sp.train import layout_for, train_ranks
     from .runtime.data import TASKS, data_stream
+    from .runtime.interpret import attention_sites
     from .runtime.train import ProgramTrainer, TrainConfig, check_program, load_checkpoint, run
 
     path, out = Path(path), Path(out)
@@ -225,19 +226,23 @@ def train(
     tokenizer = None if data in ("synthetic", *TASKS) else tokenizer_for(manifest)
     form_options = dict(form_options or {})
     if form.train is None:
-        if form_options:
-            raise LccError(f"--opt configures a form's own training (msa's); the {form.name} form trains on token windows and takes none")
+        if form_options and form.site_loss is None:
+            raise LccError(f"--opt configures a form's own training (msa's, hsa's); the {form.name} form trains on token windows and takes none")
         stream = data_stream(data, tokenizer, signature["vocab_size"], cfg.length, cfg.batch, cfg.seed, cfg.pack)
     elif nproc != 1 and ranks != "processes":
         raise LccError(f"the {form.name} form's training runs its ranks as processes (torch.distributed), not as threads")
     ep = artifact.read_model_program(path, manifest).ep  # with each site's facts: what --trainable layers= and sharding read
-    layout = None
+    layout, site_loss = None, None
     if form.train is not None:
         if nproc < 1:
             raise LccError(f"--nproc must be at least 1, got {nproc}")
         if sp != "auto":
             raise LccError(f"--sp {sp} lays out token windows; the {form.name} form shards each example's documents over the ranks instead")
         trainer, stream = form.train(ep, signature, cfg, data, tokenizer, form_options, nproc)  # what would fail on every rank fails here
+    elif form_options:  # the form's site loss (hsa: --opt aux, its retrieval loss)
+        if nproc != 1:
+            raise LccError(f"--opt {next(iter(form_options))} (the {form.name} form's site loss) trains on one process; a rank holds part of each site")
+        site_loss = form.site_loss([n.meta["lcc"] for n in attention_sites(ep)], form_options)
     elif nproc != 1:
         check_program(ep, signature, cfg, form.name)  # what fails on every rank fails here first, in one line
         layout = layout_for(ep, signature, nproc, sp, cfg.length)
@@ -251,7 +256,7 @@ def train(
     elif form.train is not None:
         result = run(trainer, stream, progress=progress, **common)
     elif layout is None:
-        result = run(ProgramTrainer(ep, signature, cfg, form.name), stream, progress=progress, **common)
+        result = run(ProgramTrainer(ep, signature, cfg, form.name, site_loss=site_loss), stream, progress=progress, **common)
     else:
         result = train_ranks(path, nproc, dict(cfg=cfg, layout=layout, data=data, **common), progress, ranks)
         ep = artifact.read_program(path, manifest)

@@ -83,15 +83,17 @@ def run_one(model: str, setting: str, lengths: list[int], count: int, keys: int,
     convert_s = time.perf_counter() - start
     rows = []
     for length in lengths:
-        hits, seconds, answers = 0, 0.0, []
+        seconds, answers, found_by_prompt = 0.0, [], []
         for ids, key in asked[length]:
             start = time.perf_counter()
             answer = tokenizer.decode(compiled.generate([ids], max_new_tokens=new)[0])
             seconds += time.perf_counter() - start
             found = re.search(r"\d+", answer)
-            hits += bool(found and found.group() == key)
+            found_by_prompt.append(int(bool(found and found.group() == key)))
             answers.append(answer.strip()[:40])
-        rows.append(dict(length=length, accuracy=hits / count, seconds_per_prompt=seconds / count, answers=answers[:3]))
+            print(f"{setting} {length}: prompt {len(found_by_prompt)}/{count} {'hit' if found_by_prompt[-1] else 'miss'}", file=sys.stderr, flush=True)
+        # which prompts were answered, in prompt order, so two settings can be compared prompt by prompt
+        rows.append(dict(length=length, accuracy=sum(found_by_prompt) / count, seconds_per_prompt=seconds / count, answers=answers[:3], hits=found_by_prompt))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(setting=setting, convert_s=convert_s, peak_mib=peak, rows=rows)
 
@@ -119,7 +121,7 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"{setting}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        line = ", ".join(f"{r['length']}: {r['accuracy']:.2f}" for r in results[-1]["rows"])
+        line = ", ".join(f"{r['length']}: {r['accuracy']:.2f} ({''.join(map(str, r['hits']))})" for r in results[-1]["rows"])
         console.print(f"{setting}: {line}; peak {results[-1]['peak_mib']:.0f} MiB")
     if args.json:
         print(json.dumps(dict(model=args.model, prompts=args.prompts, keys=args.keys, results=results)))

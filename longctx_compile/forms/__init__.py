@@ -30,6 +30,8 @@ class Form:
     - ``train(ep, signature, cfg, data, tokenizer, options, nproc) -> (trainer, stream)``: the form's own training in
       place of token windows (msa: documents and queries); ``options``: ``lcc train --opt``; ``nproc``: the ranks the
       trainer runs on (each builds its own; msa shards its banks over them);
+    - ``site_loss(sites, options) -> (weight, loss(call))``: an auxiliary loss at each site that the token-window
+      trainer adds ``weight`` × the mean of (hsa: its retrieval loss), from ``lcc train --opt``; ``sites``: their facts;
     - ``describe(site facts) -> str``: a site's settings in ``lcc inspect``;
     - ``cli(app)``: adds the form's commands to ``lcc``.
     """
@@ -48,6 +50,7 @@ class Form:
     cache_note: str | None = None
     onnx_model: Callable[..., Any] | None = None
     train: Callable[..., Any] | None = None
+    site_loss: Callable[..., Any] | None = None
     describe: Callable[[dict[str, Any]], str] | None = None
     cli: Callable[[Any], None] | None = None
 

@@ -167,9 +167,18 @@ class ProgramTrainer(Trainer):
     loss; with ``recompute`` the student's layers are recomputed in the backward (:mod:`.recompute`). With a
     ``layout``, ``ep`` is the per-rank program of that sequence-parallel layout (``forms.sp.train.shard_program``):
     each rank's loss covers its shard's tokens, normalised by the whole batch's count, so the losses and the
-    gradients summed over the ranks are one process's."""
+    gradients summed over the ranks are one process's. ``site_loss`` (weight, loss(call)): an auxiliary loss the
+    student's sites compute from their calls (the form's, ``Form.site_loss``), weight × its mean added to the objective."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str = "dense", layout: Layout | None = None):
+    def __init__(
+        self,
+        ep: torch.export.ExportedProgram,
+        signature: dict[str, Any],
+        cfg: TrainConfig,
+        form: str = "dense",
+        layout: Layout | None = None,
+        site_loss: tuple[float, Callable[[Any], torch.Tensor | None]] | None = None,
+    ):
         from ..ops.teacher import dense
         from .interpret import attention_sites, logits_index, step_state, with_site_hooks
         from .recompute import by_layer
@@ -188,7 +197,19 @@ class ProgramTrainer(Trainer):
             inputs = ep.graph_signature.inputs_to_parameters
             self.head = (inputs[weight], None if bias is None else inputs[bias])
         self.teacher = with_site_hooks(graph, lambda site, call: dense(call)) if cfg.objective == "distill" else None
+        self.site_loss, self.site_losses = site_loss if site_loss and site_loss[0] else None, []
+        if self.site_loss:
+            if cfg.recompute or layout is not None:  # a recomputed layer would add its loss again; a rank has part of a site
+                raise LccError("--opt aux (the form's site loss) runs on one process without --recompute")
+            graph = with_site_hooks(graph, self._with_site_loss)
         self.student = by_layer(graph) if cfg.recompute else graph
+
+    def _with_site_loss(self, site: int, call: Any) -> Any:
+        """Run the site, keeping its auxiliary loss for :meth:`loss`."""
+        extra = self.site_loss[1](call)
+        if extra is not None:
+            self.site_losses.append(extra)
+        return call()
 
     def _run(self, graph: torch.fx.GraphModule, ids: torch.Tensor, positions: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """The graph's logits (or, tiled, the LM head's input) for a batch of windows."""
@@ -213,21 +234,23 @@ class ProgramTrainer(Trainer):
         if self.layout is not None:  # labels shifted before slicing: a shard's last target lives on the next rank
             ids, positions, labels = (self.layout.shard(x, rank()) for x in (ids, positions, labels))
         weights = self._weights()
+        self.site_losses = []
         with offloaded() if self.cfg.offload else contextlib.nullcontext():
             out = self._run(self.student, ids, positions, weights)
+        extra = self.site_loss[0] * torch.stack(self.site_losses).mean() if self.site_loss and self.site_losses else 0.0
         with torch.no_grad():  # the source model: the program's own weights, not the ones being trained
             teacher = None if self.teacher is None else self._run(self.teacher, ids, positions, self.state)
         rows = out.flatten(0, 1)
         targets = labels.flatten() if self.cfg.objective == "lm" else teacher.flatten(0, 1)
         if not self.head:
-            return _loss_sum(rows, targets, self.cfg.objective) / count
+            return _loss_sum(rows, targets, self.cfg.objective) / count + extra
         head = [None if name is None else weights[name] for name in self.head]
         source = [None if name is None else self.state[name] for name in self.head]  # the teacher's head
         total = rows.new_zeros((), dtype=torch.float32)
         for start in range(0, rows.shape[0], self.cfg.tile):  # each tile's logits recomputed in the backward, never kept
             part = slice(start, start + self.cfg.tile)
             total = total + checkpoint(_tile_loss, rows[part], targets[part], *head, *source, self.cfg.objective, use_reentrant=False)
-        return total / count
+        return total / count + extra
 
 
 def check_program(ep: torch.export.ExportedProgram, signature: dict[str, Any], cfg: TrainConfig, form: str) -> list[str]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from .. import Form
 from .rewrite import HsaConfig
+from .train import site_loss
 
 
 def describe(site: dict[str, Any]) -> str:
@@ -35,5 +36,6 @@ FORMS = [
         exact=False,
         describe=describe,
         verify_lengths=verify_lengths,
+        site_loss=site_loss,
     )
 ]
