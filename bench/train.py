@@ -10,6 +10,9 @@ identity, i.e. from landmark scores), K = 8 chunks of S = 64, window 4. That art
 - ``new``: only the retrieval projections the form added train (the backbone frozen);
 - ``all``: the whole model continues training in its form.
 
+``--retrieval W`` adds HSA's retrieval loss (``lcc train --opt aux=W``: the learned chunk scores taught the exact
+chunk ranking, ``forms/hsa/train.py``) to the adapted rows.
+
 Accuracy is the share of asked keys whose value is the argmax at the query position, on the same fresh
 sequences for every row; the table gives each row against dense, the steps and the CPU time of adaptation.
 
@@ -91,10 +94,13 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
     score("dense", lcc.compile(str(folder), to="dense", max_len=longest))
     source = lcc.compile(str(folder), **hsa).save(args.tmp / "hsa.lcc")
     score("hsa paper K=8, training-free", lcc.load(source))
+    retrieval = {"aux": str(args.retrieval)} if args.retrieval else {}
     for trainable in args.trainable:
         start = time.process_time()
-        lcc.train(source, str(data), args.tmp / f"{trainable}.lcc", trainable=trainable, steps=args.steps, length=args.seq_len, lr=args.lr, seed=args.seed)
-        score(f"hsa paper K=8, lcc train --trainable {trainable}", lcc.load(args.tmp / f"{trainable}.lcc"), args.steps, time.process_time() - start)
+        out = args.tmp / f"{trainable}.lcc"
+        lcc.train(source, str(data), out, trainable=trainable, steps=args.steps, length=args.seq_len, lr=args.lr, seed=args.seed, form_options=retrieval)
+        named = f"hsa paper K=8, lcc train --trainable {trainable}" + (f" --opt aux={args.retrieval}" if retrieval else "")
+        score(named, lcc.load(out), args.steps, time.process_time() - start)
     columns = [str(T) for T in args.eval_lens]
     title = f"asked-value accuracy, {model_args.needles} needles, {args.eval_seqs} sequences per length (S={chunk}, K={topk}, w={window})"
     note = f"adaptation: lcc train --objective distill --seq-len {args.seq_len} --lr {args.lr}, {args.docs} task sequences"
@@ -175,6 +181,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="hsa: lcc train window")
     parser.add_argument("--trainable", type=lambda s: s.split(","), default=["new", "all"], help="hsa: the adapted rows (lcc train --trainable)")
     parser.add_argument("--docs", type=int, default=64, help="hsa: task sequences in the training file")
+    parser.add_argument("--retrieval", type=float, default=0.0, help="hsa: the retrieval loss's weight in the adapted rows (--opt aux; 0: none)")
     parser.add_argument("--pools", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64], help="msa: pool sizes")
     parser.add_argument("--bank", type=int, default=16, help="msa: documents in each training bank")
     parser.add_argument("--aux", type=float, default=10.0, help="msa: the router loss's weight")

@@ -85,11 +85,14 @@ def test_hsa_quality_bench_smoke():
 
 
 def test_train_bench_smoke():
-    """bench/train.py trains the recall model, converts it to HSA and adapts it twice with lcc.train (tiny sizes)."""
-    result = subprocess.run([sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json"], capture_output=True, text=True)
+    """bench/train.py trains the recall model, converts it to HSA and adapts it twice with lcc.train (tiny sizes), with
+    the retrieval loss."""
+    command = [sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json", "--retrieval", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert [r["steps"] for r in rows] == [0, 0, 2, 2] and all(0 <= r["320"] <= 1 for r in rows)
+    assert rows[2]["setting"].endswith("--trainable new --opt aux=1.0")
 
 
 def test_train_bench_msa_smoke():
