@@ -152,6 +152,28 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(learned_artifact, tm
     assert all(torch.equal(whole[n], cut[n]) for n in whole) and not torch.equal(whole[new[0]], torch.eye(16).repeat(2, 1, 1))
 
 
+def _uneven_gradients(path, payload, degree, rank):
+    """Leaf a has a gradient on rank 0 only, b on every rank, c on none."""
+    from longctx_compile.runtime.train import _summed
+
+    leaves = {name: torch.zeros(3, requires_grad=True) for name in "abc"}
+    if rank == 0:
+        leaves["a"].grad = torch.ones(3)
+    leaves["b"].grad = torch.full((3,), rank + 1.0)
+    return _summed(leaves, float(rank)), {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def test_a_gradient_on_some_ranks_only_is_summed_as_zero_elsewhere():
+    """Before the fix a rank without a leaf's gradient skipped its all-reduce, so the ranks' collectives paired up wrong
+    (a hang on gloo; here, threads, a shape mismatch)."""
+    from longctx_compile.distributed.ranks import spawn
+
+    loss, grads = spawn(_uneven_gradients, "unused", 2, None, ranks="threads", loaded=False)
+    assert loss == 1.0 and grads["c"] is None
+    torch.testing.assert_close(grads["a"], torch.ones(3))
+    torch.testing.assert_close(grads["b"], torch.full((3,), 3.0))
+
+
 def test_bad_input_is_one_line(learned_artifact, tmp_path):
     dense, msa = tmp_path / "dense.lcc", tmp_path / "msa.lcc"
     lcc.compile("tiny-llama").save(dense)

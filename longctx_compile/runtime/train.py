@@ -297,10 +297,15 @@ def _tile_loss(
 
 
 def _summed(leaves: dict[str, torch.Tensor], loss: float) -> float:
-    """Sum the leaves' gradients and the loss over the sequence-parallel group; the loss's sum."""
+    """Sum the leaves' gradients and the loss over the sequence-parallel group; the loss's sum. A leaf with a gradient
+    on some ranks only counts as zero on the others (each rank must make the same collectives, or the group hangs)."""
     from ..ops import groups
 
-    for leaf in leaves.values():
+    present = torch.tensor([leaf.grad is not None for leaf in leaves.values()], dtype=torch.float64)
+    groups.all_reduce(present, groups.group())
+    for leaf, anywhere in zip(leaves.values(), present.tolist(), strict=True):
+        if anywhere and leaf.grad is None:
+            leaf.grad = torch.zeros_like(leaf)
         if leaf.grad is not None:
             groups.all_reduce(leaf.grad, groups.group())
     value = torch.tensor([loss], dtype=torch.float64)
