@@ -47,7 +47,10 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
     opt: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--opt", help="a form's own training option key=value (repeatable); msa: docs, query, answer, aux, temperature, select; hsa: aux (the retrieval loss)"),
+        typer.Option(
+            "--opt",
+            help="a form's own training option key=value (repeatable); msa: docs, query, answer, aux, temperature, select; hsa: aux (the retrieval loss)",
+        ),
     ] = None,
 ) -> None:
     """Train an artifact in its form: its new parameters (or the ones --trainable names), the rest frozen.
