@@ -38,8 +38,8 @@ def reference(q, k, wq, wk, scale, S, w, block):
                         qt = q[b, h * G + g, t].double() * scale
                         for n, i in enumerate(older):
                             keys = k[b, h, i * S : (i + 1) * S].double()
-                            exact[n] += torch.logsumexp(keys @ qt, 0)
-                            learned[n] += (qt @ wq[h].double()) @ (keys.mean(0) @ wk[h].double()) + math.log(S)
+                            exact[n] += torch.logsumexp(keys.detach() @ qt.detach(), 0)  # the target: no gradient
+                            learned[n] = learned[n] + (qt @ wq[h].double()) @ (keys.mean(0) @ wk[h].double()) + math.log(S)
                 if block:  # the chunk's padded rows are zero queries: each scores every full chunk log S
                     exact += (S - len(rows)) * G * math.log(S)
                     learned += (S - len(rows)) * G * math.log(S)
@@ -50,8 +50,8 @@ def reference(q, k, wq, wk, scale, S, w, block):
 
 @pytest.mark.parametrize("select", ["token", "block"])
 def test_retrieval_loss_equals_a_per_query_reference(select):
-    """Random q, k and projections (not the identity): the loss and its gradient in the projections equal a loop
-    over queries and chunks in fp64; the queries and keys get no gradient (only the projections learn from it)."""
+    """Random q, k and projections (not the identity): the loss and its gradients in the projections, queries and
+    keys equal a loop over queries and chunks in fp64 (the exact target takes none)."""
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, D, S, w = 2, 4, 2, 45, 8, 4, 1
     q, k, v = (torch.randn(B, h, T, D, generator=g, requires_grad=True) for h in (Hq, Hkv, Hkv))
@@ -59,13 +59,12 @@ def test_retrieval_loss_equals_a_per_query_reference(select):
     wq.requires_grad_(), wk.requires_grad_()
     call = Call(HSA, (q, k, v, None, wq, wk, D**-0.5, S, 2, w, "learned", select, False, "softmax"))
     got = retrieval_loss(call)
-    want = reference(q.detach(), k.detach(), wq, wk, D**-0.5, S, w, select == "block")
+    want = reference(q, k, wq, wk, D**-0.5, S, w, select == "block")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    grads = torch.autograd.grad(got, [wq, wk])
-    for a, b in zip(grads, torch.autograd.grad(want, [wq, wk]), strict=True):
+    grads = torch.autograd.grad(got, [wq, wk, q, k])
+    for a, b in zip(grads, torch.autograd.grad(want, [wq, wk, q, k]), strict=True):
         assert b.abs().max() > 1e-4
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
-    assert torch.autograd.grad(got, [q, k], allow_unused=True) == (None, None)
     assert retrieval_loss(call.replace(mode="bound")) is None and retrieval_loss(call.replace(q=q[:, :, :8], k=k[:, :, :8], v=v[:, :, :8])) is None
 
 

@@ -4,8 +4,9 @@ The top-K is a hard choice, so in the paper's form the scores learn only through
 they already chose. ``lcc train HSA.lcc --opt aux=W`` adds W × this loss at every site with ``score=learned``:
 for each selection unit (a query, or a query chunk with ``select=block``), KL(p ‖ s) over its visible older chunks,
 p the softmax of their true LSE summed over the unit's voters (what ``score=exact`` ranks by) and s the softmax
-of its learned scores. DSA warms its lightning indexer up the same way (KL to dense attention). The target and
-the queries and keys are detached: the loss trains the retrieval projections only, and the objective the rest.
+of its learned scores. DSA warms its lightning indexer up the same way (KL to dense attention). The target takes
+no gradient; the learned scores pass theirs to the projections and to the queries and keys they are made of, so a
+backbone that trains (``--trainable all``) can learn keys whose chunk means rank as their chunks.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def retrieval_loss(call: Call) -> torch.Tensor | None:
     that does not score by ``learned`` (nothing to teach) or has no such unit (a sequence within the local window)."""
     if call.mode != "learned" or call.topk < 0:
         return None
-    q, k, score_q, score_k = (None if t is None else t.detach() for t in (call.q, call.k, call.score_q, call.score_k))
+    q, k = call.q, call.k
     args = (call.key_padding, call.scale, call.chunk, call.topk, call.window)
-    p = plan(q, k, call.v.detach(), *args, "learned", call.select, call.retrieval_q, call.retrieval_k, score_q, score_k)
+    p = plan(q, k, call.v.detach(), *args, "learned", call.select, call.retrieval_q, call.retrieval_k, call.score_q, call.score_k)
     B, Hkv, C, G, S, D = p.qg.shape
     full, w = p.kc.shape[2], call.window
     if full == 0:
