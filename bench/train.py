@@ -10,7 +10,8 @@ identity, i.e. from landmark scores), K = 8 chunks of S = 64, window 4. That art
 - ``new``: only the retrieval projections the form added train (the backbone frozen);
 - ``all``: the whole model continues training in its form.
 
-``--retrieval W`` adds HSA's retrieval loss (``lcc train --opt aux=W``: the learned chunk scores taught the exact
+``--fusion joint`` converts with one softmax over the chosen keys instead (the learned scores then only select, and
+train from the retrieval loss alone); ``--retrieval W`` adds HSA's retrieval loss (``lcc train --opt aux=W``: the learned chunk scores taught the exact
 chunk ranking, ``forms/hsa/train.py``) to the adapted rows.
 
 Accuracy is the share of asked keys whose value is the argmax at the query position, on the same fresh
@@ -84,7 +85,7 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
     data = args.tmp / "task.jsonl"
     data.write_text("\n".join(json.dumps({"tokens": quality.batch(1, args.seq_len, model_args.needles, g)[0][0].tolist()}) for _ in range(args.docs)))
     longest = max(args.eval_lens)
-    hsa = dict(to="hsa", recipe="paper", score="learned", chunk=chunk, window=window, topk=topk, max_len=longest)
+    hsa = dict(to="hsa", recipe="paper", score="learned", fusion=args.fusion, chunk=chunk, window=window, topk=topk, max_len=longest)
     rows = []
 
     def score(name: str, compiled, steps: int = 0, seconds: float = 0.0) -> None:
@@ -93,13 +94,14 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
 
     score("dense", lcc.compile(str(folder), to="dense", max_len=longest))
     source = lcc.compile(str(folder), **hsa).save(args.tmp / "hsa.lcc")
-    score("hsa paper K=8, training-free", lcc.load(source))
+    form = "hsa paper K=8" + (", joint fusion" if args.fusion == "joint" else "")
+    score(f"{form}, training-free", lcc.load(source))
     retrieval = {"aux": str(args.retrieval)} if args.retrieval else {}
     for trainable in args.trainable:
         start = time.process_time()
         out = args.tmp / f"{trainable}.lcc"
         lcc.train(source, str(data), out, trainable=trainable, steps=args.steps, length=args.seq_len, lr=args.lr, seed=args.seed, form_options=retrieval)
-        named = f"hsa paper K=8, lcc train --trainable {trainable}" + (f" --opt aux={args.retrieval}" if retrieval else "")
+        named = f"{form}, lcc train --trainable {trainable}" + (f" --opt aux={args.retrieval}" if retrieval else "")
         score(named, lcc.load(out), args.steps, time.process_time() - start)
     columns = [str(T) for T in args.eval_lens]
     title = f"asked-value accuracy, {model_args.needles} needles, {args.eval_seqs} sequences per length (S={chunk}, K={topk}, w={window})"
@@ -181,6 +183,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="hsa: lcc train window")
     parser.add_argument("--trainable", type=lambda s: s.split(","), default=["new", "all"], help="hsa: the adapted rows (lcc train --trainable)")
     parser.add_argument("--docs", type=int, default=64, help="hsa: task sequences in the training file")
+    parser.add_argument(
+        "--fusion",
+        choices=("softmax", "joint"),
+        default="softmax",
+        help="hsa: softmax (the paper's) or joint (learned scores then train from --retrieval only)",
+    )
     parser.add_argument("--retrieval", type=float, default=0.0, help="hsa: the retrieval loss's weight in the adapted rows (--opt aux; 0: none)")
     parser.add_argument("--pools", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64], help="msa: pool sizes")
     parser.add_argument("--bank", type=int, default=16, help="msa: documents in each training bank")

@@ -361,11 +361,10 @@ def test_joint_fusion_over_every_chunk_is_the_dense_model(score):
     assert report.exact and report.passed
 
 
-@pytest.mark.parametrize("other", [{"sink": "true"}, {"score": "learned"}])
-def test_joint_fusion_refuses_what_it_would_ignore(other):
-    """A sink (+1 per chunk) has no place in one softmax; learned scores train through fusion weights joint does not use."""
+def test_joint_fusion_refuses_a_sink():
+    """A sink (+1 per chunk) has no place in one softmax."""
     with pytest.raises(LccError, match="fusion=joint"):
-        lcc.compile("tiny-llama", to="hsa", fusion="joint", **other)
+        lcc.compile("tiny-llama", to="hsa", fusion="joint", sink="true")
 
 
 def test_the_retrofit_defaults_run_the_kernels_on_a_gpu_target():

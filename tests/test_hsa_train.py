@@ -98,19 +98,23 @@ def test_training_with_the_retrieval_loss_lowers_it():
 def test_lcc_train_takes_the_retrieval_loss_and_refuses_what_it_cannot_teach(tmp_path):
     """``--opt aux=W`` trains and is recorded; on scores with nothing to learn, with ranks or recomputation, an
     unknown or negative option: one line, exit 2, nothing written."""
-    learned, bound = tmp_path / "learned.lcc", tmp_path / "bound.lcc"
+    learned, bound, joint = tmp_path / "learned.lcc", tmp_path / "bound.lcc", tmp_path / "joint.lcc"
     lcc.compile("tiny-llama", **LEARNED).save(learned)
+    lcc.compile("tiny-llama", **LEARNED, fusion="joint").save(joint)  # the scores select only: the aux loss alone trains them
     lcc.compile("tiny-llama", to="hsa", chunk="4", topk="2", window="1").save(bound)
     common = ["--data", "synthetic", "--seq-len", "32", "--steps", "2"]
     result = lcc_cli.run("train", learned, *common, "--opt", "aux=1", "-o", tmp_path / "out.lcc")
     assert result.returncode == 0, result.stderr
     assert lcc.load(tmp_path / "out.lcc").manifest["signature"]["train"][-1]["options"] == {"aux": "1"}
+    result = lcc_cli.run("train", joint, *common, "--opt", "aux=1", "-o", tmp_path / "joint.trained.lcc")
+    assert result.returncode == 0, result.stderr
     for path, args, message in [
         (bound, ["--opt", "aux=1"], "--opt aux teaches learned retrieval scores; this artifact's hsa sites score by bound"),
         (learned, ["--opt", "aux=1", "--recompute"], "runs on one process without --recompute"),
         (learned, ["--opt", "aux=1", "--nproc", "2"], "trains on one process"),
         (learned, ["--opt", "topk=3"], "unknown --opt 'topk'; valid options: aux"),
         (learned, ["--opt", "aux=-1"], "invalid --opt aux=-1.0"),
+        (joint, [], "hsa's learned scores under joint fusion, learn from their --opt aux loss alone"),
     ]:
         result = lcc_cli.run("train", path, *common, *args, "-o", tmp_path / "refused.lcc")
         assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -357,8 +357,8 @@ def run(
             total = _summed(leaves, total)
         if all(leaf.grad is None for leaf in leaves.values()):  # else every step would leave the weights as they are
             raise LccError(
-                f"none of the --trainable {cfg.trainable} parameters reaches the {cfg.objective} loss (msa's routers, for one, learn "
-                "from the router loss alone: give it a weight, --opt aux=…); choose --trainable all, norms or layers=…"
+                f"none of the --trainable {cfg.trainable} parameters reaches the {cfg.objective} loss (msa's routers, and hsa's learned "
+                "scores under joint fusion, learn from their --opt aux loss alone: give it a weight); choose --trainable all, norms or layers=…"
             )
         norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), cfg.clip if cfg.clip > 0 else float("inf"))
         optimizer.step()

@@ -53,7 +53,8 @@ class HsaConfig:
     share one selection (their summed scores). ``rerank=R`` (R ≥ 1) makes the score a first stage keeping R·topk candidates,
     of which the topk with the largest true LSE are chosen (reads R·topk chunks' keys per query; needs ``fusion=joint``).
     ``recipe`` sets the score, fusion, heads and rerank not given (:data:`RECIPES`; ``learned`` trains through softmax
-    fusion weights, so its fusion defaults to softmax, and rerank to 0 wherever the fusion is not joint)."""
+    fusion weights, so its fusion defaults to softmax, and rerank to 0 wherever the fusion is not joint; with
+    ``fusion=joint`` its scores train from ``lcc train --opt aux`` only)."""
 
     chunk: int = 64
     topk: str = "16"
@@ -85,10 +86,6 @@ class HsaConfig:
         parse_topk(self.topk)
         if self.fusion == "joint" and self.sink:
             raise LccError("--opt fusion=joint is one softmax over the local and chosen keys; sink=true (a +1 per chunk) does not apply to it")
-        if self.fusion == "joint" and self.score == "learned":
-            raise LccError(
-                "--opt fusion=joint weighs chunks by their true LSE, so learned scores (trained through the fusion weights) would never train; use score=landmark"
-            )
         if self.rerank < 0:
             raise LccError(f"invalid --opt rerank={self.rerank}: a multiple of topk (candidates ranked again by their true LSE), or 0 for none")
         if self.rerank and self.score == "exact":
