@@ -86,8 +86,8 @@ def test_hsa_quality_bench_smoke():
 
 def test_train_bench_smoke():
     """bench/train.py trains the recall model, converts it to HSA and adapts it twice with lcc.train (tiny sizes), with
-    the retrieval loss."""
-    command = [sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json", "--retrieval", "1"]
+    joint fusion and the retrieval loss."""
+    command = [sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json", "--fusion", "joint", "--retrieval", "1"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
