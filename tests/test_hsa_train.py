@@ -17,7 +17,7 @@ from longctx_compile.runtime.train import ProgramTrainer, TrainConfig, run
 HSA = torch.ops.longctx.hsa_attention.default
 
 
-def reference(q, k, wq, wk, scale, S, w, block):
+def reference(q, k, wq, wk, scale, S, w, block, temperature=1.0):
     """Per selection unit: KL(softmax of Σ_voters true LSE ‖ softmax of Σ_voters learned score) over its older chunks."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -43,13 +43,13 @@ def reference(q, k, wq, wk, scale, S, w, block):
                 if block:  # the chunk's padded rows are zero queries: each scores every full chunk log S
                     exact += (S - len(rows)) * G * math.log(S)
                     learned += (S - len(rows)) * G * math.log(S)
-                p = exact.log_softmax(0)
+                p = (exact / temperature).log_softmax(0)
                 losses.append((p.exp() * (p - learned.log_softmax(0))).sum())
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("select", ["token", "block"])
-def test_retrieval_loss_equals_a_per_query_reference(select):
+@pytest.mark.parametrize("select,temperature", [("token", 1.0), ("block", 1.0), ("token", 0.3)])
+def test_retrieval_loss_equals_a_per_query_reference(select, temperature):
     """Random q, k and projections (not the identity): the loss and its gradients in the projections, queries and
     keys equal a loop over queries and chunks in fp64 (the exact target takes none)."""
     g = torch.Generator().manual_seed(0)
@@ -58,8 +58,8 @@ def test_retrieval_loss_equals_a_per_query_reference(select):
     wq, wk = (torch.eye(D).repeat(Hkv, 1, 1) + torch.randn(Hkv, D, D, generator=g) / 2 for _ in range(2))
     wq.requires_grad_(), wk.requires_grad_()
     call = Call(HSA, (q, k, v, None, wq, wk, D**-0.5, S, 2, w, "learned", select, False, "softmax"))
-    got = retrieval_loss(call)
-    want = reference(q, k, wq, wk, D**-0.5, S, w, select == "block")
+    got = retrieval_loss(call, temperature)
+    want = reference(q, k, wq, wk, D**-0.5, S, w, select == "block", temperature)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(got, [wq, wk, q, k])
     for a, b in zip(grads, torch.autograd.grad(want, [wq, wk, q, k]), strict=True):
@@ -112,8 +112,9 @@ def test_lcc_train_takes_the_retrieval_loss_and_refuses_what_it_cannot_teach(tmp
         (bound, ["--opt", "aux=1"], "--opt aux teaches learned retrieval scores; this artifact's hsa sites score by bound"),
         (learned, ["--opt", "aux=1", "--recompute"], "runs on one process without --recompute"),
         (learned, ["--opt", "aux=1", "--nproc", "2"], "trains on one process"),
-        (learned, ["--opt", "topk=3"], "unknown --opt 'topk'; valid options: aux"),
+        (learned, ["--opt", "topk=3"], "unknown --opt 'topk'; valid options: aux, temperature"),
         (learned, ["--opt", "aux=-1"], "invalid --opt aux=-1.0"),
+        (learned, ["--opt", "temperature=0"], "temperature above 0"),
         (joint, [], "hsa's learned scores under joint fusion, learn from their --opt aux loss alone"),
     ]:
         result = lcc_cli.run("train", path, *common, *args, "-o", tmp_path / "refused.lcc")

@@ -67,7 +67,7 @@ def prompts(tokenizer, length: int, count: int, keys: int, seed: int = 0) -> lis
     return out
 
 
-def run_one(model: str, setting: str, lengths: list[int], count: int, keys: int, new: int) -> dict:
+def run_one(model: str, setting: str, lengths: list[int], count: int, keys: int, new: int, only: list[int] | None = None) -> dict:
     """One setting on every length, in this process: accuracy, seconds per prompt, and the process's peak RSS."""
     import longctx_compile as lcc
     from longctx_compile.capture import load_model
@@ -84,7 +84,10 @@ def run_one(model: str, setting: str, lengths: list[int], count: int, keys: int,
     rows = []
     for length in lengths:
         seconds, answers, found_by_prompt = 0.0, [], []
-        for ids, key in asked[length]:
+        for number, (ids, key) in enumerate(asked[length], start=1):
+            if only and number not in only:  # a screen of chosen prompts: the others are not run (and count as misses)
+                found_by_prompt.append(0)
+                continue
             start = time.perf_counter()
             answer = tokenizer.decode(compiled.generate([ids], max_new_tokens=new)[0])
             seconds += time.perf_counter() - start
@@ -93,7 +96,15 @@ def run_one(model: str, setting: str, lengths: list[int], count: int, keys: int,
             answers.append(answer.strip()[:40])
             print(f"{setting} {length}: prompt {len(found_by_prompt)}/{count} {'hit' if found_by_prompt[-1] else 'miss'}", file=sys.stderr, flush=True)
         # which prompts were answered, in prompt order, so two settings can be compared prompt by prompt
-        rows.append(dict(length=length, accuracy=sum(found_by_prompt) / count, seconds_per_prompt=seconds / count, answers=answers[:3], hits=found_by_prompt))
+        rows.append(
+            dict(
+                length=length,
+                accuracy=sum(found_by_prompt) / count,
+                seconds_per_prompt=seconds / max(1, len(answers)),
+                answers=answers[:3],
+                hits=found_by_prompt,
+            )
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(setting=setting, convert_s=convert_s, peak_mib=peak, rows=rows)
 
@@ -106,17 +117,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20, help="prompts per length")
     parser.add_argument("--keys", type=int, default=1, help="needles per prompt (one is asked)")
     parser.add_argument("--new", type=int, default=16, help="tokens generated per answer")
+    parser.add_argument("--only", type=lambda s: [int(x) for x in s.split(",")], help="run these prompts only (1-based; the rest count as misses)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single setting, in its own process
     parser.add_argument("--json", action="store_true")
     args = parser.parse_intermixed_args()
     if args.one:
-        print(json.dumps(run_one(args.model, args.one, args.lengths, args.prompts, args.keys, args.new)))
+        print(json.dumps(run_one(args.model, args.one, args.lengths, args.prompts, args.keys, args.new, args.only)))
         return
     console = Console(stderr=args.json)
     results = []
     for setting in ["dense", *args.settings]:
         command = [sys.executable, __file__, args.model, "--one", setting, "--lengths", ",".join(map(str, args.lengths))]
         command += ["--prompts", str(args.prompts), "--keys", str(args.keys), "--new", str(args.new)]
+        command += ["--only", ",".join(map(str, args.only))] if args.only else []
         done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
         if done.returncode:
             sys.exit(f"{setting}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")

@@ -3,14 +3,15 @@
 The top-K is a hard choice, so in the paper's form the scores learn only through the fusion weights of the chunks
 they already chose. ``lcc train HSA.lcc --opt aux=W`` adds W × this loss at every site with ``score=learned``:
 for each selection unit (a query, or a query chunk with ``select=block``), KL(p ‖ s) over its visible older chunks,
-p the softmax of their true LSE summed over the unit's voters (what ``score=exact`` ranks by) and s the softmax
-of its learned scores. DSA warms its lightning indexer up the same way (KL to dense attention). The target takes
+p the softmax of their true LSE summed over the unit's voters (what ``score=exact`` ranks by), divided by
+``--opt temperature`` (below 1 it weighs the top chunks most), and s the softmax of its learned scores. DSA warms its lightning indexer up the same way (KL to dense attention). The target takes
 no gradient; the learned scores pass theirs to the projections and to the queries and keys they are made of, so a
 backbone that trains (``--trainable all``) can learn keys whose chunk means rank as their chunks.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +26,18 @@ from ...options import build, check_known
 
 @dataclass
 class HsaTrainOptions:
-    """``lcc train --opt aux=W`` on an hsa artifact: the retrieval loss's weight beside the objective (0: none)."""
+    """``lcc train --opt aux=W temperature=1`` on an hsa artifact: the retrieval loss's weight beside the objective (0:
+    none), and the temperature of its target (below 1 sharpens it towards the exact top chunks, which selection keeps)."""
 
     aux: float = 0.0
+    temperature: float = 1.0
 
     def check(self) -> None:
-        if self.aux < 0:
-            raise LccError(f"invalid --opt aux={self.aux}: the retrieval loss's weight is at least 0")
+        if self.aux < 0 or self.temperature <= 0:
+            raise LccError(f"invalid --opt aux={self.aux} temperature={self.temperature}: aux at least 0, temperature above 0")
 
 
-def retrieval_loss(call: Call) -> torch.Tensor | None:
+def retrieval_loss(call: Call, temperature: float = 1.0) -> torch.Tensor | None:
     """The site's mean KL(exact ‖ learned) over the selection units with an older chunk to choose; None for a site
     that does not score by ``learned`` (nothing to teach) or has no such unit (a sequence within the local window)."""
     if call.mode != "learned" or call.topk < 0:
@@ -66,7 +69,7 @@ def retrieval_loss(call: Call) -> torch.Tensor | None:
         learned = torch.einsum("bhcsd,bhid->bhcsi", rows, mean) + G * (S if block else 1) * log_count[:, :, None, None]
         keep = visible[None, None, :, None] & torch.isfinite(exact)
         some = keep.any(-1) & real[:, :, c0:c1]  # real units with an older chunk to choose
-        target = exact.masked_fill(~keep, float("-inf")).masked_fill(~some[..., None], 0.0).log_softmax(-1)
+        target = (exact / temperature).masked_fill(~keep, float("-inf")).masked_fill(~some[..., None], 0.0).log_softmax(-1)
         guess = learned.masked_fill(~keep, float("-inf")).masked_fill(~some[..., None], 0.0).log_softmax(-1)
         kl = torch.where(keep, target.exp() * (target - guess), 0.0).sum(-1)
         total = total + kl[some].sum()
@@ -82,4 +85,4 @@ def site_loss(sites: list[dict[str, Any]], options: dict[str, Any]) -> tuple[flo
     if opts.aux and not any(site.get("score") == "learned" and site.get("topk", -1) >= 0 for site in sites):
         scores = sorted({str(site.get("score")) for site in sites})
         raise LccError(f"--opt aux teaches learned retrieval scores; this artifact's hsa sites score by {', '.join(scores)} (convert with --opt score=learned)")
-    return opts.aux, retrieval_loss
+    return opts.aux, functools.partial(retrieval_loss, temperature=opts.temperature)
