@@ -255,11 +255,11 @@ def test_real_model_hsa_selection_bench_smoke(hf_folder_with_tokenizer):
     settings = ["chunk=8,topk=2,window=1", "chunk=8,topk=2,window=1,heads=each", "chunk=8,topk=1,window=0,score=exact", "chunk=8,topk=2,window=1,sub=4"]
     settings.append("chunk=8,topk=1,window=0,rerank=99")  # every chunk a candidate: the exact LSE picks
     settings.append("chunk=8,topk=1,window=0,rerank=2,heads=each")  # 2 candidates by the bound, the one with the larger true LSE
-    command = [sys.executable, str(script), str(folder), *settings, "--length", "96", "--prompts", "2", "--check", "--json"]
+    command = [sys.executable, str(script), str(folder), *settings, "--length", "96", "--prompts", "3", "--only", "3,1", "--check", "--json"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["results"]
-    assert [r["setting"] for r in rows] == ["dense", *settings]
+    assert [r["setting"] for r in rows] == ["dense", *settings] and all(len(r["hits"]) == 2 for r in rows)
     assert all(r["check_max_abs"] < 1e-5 < r["dense_max_abs"] for r in rows[1:4] + rows[5:]) and "check_max_abs" not in rows[4]
     assert all(0 <= r["accuracy"] <= 1 and r["key_logp"] <= 0 for r in rows)
     assert rows[5]["key_logp"] == pytest.approx(rows[3]["key_logp"], abs=1e-4)

@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("settings", nargs="*", help="key=value,... over chunk, topk, window, score, heads, sub, rerank (dense is run first)")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--only", type=lambda s: [int(x) for x in s.split(",")], help="these prompts only (1-based, of --prompts)")
     parser.add_argument("--rows", type=int, default=96, help="query rows at the end that attend sparsely (0: all)")
     parser.add_argument("--check", action="store_true", help="compare the simulation with lcc's hsa program on the first prompt")
     parser.add_argument("--json", action="store_true")
@@ -157,17 +158,18 @@ def main() -> None:
     console = Console(stderr=args.json)
     model, source = load_model(args.model)
     items = passkey_prompts(tokenizer_for({"source": source.to_json()}), args.length, args.prompts)
+    items = [items[number - 1] for number in args.only] if args.only else items
     rows = []
     for setting in ["dense", *args.settings]:
         cfg = None if setting == "dense" else parse(setting)
         AttentionInterface.register("lcc_hsa_selection", simulated(cfg, args.rows))
         model.config._attn_implementation = "lcc_hsa_selection"
-        hits, logp, start = 0, 0.0, time.perf_counter()
+        hits, logp, start = [], 0.0, time.perf_counter()
         for ids, key in items:
             logits = model(torch.tensor([ids + key])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
-            hits += bool((logits.argmax(-1) == torch.tensor(key)).all())
+            hits.append(int((logits.argmax(-1) == torch.tensor(key)).all()))
             logp += float(logits.gather(-1, torch.tensor(key)[:, None]).sum())
-        row = dict(setting=setting, accuracy=hits / len(items), key_logp=logp / len(items), seconds=time.perf_counter() - start)
+        row = dict(setting=setting, accuracy=sum(hits) / len(items), key_logp=logp / len(items), seconds=time.perf_counter() - start, hits=hits)
         if args.check and cfg is not None and not cfg["sub"]:  # random tokens: the simulation and lcc, against dense
             ids = torch.randint(0, model.config.vocab_size, (args.length,), generator=torch.Generator().manual_seed(0)).tolist()
             AttentionInterface.register("lcc_hsa_selection", simulated(cfg, 0))
@@ -176,7 +178,7 @@ def main() -> None:
             row["check_max_abs"] = float((sparse - lcc_logits(args.model, cfg, ids)).abs().max())
             row["dense_max_abs"] = float((sparse - model(torch.tensor([ids])).logits[0]).abs().max())
         rows.append(row)
-        console.print(f"{setting}: passkey {row['accuracy']:.2f}, key log-prob {row['key_logp']:.2f} ({row['seconds']:.0f} s)")
+        console.print(f"{setting}: passkey {row['accuracy']:.2f} ({''.join(map(str, hits))}), key log-prob {row['key_logp']:.2f} ({row['seconds']:.0f} s)")
     if args.json:
         print(json.dumps(dict(model=args.model, length=args.length, prompts=args.prompts, rows_sparse=args.rows, results=rows)))
         return
