@@ -239,7 +239,7 @@ def test_lcc_train_on_an_msa_artifact_writes_trained_weights_and_refuses_bad_inp
         ((path, "--data", records, "--nproc", "2", "--sp", "ring"), "--sp ring lays out token windows"),
         ((path, "--data", records, "--tile", "4"), "--tile, --recompute"),
         ((path, "--data", records, "--opt", "aux=0"), "reaches the"),
-        ((hsa, "--data", "synthetic", "--opt", "aux=1"), "takes none"),
+        ((hsa, "--data", "synthetic", "--opt", "select=routed"), "unknown --opt 'select'; valid options: aux, temperature"),
         ((path, "--data", stray), "must start with the"),
         ((headed, "--data", "synthetic"), "template prefix"),
     ]:

@@ -181,6 +181,7 @@ def test_bad_input_is_one_line(learned_artifact, tmp_path):
     for args, message in [
         ([learned_artifact, "--data", tmp_path / "none.txt"], "no training data file"),
         ([dense, "--data", "synthetic"], "the dense form added no parameters"),
+        ([dense, "--data", "synthetic", "--opt", "aux=1"], "the dense form trains on token windows and takes none"),
         ([learned_artifact, "--data", "synthetic", "--seq-len", "4096"], "exceeds the program's maximum length 512"),
         ([tmp_path, "--data", "synthetic"], "is not an lcc artifact"),
         ([learned_artifact, "--data", "synthetic", "--tile", "-1"], "--tile must be at least 0"),
