@@ -49,7 +49,7 @@ def train(
         Optional[list[str]],  # noqa: UP045
         typer.Option(
             "--opt",
-            help="a form's own training option key=value (repeatable); msa: docs, query, answer, aux, temperature, select; hsa: aux (the retrieval loss)",
+            help="a form's own training option key=value (repeatable); msa: docs, query, answer, aux, temperature, select; hsa: aux, temperature (the retrieval loss)",
         ),
     ] = None,
 ) -> None:
