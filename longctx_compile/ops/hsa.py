@@ -242,22 +242,19 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
     full = kc.shape[2]
     chunks = torch.arange(c0, c1, device=rows.device)
     visible = torch.arange(older, device=rows.device)[None, :] < (chunks - w)[:, None]  # [Cg, older]: complete and before the window
-    voters = G * (S if select == "block" else 1)  # rows that share one selection: the group's heads (and the chunk's queries)
     if landmarks is None:
         score = _exact_scores(rows, kc[:, :, :older], rc[:, :, :older]).masked_fill(~visible[:, None, None], float("-inf"))
-        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]  # [B, Hkv, Cg, S|1, older]
-    else:  # landmark scores are linear in the query: the voters' summed query scores every chunk at once
+        group = voted(score, select)  # [B, Hkv, Cg, S|1, older]
+    else:
         mean, log_count = (t[:, :, :older] for t in landmarks)  # small: [B, Hkv|1, older, D|·]
-        summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]
-        group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
-        group = group.masked_fill(~visible[:, None], float("-inf"))
+        group = landmark_votes(score_rows, (mean, log_count), select).masked_fill(~visible[:, None], float("-inf"))
     if p.rerank:  # the first stage's R·K candidates, ranked again by their true LSE
         candidates = top_chunks(group, min(p.rerank * K, older))
         # every older chunk's true LSE, then the candidates': a row's logits over the older keys cost less on the CPU
         # than gathering each row's own R·K chunks (the Triton path reads the candidates only, ``kernels.hsa.rerank``)
         every = _exact_scores(rows, kc[:, :, :older], rc[:, :, :older]).masked_fill(~visible[:, None, None], float("-inf"))
         score = torch.gather(every, -1, candidates[:, :, :, None].expand(B, Hkv, Cg, G, S, -1))
-        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]
+        group = voted(score, select)
         idx, at = rerank_top(candidates, group, K)
         chosen = torch.gather(score, -1, at[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
         flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
@@ -274,6 +271,21 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         chosen = chosen.masked_fill(~seen[:, :, :, None], float("-inf"))
     flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
     return idx, chosen, flat
+
+
+def voted(score: torch.Tensor, select: str) -> torch.Tensor:
+    """A per-row score [B, Hkv, Cg, G, S, n] summed over each selection unit's voters (the group's heads, and with
+    ``select="block"`` the chunk's queries): [B, Hkv, Cg, S|1, n]."""
+    return score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]
+
+
+def landmark_votes(score_rows: torch.Tensor, landmarks: tuple[torch.Tensor, torch.Tensor], select: str) -> torch.Tensor:
+    """Each unit's score [B, Hkv, Cg, S|1, chunks] of every chunk summarised by ``landmarks`` (:func:`chunk_summaries`),
+    from the rows that score them [B, Hkv, Cg, G, S, R]: linear in the row, so the voters' summed row scores at once."""
+    mean, log_count = landmarks
+    G, S = score_rows.shape[3:5]
+    voters = G * (S if select == "block" else 1)
+    return torch.einsum("bhcsd,bhid->bhcsi", voted(score_rows, select), mean) + voters * log_count[:, :, None, None]
 
 
 def top_chunks(scores: torch.Tensor, K: int) -> torch.Tensor:

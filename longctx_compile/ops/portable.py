@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .hsa import chunk_summaries, fusion_weights, score_queries
+from .hsa import chunk_summaries, fusion_weights, landmark_votes, score_queries, voted
 from .loss import IGNORE
 from .reference import visible
 
@@ -141,7 +141,7 @@ def hsa(
         every = torch.einsum("bhcgsd,bhjld->bhcgsjl", rows, kc).masked_fill(~rc[:, :, None, None, None], NEG_INF)
         score = masked_softmax(every, rc[:, :, None, None, None].expand_as(every))[1]  # each chunk's true LSE
         score = score.masked_fill(~visible[:, None, None], NEG_INF)  # [B, Hkv, C, G, S, C]
-        group = score.sum(3) if select == "token" else score.sum((3, 4))[:, :, :, None]
+        group = voted(score, select)
     else:
         score_rows = rows if score_q is None else F.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
         qsum = (score_rows * rc.view(B, 1, C, 1, S, 1)).sum((3, 4)) if mode == "reps" else None  # each chunk's real queries, summed
@@ -150,10 +150,7 @@ def hsa(
         if mode == "learned":
             score_rows = _per_head(score_rows, retrieval_q)
             mean = _per_head(mean, retrieval_k)
-        voters = G * (S if select == "block" else 1)
-        summed = score_rows.sum(3) if select == "token" else score_rows.sum((3, 4))[:, :, :, None]  # [B, Hkv, C, S|1, D]
-        group = torch.einsum("bhcsd,bhid->bhcsi", summed, mean) + voters * log_count[:, :, None, None]
-        group = group.masked_fill(~visible[:, None], NEG_INF)
+        group = landmark_votes(score_rows, (mean, log_count), select).masked_fill(~visible[:, None], NEG_INF)
         score = torch.einsum("bhcgsd,bhid->bhcgsi", score_rows, mean) + log_count[:, :, None, None, None]
         score = score.masked_fill(~visible[:, None, None], NEG_INF)
     units = group.shape[3]
@@ -204,7 +201,7 @@ def hsa(
 def _rerank(candidates: torch.Tensor, true: torch.Tensor, K: int, select: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The K best ``candidates`` [B, Hkv, C, S|1, R·K] (most recent first) by their rows' ``true`` LSEs [B, Hkv, C, G, S, R·K]
     summed per unit (-inf: not a candidate a row sees): (chunk indices, most recent first; the rows' LSEs of them)."""
-    group = true.sum(3) if select == "token" else true.sum((3, 4))[:, :, :, None]
+    group = voted(true, select)
     n = candidates.shape[-1]
     oldest_first = group.flip(-1).topk(K, dim=-1).indices  # ONNX TopK: of equal scores the lower index, the older chunk
     at = (n - 1 - oldest_first).sort(dim=-1).values  # places in the most-recent-first list

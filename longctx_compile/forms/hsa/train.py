@@ -4,9 +4,10 @@ The top-K is a hard choice, so in the paper's form the scores learn only through
 they already chose. ``lcc train HSA.lcc --opt aux=W`` adds W × this loss at every site with ``score=learned``:
 for each selection unit (a query, or a query chunk with ``select=block``), KL(p ‖ s) over its visible older chunks,
 p the softmax of their true LSE summed over the unit's voters (what ``score=exact`` ranks by), divided by
-``--opt temperature`` (below 1 it weighs the top chunks most), and s the softmax of its learned scores. DSA warms its lightning indexer up the same way (KL to dense attention). The target takes
-no gradient; the learned scores pass theirs to the projections and to the queries and keys they are made of, so a
-backbone that trains (``--trainable all``) can learn keys whose chunk means rank as their chunks.
+``--opt temperature`` (below 1 it weighs the top chunks most), and s the softmax of its learned scores. DSA warms
+its lightning indexer up the same way (KL to dense attention). The target takes no gradient; the learned scores
+pass theirs to the projections and to the queries and keys they are made of, so a backbone that trains
+(``--trainable all``) can learn keys whose chunk means rank as their chunks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ...errors import LccError
-from ...ops.hsa import GROUP_ELEMENTS, _exact_scores, plan
+from ...ops.hsa import GROUP_ELEMENTS, _exact_scores, landmark_votes, plan, voted
 from ...ops.schema import Call
 from ...options import build, check_known
 
@@ -49,24 +50,20 @@ def retrieval_loss(call: Call, temperature: float = 1.0) -> torch.Tensor | None:
     full, w = p.kc.shape[2], call.window
     if full == 0:
         return None
-    mean, log_count = p.landmarks
-    block = call.select == "block"
     T = q.shape[2]  # the query rows past T pad the last chunk, and padding queries answer nothing: neither is a unit
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if call.key_padding is None else call.key_padding != 0
     real = torch.nn.functional.pad(real, (0, C * S - T)).view(B, 1, C, S)
-    real = real.any(-1, keepdim=True) if block else real
+    real = real.any(-1, keepdim=True) if call.select == "block" else real
     step = max(1, GROUP_ELEMENTS // max(1, B * Hkv * G * S * full * S))  # query chunks per group of the exact scores
-    total, count = mean.new_zeros(()), 0
+    total, count = q.new_zeros((), dtype=torch.float32), 0
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
         visible = torch.arange(full, device=q.device)[None, :] < (torch.arange(c0, c1, device=q.device) - w)[:, None]  # [Cg, full]
         if not visible.any():
             continue
         with torch.no_grad():  # what exact selection ranks by: the true LSE summed over the unit's voters
-            exact = _exact_scores(p.qg[:, :, c0:c1], p.kc, p.rc).sum(3)  # [B, Hkv, Cg, S, full]
-            exact = exact.sum(3, keepdim=True) if block else exact
-        rows = p.rows_q[:, :, c0:c1].sum((3, 4))[:, :, :, None] if block else p.rows_q[:, :, c0:c1].sum(3)
-        learned = torch.einsum("bhcsd,bhid->bhcsi", rows, mean) + G * (S if block else 1) * log_count[:, :, None, None]
+            exact = voted(_exact_scores(p.qg[:, :, c0:c1], p.kc, p.rc), call.select)  # [B, Hkv, Cg, S|1, full]
+        learned = landmark_votes(p.rows_q[:, :, c0:c1], p.landmarks, call.select)
         keep = visible[None, None, :, None] & torch.isfinite(exact)
         some = keep.any(-1) & real[:, :, c0:c1]  # real units with an older chunk to choose
         target = (exact / temperature).masked_fill(~keep, float("-inf")).masked_fill(~some[..., None], 0.0).log_softmax(-1)
