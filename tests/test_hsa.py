@@ -17,11 +17,14 @@ from longctx_compile.ops.hsa import hsa_attention
 from longctx_compile.ops.schema import Call
 
 
-def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False, fusion="softmax", sq=None, sk=None, rerank=0):
+def brute_force(
+    q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=None, wk=None, sink=False, fusion="softmax", sq=None, sk=None, rerank=0, pool=None
+):
     """HSA one query at a time with Python sets: the semantics of ops/hsa.py written out plainly.
 
     ``sq`` / ``sk`` stand in for q / k in landmark and learned scores (NoPE retrieval). ``rerank`` R: the score keeps
-    R·K candidates, and their true LSEs (of q and k), summed over the same voters, pick the K."""
+    R·K candidates, and their true LSEs (of q and k), summed over the same voters, pick the K. ``pool`` [Hkv, R, D]:
+    learned scores summarise a chunk by R attention-pooled landmarks, scored by their LSE less log R."""
     sq, sk = (q if sq is None else sq), (k if sk is None else sk)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -46,6 +49,11 @@ def brute_force(q, k, v, key_padding, scale, S, K, w, mode, select="token", wq=N
                     if mode == "bound":  # Σ_d max(q_d·min_d, q_d·max_d) over the chunk's real keys, plus log S
                         ks = torch.stack([skh[j] for j in keys])
                         return torch.maximum(qh * ks.min(0).values, qh * ks.max(0).values).sum() * scale + math.log(len(keys))
+                    if pool is not None:  # landmark r: the chunk's keys weighed by softmax_j(u_r·k_j)
+                        ks = torch.stack([skh[j] for j in keys])
+                        marks = [torch.softmax(ks @ u, 0) @ ks for u in pool[h]]
+                        each = torch.stack([(qh @ wq[h]) @ (mark @ wk[h]) * scale for mark in marks])
+                        return torch.logsumexp(each, 0) - math.log(len(marks)) + math.log(len(keys))
                     mean = torch.stack([skh[j] for j in keys]).mean(0)
                     if mode == "learned":
                         qh, mean = qh @ wq[h], mean @ wk[h]
@@ -109,6 +117,9 @@ def inputs(T=13, seed=0):
         ("landmark", 2, 1, "joint"),  # every part weighed by its true LSE: one softmax over the local and chosen keys
         ("landmark", 1, 0, "joint-block"),
         ("learned", 2, 0, "nope"),  # per token, scores from separate (pre-RoPE) queries and keys
+        ("learned", 2, 1, "pool"),  # R attention-pooled landmarks per chunk, trained through the fusion weights
+        ("learned", 1, 0, "pool-block"),
+        ("learned", 2, 1, "pool-joint"),
         ("landmark", 1, 1, "nope"),
         ("bound", 2, 1, "joint"),  # Quest's upper bound of each chunk's best q·k
         ("bound", 1, 1, "nope"),
@@ -136,19 +147,27 @@ def test_op_equals_brute_force(mode, K, w, select, group, padded, monkeypatch):
     g = torch.Generator().manual_seed(2)
     projections = [torch.randn(2, 8, 8, generator=g) / 3 for _ in range(2)] if mode == "learned" else [None, None]
     nope = [torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)] if select == "nope" else [None, None]
-    leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
-    refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope)]
-    fusion = {"stick": "stick", "joint": "joint", "joint-block": "joint", "rerank": "joint", "rerank-block": "joint"}.get(select, "softmax")
+    pool = [torch.randn(2, 3, 8, generator=g) if select.startswith("pool") else None]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope, *pool)]
+    refs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, *projections, *nope, *pool)]
+    fusion = {"stick": "stick", "joint": "joint", "joint-block": "joint", "rerank": "joint", "rerank-block": "joint", "pool-joint": "joint"}.get(
+        select, "softmax"
+    )
     rerank = 2 if select.startswith("rerank") else 0
-    sink, select = select == "sink", "block" if select in ("block", "joint-block", "rerank-block") else "token"
-    got = hsa_attention(*leaves[:3], key_padding, *leaves[3:5], 8**-0.5, 3, K, w, mode, select, sink, fusion, *leaves[5:], rerank=rerank)
+    sink, select = select == "sink", "block" if select in ("block", "joint-block", "rerank-block", "pool-block") else "token"
+    got = hsa_attention(
+        *leaves[:3], key_padding, *leaves[3:5], 8**-0.5, 3, K, w, mode, select, sink, fusion, *leaves[5:7], rerank=rerank, retrieval_pool=leaves[7]
+    )
     real = torch.ones(2, 13) if key_padding is None else key_padding
-    want = brute_force(*refs[:3], real, 8**-0.5, 3, K, w, mode, select, *refs[3:5], sink, fusion, *refs[5:], rerank=rerank)
+    want = brute_force(*refs[:3], real, 8**-0.5, 3, K, w, mode, select, *refs[3:5], sink, fusion, *refs[5:7], rerank=rerank, pool=refs[7])
     leaves, refs = [t for t in leaves if t is not None], [t for t in refs if t is not None]
     torch.testing.assert_close(got, want)
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
-    for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, refs, grad), strict=True):
-        torch.testing.assert_close(a, b)
+    # under joint fusion the learned scores only select: no gradient reaches them, in the op as in the brute force
+    for a, b in zip(torch.autograd.grad(got, leaves, grad, allow_unused=True), torch.autograd.grad(want, refs, grad, allow_unused=True), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("T", [2, 21, 75])
@@ -374,6 +393,30 @@ def test_the_retrofit_defaults_run_the_kernels_on_a_gpu_target():
         assert {s["kernel"] for s in compiled.program.sites()} == {"longctx.hsa_flash/triton"}
     facts = compiled.program.sites()[0]
     assert (facts["score"], facts["fusion"]) == ("landmark", "softmax")
+
+
+def test_pooled_landmarks_start_near_the_mean_and_equal_it_with_zero_queries():
+    """``--opt landmarks=R``: a [heads, R, D] pooling parameter per layer (a query head's, with heads=each), its first query zero; with every query zero
+    the R landmarks are the mean key and score as ``learned`` without them (the LSE of R equal scores less log R).
+    The kernels and the options it does not go with say so in one line."""
+    options = dict(to="hsa", chunk="4", topk="2", window="1", score="learned")
+    plain, pooled = lcc.compile("tiny-llama", **options), lcc.compile("tiny-llama", landmarks="3", **options)
+    pools = {name: p for name, p in pooled.module.named_parameters() if name.endswith("hsa_retrieval_pool")}
+    assert [tuple(p.shape) for p in pools.values()] == [(4, 3, 16)] * 2 and all(p[:, 0].abs().max() == 0 for p in pools.values())
+    assert {s["landmarks"] for s in pooled.program.sites()} == {3}
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    assert (pooled(ids) - plain(ids)).abs().max() > 1e-4  # the other queries pool other landmarks
+    with torch.no_grad():
+        for p in pools.values():
+            p.zero_()
+    torch.testing.assert_close(pooled(ids), plain(ids))
+    with pytest.raises(LccError, match="pooled landmarks .* the HSA kernels take one"):
+        lcc.compile("tiny-llama", target="h100", landmarks="2", **{**options, "chunk": "16"})
+    kept = lcc.compile("tiny-llama", target="h100", landmarks="2", fallback="reference", **{**options, "chunk": "16"})
+    assert {s["kernel"] for s in kept.program.sites()} == {"longctx.hsa_attention/reference"}
+    for bad, message in [({"landmarks": "2", "score": "landmark"}, "need score=learned"), ({"landmarks": "-1"}, "invalid --opt landmarks=-1")]:
+        with pytest.raises(LccError, match=message):
+            lcc.compile("tiny-llama", **{**options, **bad})
 
 
 def test_recipes_set_what_is_not_given():

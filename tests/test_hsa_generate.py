@@ -41,6 +41,7 @@ def qkv(T, seed=0):
         ("reps", 1, 0, "joint"),
         ("bound", 1, 0, "rerank"),  # the bound's 2·K candidates, the K by their true LSE
         ("landmark", 1, 1, "rerank"),
+        ("learned", 2, 1, "pool"),  # 3 attention-pooled landmarks per chunk, pooled again from the cached keys
     ],
 )
 @pytest.mark.parametrize("new", [1, 3, 6])
@@ -55,10 +56,11 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
     sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant == "nope" else (None, None)
     sink, fusion = variant == "sink", {"stick": "stick", "joint": "joint", "rerank": "joint"}.get(variant, "softmax")
     rerank = 2 if variant == "rerank" else 0
-    full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk, rerank)
+    pool = torch.randn(2, 3, 8, generator=g) if variant == "pool" else None
+    full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk, rerank, pool)
     sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, mode, grouped(q if sq is None else sq, 0.3))
     step = torch.ops.longctx.hsa_decode(
-        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:], rerank
+        q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:], rerank, pool
     )
     torch.testing.assert_close(step, full[:, :, -new:])  # the decode op reads chunk summaries from cached sums instead of the keys
     if mode == "reps":
@@ -66,11 +68,11 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
             hsa_ops.hsa_ref(q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode)
         return
     tail = hsa_ops.hsa_ref(
-        q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk, rerank
+        q[:, :, -new:], k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, None if sq is None else sq[:, :, -new:], sk, rerank, pool
     )
     torch.testing.assert_close(tail, full[:, :, -new:])
     op = torch.ops.longctx.hsa_attention(
-        q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk, rerank
+        q[:, :, -new:], k, v, key_padding, wq, wk, 0.3, chunk, K, w, mode, "token", sink, fusion, None if sq is None else sq[:, :, -new:], sk, rerank, pool
     )
     torch.testing.assert_close(op, full[:, :, -new:])
 
@@ -161,6 +163,7 @@ def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
         {"score": "bound", "topk": "1", "fusion": "joint", "heads": "group"},  # a KV group shares one selection (reranked over 4 candidates)
         {"score": "bound", "topk": "1", "heads": "each", "rerank": "2"},  # the bound's 2 candidates, the one with the larger true LSE
         {"score": "reps", "topk": "1"},
+        {"score": "learned", "topk": "1", "landmarks": "3", "fusion": "joint"},  # pooled landmarks: each step pools the cached keys
     ],
 )
 def test_sparse_decode_logits_equal_the_full_sequence_program(options, monkeypatch):
@@ -190,6 +193,12 @@ def test_a_saved_hsa_artifact_generates(tmp_path):
 def test_shared_chunk_selection_has_no_cache_and_says_why():
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", select="block")
     with pytest.raises(LccError, match="select=block.*--opt select=token"):
+        compiled.generate(PROMPTS, max_new_tokens=2)
+
+
+def test_pooled_landmarks_of_pre_rope_keys_have_no_cache_and_say_why():
+    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", score="learned", landmarks="2", nope="true")
+    with pytest.raises(LccError, match="pooled landmarks with nope=true"):
         compiled.generate(PROMPTS, max_new_tokens=2)
 
 

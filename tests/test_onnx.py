@@ -90,6 +90,7 @@ def test_packed_documents_and_arbitrary_masks(tmp_path):
         dict(chunk=4, topk=1, window=0, score="learned", select="block", fusion="stick", sink=True, nope=True),
         dict(chunk=4, topk="all", window=1, score="exact"),  # equals dense
         dict(chunk=4, topk=1, window=1, heads="each", rerank=2),  # K/V repeated per query head: each head selects, reranked by true LSE
+        dict(chunk=4, topk=1, window=1, score="learned", landmarks=3),  # learned scores over 3 attention-pooled landmarks per chunk
     ],
 )
 def test_hsa(tmp_path, options):

@@ -82,6 +82,22 @@ def test_hsa_rerank(mode, select, monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("select", ["token", "block"])
+@pytest.mark.parametrize("fusion", ["softmax", "joint"])
+def test_hsa_pooled_landmarks(select, fusion):
+    """Learned scores over R attention-pooled landmarks per chunk: the portable form scores and selects as the reference."""
+    B, Hq, Hkv, D, chunk = 2, 4, 2, 8, 4
+    for T in (16, 23):
+        q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+        padding = torch.ones(B, T, dtype=torch.long)
+        padding[1, : T // 3] = 0
+        rq, rk = (torch.eye(D).repeat(Hkv, 1, 1) + 0.1 * torch.randn(Hkv, D, D) for _ in range(2))
+        pool = torch.randn(Hkv, 3, D)
+        want = hsa_ref(q, k, v, padding, 0.35, chunk, 2, 1, "learned", select, rq, rk, False, fusion, None, None, 0, pool)
+        got = portable.hsa(q, k, v, padding, rq, rk, 0.35, chunk, 2, 1, "learned", select, False, fusion, None, None, 0, pool)
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("cosine", [True, False])
 def test_route(cosine):
     router_q, query_mask = torch.randn(2, 4, 5, 8), torch.ones(2, 5)

@@ -6,7 +6,10 @@ For query t in chunk c = t // S:
   ``exact`` — the chunk's true LSE; ``landmark`` — q·mean(k over the chunk)·scale + log S;
   ``learned`` — (q·Wq)·(mean(k)·Wk)·scale + log S with per-KV-head [D, D] retrieval projections,
   new parameters that start as the identity (so training starts from ``landmark``) and learn
-  through the fusion weights; ``bound`` — Σ_d max(q_d·min_d, q_d·max_d)·scale + log S over the
+  through the fusion weights; with ``retrieval_pool`` [Hkv, R, D] the mean key becomes R landmarks
+  l_r = Σ_j softmax_j(u_r·k_j)·k_j over the chunk's real keys (attention pooling, a learned query u_r
+  per landmark: a small non-linear chunk encoder, as Leng et al. find a mean-pooled landmark too weak), and
+  the score LSE_r((q·Wq)·(l_r·Wk))·scale − log R + log S (u = 0 gives the ``learned`` score above); ``bound`` — Σ_d max(q_d·min_d, q_d·max_d)·scale + log S over the
   chunk's per-channel key range (Quest's upper bound of the chunk's best q·k, so the score bounds
   the chunk's LSE from above), computed as [q, |q|]·[centre, half-range]: linear in [q, |q|], so
   every implementation scores it as it scores landmarks; ``reps`` — q·mean(representative keys)·scale
@@ -93,7 +96,9 @@ class Plan:
     rerank: int = 0
 
 
-def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k, rerank: int = 0) -> Plan:
+def plan(
+    q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k, rerank: int = 0, retrieval_pool=None
+) -> Plan:
     """Lay q, k, v out in chunks of ``chunk`` (arguments as :func:`hsa_ref`'s)."""
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -120,10 +125,13 @@ def plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retriev
             real_q = torch.nn.functional.pad(real, (0, pad)).view(B, 1, C, 1, S, 1)
             qsum = (rows_q * real_q)[:, :, :full].sum((3, 4))
         landmarks = chunk_summaries(keys, rc, mode, qsum)
+        if mode == "learned" and retrieval_pool is not None:
+            logits = torch.einsum("bhcsd,hrd->bhcrs", keys, retrieval_pool.float())
+            landmarks = (pooled_landmarks(keys, rc, logits), landmarks[1])
         rows_q = score_queries(rows_q, mode)
     if mode == "learned":
         rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
-        landmarks = (torch.einsum("bhcd,hde->bhce", landmarks[0], retrieval_k.float()), landmarks[1])
+        landmarks = (torch.einsum("bhc...d,hde->bhc...e", landmarks[0], retrieval_k.float()), landmarks[1])
     K = full if topk < 0 else topk
     every = mode == "exact" or rerank  # scoring reads every older key
     per_chunk = B * Hq * S * S * (K + w + 1) + (B * Hq * S * T if every else 0) + B * Hkv * (S if select == "token" else 1) * K * S * D
@@ -149,13 +157,15 @@ def hsa_ref(
     score_q: torch.Tensor | None = None,
     score_k: torch.Tensor | None = None,
     rerank: int = 0,
+    retrieval_pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [B, Hq, T, Dv] (fp32) of HSA over q [B, Hq, T, D], k/v [B, Hkv, S, D]; ``topk`` < 0 means all.
 
     The queries are the last T of the S keys (T = S: self-attention over a sequence; T < S: the new
     tokens of a decode step over cached keys, each selecting as it would in the whole sequence — with
     per-token selection only, as a chunk's shared selection would need its queries before these).
-    ``retrieval_q`` / ``retrieval_k`` [Hkv, D, D]: the ``learned`` mode's projections.
+    ``retrieval_q`` / ``retrieval_k`` [Hkv, D, D]: the ``learned`` mode's projections; ``retrieval_pool`` [Hkv, R, D]
+    its pooling queries (None: the mean key).
     """
     T, n_keys = q.shape[2], k.shape[2]
     offset = n_keys - T  # queries before these: their rows are placeholders, and no chunk of them only is computed
@@ -169,7 +179,7 @@ def hsa_ref(
         )
     if offset:
         q, score_q = (None if t is None else torch.nn.functional.pad(t, (0, 0, offset, 0)) for t in (q, score_q))
-    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k, rerank)
+    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, score_q, score_k, rerank, retrieval_pool)
     B, Hkv, C, G, S, D = p.qg.shape
     w, first = window, offset // chunk
     outs = []
@@ -264,9 +274,12 @@ def select_chunks(p: Plan, rows, older: int, c0: int, c1: int, w: int, K: int, s
         chosen = torch.gather(score, -1, idx[:, :, :, None].expand(B, Hkv, Cg, G, S, K))
     else:  # each row's own score of its chosen chunks; a chunk picked among fewer than K visible ones scores -inf
         flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
-        lm = landmarks[0].reshape(-1, landmarks[0].shape[-1]).index_select(0, flat).view(*idx.shape, -1)
-        pattern = "bhcgsd,bhcnkd->bhcgsk" if select == "block" else "bhcgsd,bhcskd->bhcgsk"
-        chosen = torch.einsum(pattern, score_rows, lm) + torch.gather(log_count[:, :, None, None].expand(*idx.shape[:-1], older), -1, idx)[:, :, :, None]
+        lm = landmarks[0].flatten(0, 2).index_select(0, flat).view(*idx.shape, *landmarks[0].shape[3:])
+        pattern = "bhcgsd,bhcnk...d->bhcgsk..." if select == "block" else "bhcgsd,bhcsk...d->bhcgsk..."
+        chosen = (
+            pooled_scores(torch.einsum(pattern, score_rows, lm), lm.dim() > idx.dim() + 1)
+            + torch.gather(log_count[:, :, None, None].expand(*idx.shape[:-1], older), -1, idx)[:, :, :, None]
+        )
         seen = torch.gather(visible[None, None, :, None].expand(*idx.shape[:-1], older), -1, idx)
         chosen = chosen.masked_fill(~seen[:, :, :, None], float("-inf"))
     flat = (torch.arange(B * Hkv, device=rows.device).view(B, Hkv, 1, 1, 1) * full + idx).flatten()
@@ -285,7 +298,24 @@ def landmark_votes(score_rows: torch.Tensor, landmarks: tuple[torch.Tensor, torc
     mean, log_count = landmarks
     G, S = score_rows.shape[3:5]
     voters = G * (S if select == "block" else 1)
+    if mean.dim() == 5:  # R pooled landmarks: a row's score is not linear in the row, so each row scores, then the unit sums
+        return voted(pooled_scores(torch.einsum("bhcgsd,bhird->bhcgsir", score_rows, mean), True), select) + voters * log_count[:, :, None, None]
     return torch.einsum("bhcsd,bhid->bhcsi", voted(score_rows, select), mean) + voters * log_count[:, :, None, None]
+
+
+def pooled_landmarks(kc: torch.Tensor, rc: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """R landmarks per chunk [B, Hkv, chunks, R, D]: l_r = Σ_j softmax_j(u_r·k_j)·k_j over the chunk's real keys
+    (``kc`` [B, Hkv, chunks, S, D], ``rc`` [B, 1, chunks, S]) from the pooling logits u_r·k_j [B, Hkv, chunks, R, S];
+    zeros for a chunk with no real key."""
+    empty = ~rc.any(-1)[:, :, :, None, None]
+    logits = logits.masked_fill(~rc[:, :, :, None], float("-inf")).masked_fill(empty, 0.0)
+    return torch.einsum("bhcrs,bhcsd->bhcrd", torch.softmax(logits, dim=-1).masked_fill(empty, 0.0), kc)
+
+
+def pooled_scores(scores: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """A row's score of a chunk from its scores of the chunk's R landmarks (last dim): LSE − log R, so R equal
+    landmarks score as one; ``scores`` as it is where the chunk has one summary (``pooled`` false)."""
+    return scores.logsumexp(-1) - math.log(scores.shape[-1]) if pooled else scores
 
 
 def top_chunks(scores: torch.Tensor, K: int) -> torch.Tensor:
@@ -399,33 +429,54 @@ def hsa_attention(
     score_q: torch.Tensor | None = None,
     score_k: torch.Tensor | None = None,
     rerank: int = 0,
+    retrieval_pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HSA as defined by :func:`hsa_ref`; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank))
+    args = (key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank, retrieval_pool)
+    result.copy_(hsa_ref(q, k, v, *args))
     return result
 
 
 @hsa_attention.register_fake
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None, rerank=0):
+def _(
+    q,
+    k,
+    v,
+    key_padding,
+    retrieval_q,
+    retrieval_k,
+    scale,
+    chunk,
+    topk,
+    window,
+    mode,
+    select,
+    sink,
+    fusion="softmax",
+    score_q=None,
+    score_k=None,
+    rerank=0,
+    retrieval_pool=None,
+):
     return empty_sdpa_layout(q, v)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], *inputs[14:16])
+    ctx.save_for_backward(*inputs[:6], *inputs[14:16], inputs[17])
     ctx.statics = (*inputs[6:14], inputs[16])
 
 
 def _backward(ctx, grad_out):
-    q, k, v, key_padding, retrieval_q, retrieval_k, score_q, score_k = ctx.saved_tensors
+    q, k, v, key_padding, retrieval_q, retrieval_k, score_q, score_k, retrieval_pool = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k, score_q, score_k)]
+        leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, retrieval_q, retrieval_k, score_q, score_k, retrieval_pool)]
         scale, chunk, topk, window, mode, select, sink, fusion, rerank = ctx.statics
-        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:5], sink, fusion, *leaves[5:], rerank)
+        out = hsa_ref(*leaves[:3], key_padding, scale, chunk, topk, window, mode, select, *leaves[3:5], sink, fusion, *leaves[5:7], rerank, leaves[7])
         wrt = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
-    dq, dk, dv, dwq, dwk, dsq, dsk = (None if t is None else next(grads) for t in leaves)
-    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dsq, dsk, None
+    dq, dk, dv, dwq, dwk, dsq, dsk, dpool = (None if t is None else next(grads) for t in leaves)
+    return dq, dk, dv, None, dwq, dwk, *(None,) * 8, dsq, dsk, None, dpool
 
 
 hsa_attention.register_autograd(_backward, setup_context=_setup_context)  # its cache is declared in ops.hsa_decode

@@ -33,9 +33,11 @@ def supported(q: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None
     )
 
 
-def hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank=0) -> torch.Tensor:
+def hsa_block_cpu(
+    q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank=0, retrieval_pool=None
+) -> torch.Tensor:
     """HSA with per-chunk selection and no key padding, equal to ``hsa_ref(..., select="block")``; out fp32 [B, Hq, T, Dv]."""
-    p = plan(q, k, v, None, scale, chunk, topk, window, mode, "block", retrieval_q, retrieval_k, score_q, score_k, rerank)
+    p = plan(q, k, v, None, scale, chunk, topk, window, mode, "block", retrieval_q, retrieval_k, score_q, score_k, rerank, retrieval_pool)
     B, Hkv, C, G, S, D = p.qg.shape
     w = window
     causal = p.causal.repeat(G, 1)  # row r of a chunk's G·S rows is query r mod S
@@ -77,10 +79,12 @@ def joint_supported(q: torch.Tensor, k: torch.Tensor, select: str, sink: bool, f
     return q.device.type == "cpu" and select == "token" and fusion == "joint" and not sink and q.shape[2] == k.shape[2]
 
 
-def hsa_joint_cpu(q, k, v, key_padding, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, score_q, score_k, rerank=0) -> torch.Tensor:
+def hsa_joint_cpu(
+    q, k, v, key_padding, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, score_q, score_k, rerank=0, retrieval_pool=None
+) -> torch.Tensor:
     """HSA with per-token selection and joint fusion, equal to ``hsa_ref(..., select="token", fusion="joint")``: each
     group of query chunks attends, in one SDPA call, to the keys before it under the mask local window ∪ chosen chunks."""
-    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, "token", retrieval_q, retrieval_k, score_q, score_k, rerank)
+    p = plan(q, k, v, key_padding, scale, chunk, topk, window, mode, "token", retrieval_q, retrieval_k, score_q, score_k, rerank, retrieval_pool)
     B, Hkv, C, G, S, D = p.qg.shape
     T, w = q.shape[2], window
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding is None else key_padding != 0
@@ -109,14 +113,33 @@ def hsa_joint_cpu(q, k, v, key_padding, scale, chunk, topk, window, mode, retrie
 
 
 @hsa_attention.register_kernel("cpu")
-def _(q, k, v, key_padding, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, select, sink, fusion="softmax", score_q=None, score_k=None, rerank=0):
+def _(
+    q,
+    k,
+    v,
+    key_padding,
+    retrieval_q,
+    retrieval_k,
+    scale,
+    chunk,
+    topk,
+    window,
+    mode,
+    select,
+    sink,
+    fusion="softmax",
+    score_q=None,
+    score_k=None,
+    rerank=0,
+    retrieval_pool=None,
+):
     result = empty_sdpa_layout(q, v)
+    retrieval = (retrieval_q, retrieval_k)
     if supported(q, v, key_padding, select):
-        result.copy_(hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank))
+        result.copy_(hsa_block_cpu(q, k, v, scale, chunk, topk, window, mode, *retrieval, sink, fusion, score_q, score_k, rerank, retrieval_pool))
     elif joint_supported(q, k, select, sink, fusion):
-        result.copy_(hsa_joint_cpu(q, k, v, key_padding, scale, chunk, topk, window, mode, retrieval_q, retrieval_k, score_q, score_k, rerank))
+        result.copy_(hsa_joint_cpu(q, k, v, key_padding, scale, chunk, topk, window, mode, *retrieval, score_q, score_k, rerank, retrieval_pool))
     else:
-        result.copy_(
-            hsa.hsa_ref(q, k, v, key_padding, scale, chunk, topk, window, mode, select, retrieval_q, retrieval_k, sink, fusion, score_q, score_k, rerank)
-        )
+        args = (key_padding, scale, chunk, topk, window, mode, select, *retrieval, sink, fusion, score_q, score_k, rerank, retrieval_pool)
+        result.copy_(hsa.hsa_ref(q, k, v, *args))
     return result

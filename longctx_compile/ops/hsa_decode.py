@@ -7,7 +7,8 @@ key — each chunk's summary (``ops.hsa.chunk_summaries``) — comes here from `
 kept by running reductions over its chunk (``ops.hsa_sums``), so the entry at a chunk's last key
 summarises that chunk. A step reads those C entries, the local window
 and the K chosen chunks: O((C + (K+w+1)·S)·D) per query instead of O(N·D). ``exact`` scoring reads
-every older key by definition, and takes no sums.
+every older key by definition, and takes no sums; nor do pooled landmarks (``retrieval_pool``), whose weights within a
+chunk are a softmax over all its keys: a step pools every complete chunk's cached keys again, O(N·R·D) per query.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from . import cache
 from .attention import empty_sdpa_layout
-from .hsa import _softmax, fusion_weights, rerank_top, score_queries, top_chunks
+from .hsa import _softmax, fusion_weights, pooled_landmarks, pooled_scores, rerank_top, score_queries, top_chunks
 from .hsa_sums import extend_reps, extend_sums, landmark_sums, summaries, width
 from .schema import Call
 
@@ -41,6 +42,7 @@ def hsa_decode_ref(
     fusion: str,
     score_q: torch.Tensor | None,
     rerank: int = 0,
+    retrieval_pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [B, Hq, T, Dv] (fp32): the rows :func:`.hsa.hsa_ref` gives the last T queries of k/v [B, Hkv, N, D]."""
     B, Hq, T, D = q.shape
@@ -71,12 +73,16 @@ def hsa_decode_ref(
         else:
             ends = sums[:, :, S - 1 : older * S : S].float()  # [B, Hkv, older, ·]: each complete chunk's summary and count
             summary, log_count = summaries(ends, mode)
+            if retrieval_pool is not None:  # the R pooled landmarks of every complete chunk, from its cached keys
+                keys = k[:, :, : older * S].float().reshape(B, Hkv, older, S, D)
+                logits = torch.einsum("bhcsd,hrd->bhcrs", keys, retrieval_pool.float())
+                summary = pooled_landmarks(keys, real(0, older * S).reshape(B, 1, older, S), logits)
             score_rows = qi if score_q is None else score_q[:, :, i].float().view(B, Hkv, G, D) * scale
             score_rows = score_queries(score_rows, mode)
             if mode == "learned":
                 score_rows = torch.einsum("bhgd,hde->bhge", score_rows, retrieval_q.float())
-                summary = torch.einsum("bhcd,hde->bhce", summary, retrieval_k.float())
-            score = torch.einsum("bhgd,bhcd->bhgc", score_rows, summary) + log_count[:, :, None]
+                summary = torch.einsum("bhc...d,hde->bhc...e", summary, retrieval_k.float())
+            score = pooled_scores(torch.einsum("bhgd,bhc...d->bhgc...", score_rows, summary), summary.dim() == 5) + log_count[:, :, None]
         if rerank and mode != "exact":  # the R·K best by the score, then the K best of them by their true LSE
             candidates = top_chunks(score.sum(2), min(rerank * K, older))
             score = _true_lse(qi, k, candidates, real(0, older * S), S)
@@ -131,15 +137,19 @@ def hsa_decode(
     fusion: str = "softmax",
     score_q: torch.Tensor | None = None,
     rerank: int = 0,
+    retrieval_pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HSA decode rows as :func:`hsa_decode_ref` defines them; output [B, Hq, T, Dv] in SDPA's memory layout."""
     result = empty_sdpa_layout(q, v)
-    result.copy_(hsa_decode_ref(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion, score_q, rerank))
+    args = (key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion, score_q, rerank, retrieval_pool)
+    result.copy_(hsa_decode_ref(q, k, v, *args))
     return result
 
 
 @hsa_decode.register_fake
-def _(q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion="softmax", score_q=None, rerank=0):
+def _(
+    q, k, v, key_padding, sums, retrieval_q, retrieval_k, scale, chunk, topk, window, mode, sink, fusion="softmax", score_q=None, rerank=0, retrieval_pool=None
+):
     return empty_sdpa_layout(q, v)
 
 
@@ -184,6 +194,8 @@ class HsaCache(cache.KeyValueCache):
     def refuse(self, call: Call) -> str | None:
         if call.select == "block" and call.topk >= 0:
             return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
+        if call.get("retrieval_pool") is not None and call.get("score_k") is not None:
+            return "pooled landmarks with nope=true pool the pre-RoPE keys, which the cache does not keep; convert without nope to generate"
         if call.mode == "reps" and call.get("score_k") is not None:
             return "score=reps with nope=true picks representatives among the pre-RoPE keys, which the cache does not keep; convert without nope to generate"
         return None

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .hsa import chunk_summaries, fusion_weights, landmark_votes, score_queries, voted
+from .hsa import chunk_summaries, fusion_weights, landmark_votes, pooled_landmarks, pooled_scores, score_queries, voted
 from .loss import IGNORE
 from .reference import visible
 
@@ -102,6 +102,7 @@ def hsa(
     score_q=None,
     score_k=None,
     rerank: int = 0,
+    retrieval_pool=None,
 ) -> torch.Tensor:
     """``longctx::hsa_attention`` (:func:`ops.hsa.hsa_ref`), every query chunk at once.
 
@@ -145,13 +146,16 @@ def hsa(
     else:
         score_rows = rows if score_q is None else F.pad(score_q.float() * scale, (0, 0, 0, pad)).view(B, Hkv, G, C, S, D).transpose(2, 3)
         qsum = (score_rows * rc.view(B, 1, C, 1, S, 1)).sum((3, 4)) if mode == "reps" else None  # each chunk's real queries, summed
-        mean, log_count = chunk_summaries(kc if score_k is None else F.pad(score_k.float(), (0, 0, 0, pad)).view(B, Hkv, C, S, D), rc, mode, qsum)
+        keys = kc if score_k is None else F.pad(score_k.float(), (0, 0, 0, pad)).view(B, Hkv, C, S, D)
+        mean, log_count = chunk_summaries(keys, rc, mode, qsum)
+        if mode == "learned" and retrieval_pool is not None:  # R pooled landmarks per chunk [B, Hkv, C, R, D]
+            mean = pooled_landmarks(keys, rc, _per_head(keys, retrieval_pool.transpose(1, 2)).movedim(-1, 3))
         score_rows = score_queries(score_rows, mode)
         if mode == "learned":
             score_rows = _per_head(score_rows, retrieval_q)
             mean = _per_head(mean, retrieval_k)
         group = landmark_votes(score_rows, (mean, log_count), select).masked_fill(~visible[:, None], NEG_INF)
-        score = torch.einsum("bhcgsd,bhid->bhcgsi", score_rows, mean) + log_count[:, :, None, None, None]
+        score = pooled_scores(torch.einsum("bhcgsd,bhi...d->bhcgsi...", score_rows, mean), mean.dim() == 5) + log_count[:, :, None, None, None]
         score = score.masked_fill(~visible[:, None, None], NEG_INF)
     units = group.shape[3]
     if topk < 0:  # every candidate, most recent first

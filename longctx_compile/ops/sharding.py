@@ -47,6 +47,7 @@ ULYSSES: dict[Any, Roles] = {
             "key_padding": "tokens",
             "retrieval_q": "head_weights",
             "retrieval_k": "head_weights",
+            "retrieval_pool": "head_weights",
         },
         repeat_kv=False,
     ),

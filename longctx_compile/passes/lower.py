@@ -116,6 +116,8 @@ def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: 
     groups = q.shape[1] // val(call.k).shape[1]  # the query heads sharing a KV head (and a selection) in the op: 1 with heads=each
     tiles = hsa_tiles(chunk, groups, select)
     reason = hsa_unsupported(chunk, topk, mode, q.shape[-1], v.shape[-1], q.dtype)
+    if reason is None and call.get("retrieval_pool") is not None:
+        reason = "pooled landmarks (--opt landmarks=R) score a chunk by R summaries, where the HSA kernels take one"
     smem = hsa_smem_bytes(tiles, chunk, groups, q.shape[-1], v.shape[-1], q.dtype)
     if reason is None and smem > target.smem_per_block:
         reason = f"the HSA kernels need {smem} bytes of shared memory at chunk {chunk}, head dim {q.shape[-1]}; {target.name} has {target.smem_per_block}"
@@ -124,7 +126,7 @@ def _lower_hsa(graph: torch.fx.Graph, node: torch.fx.Node, target: Target, cfg: 
             raise LccError(f"layer {facts['layer']} ({facts['module']}): {reason}; pass --opt fallback=reference to keep the reference op there")
         facts.update(target=target.name, kernel=HSA_REFERENCE, fallback=reason)
         return f"site {facts['site']} ({facts['module']}): reference op kept: {reason}"
-    _bind(graph, node, torch.ops.longctx.hsa_flash.default, (*call.args(), tiles))
+    _bind(graph, node, torch.ops.longctx.hsa_flash.default, call.to(torch.ops.longctx.hsa_flash.default, tiles=tiles).args())
     facts.update(target=target.name, kernel=HSA_TRITON, config={"hsa": {"block_q": tiles[0], "block_l": tiles[1], "num_warps": tiles[2], "smem": smem}})
     return None
 

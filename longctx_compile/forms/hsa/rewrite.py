@@ -54,7 +54,8 @@ class HsaConfig:
     of which the topk with the largest true LSE are chosen (reads R·topk chunks' keys per query; needs ``fusion=joint``).
     ``recipe`` sets the score, fusion, heads and rerank not given (:data:`RECIPES`; ``learned`` trains through softmax
     fusion weights, so its fusion defaults to softmax, and rerank to 0 wherever the fusion is not joint; with
-    ``fusion=joint`` its scores train from ``lcc train --opt aux`` only)."""
+    ``fusion=joint`` its scores train from ``lcc train --opt aux`` only). ``landmarks=R`` (R ≥ 1, with ``learned``) summarises
+    each chunk by R attention-pooled landmarks instead of its mean key (:data:`POOL_INIT`)."""
 
     chunk: int = 64
     topk: str = "16"
@@ -67,6 +68,7 @@ class HsaConfig:
     sink: bool = False
     fusion: Literal["softmax", "stick", "joint"] | None = None
     nope: bool = False
+    landmarks: int = 0
     layers: str = "all"
 
     def __post_init__(self) -> None:
@@ -94,8 +96,21 @@ class HsaConfig:
             raise LccError(
                 f"--opt rerank=R picks chunks by their true LSE, which fusion=joint weighs them by; fusion={self.fusion} would weigh them by another score"
             )
+        if self.landmarks < 0 or (self.landmarks and self.score != "learned"):
+            raise LccError(f"invalid --opt landmarks={self.landmarks}: pooled landmarks (R ≥ 1) are learned, so they need score=learned; 0 is the mean key")
         if self.nope and self.score == "exact":
             raise LccError("--opt nope=true changes landmark, bound, reps and learned scores; exact scores are the chunks' true LSE and have no NoPE form")
+
+
+POOL_INIT = 0.1  # the spread of the pooling queries past the first: distinct, so they learn apart, and small, so u·k starts mild
+
+
+def pooling_queries(heads: int, count: int, head_dim: int, layer: int) -> torch.Tensor:
+    """The initial pooling queries [heads, count, head_dim] of one layer's pooled landmarks: the first zero (it pools the
+    mean key, as ``learned`` does without them), the others N(0, POOL_INIT²), seeded by the layer so a conversion repeats."""
+    init = torch.randn(heads, count, head_dim, generator=torch.Generator().manual_seed(layer)) * POOL_INIT
+    init[:, 0] = 0.0
+    return init
 
 
 def per_query_head(graph: torch.fx.Graph, t: torch.fx.Node, groups: int, like: torch.fx.Node) -> torch.fx.Node:
@@ -159,9 +174,15 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             projections = tuple(
                 program.add_parameter(f"{facts['module']}.hsa_retrieval_{side}", torch.eye(d).repeat(hkv, 1, 1).to(val(q).dtype)) for side in "qk"
             )
+        if cfg.landmarks:  # per KV head (or query head) R pooling queries: the first 0 (the mean key), the rest small and distinct
+            hkv, d = facts["hkv"] * groups, facts["head_dim"]
+            projections = (
+                *projections,
+                program.add_parameter(f"{facts['module']}.hsa_retrieval_pool", pooling_queries(hkv, cfg.landmarks, d, i).to(val(q).dtype)),
+            )
         options = {"chunk": cfg.chunk, "topk": topk, "window": cfg.window, "mode": cfg.score, "select": cfg.select, "sink": cfg.sink, "fusion": cfg.fusion}
         options["rerank"] = cfg.rerank if topk >= 0 else 0  # with every chunk selected there is nothing to rank
-        retrieval = dict(zip(("retrieval_q", "retrieval_k"), projections, strict=True))
+        retrieval = dict(zip(("retrieval_q", "retrieval_k", "retrieval_pool"), projections, strict=False))
         args = call.to(HSA, **retrieval, **options, **dict(zip(("score_q", "score_k"), scoring, strict=True))).args()
         node.target, node.args = HSA, args
         node.meta["val"] = fake_call(HSA, *args)
@@ -177,6 +198,7 @@ def hsa(program: Program, cfg: HsaConfig) -> PassResult:
             sink=cfg.sink,
             fusion=cfg.fusion,
             nope=cfg.nope,
+            landmarks=cfg.landmarks,
         )
     graph.lint()
     # every chunk is selected, whatever ``select`` is, and the parts fuse as one softmax

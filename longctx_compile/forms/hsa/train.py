@@ -45,7 +45,8 @@ def retrieval_loss(call: Call, temperature: float = 1.0) -> torch.Tensor | None:
         return None
     q, k = call.q, call.k
     args = (call.key_padding, call.scale, call.chunk, call.topk, call.window)
-    p = plan(q, k, call.v.detach(), *args, "learned", call.select, call.retrieval_q, call.retrieval_k, call.score_q, call.score_k)
+    retrieval = (call.retrieval_q, call.retrieval_k, call.score_q, call.score_k, 0, call.get("retrieval_pool"))
+    p = plan(q, k, call.v.detach(), *args, "learned", call.select, *retrieval)
     B, Hkv, C, G, S, D = p.qg.shape
     full, w = p.kc.shape[2], call.window
     if full == 0:
