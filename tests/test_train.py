@@ -257,11 +257,11 @@ def test_recompute_splits_the_graph_into_one_piece_per_layer():
 
 @pytest.mark.parametrize(
     ("options", "objective", "tile"),
-    [(LEARNED, "distill", 0), (dict(LEARNED, heads="each"), "lm", 6), (dict(to="msa"), "lm", 0)],
-    ids=["hsa-learned-distill", "hsa-each-lm-tiled", "msa-lm"],
+    [(LEARNED, "distill", 0), (dict(LEARNED, heads="each"), "lm", 6), (dict(LEARNED, landmarks="2"), "distill", 0), (dict(to="msa"), "lm", 0)],
+    ids=["hsa-learned-distill", "hsa-each-lm-tiled", "hsa-pooled-distill", "msa-lm"],
 )
 def test_a_form_trained_on_two_ranks_under_ulysses_has_one_process_gradients(options, objective, tile, tmp_path):
-    """The form's own attention runs unchanged inside Ulysses (HSA's learned projections sliced per head): the loss
+    """The form's own attention runs unchanged inside Ulysses (HSA's learned projections and pooling queries sliced per head): the loss
     and every parameter's gradient summed over P=2 ranks equal one process's, for the whole model."""
     from longctx_compile.distributed.ranks import spawn
     from longctx_compile.ops.layout import Layout
@@ -278,6 +278,7 @@ def test_a_form_trained_on_two_ranks_under_ulysses_has_one_process_gradients(opt
     assert loss.item() > 1e-3
     torch.testing.assert_close(torch.tensor(sharded_loss, dtype=torch.float32), loss.detach())
     assert sharded.keys() == grads.keys() and sum(g is not None for g in grads.values()) >= len(grads) - 4
+    assert all(g is not None for n, g in grads.items() if n.endswith("hsa_retrieval_pool"))  # softmax fusion trains the pooling
     for name, g in grads.items():
         if g is None:
             assert sharded[name] is None, name
