@@ -403,7 +403,7 @@ def test_pooled_landmarks_start_near_the_mean_and_equal_it_with_zero_queries():
     plain, pooled = lcc.compile("tiny-llama", **options), lcc.compile("tiny-llama", landmarks="3", **options)
     pools = {name: p for name, p in pooled.module.named_parameters() if name.endswith("hsa_retrieval_pool")}
     assert [tuple(p.shape) for p in pools.values()] == [(4, 3, 16)] * 2 and all(p[:, 0].abs().max() == 0 for p in pools.values())
-    assert {s["landmarks"] for s in pooled.program.sites()} == {3}
+    assert {s["landmarks"] for s in pooled.program.sites()} == {3} and all("landmarks=3" in describe(s) for s in pooled.program.sites())
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     assert (pooled(ids) - plain(ids)).abs().max() > 1e-4  # the other queries pool other landmarks
     with torch.no_grad():

@@ -16,6 +16,7 @@ def describe(site: dict[str, Any]) -> str:
     extras += f" rerank={site['rerank']}" if site.get("rerank") else ""
     extras += " sink" if site.get("sink") else ""
     extras += (" stick" if site.get("fusion") == "stick" else "") + (" nope" if site.get("nope") else "")
+    extras += f" landmarks={site['landmarks']}" if site.get("landmarks") else ""
     return f"hsa S={site['chunk']} K={topk} w={site['hsa_window']} {site['score']}{extras}"
 
 
