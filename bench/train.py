@@ -11,8 +11,10 @@ identity, i.e. from landmark scores), K = 8 chunks of S = 64, window 4. That art
 - ``all``: the whole model continues training in its form.
 
 ``--fusion joint`` converts with one softmax over the chosen keys instead (the learned scores then only select, and
-train from the retrieval loss alone); ``--retrieval W`` adds HSA's retrieval loss (``lcc train --opt aux=W``: the learned chunk scores taught the exact
-chunk ranking, ``forms/hsa/train.py``) to the adapted rows.
+train from the retrieval loss alone); ``--retrieval W`` adds HSA's retrieval loss (``lcc train --opt aux=W``: the learned
+chunk scores taught the exact chunk ranking, ``forms/hsa/train.py``) to the adapted rows; ``--landmarks R`` summarises each
+chunk by R attention-pooled landmarks instead of its mean key (``--opt landmarks=R``); ``--exact-row`` adds selection by
+each chunk's true LSE (``score=exact``), what a perfect summary would choose.
 
 Accuracy is the share of asked keys whose value is the argmax at the query position, on the same fresh
 sequences for every row; the table gives each row against dense, the steps and the CPU time of adaptation.
@@ -85,7 +87,7 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
     data = args.tmp / "task.jsonl"
     data.write_text("\n".join(json.dumps({"tokens": quality.batch(1, args.seq_len, model_args.needles, g)[0][0].tolist()}) for _ in range(args.docs)))
     longest = max(args.eval_lens)
-    hsa = dict(to="hsa", recipe="paper", score="learned", fusion=args.fusion, chunk=chunk, window=window, topk=topk, max_len=longest)
+    hsa = dict(to="hsa", recipe="paper", score="learned", fusion=args.fusion, chunk=chunk, window=window, topk=topk, landmarks=args.landmarks, max_len=longest)
     rows = []
 
     def score(name: str, compiled, steps: int = 0, seconds: float = 0.0) -> None:
@@ -94,7 +96,12 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
 
     score("dense", lcc.compile(str(folder), to="dense", max_len=longest))
     source = lcc.compile(str(folder), **hsa).save(args.tmp / "hsa.lcc")
-    form = "hsa paper K=8" + (", joint fusion" if args.fusion == "joint" else "")
+    form = "hsa paper K=8" + (", joint fusion" if args.fusion == "joint" else "") + (f", {args.landmarks} pooled landmarks" if args.landmarks else "")
+    if args.exact_row:  # what a perfect chunk summary would select: each chunk by its true LSE
+        score(
+            "hsa K=8, every chunk scored by its true LSE (score=exact, joint fusion)",
+            lcc.compile(str(folder), **{**hsa, "score": "exact", "fusion": "joint", "landmarks": 0}),
+        )
     score(f"{form}, training-free", lcc.load(source))
     retrieval = {"aux": str(args.retrieval)} if args.retrieval else {}
     for trainable in args.trainable:
@@ -178,7 +185,7 @@ def main() -> None:
     parser.add_argument("--model", help="a model folder saved by an earlier --save (skips training it)")
     parser.add_argument("--save", help="save the trained model here")
     parser.add_argument("--eval-lens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192], help="hsa: evaluated lengths")
-    parser.add_argument("--eval-seqs", type=int, default=16, help="hsa: evaluated sequences per length")
+    parser.add_argument("--eval-seqs", type=int, default=64, help="hsa: evaluated sequences per length (4 asked values each)")
     parser.add_argument("--steps", type=int, default=200, help="lcc train steps per adapted row")
     parser.add_argument("--seq-len", type=int, default=2048, help="hsa: lcc train window")
     parser.add_argument("--trainable", type=lambda s: s.split(","), default=["new", "all"], help="hsa: the adapted rows (lcc train --trainable)")
@@ -189,6 +196,8 @@ def main() -> None:
         default="softmax",
         help="hsa: softmax (the paper's) or joint (learned scores then train from --retrieval only)",
     )
+    parser.add_argument("--landmarks", type=int, default=0, help="hsa: pooled landmarks per chunk (--opt landmarks; 0: the mean key)")
+    parser.add_argument("--exact-row", action="store_true", help="hsa: add selection by each chunk's true LSE (the ceiling of any summary)")
     parser.add_argument("--retrieval", type=float, default=0.0, help="hsa: the retrieval loss's weight in the adapted rows (--opt aux; 0: none)")
     parser.add_argument("--pools", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64], help="msa: pool sizes")
     parser.add_argument("--bank", type=int, default=16, help="msa: documents in each training bank")
