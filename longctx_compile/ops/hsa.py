@@ -8,8 +8,9 @@ For query t in chunk c = t // S:
   new parameters that start as the identity (so training starts from ``landmark``) and learn
   through the fusion weights; with ``retrieval_pool`` [Hkv, R, D] the mean key becomes R landmarks
   l_r = Σ_j softmax_j(u_r·k_j)·k_j over the chunk's real keys (attention pooling, a learned query u_r
-  per landmark: a small non-linear chunk encoder, as Leng et al. find a mean-pooled landmark too weak), and
-  the score LSE_r((q·Wq)·(l_r·Wk))·scale − log R + log S (u = 0 gives the ``learned`` score above); ``bound`` — Σ_d max(q_d·min_d, q_d·max_d)·scale + log S over the
+  per landmark: a small non-linear chunk encoder, as Leng et al. find a mean-pooled landmark too weak),
+  and the score LSE_r((q·Wq)·(l_r·Wk))·scale − log R + log S (u = 0 gives the ``learned`` score above);
+  ``bound`` — Σ_d max(q_d·min_d, q_d·max_d)·scale + log S over the
   chunk's per-channel key range (Quest's upper bound of the chunk's best q·k, so the score bounds
   the chunk's LSE from above), computed as [q, |q|]·[centre, half-range]: linear in [q, |q|], so
   every implementation scores it as it scores landmarks; ``reps`` — q·mean(representative keys)·scale
@@ -126,8 +127,7 @@ def plan(
             qsum = (rows_q * real_q)[:, :, :full].sum((3, 4))
         landmarks = chunk_summaries(keys, rc, mode, qsum)
         if mode == "learned" and retrieval_pool is not None:
-            logits = torch.einsum("bhcsd,hrd->bhcrs", keys, retrieval_pool.float())
-            landmarks = (pooled_landmarks(keys, rc, logits), landmarks[1])
+            landmarks = (pooled_landmarks(keys, rc, retrieval_pool), landmarks[1])
         rows_q = score_queries(rows_q, mode)
     if mode == "learned":
         rows_q = torch.einsum("bhcgsd,hde->bhcgse", rows_q, retrieval_q.float())
@@ -303,10 +303,12 @@ def landmark_votes(score_rows: torch.Tensor, landmarks: tuple[torch.Tensor, torc
     return torch.einsum("bhcsd,bhid->bhcsi", voted(score_rows, select), mean) + voters * log_count[:, :, None, None]
 
 
-def pooled_landmarks(kc: torch.Tensor, rc: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def pooled_landmarks(kc: torch.Tensor, rc: torch.Tensor, pool: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
     """R landmarks per chunk [B, Hkv, chunks, R, D]: l_r = Σ_j softmax_j(u_r·k_j)·k_j over the chunk's real keys
-    (``kc`` [B, Hkv, chunks, S, D], ``rc`` [B, 1, chunks, S]) from the pooling logits u_r·k_j [B, Hkv, chunks, R, S];
-    zeros for a chunk with no real key."""
+    (``kc`` [B, Hkv, chunks, S, D], ``rc`` [B, 1, chunks, S]), u_r the rows of ``pool`` [Hkv, R, D]; zeros for a chunk
+    with no real key. ``logits``: u_r·k_j [B, Hkv, chunks, R, S] where the caller computes them its own way."""
+    if logits is None:
+        logits = torch.einsum("bhcsd,hrd->bhcrs", kc, pool.float())
     empty = ~rc.any(-1)[:, :, :, None, None]
     logits = logits.masked_fill(~rc[:, :, :, None], float("-inf")).masked_fill(empty, 0.0)
     return torch.einsum("bhcrs,bhcsd->bhcrd", torch.softmax(logits, dim=-1).masked_fill(empty, 0.0), kc)

@@ -75,8 +75,7 @@ def hsa_decode_ref(
             summary, log_count = summaries(ends, mode)
             if retrieval_pool is not None:  # the R pooled landmarks of every complete chunk, from its cached keys
                 keys = k[:, :, : older * S].float().reshape(B, Hkv, older, S, D)
-                logits = torch.einsum("bhcsd,hrd->bhcrs", keys, retrieval_pool.float())
-                summary = pooled_landmarks(keys, real(0, older * S).reshape(B, 1, older, S), logits)
+                summary = pooled_landmarks(keys, real(0, older * S).reshape(B, 1, older, S), retrieval_pool)
             score_rows = qi if score_q is None else score_q[:, :, i].float().view(B, Hkv, G, D) * scale
             score_rows = score_queries(score_rows, mode)
             if mode == "learned":

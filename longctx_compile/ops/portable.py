@@ -149,7 +149,7 @@ def hsa(
         keys = kc if score_k is None else F.pad(score_k.float(), (0, 0, 0, pad)).view(B, Hkv, C, S, D)
         mean, log_count = chunk_summaries(keys, rc, mode, qsum)
         if mode == "learned" and retrieval_pool is not None:  # R pooled landmarks per chunk [B, Hkv, C, R, D]
-            mean = pooled_landmarks(keys, rc, _per_head(keys, retrieval_pool.transpose(1, 2)).movedim(-1, 3))
+            mean = pooled_landmarks(keys, rc, retrieval_pool, _per_head(keys, retrieval_pool.transpose(1, 2)).movedim(-1, 3))
         score_rows = score_queries(score_rows, mode)
         if mode == "learned":
             score_rows = _per_head(score_rows, retrieval_q)
