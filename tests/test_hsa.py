@@ -396,9 +396,9 @@ def test_the_retrofit_defaults_run_the_kernels_on_a_gpu_target():
 
 
 def test_pooled_landmarks_start_near_the_mean_and_equal_it_with_zero_queries():
-    """``--opt landmarks=R``: a [heads, R, D] pooling parameter per layer (a query head's, with heads=each), its first query zero; with every query zero
-    the R landmarks are the mean key and score as ``learned`` without them (the LSE of R equal scores less log R).
-    The kernels and the options it does not go with say so in one line."""
+    """``--opt landmarks=R``: a [heads, R, D] pooling parameter per layer (per query head with heads=each), its first
+    query zero; with every query zero the R landmarks are the mean key and score as ``learned`` without them (the LSE
+    of R equal scores less log R). The kernels and the options it does not go with say so in one line."""
     options = dict(to="hsa", chunk="4", topk="2", window="1", score="learned")
     plain, pooled = lcc.compile("tiny-llama", **options), lcc.compile("tiny-llama", landmarks="3", **options)
     pools = {name: p for name, p in pooled.module.named_parameters() if name.endswith("hsa_retrieval_pool")}
