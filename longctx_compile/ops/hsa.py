@@ -441,26 +441,7 @@ def hsa_attention(
 
 
 @hsa_attention.register_fake
-def _(
-    q,
-    k,
-    v,
-    key_padding,
-    retrieval_q,
-    retrieval_k,
-    scale,
-    chunk,
-    topk,
-    window,
-    mode,
-    select,
-    sink,
-    fusion="softmax",
-    score_q=None,
-    score_k=None,
-    rerank=0,
-    retrieval_pool=None,
-):
+def _(q, k, v, *rest, **options):  # the output's shape and layout follow q and v alone
     return empty_sdpa_layout(q, v)
 
 
