@@ -42,6 +42,7 @@ def qkv(T, seed=0):
         ("bound", 1, 0, "rerank"),  # the bound's 2·K candidates, the K by their true LSE
         ("landmark", 1, 1, "rerank"),
         ("learned", 2, 1, "pool"),  # 3 attention-pooled landmarks per chunk, pooled again from the cached keys
+        ("learned", 1, 0, "pool-nope"),  # ... of the pre-RoPE keys, which only the sums entries hold
     ],
 )
 @pytest.mark.parametrize("new", [1, 3, 6])
@@ -53,12 +54,13 @@ def test_last_queries_equal_the_full_sequences_last_rows(mode, K, w, variant, ne
     q, k, v, key_padding = qkv(T)
     g = torch.Generator().manual_seed(1)
     wq, wk = (torch.randn(2, 8, 8, generator=g) for _ in range(2)) if mode == "learned" else (None, None)
-    sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant == "nope" else (None, None)
+    sq, sk = (torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)) if variant in ("nope", "pool-nope") else (None, None)
     sink, fusion = variant == "sink", {"stick": "stick", "joint": "joint", "rerank": "joint"}.get(variant, "softmax")
     rerank = 2 if variant == "rerank" else 0
-    pool = torch.randn(2, 3, 8, generator=g) if variant == "pool" else None
+    pool = torch.randn(2, 3, 8, generator=g) if variant in ("pool", "pool-nope") else None
     full = hsa_ops.hsa_ref(q, k, v, key_padding, 0.3, chunk, K, w, mode, "token", wq, wk, sink, fusion, sq, sk, rerank, pool)
-    sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, mode, grouped(q if sq is None else sq, 0.3))
+    kept = "pooled" if pool is not None else mode  # what the sums entries keep
+    sums = None if mode == "exact" else hsa_sums.landmark_sums(k if sk is None else sk, key_padding, chunk, kept, grouped(q if sq is None else sq, 0.3))
     step = torch.ops.longctx.hsa_decode(
         q[:, :, -new:], k, v, key_padding, sums, wq, wk, 0.3, chunk, K, w, mode, sink, fusion, None if sq is None else sq[:, :, -new:], rerank, pool
     )
@@ -83,11 +85,12 @@ def grouped(q: torch.Tensor, scale: float, heads: int = 2) -> torch.Tensor:
     return q.view(B, heads, Hq // heads, T, D).sum(2) * scale
 
 
-@pytest.mark.parametrize("mode", ["landmark", "bound", "reps"])
+@pytest.mark.parametrize("mode", ["landmark", "bound", "reps", "pooled"])
 def test_running_sums_extended_key_by_key_equal_the_prompts(mode, monkeypatch):
     """What prefill stores (landmark_sums) extended one key at a time (extend_sums / extend_reps, as a decode step does)
     equals the sums of the whole sequence; the entry at each chunk's last key is the chunk's sum of real keys (bound:
-    their per-channel minimum and maximum; reps: its real queries' sum and the mean of its representatives) and their count."""
+    their per-channel minimum and maximum; reps: its real queries' sum and the mean of its representatives) and their count;
+    for pooled landmarks every entry is its key (zeros where padded) and the running count."""
     T, chunk = 23, 4
     monkeypatch.setattr(hsa_ops, "REPS", 2)
     q, k, _, key_padding = qkv(T)
@@ -105,6 +108,11 @@ def test_running_sums_extended_key_by_key_equal_the_prompts(mode, monkeypatch):
         sums = torch.cat([sums, entry], dim=2)
     full = hsa_sums.landmark_sums(k, key_padding, chunk, mode, queries)
     torch.testing.assert_close(sums, full)
+    if mode == "pooled":
+        real = (key_padding != 0).float()[:, None, :, None]
+        count = torch.stack([real[:, :, j // chunk * chunk : j + 1].sum(2) for j in range(T)], dim=2).expand(2, 2, T, 1)
+        torch.testing.assert_close(full, torch.cat([k * real, count], -1))
+        return
     ends = full[:, :, chunk - 1 :: chunk]
     real = key_padding[:, : T // chunk * chunk].view(2, 1, -1, chunk, 1) != 0
     chunks = k[:, :, : T // chunk * chunk].reshape(2, 2, -1, chunk, 8)
@@ -164,6 +172,7 @@ def test_exact_mode_with_every_chunk_generates_the_dense_tokens():
         {"score": "bound", "topk": "1", "heads": "each", "rerank": "2"},  # the bound's 2 candidates, the one with the larger true LSE
         {"score": "reps", "topk": "1"},
         {"score": "learned", "topk": "1", "landmarks": "3", "fusion": "joint"},  # pooled landmarks: each step pools the cached keys
+        {"score": "learned", "topk": "2", "landmarks": "2", "nope": "true"},  # ... the pre-RoPE ones, kept in the sums entries
     ],
 )
 def test_sparse_decode_logits_equal_the_full_sequence_program(options, monkeypatch):
@@ -193,12 +202,6 @@ def test_a_saved_hsa_artifact_generates(tmp_path):
 def test_shared_chunk_selection_has_no_cache_and_says_why():
     compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", select="block")
     with pytest.raises(LccError, match="select=block.*--opt select=token"):
-        compiled.generate(PROMPTS, max_new_tokens=2)
-
-
-def test_pooled_landmarks_of_pre_rope_keys_have_no_cache_and_say_why():
-    compiled = lcc.compile("tiny-llama", to="hsa", chunk=4, topk="1", score="learned", landmarks="2", nope="true")
-    with pytest.raises(LccError, match="pooled landmarks with nope=true"):
         compiled.generate(PROMPTS, max_new_tokens=2)
 
 

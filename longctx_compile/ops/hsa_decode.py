@@ -7,8 +7,9 @@ key — each chunk's summary (``ops.hsa.chunk_summaries``) — comes here from `
 kept by running reductions over its chunk (``ops.hsa_sums``), so the entry at a chunk's last key
 summarises that chunk. A step reads those C entries, the local window
 and the K chosen chunks: O((C + (K+w+1)·S)·D) per query instead of O(N·D). ``exact`` scoring reads
-every older key by definition, and takes no sums; nor do pooled landmarks (``retrieval_pool``), whose weights within a
-chunk are a softmax over all its keys: a step pools every complete chunk's cached keys again, O(N·R·D) per query.
+every older key by definition, and takes no sums. Pooled landmarks (``retrieval_pool``) weigh a chunk's keys by a
+softmax over all of them, which no running entry keeps: their entries are the scoring keys themselves (the pre-RoPE
+ones with NoPE scores), and a step pools every complete chunk's entries again, O(N·R·D) per query.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def hsa_decode_ref(
             score = torch.logsumexp(score.masked_fill(~keep.any(-1, keepdim=True), 0.0), -1).masked_fill(~keep.any(-1), float("-inf"))
         else:
             ends = sums[:, :, S - 1 : older * S : S].float()  # [B, Hkv, older, ·]: each complete chunk's summary and count
-            summary, log_count = summaries(ends, mode)
-            if retrieval_pool is not None:  # the R pooled landmarks of every complete chunk, from its cached keys
-                keys = k[:, :, : older * S].float().reshape(B, Hkv, older, S, D)
-                summary = pooled_landmarks(keys, real(0, older * S).reshape(B, 1, older, S), retrieval_pool)
+            if retrieval_pool is not None:  # the R pooled landmarks of every complete chunk, from its cached scoring keys
+                keys = sums[:, :, : older * S, :-1].float().reshape(B, Hkv, older, S, -1)
+                summary, log_count = pooled_landmarks(keys, real(0, older * S).reshape(B, 1, older, S), retrieval_pool), torch.log(ends[..., -1])
+            else:
+                summary, log_count = summaries(ends, mode)
             score_rows = qi if score_q is None else score_q[:, :, i].float().view(B, Hkv, G, D) * scale
             score_rows = score_queries(score_rows, mode)
             if mode == "learned":
@@ -164,6 +166,12 @@ def _grouped_queries(call: Call) -> torch.Tensor | None:
     return q.float().view(B, call.k.shape[1], Hq // call.k.shape[1], T, D).sum(2) * call.scale
 
 
+def sums_mode(call: Call) -> str:
+    """What a key's sums entry keeps (``ops.hsa_sums``): the scoring mode's running reduction, or with pooled landmarks
+    (``pooled``) the scoring key itself."""
+    return "pooled" if call.get("retrieval_pool") is not None else call.mode
+
+
 def scored_keys(call: Call) -> Any:
     """The keys the chunks are scored by: the NoPE ones when the site has them, else the keys."""
     return call.k if call.get("score_k") is None else call.score_k
@@ -172,8 +180,9 @@ def scored_keys(call: Call) -> Any:
 @dataclass(frozen=True)
 class HsaCache(cache.KeyValueCache):
     """How HSA (``hsa_attention``, or ``hsa_flash`` bound by ``lower``: ``flash`` says the site reads a tuple) is
-    cached: keys and values as every attention op's, and, unless scoring is ``exact``, each key's running landmark
-    sum or key range (:func:`landmark_sums`, fp32, from :func:`scored_keys`). A step runs :data:`DECODE` over them; the static
+    cached: keys and values as every attention op's, and, unless scoring is ``exact``, each key's sums entry (its
+    chunk's running landmark sum or key range, or the key itself for pooled landmarks: :func:`landmark_sums`, fp32,
+    from :func:`scored_keys`). A step runs :data:`DECODE` over them; the static
     step's filled prefix ends at the slot (the Generator passes it so), so the new queries are the last of the keys."""
 
     flash: bool = False
@@ -183,7 +192,7 @@ class HsaCache(cache.KeyValueCache):
 
     def dims(self, call: Call) -> list[tuple[Any, Any]]:
         kv = KEYS_AND_VALUES.dims(call)
-        return kv if call.mode == "exact" else [*kv, (kv[0][0], width(scored_keys(call).meta["val"].shape[3], call.mode))]
+        return kv if call.mode == "exact" else [*kv, (kv[0][0], width(scored_keys(call).meta["val"].shape[3], sums_mode(call)))]
 
     def dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if name == "sums" else model_dtype
@@ -191,8 +200,6 @@ class HsaCache(cache.KeyValueCache):
     def refuse(self, call: Call) -> str | None:
         if call.select == "block" and call.topk >= 0:
             return "per-chunk selection (select=block) sums scores over the chunk's later queries, which a decode step has not seen; convert with --opt select=token to generate"
-        if call.get("retrieval_pool") is not None and call.get("score_k") is not None:
-            return "pooled landmarks with nope=true pool the pre-RoPE keys, which the cache does not keep; convert without nope to generate"
         if call.mode == "reps" and call.get("score_k") is not None:
             return "score=reps with nope=true picks representatives among the pre-RoPE keys, which the cache does not keep; convert without nope to generate"
         return None
@@ -201,7 +208,7 @@ class HsaCache(cache.KeyValueCache):
         kv = KEYS_AND_VALUES.prefill(call)
         if call.mode == "exact":
             return kv
-        return [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk, call.mode, _grouped_queries(call))]
+        return [*kv, landmark_sums(scored_keys(call), call.key_padding, call.chunk, sums_mode(call), _grouped_queries(call))]
 
     def _new_sums(self, call: Call, previous: torch.Tensor, index: torch.Tensor, chunk_keys) -> torch.Tensor:
         """The new key's sums entry; ``index`` [B]: its position among the keys; ``chunk_keys()``: the S keys ending
@@ -210,7 +217,7 @@ class HsaCache(cache.KeyValueCache):
         starts, ends = index % call.chunk == 0, index % call.chunk == call.chunk - 1
         if call.mode == "reps":
             return extend_reps(previous, _grouped_queries(call), real, starts, ends, *chunk_keys())
-        return extend_sums(previous, scored_keys(call), real, starts, call.mode)
+        return extend_sums(previous, scored_keys(call), real, starts, sums_mode(call))
 
     def grow(self, call: Call, cached: list[torch.Tensor], past_mask: torch.Tensor | None) -> Call:
         grown, sums = KEYS_AND_VALUES.grow(call, cached[:2], past_mask), None

@@ -1,5 +1,7 @@
 """Chunk summaries kept per key for HSA decoding: what ``ops.hsa.chunk_summaries`` computes from a chunk's keys, as
-running reductions over each key's chunk up to it, so the entry at a chunk's last key summarises the chunk.
+running reductions over each key's chunk up to it, so the entry at a chunk's last key summarises the chunk. Pooled
+landmarks (``pooled``) weigh a chunk's keys by a softmax over all of them, which no running reduction keeps: their
+entry is the scoring key itself (the pre-RoPE one with NoPE scores, which the K cache does not hold) and the count.
 
 The prefill computes them for every key of the prompt (:func:`landmark_sums`); a decode step extends them by one key
 (:func:`extend_sums`, :func:`extend_reps`); :func:`summaries` turns the entries at chunks' last keys into what score
@@ -20,11 +22,14 @@ def landmark_sums(
     """[B, Hkv, N, D+1]: at key j, the sum of the real keys of j's chunk up to j, and their count (fp32);
     for ``bound`` [B, Hkv, N, 2D+1]: their per-channel minimum and maximum (±inf before the first real key), and the count;
     for ``reps`` [B, Hkv, N, 2D+1]: the sum of the chunk's real ``queries`` up to j ([B, Hkv, N, D], scaled and summed
-    over the group's heads), where j ends its chunk the mean of the chunk's representative keys (else zeros), and the count."""
+    over the group's heads), where j ends its chunk the mean of the chunk's representative keys (else zeros), and the count;
+    for ``pooled`` [B, Hkv, N, D+1]: key j itself (zeros where padded) and the count."""
     B, H, N, D = keys.shape
     real = torch.ones(B, N, dtype=torch.float32, device=keys.device) if key_padding is None else (key_padding != 0).float()
-    if mode in ("bound", "reps"):
+    if mode in ("bound", "reps", "pooled"):
         count = _running(real[:, None, :, None].expand(B, H, N, 1).contiguous(), chunk, torch.add)
+    if mode == "pooled":
+        return torch.cat([keys.float() * real[:, None, :, None], count], dim=-1)
     if mode == "reps":
         qsum = _running((queries.float() * real[:, None, :, None]).contiguous(), chunk, torch.add)
         ends = (torch.arange(N, device=keys.device) % chunk == chunk - 1)[:, None]
@@ -78,9 +83,12 @@ def _running(per_key: torch.Tensor, chunk: int, op) -> torch.Tensor:
 def extend_sums(previous: torch.Tensor, key: torch.Tensor, real: torch.Tensor, starts_chunk: torch.Tensor, mode: str = "landmark") -> torch.Tensor:
     """The sums entry [B, Hkv, 1, D+1] of a new key: the previous key's entry (nothing where the key starts a chunk)
     plus the key (``real`` [B] 0/1) and its count; for ``bound`` [B, Hkv, 1, 2D+1], the running minimum and maximum
-    taking the key in. ``starts_chunk`` [B] bool: the key's index is a multiple of S."""
+    taking the key in; for ``pooled``, the key itself and the running count. ``starts_chunk`` [B] bool: the key's index
+    is a multiple of S."""
     fresh = starts_chunk[:, None, None, None]
     real = real.float()[:, None, None, None]
+    if mode == "pooled":
+        return torch.cat([key.float() * real, previous[..., -1:].masked_fill(fresh, 0.0) + real], dim=-1)
     if mode == "bound":
         D, dead = key.shape[-1], real == 0
         low = torch.minimum(previous[..., :D].masked_fill(fresh, float("inf")), key.float().masked_fill(dead, float("inf")))
