@@ -13,7 +13,8 @@ identity, i.e. from landmark scores), K = 8 chunks of S = 64, window 4. That art
 ``--fusion joint`` converts with one softmax over the chosen keys instead (the learned scores then only select, and
 train from the retrieval loss alone); ``--retrieval W`` adds HSA's retrieval loss (``lcc train --opt aux=W``: the learned
 chunk scores taught the exact chunk ranking, ``forms/hsa/train.py``) to the adapted rows; ``--landmarks R`` summarises each
-chunk by R attention-pooled landmarks instead of its mean key (``--opt landmarks=R``); ``--exact-row`` adds selection by
+chunk by R attention-pooled landmarks instead of its mean key (``--opt landmarks=R``); ``--nope`` scores chunks with the
+queries and keys before RoPE (``--opt nope=true``, the paper's "NoPE for long"); ``--exact-row`` adds selection by
 each chunk's true LSE (``score=exact``), what a perfect summary would choose.
 
 Accuracy is the share of asked keys whose value is the argmax at the query position, on the same fresh
@@ -87,7 +88,18 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
     data = args.tmp / "task.jsonl"
     data.write_text("\n".join(json.dumps({"tokens": quality.batch(1, args.seq_len, model_args.needles, g)[0][0].tolist()}) for _ in range(args.docs)))
     longest = max(args.eval_lens)
-    hsa = dict(to="hsa", recipe="paper", score="learned", fusion=args.fusion, chunk=chunk, window=window, topk=topk, landmarks=args.landmarks, max_len=longest)
+    hsa = dict(
+        to="hsa",
+        recipe="paper",
+        score="learned",
+        fusion=args.fusion,
+        chunk=chunk,
+        window=window,
+        topk=topk,
+        landmarks=args.landmarks,
+        nope=args.nope,
+        max_len=longest,
+    )
     rows = []
 
     def score(name: str, compiled, steps: int = 0, seconds: float = 0.0) -> None:
@@ -96,19 +108,24 @@ def hsa_rows(args, console) -> tuple[list[dict], dict]:
 
     score("dense", lcc.compile(str(folder), to="dense", max_len=longest))
     source = lcc.compile(str(folder), **hsa).save(args.tmp / "hsa.lcc")
-    form = "hsa paper K=8" + (", joint fusion" if args.fusion == "joint" else "") + (f", {args.landmarks} pooled landmarks" if args.landmarks else "")
+    form = (
+        "hsa paper K=8"
+        + (", joint fusion" if args.fusion == "joint" else "")
+        + (f", {args.landmarks} pooled landmarks" if args.landmarks else "")
+        + (", NoPE scores" if args.nope else "")
+    )
     if args.exact_row:  # what a perfect chunk summary would select: each chunk by its true LSE
         score(
             "hsa K=8, every chunk scored by its true LSE (score=exact, joint fusion)",
-            lcc.compile(str(folder), **{**hsa, "score": "exact", "fusion": "joint", "landmarks": 0}),
+            lcc.compile(str(folder), **{**hsa, "score": "exact", "fusion": "joint", "landmarks": 0, "nope": False}),
         )
     score(f"{form}, training-free", lcc.load(source))
-    retrieval = {"aux": str(args.retrieval)} if args.retrieval else {}
+    retrieval = {"aux": str(args.retrieval), "temperature": str(args.temperature)} if args.retrieval else {}
     for trainable in args.trainable:
         start = time.process_time()
         out = args.tmp / f"{trainable}.lcc"
         lcc.train(source, str(data), out, trainable=trainable, steps=args.steps, length=args.seq_len, lr=args.lr, seed=args.seed, form_options=retrieval)
-        named = f"{form}, lcc train --trainable {trainable}" + (f" --opt aux={args.retrieval}" if retrieval else "")
+        named = f"{form}, lcc train --trainable {trainable}" + (f" --opt aux={args.retrieval} temperature={args.temperature}" if retrieval else "")
         score(named, lcc.load(out), args.steps, time.process_time() - start)
     columns = [str(T) for T in args.eval_lens]
     title = f"asked-value accuracy, {model_args.needles} needles, {args.eval_seqs} sequences per length (S={chunk}, K={topk}, w={window})"
@@ -197,8 +214,10 @@ def main() -> None:
         help="hsa: softmax (the paper's) or joint (learned scores then train from --retrieval only)",
     )
     parser.add_argument("--landmarks", type=int, default=0, help="hsa: pooled landmarks per chunk (--opt landmarks; 0: the mean key)")
+    parser.add_argument("--nope", action="store_true", help="hsa: score chunks with the q and k before RoPE (--opt nope=true, the paper's)")
     parser.add_argument("--exact-row", action="store_true", help="hsa: add selection by each chunk's true LSE (the ceiling of any summary)")
     parser.add_argument("--retrieval", type=float, default=0.0, help="hsa: the retrieval loss's weight in the adapted rows (--opt aux; 0: none)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="hsa: the retrieval loss's target temperature (--opt temperature)")
     parser.add_argument("--pools", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64], help="msa: pool sizes")
     parser.add_argument("--bank", type=int, default=16, help="msa: documents in each training bank")
     parser.add_argument("--aux", type=float, default=10.0, help="msa: the router loss's weight")

@@ -86,13 +86,16 @@ def test_hsa_quality_bench_smoke():
 
 def test_train_bench_smoke():
     """bench/train.py trains the recall model, converts it to HSA and adapts it twice with lcc.train (tiny sizes), with
-    joint fusion, pooled landmarks and the retrieval loss, beside the exact-selection row."""
-    command = [sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json", "--fusion", "joint", "--retrieval", "1", "--landmarks", "2", "--exact-row"]
+    joint fusion, pooled landmarks of NoPE keys and the retrieval loss, beside the exact-selection row."""
+    options = ["--fusion", "joint", "--retrieval", "1", "--temperature", "0.5", "--landmarks", "2", "--nope", "--exact-row"]
+    command = [sys.executable, str(BENCH.parent / "train.py"), "--smoke", "--json", *options]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert [r["steps"] for r in rows] == [0, 0, 0, 2, 2] and all(0 <= r["320"] <= 1 for r in rows)
-    assert "score=exact" in rows[1]["setting"] and rows[3]["setting"].endswith("2 pooled landmarks, lcc train --trainable new --opt aux=1.0")
+    assert "score=exact" in rows[1]["setting"] and rows[3]["setting"].endswith(
+        "2 pooled landmarks, NoPE scores, lcc train --trainable new --opt aux=1.0 temperature=0.5"
+    )
 
 
 def test_train_bench_msa_smoke():
