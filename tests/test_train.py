@@ -257,11 +257,12 @@ def test_recompute_splits_the_graph_into_one_piece_per_layer():
 
 @pytest.mark.parametrize(
     ("options", "objective", "tile"),
-    [(LEARNED, "distill", 0), (dict(LEARNED, heads="each"), "lm", 6), (dict(LEARNED, landmarks="2"), "distill", 0), (dict(to="msa"), "lm", 0)],
-    ids=["hsa-learned-distill", "hsa-each-lm-tiled", "hsa-pooled-distill", "msa-lm"],
+    [(LEARNED, "distill", 0), (dict(LEARNED, heads="each"), "lm", 6), (dict(LEARNED, landmarks="2", nope="true"), "distill", 0), (dict(to="msa"), "lm", 0)],
+    ids=["hsa-learned-distill", "hsa-each-lm-tiled", "hsa-pooled-nope-distill", "msa-lm"],
 )
 def test_a_form_trained_on_two_ranks_under_ulysses_has_one_process_gradients(options, objective, tile, tmp_path):
-    """The form's own attention runs unchanged inside Ulysses (HSA's projections and pooling queries sliced per head): the loss
+    """The form's own attention runs unchanged inside Ulysses (HSA's projections and pooling queries sliced per head, its
+    NoPE scoring queries and keys sharded as the queries and keys): the loss
     and every parameter's gradient summed over P=2 ranks equal one process's, for the whole model."""
     from longctx_compile.distributed.ranks import spawn
     from longctx_compile.ops.layout import Layout
