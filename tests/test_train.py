@@ -262,8 +262,8 @@ def test_recompute_splits_the_graph_into_one_piece_per_layer():
 )
 def test_a_form_trained_on_two_ranks_under_ulysses_has_one_process_gradients(options, objective, tile, tmp_path):
     """The form's own attention runs unchanged inside Ulysses (HSA's projections and pooling queries sliced per head, its
-    NoPE scoring queries and keys sharded as the queries and keys): the loss
-    and every parameter's gradient summed over P=2 ranks equal one process's, for the whole model."""
+    NoPE scoring queries and keys sharded as the queries and keys): the loss and every parameter's gradient summed over
+    P=2 ranks equal one process's, for the whole model."""
     from longctx_compile.distributed.ranks import spawn
     from longctx_compile.ops.layout import Layout
 
